@@ -1,0 +1,50 @@
+"""The MLX backend: the functions every backend exports (design.md §4), nothing else."""
+
+from __future__ import annotations
+
+import gc
+
+import mlx.core as mx
+import numpy as np
+
+from .load import from_numpy as _from_numpy
+from .load import load_transformer as _load_transformer
+from .load import load_vae as _load_vae
+
+_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+def resolve_dtype(name: str | None):
+    """None → bf16 on a GPU (Metal or CUDA), float32 on CPU, where MLX has no fast bf16 matmul."""
+    if name is None:
+        return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_transformer(cfg, source, *, dtype):
+    return _load_transformer(cfg, source, dtype=dtype)
+
+
+def load_vae(cfg, source, *, dtype):
+    return _load_vae(cfg, source, dtype=dtype)
+
+
+def from_numpy(a: np.ndarray, dtype=None):
+    return _from_numpy(a, dtype)
+
+
+def to_numpy(x) -> np.ndarray:
+    return np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)
+
+
+def evaluate(*xs) -> None:
+    mx.eval(*xs)
+
+
+def free(*models) -> None:
+    """Drop the caller's references first; this clears MLX's buffer cache so the memory returns."""
+    del models
+    gc.collect()
+    mx.clear_cache()

@@ -1,0 +1,50 @@
+"""Build MLX modules from configs and fill them from canonical weight entries, strictly.
+
+The only MLX file that touches weights (with stream.py later). Tensors are converted one at a
+time, so no second full copy of a model is ever held in RAM.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_unflatten
+
+from ..config import MODELS, TransformerConfig, VAEConfig, transformer_shapes, vae_shapes
+from ..keymap import Entry, check_keys, guess_transformer, transformer_entries, vae_entries
+from ..weights import BF16, WeightSource
+from .transformer import Flux2
+from .vae import AutoEncoder
+
+
+def from_numpy(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
+    x = mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == BF16 else mx.array(a)
+    return x if dtype is None else x.astype(dtype)
+
+
+def _assign(module, entries: dict[str, Entry], dtype: mx.Dtype):
+    params = []
+    for name, entry in entries.items():
+        a = from_numpy(entry.load(), dtype)
+        if a.ndim == 4:  # PyTorch conv [O, I, kh, kw] → MLX channels-last [O, kh, kw, I]
+            a = a.transpose(0, 2, 3, 1)
+        mx.eval(a)
+        params.append((name, a))
+    module.update(tree_unflatten(params))
+    mx.eval(module.parameters())
+    return module
+
+
+def load_transformer(cfg: TransformerConfig, source: WeightSource | dict, *, dtype: mx.Dtype):
+    entries = source if isinstance(source, dict) else transformer_entries(source)
+    name = guess_transformer(entries, {n: s.transformer for n, s in MODELS.items()})
+    hint = f"These weights have the shapes of {name}: choose that model." if name else ""
+    where = getattr(source, "path", "weights")
+    check_keys(entries, transformer_shapes(cfg), f"transformer {where}", hint)
+    return _assign(Flux2(cfg), entries, dtype)
+
+
+def load_vae(cfg: VAEConfig, source: WeightSource | dict, *, dtype: mx.Dtype = mx.float32):
+    entries = source if isinstance(source, dict) else vae_entries(source)
+    check_keys(entries, vae_shapes(cfg), f"autoencoder {getattr(source, 'path', 'weights')}")
+    return _assign(AutoEncoder(cfg), entries, dtype)

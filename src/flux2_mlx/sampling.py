@@ -1,0 +1,79 @@
+"""Timestep schedule, position ids, seeded noise and the Euler loops of FLUX.2.
+
+Numpy only. The loops use nothing but +, −, × and the model callable, so any backend's arrays work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+
+def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """BFL sampling.py: mu fitted at 10 and 200 steps, linear in steps, steps-free above 4300 tokens."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return a2 * image_seq_len + b2
+    m_200 = a2 * image_seq_len + b2
+    m_10 = a1 * image_seq_len + b1
+    a = (m_200 - m_10) / 190.0
+    return a * num_steps + (m_200 - 200.0 * a)
+
+
+def get_schedule(num_steps: int, image_seq_len: int) -> list[float]:
+    """num_steps + 1 times from 1 to 0: a float32 linear grid, shifted by exp(mu) (sigma = 1)."""
+    mu = compute_empirical_mu(image_seq_len, num_steps)
+    grid = np.linspace(1, 0, num_steps + 1, dtype=np.float32).tolist()
+    return [t if t in (0.0, 1.0) else math.exp(mu) / (math.exp(mu) + (1 / t - 1)) for t in grid]
+
+
+def prc_txt(length: int) -> np.ndarray:
+    """Text ids (1, L, 4): (t, h, w, l) = (0, 0, 0, token index)."""
+    ids = np.zeros((1, length, 4), dtype=np.int32)
+    ids[0, :, 3] = np.arange(length)
+    return ids
+
+
+def prc_img(h: int, w: int, t: int = 0) -> np.ndarray:
+    """Image ids (1, h·w, 4): (t, row, col, 0), row-major; references use t = 10, 20, …"""
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    ids = np.zeros((1, h * w, 4), dtype=np.int32)
+    ids[0, :, 0], ids[0, :, 1], ids[0, :, 2] = t, rows.ravel(), cols.ravel()
+    return ids
+
+
+def make_noise(seed: int, h: int, w: int, channels: int = 128) -> np.ndarray:
+    """Initial latents as tokens (1, h·w, C), float32.
+
+    Convention: `np.random.default_rng(seed).standard_normal((1, C, h, w), float32)`, i.e. BFL's
+    (1, 128, H/16, W/16) noise layout, flattened to tokens in (row, col) order. Every backend starts
+    from these same numbers.
+    """
+    noise = np.random.default_rng(seed).standard_normal((1, channels, h, w), dtype=np.float32)
+    return np.ascontiguousarray(noise.transpose(0, 2, 3, 1).reshape(1, h * w, channels))
+
+
+Velocity = Callable[[object, float], object]
+
+
+def cfg_velocity(cond: Velocity, uncond: Velocity, guidance: float) -> Velocity:
+    """True classifier-free guidance: v_u + g·(v_c − v_u) (BFL denoise_cfg).
+
+    Two batch-1 forwards instead of one batch-2 forward: same result, half the activation memory.
+    """
+
+    def velocity(x, t):
+        v_u = uncond(x, t)
+        return v_u + guidance * (cond(x, t) - v_u)
+
+    return velocity
+
+
+def denoise(velocity: Velocity, x, timesteps: list[float]) -> Iterator:
+    """Euler steps x ← x + (t_next − t)·v(x, t), never evaluating t = 0; yields x after each step."""
+    for t_curr, t_next in zip(timesteps[:-1], timesteps[1:]):
+        x = x + (t_next - t_curr) * velocity(x, t_curr)
+        yield x

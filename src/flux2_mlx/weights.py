@@ -1,0 +1,161 @@
+"""Lazy, memory-mapped weight sources: safetensors files, sharded folders, and a safetensors writer.
+
+Numpy only. bf16 has no numpy dtype, so bf16 tensors come back as the structured dtype `BF16`
+(raw uint16 bits) which survives reshapes, slices and concatenation and tells backends what it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+BF16 = np.dtype([("bf16", "<u2")])
+
+_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BF16,
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+
+
+class WeightsError(ValueError):
+    """A weights file or folder that cannot be used as asked; the message says what to do."""
+
+
+def bf16_to_f32(a: np.ndarray) -> np.ndarray:
+    return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(a: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even, as torch does."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return u.astype(np.uint16).view(BF16)
+
+
+def to_float32(a: np.ndarray) -> np.ndarray:
+    return bf16_to_f32(a) if a.dtype == BF16 else np.asarray(a, dtype=np.float32)
+
+
+class SafetensorsFile:
+    """One .safetensors file: a JSON header parsed up front, tensors as views of one np.memmap."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise WeightsError(f"{self.path}: not a safetensors file, or truncated (bad header length)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise WeightsError(f"{self.path}: not a safetensors file (header is not JSON)") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        data_len = size - 8 - n
+        self._info: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, t in header.items():
+            try:
+                dtype, shape, (start, end) = _DTYPES[t["dtype"]], tuple(t["shape"]), t["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise WeightsError(
+                    f"{self.path}: tensor {name!r} has an unsupported dtype or a malformed entry "
+                    f"({t!r})") from None
+            if end > data_len or end - start != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+                raise WeightsError(f"{self.path}: truncated or corrupt (tensor {name!r} lies outside "
+                                   f"the file); download it again")
+            self._info[name] = (dtype, shape, 8 + n + start, 8 + n + end)
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+
+    def keys(self) -> list[str]:
+        return list(self._info)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info[name][1]
+
+    def dtype(self, name: str) -> str:
+        return _NAMES[self._info[name][0]]
+
+    def get(self, name: str) -> np.ndarray:
+        dtype, shape, start, end = self._info[name]
+        return self._mm[start:end].view(dtype).reshape(shape)
+
+
+class WeightSource:
+    """Tensors of one model component from a file, a list of shards, or a folder of shards."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise WeightsError(f"{self.path}: no such file or folder")
+        self.files = [SafetensorsFile(p) for p in _shards(self.path)]
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in self.files:
+            for k in f.keys():
+                self._where[k] = f
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].shape(name)
+
+    def dtype(self, name: str) -> str:
+        return self._where[name].dtype(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._where[name].get(name)
+
+
+def _shards(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.name.endswith(".gguf"):
+            raise WeightsError(f"{path}: GGUF files are not supported yet; use a .safetensors file")
+        return [path]
+    for index_name in _INDEX_NAMES:
+        index = path / index_name
+        if index.exists():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise WeightsError(f"{index}: malformed shard index") from None
+            missing = [n for n in names if not (path / n).exists()]
+            if missing:
+                raise WeightsError(f"{index} lists shards that are not there: {', '.join(missing)}; "
+                                   f"finish the download")
+            return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{path}: no .safetensors files in this folder")
+    return files
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file (bf16 via `BF16` arrays) atomically: a crash leaves no partial file."""
+    path = Path(path)
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, a in tensors.items():
+        nbytes = a.dtype.itemsize * a.size
+        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for a in tensors.values():
+            f.write(np.ascontiguousarray(a).tobytes())
+    os.replace(tmp, path)

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random FLUX.2 models written in the real BFL and diffusers layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flux2_mlx.config import tiny_spec, transformer_shapes, vae_shapes
+from flux2_mlx.keymap import vae_to_diffusers
+from flux2_mlx.weights import save_safetensors
+
+
+def random_transformer(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+    """BFL-named float32 DiT weights, scaled so activations stay O(1) and nothing is trivially 0/1."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in transformer_shapes(cfg).items():
+        if name.endswith(".scale"):
+            a = 1.0 + 0.2 * rng.standard_normal(shape)
+        else:
+            a = rng.standard_normal(shape) / np.sqrt(shape[1])
+        out[name] = a.astype(np.float32)
+    return out
+
+
+def random_vae(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+    """BFL-named float32 VAE weights (ae.safetensors layout, PyTorch conv shapes)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in vae_shapes(cfg).items():
+        if name == "bn.running_var":
+            a = rng.uniform(0.5, 2.0, shape)
+        elif len(shape) == 4:
+            a = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+        elif "norm" in name and name.endswith(".weight"):
+            a = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            a = 0.1 * rng.standard_normal(shape)
+        out[name] = a.astype(np.float32)
+    return out
+
+
+def diffusers_transformer(cfg, bfl: dict[str, np.ndarray]):
+    """diffusers' Flux2Transformer2DModel filled through diffusers' own BFL→diffusers converter."""
+    import torch
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    model = Flux2Transformer2DModel(
+        in_channels=cfg.in_channels, num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
+        attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.context_in_dim, mlp_ratio=cfg.mlp_ratio,
+        axes_dims_rope=tuple(cfg.axes_dim), rope_theta=cfg.theta,
+        guidance_embeds=cfg.use_guidance_embed,
+    )
+    sd = convert_flux2_transformer_checkpoint_to_diffusers(
+        {k: torch.from_numpy(v.copy()) for k, v in bfl.items()})
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def diffusers_vae(cfg, bfl: dict[str, np.ndarray]):
+    """diffusers' AutoencoderKLFlux2 with these weights (the VAE map itself is proven in
+    test_vae_parity against diffusers' own LDM converter)."""
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    model = AutoencoderKLFlux2(
+        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult), layers_per_block=cfg.num_res_blocks,
+        latent_channels=cfg.z_channels, norm_num_groups=cfg.norm_groups, batch_norm_eps=cfg.bn_eps,
+    )
+    sd = {k: torch.from_numpy(v.copy()) for k, v in vae_to_diffusers(bfl).items()}
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+class TinyModel:
+    """A tiny random model of one variant, kept as BFL-named arrays plus both on-disk layouts."""
+
+    def __init__(self, name: str, root):
+        self.spec = tiny_spec(name)
+        self.transformer = random_transformer(self.spec.transformer, seed=1)
+        self.vae = random_vae(self.spec.vae, seed=2)
+        self.bfl_dir = root / "bfl"
+        self.bfl_dir.mkdir()
+        save_safetensors(self.bfl_dir / self.spec.transformer_file, self.transformer)
+        save_safetensors(self.bfl_dir / "ae.safetensors", self.vae)
+        self.ref_transformer = diffusers_transformer(self.spec.transformer, self.transformer)
+        self.ref_vae = diffusers_vae(self.spec.vae, self.vae)
+        self.diffusers_dir = root / "diffusers"
+        # diffusers writes its own folders (config.json + diffusion_pytorch_model.safetensors).
+        self.ref_transformer.save_pretrained(self.diffusers_dir / "transformer")
+        self.ref_vae.save_pretrained(self.diffusers_dir / "vae")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    cache = {}
+
+    def get(name: str) -> TinyModel:
+        if name not in cache:
+            cache[name] = TinyModel(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
