@@ -1,0 +1,91 @@
+"""Key maps: BFL ↔ diffusers for the DiT and the VAE, checked against diffusers' own names and converters."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_transformer, random_vae
+from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+from flux2_mlx.config import MODELS, tiny_spec, transformer_shapes, vae_shapes
+from flux2_mlx.keymap import (_swap_halves, check_keys, transformer_entries, transformer_to_diffusers,
+                              vae_entries, vae_to_diffusers)
+from flux2_mlx.weights import WeightSource, save_safetensors
+
+
+class ShapeSource:
+    """A WeightSource stand-in that knows shapes only (for full-size key maps without the memory)."""
+
+    def __init__(self, shapes, path="full"):
+        self.shapes, self.path = dict(shapes), path
+
+    def keys(self):
+        return list(self.shapes)
+
+    def shape(self, k):
+        return tuple(self.shapes[k])
+
+    def get(self, k):
+        raise AssertionError("shape-only source")
+
+
+def _diffusers_shapes(model_cls, **config):
+    with torch.device("meta"):
+        model = model_cls(**config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["dev", "klein-4b", "klein-9b"])
+def test_full_size_diffusers_transformer_maps_to_bfl(name):
+    cfg = MODELS[name].transformer
+    shapes = _diffusers_shapes(
+        Flux2Transformer2DModel, num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
+        num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+        guidance_embeds=cfg.use_guidance_embed)
+    entries = transformer_entries(ShapeSource(shapes))
+    check_keys(entries, transformer_shapes(cfg), name)  # raises on any difference
+
+
+def test_full_size_vae_names_match_diffusers():
+    cfg = MODELS["dev"].vae
+    ours = vae_to_diffusers({k: np.broadcast_to(np.float32(0), s) for k, s in vae_shapes(cfg).items()})
+    theirs = _diffusers_shapes(AutoencoderKLFlux2)
+    theirs.pop("bn.num_batches_tracked", None)
+    assert {k: tuple(v.shape) for k, v in ours.items()} == theirs
+    check_keys(vae_entries(ShapeSource(theirs)), vae_shapes(cfg), "vae")
+
+
+def test_transformer_to_diffusers_agrees_with_diffusers_converter():
+    bfl = random_transformer(tiny_spec("dev").transformer)
+    theirs = convert_flux2_transformer_checkpoint_to_diffusers({k: torch.from_numpy(v) for k, v in bfl.items()})
+    ours = transformer_to_diffusers(bfl)
+    assert ours.keys() == theirs.keys()
+    assert all(np.array_equal(ours[k], theirs[k].numpy()) for k in ours)
+
+
+@pytest.mark.parametrize("variant", ["dev", "klein-4b"])
+def test_transformer_round_trip_through_diffusers_file(variant, tmp_path):
+    bfl = random_transformer(tiny_spec(variant).transformer)
+    save_safetensors(tmp_path / "t.safetensors", transformer_to_diffusers(bfl))
+    back = transformer_entries(WeightSource(tmp_path / "t.safetensors"))
+    assert back.keys() == bfl.keys()
+    assert all(np.array_equal(back[k].load(), bfl[k]) and back[k].shape == bfl[k].shape for k in bfl)
+
+
+def test_vae_round_trip_through_diffusers_file(tmp_path):
+    bfl = random_vae(tiny_spec().vae)
+    save_safetensors(tmp_path / "v.safetensors", vae_to_diffusers(bfl))
+    back = vae_entries(WeightSource(tmp_path / "v.safetensors"))
+    assert back.keys() == bfl.keys()
+    assert all(np.array_equal(back[k].load(), bfl[k]) for k in bfl)
+
+
+def test_swap_halves_is_an_involution():
+    a = np.arange(24.0).reshape(6, 4)
+    assert np.array_equal(_swap_halves(_swap_halves(a)), a) and not np.array_equal(_swap_halves(a), a)
+
+
+def test_bfl_prefixed_keys_map_by_identity(tmp_path):
+    bfl = random_transformer(tiny_spec("klein-4b").transformer)
+    save_safetensors(tmp_path / "c.safetensors", {f"model.diffusion_model.{k}": v for k, v in bfl.items()})
+    assert transformer_entries(WeightSource(tmp_path / "c.safetensors")).keys() == bfl.keys()
