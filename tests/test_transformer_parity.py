@@ -77,3 +77,36 @@ def test_half_precision_sources(tiny_models, store, tmp_path):
     rounded = {k: to_float32(e.load()) for k, e in transformer_entries(source).items()}
     i = _inputs(cfg)
     assert rel_err(_ours(ours, i), _reference(diffusers_transformer(cfg, rounded), cfg, i)) <= 1e-5
+
+
+def test_timestep_rounds_like_bfl_in_bf16():
+    """BFL makes t bf16, then takes 1000·t in bf16: t = 0.9973 → 0.99609375 → 996.0 (spec §2.3)."""
+    from flux2_mlx.mlx_backend.layers import timestep_embedding
+
+    got = timestep_embedding(mx.array([0.9973], dtype=mx.bfloat16))
+    want = timestep_embedding(mx.array([0.996], dtype=mx.float32)).astype(mx.bfloat16)
+    assert got.dtype == mx.bfloat16
+    assert np.array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+    # In float32 nothing is rounded: 997.3 differs from 996.
+    assert not np.allclose(np.array(timestep_embedding(mx.array([0.9973]))), np.array(want.astype(mx.float32)))
+
+
+def test_bf16_model_tracks_float32(tiny_models):
+    m = tiny_models("dev")
+    path = WeightSource(m.bfl_dir / m.spec.transformer_file)
+    i = _inputs(m.spec.transformer, L=64)
+    i["t"] = np.array([0.5], np.float32)  # 1000·t = 500 and 1000·g = 4000 are exact in bf16
+    f32 = _ours(load_transformer(m.spec.transformer, path, dtype=mx.float32), i)
+    bf16_model = load_transformer(m.spec.transformer, path, dtype=mx.bfloat16)
+    out = bf16_model(*(mx.array(i[k]) for k in ("x", "x_ids", "t", "ctx", "ctx_ids", "g")))
+    assert out.dtype == mx.bfloat16
+    assert rel_err(np.array(out.astype(mx.float32)), f32) < 3e-2
+
+
+def test_default_dtype_is_float32_on_cpu():
+    from flux2_mlx.mlx_backend import resolve_dtype
+
+    assert mx.default_device() == mx.cpu and resolve_dtype(None) == mx.float32
+    assert resolve_dtype("bfloat16") == mx.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8")

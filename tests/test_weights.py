@@ -153,3 +153,12 @@ def test_unknown_model_and_prompt_shape(tiny_models):
         pipe.generate(prompt_embeds=np.zeros((1, 8, 96)), width=30, height=32)
     with pytest.warns(UserWarning, match="guidance=3.0 is ignored"):
         pipe.sample(prompt_embeds=np.zeros((1, 8, 96)), width=32, height=32, steps=1, guidance=3.0)
+
+
+def test_non_finite_latents_warn_instead_of_silently_blackening(tiny_models):
+    m = tiny_models("klein-4b")
+    pipe = load_pipeline(m.spec, weights=m.bfl_dir)
+    latents = np.zeros((1, 4, 128), np.float32)
+    latents[0, 1, 3] = np.nan
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        pipe.decode(latents, 32, 32)

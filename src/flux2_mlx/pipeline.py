@@ -139,6 +139,10 @@ class Pipeline:
         be = self.backend
         z = be.from_numpy(np.asarray(latents, np.float32).reshape(1, height // 16, width // 16, -1))
         img = be.to_numpy(self.vae.decode(z))[0]
+        if not np.isfinite(img).all():
+            warnings.warn("the decoded image has NaN or infinite values (an overflow in the model); "
+                          "try dtype='float32'", stacklevel=2)
+            img = np.nan_to_num(img)
         return Image.fromarray(np.round((np.clip(img, -1, 1) + 1) * 127.5).astype(np.uint8))
 
     def generate(self, *, prompt_embeds, negative_prompt_embeds=None, width=1024, height=1024,
