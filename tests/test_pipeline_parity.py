@@ -84,3 +84,17 @@ def test_cfg_is_live(tiny_models):
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
         pipe.sample(guidance=4.0, **kw)
     assert rel_err(pipe.sample(guidance=1.0, **kw), pipe.sample(negative_prompt_embeds=neg, guidance=1.0, **kw)) == 0
+
+
+def test_iter_steps_and_generate_settings(tiny_models, recwarn):
+    m = tiny_models("klein-4b")
+    pipe = load_pipeline(m.spec, weights=m.bfl_dir)
+    embeds = np.random.default_rng(0).standard_normal((1, L, m.spec.transformer.context_in_dim)).astype(np.float32)
+    kw = dict(prompt_embeds=embeds, width=32, height=48, steps=3, seed=5)
+    steps = list(pipe.iter_steps(**kw))
+    assert len(steps) == 3 and all(s.shape == (1, 6, 128) for s in steps)
+    assert np.array_equal(steps[-1], pipe.sample(**kw)) and not np.array_equal(steps[0], steps[1])
+    image = pipe.generate(**kw, guidance=2.0)
+    assert image.info == {"model": "tiny-klein-4b", "seed": 5, "steps": 3, "guidance": 2.0}
+    assert len([w for w in recwarn if "is ignored" in str(w.message)]) == 1
+    assert pipe.generate(**{**kw, "seed": None}).info["seed"] in range(2**31)

@@ -71,12 +71,7 @@ class Pipeline:
         steps = spec.default_steps if steps is None else int(steps)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        if guidance is None:
-            guidance = spec.default_guidance
-        elif spec.guidance_mode == "none" and guidance != 1.0:
-            warnings.warn(f"{spec.name} is guidance-distilled without a guidance input; "
-                          f"guidance={guidance} is ignored", stacklevel=3)
-        return steps, float(guidance)
+        return steps, float(spec.default_guidance if guidance is None else guidance)
 
     def _embeds(self, embeds, what: str) -> np.ndarray:
         a = np.asarray(embeds, dtype=np.float32)
@@ -91,6 +86,9 @@ class Pipeline:
                  seed) -> Iterator:
         be, spec = self.backend, self.spec
         check_size(width, height)
+        if spec.guidance_mode == "none" and guidance not in (None, 1.0):
+            warnings.warn(f"{spec.name} is guidance-distilled without a guidance input; "
+                          f"guidance={guidance} is ignored", stacklevel=4)
         steps, guidance = self._settings(steps, guidance)
         h, w = height // 16, width // 16
         ctx = self._embeds(prompt_embeds, "prompt_embeds")
@@ -121,13 +119,13 @@ class Pipeline:
             yield x
 
     def iter_steps(self, *, prompt_embeds, negative_prompt_embeds=None, width=1024, height=1024,
-                   steps=None, guidance=None, seed=0) -> Iterator[np.ndarray]:
+                   steps=None, guidance=None, seed: int) -> Iterator[np.ndarray]:
         """Latent tokens (1, N, C) after each step, for previews or custom decoding."""
         for x in self._denoise(prompt_embeds, negative_prompt_embeds, width, height, steps, guidance, seed):
             yield self.backend.to_numpy(x)
 
     def sample(self, *, prompt_embeds, negative_prompt_embeds=None, width=1024, height=1024,
-               steps=None, guidance=None, seed=0) -> np.ndarray:
+               steps=None, guidance=None, seed: int) -> np.ndarray:
         """Final latent tokens (1, (H/16)·(W/16), C), float32."""
         x = None
         for x in self._denoise(prompt_embeds, negative_prompt_embeds, width, height, steps, guidance, seed):
