@@ -9,8 +9,9 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "flux2_mlx"
 CORE = ["__init__", "__main__", "cli", "config", "sampling", "keymap", "weights", "pipeline"]
-MODEL_MATH = ["layers", "transformer", "vae"]
-CONTRACT = ["resolve_dtype", "load_transformer", "load_vae", "from_numpy", "to_numpy", "evaluate", "free"]
+MODEL_MATH = ["layers", "transformer", "text_encoder", "vae"]
+CONTRACT = ["resolve_dtype", "load_transformer", "load_text_encoder", "load_vae", "from_numpy", "to_numpy",
+            "evaluate", "free"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -59,6 +60,7 @@ def test_backend_contract():
     assert not missing
     assert list(inspect.signature(be.load_transformer).parameters) == ["cfg", "source", "dtype"]
     assert list(inspect.signature(be.load_vae).parameters) == ["cfg", "source", "dtype"]
+    assert list(inspect.signature(be.load_text_encoder).parameters) == ["cfg", "source", "dtype"]
 
 
 def test_help_and_api_import_load_no_framework():

@@ -262,3 +262,29 @@ def vae_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
     s["decoder.conv_out.weight"], s["decoder.conv_out.bias"] = (cfg.out_ch, cfg.ch, 3, 3), (cfg.out_ch,)
     s["bn.running_mean"] = s["bn.running_var"] = (4 * z,)
     return s
+
+
+def text_encoder_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
+    """HF-named tensors the encoder needs: embeddings and decoder layers 0..max(output_layers)-1.
+
+    hidden_states[k] is the output of decoder layer k (1-based), so deeper layers, the final norm
+    and the LM head are never used (flux2-architecture.md §3.1, §7.5).
+    """
+    D, hd, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, D)}
+    for n in range(max(cfg.output_layers)):
+        p = f"model.layers.{n}"
+        s[f"{p}.input_layernorm.weight"] = (D,)
+        s[f"{p}.post_attention_layernorm.weight"] = (D,)
+        s[f"{p}.self_attn.q_proj.weight"] = (q, D)
+        s[f"{p}.self_attn.k_proj.weight"] = (kv, D)
+        s[f"{p}.self_attn.v_proj.weight"] = (kv, D)
+        s[f"{p}.self_attn.o_proj.weight"] = (D, q)
+        if cfg.kind == "qwen3":
+            s[f"{p}.self_attn.q_norm.weight"] = (hd,)
+            s[f"{p}.self_attn.k_norm.weight"] = (hd,)
+        s[f"{p}.mlp.gate_proj.weight"] = (I, D)
+        s[f"{p}.mlp.up_proj.weight"] = (I, D)
+        s[f"{p}.mlp.down_proj.weight"] = (D, I)
+    return s

@@ -2,6 +2,7 @@
 
 Numpy only. Canonical names are BFL's, so BFL files map by identity (less an optional
 `model.diffusion_model.` prefix); diffusers files are renamed, QKV-concatenated and half-swapped.
+Text encoders keep HF's `model.…` names under whichever wrapper prefix the file uses.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import TransformerConfig, transformer_shapes
+from .config import TextEncoderConfig, TransformerConfig, transformer_shapes
 from .weights import WeightsError, WeightSource
 
 
@@ -239,6 +240,46 @@ def vae_to_diffusers(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if _ATTN_1X1.search(name):
             a = a.reshape(a.shape[:2])
         out[_rename(name, _VAE_TO_DIFFUSERS, levels)] = a
+    return out
+
+
+# Where the decoder stack sits: Mistral3ForConditionalGeneration (transformers >= 4.52, then legacy),
+# Qwen3ForCausalLM and ComfyUI's bare packs (flux2-architecture.md §7.5).
+_TE_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+_TE_UNUSED = ("lm_head.", "language_model.lm_head.", "vision_tower.", "model.vision_tower.",
+              "multi_modal_projector.", "model.multi_modal_projector.")
+_DIT_MARKERS = ("double_blocks.", "single_blocks.", "transformer_blocks.", "x_embedder.", "img_in.")
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def text_encoder_entries(source: WeightSource, cfg: TextEncoderConfig) -> dict[str, Entry]:
+    """Canonical `model.…` tensors of a Qwen3 / Mistral3 checkpoint, less what FLUX.2 never uses
+    (layers from the deepest output layer on, final norm, LM head, vision tower, projector)."""
+    keys = source.keys()
+    if any(m in k for k in keys for m in _DIT_MARKERS):
+        raise WeightsError(f"{source.path} holds a FLUX transformer, not a text encoder")
+    if any(k.endswith(_VAE_MARKERS) for k in keys):
+        raise WeightsError(f"{source.path} holds an autoencoder, not a text encoder")
+    prefix = next((p for p in _TE_PREFIXES
+                   if any(k.startswith(p + "layers.") or k == p + "embed_tokens.weight" for k in keys)),
+                  None)
+    if prefix is None:
+        raise WeightsError(f"{source.path}: no text-encoder tensors found (expected "
+                           f"model.embed_tokens.weight and model.layers.N.…); is this the right file?")
+    deepest = max(cfg.output_layers)
+    out = {}
+    for k in keys:
+        if k.startswith(prefix):
+            rest = k[len(prefix):]
+            m = _LAYER.match(rest)
+            if rest == "norm.weight" or (m and int(m.group(1)) >= deepest):
+                continue
+            name = "model." + rest
+        elif k.startswith(_TE_UNUSED):
+            continue
+        else:
+            name = k  # stays visible to check_keys as "unexpected"
+        out[name] = Entry(source.shape(k), lambda k=k: source.get(k))
     return out
 
 

@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 from .load import from_numpy as _from_numpy
+from .load import load_text_encoder as _load_text_encoder
 from .load import load_transformer as _load_transformer
 from .load import load_vae as _load_vae
 
@@ -25,6 +26,10 @@ def resolve_dtype(name: str | None):
 
 def load_transformer(cfg, source, *, dtype):
     return _load_transformer(cfg, source, dtype=dtype)
+
+
+def load_text_encoder(cfg, source, *, dtype):
+    return _load_text_encoder(cfg, source, dtype=dtype)
 
 
 def load_vae(cfg, source, *, dtype):

@@ -10,9 +10,12 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from ..config import MODELS, TransformerConfig, VAEConfig, transformer_shapes, vae_shapes
-from ..keymap import Entry, check_keys, guess_transformer, transformer_entries, vae_entries
+from ..config import (MODELS, TextEncoderConfig, TransformerConfig, VAEConfig, text_encoder_shapes,
+                      transformer_shapes, vae_shapes)
+from ..keymap import (Entry, check_keys, guess_transformer, text_encoder_entries, transformer_entries,
+                      vae_entries)
 from ..weights import BF16, WeightSource
+from .text_encoder import TextEncoder
 from .transformer import Flux2
 from .vae import AutoEncoder
 
@@ -48,3 +51,13 @@ def load_vae(cfg: VAEConfig, source: WeightSource | dict, *, dtype: mx.Dtype = m
     entries = source if isinstance(source, dict) else vae_entries(source)
     check_keys(entries, vae_shapes(cfg), f"autoencoder {getattr(source, 'path', 'weights')}")
     return _assign(AutoEncoder(cfg), entries, dtype)
+
+
+def load_text_encoder(cfg: TextEncoderConfig, source: WeightSource | dict, *, dtype: mx.Dtype):
+    entries = source if isinstance(source, dict) else text_encoder_entries(source, cfg)
+    shapes = {k: tuple(e.shape) for k, e in entries.items()}
+    repo = next((s.text_encoder.repo_id for s in MODELS.values()
+                 if s.text_encoder != cfg and text_encoder_shapes(s.text_encoder) == shapes), None)
+    hint = f"These weights have the shapes of {repo}: choose a model that uses it." if repo else ""
+    check_keys(entries, text_encoder_shapes(cfg), f"text encoder {getattr(source, 'path', 'weights')}", hint)
+    return _assign(TextEncoder(cfg), entries, dtype)
