@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import rel_err
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 
@@ -46,7 +47,7 @@ CASES = [("dev", 4, 4.0), ("klein-4b", 4, 1.0), ("klein-base-4b", 4, 4.0)]
 
 @pytest.mark.parametrize("variant,steps,guidance", CASES)
 @pytest.mark.parametrize("layout", ["bfl", "diffusers"])
-def test_denoise_matches_diffusers(tiny_models, variant, steps, guidance, layout):
+def test_denoise_matches_diffusers(tiny_models, variant, steps, guidance, layout, tmp_path):
     m = tiny_models(variant)
     rng = np.random.default_rng(7)
     D = m.spec.transformer.context_in_dim
@@ -63,12 +64,14 @@ def test_denoise_matches_diffusers(tiny_models, variant, steps, guidance, layout
     assert ours.shape == ref.shape == (1, (H // 16) * (W // 16), 128)
     assert rel_err(ours, ref) <= 1e-4
 
-    if layout == "bfl":  # one decode per variant: the image itself, through the Python API
-        image = pipe.generate(prompt_embeds=embeds, negative_prompt_embeds=neg, width=W, height=H,
-                              steps=steps, guidance=guidance, seed=seed)
-        ref_img = _reference(m, variant, embeds, neg, noise, steps, guidance, "np")[0]
-        assert image.size == (W, H) and image.info["seed"] == seed
-        assert np.abs(np.asarray(image, np.int16) - np.round(ref_img * 255)).max() <= 1
+    # The picture itself, through the Python API, saved as a PNG and compared with diffusers' decode.
+    image = pipe.generate(prompt_embeds=embeds, negative_prompt_embeds=neg, width=W, height=H,
+                          steps=steps, guidance=guidance, seed=seed)
+    image.save(tmp_path / "out.png")
+    png = np.asarray(Image.open(tmp_path / "out.png"), np.int16)
+    ref_img = _reference(m, variant, embeds, neg, noise, steps, guidance, "np")[0]
+    assert png.shape == (H, W, 3) and image.info["seed"] == seed
+    assert np.abs(png - np.round(ref_img * 255)).max() <= 1
 
 
 def test_cfg_is_live(tiny_models):
