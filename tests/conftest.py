@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from flux2_mlx.config import tiny_spec, transformer_shapes, vae_shapes
 from flux2_mlx.keymap import vae_to_diffusers
 from flux2_mlx.weights import save_safetensors
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network
 
 
 def random_transformer(cfg, seed: int = 0) -> dict[str, np.ndarray]:
@@ -108,3 +112,54 @@ def tiny_models(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def write_qwen_tokenizer(path) -> None:
+    """A tiny but real byte-level BPE tokenizer.json with the Qwen chat special tokens (< 512 ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["A red cat sits on a blue sofa.", "The quick brown fox jumps over the lazy dog.",
+            "user assistant think", "A photograph of a mountain lake at sunset, highly detailed."] * 20
+    tok.train_from_iterator(text, trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+
+
+def write_tiny_repo(root, name: str = "klein-4b"):
+    """A tiny random klein model laid out like the FLUX.2-klein-4B repo: BFL transformer file at the
+    root, diffusers vae/, transformers text_encoder/, tokenizer/tokenizer.json."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    spec = tiny_spec(name)
+    save_safetensors(root / spec.transformer_file, random_transformer(spec.transformer, seed=1))
+    diffusers_vae(spec.vae, random_vae(spec.vae, seed=2)).save_pretrained(root / "vae")
+    te = spec.text_encoder
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=te.vocab_size, hidden_size=te.hidden_size, intermediate_size=te.intermediate_size,
+        num_hidden_layers=te.num_hidden_layers, num_attention_heads=te.num_attention_heads,
+        num_key_value_heads=te.num_key_value_heads, head_dim=te.head_dim, rms_norm_eps=te.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": te.rope_theta}, tie_word_embeddings=True))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # O(1) activations; HF's 0.02-std init would make every prompt look alike
+        for p in model.parameters():
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if p.ndim == 1
+                    else torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    model.save_pretrained(root / "text_encoder")
+    write_qwen_tokenizer(root / "tokenizer" / "tokenizer.json")
+    return spec
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("FLUX.2-klein-4B")
+    write_tiny_repo(root)
+    return root

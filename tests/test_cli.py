@@ -1,23 +1,35 @@
-"""The `flux2` command line."""
+"""The `flux2` command line, end to end on a tiny random model in the real klein repo layout."""
 
+import json
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from flux2_mlx import __version__
 from flux2_mlx.cli import main
 
+SMALL = ["-W", "64", "-H", "48"]
+
+
+def run(*args, **env):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env or None)
+
 
 def test_help_and_version():
-    r = CliRunner().invoke(main, ["--help"])
-    assert r.exit_code == 0 and "FLUX.2 image generation" in r.output
-    r = CliRunner().invoke(main, ["--version"])
+    r = run("--help")
+    assert r.exit_code == 0 and "FLUX.2 image generation" in r.output and "generate" in r.output
+    r = run("--version")
     assert r.exit_code == 0 and __version__ in r.output
 
 
 def test_models_lists_every_variant():
-    r = CliRunner().invoke(main, ["models"])
+    r = run("models")
     assert r.exit_code == 0
     for name in ["dev", "klein-4b", "klein-9b", "klein-9b-kv", "klein-base-4b", "klein-base-9b"]:
         assert f"\n{name} " in "\n" + r.output
@@ -29,13 +41,91 @@ def test_console_script_and_module_entry_points():
     assert out.returncode == 0 and "models" in out.stdout
 
 
+def test_generate_writes_png_with_metadata_and_reproduces(tiny_repo, tmp_path):
+    out = tmp_path / "fox.png"
+    r = run("generate", "a red fox in snow", "--model-path", tiny_repo, *SMALL, "--seed", 7, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "seed 7" in r.stdout and f"saved {out}" in r.stdout and "peak memory" in r.stdout
+    assert "denoise" in r.stderr and "4/4" in r.stderr  # the per-phase progress bars
+    image = Image.open(out)
+    assert image.size == (64, 48)
+    assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 50
+    meta = json.loads(image.info["flux2"])
+    assert meta == {"prompt": "a red fox in snow", "model": "klein-4b", "seed": 7, "steps": 4, "guidance": 1.0,
+                    "width": 64, "height": 48, "dtype": "float32", "version": __version__}
+
+    r = run("info", out)
+    assert r.exit_code == 0 and "seed: 7" in r.output
+    command = r.output.strip().splitlines()[-1].removeprefix("regenerate: ")
+    again = tmp_path / "again.png"
+    argv = shlex.split(command)[1:] + ["--model-path", str(tiny_repo), "-o", str(again)]
+    assert run(*argv).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+
+    r = run("generate", "a blue fox", "--model-path", tiny_repo, *SMALL, "--seed", 7, "-o", tmp_path / "blue.png")
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "blue.png")), np.asarray(image))
+
+
+def test_several_seeds_one_encoding_and_no_silent_overwrite(tiny_repo, tmp_path):
+    out = tmp_path / "cat.png"
+    r = run("generate", "a cat", "--model-path", tiny_repo, *SMALL, "--steps", 1, "-n", 2, "--seed", 5, "-o", out,
+            "--guidance", 3)
+    assert r.exit_code == 0, r.output
+    assert "ignores --guidance 3" in r.stderr and r.stderr.count("encode:   0%") == 1  # one encoding
+    a, b = tmp_path / "cat-5.png", tmp_path / "cat-6.png"
+    assert a.exists() and b.exists() and a.read_bytes() != b.read_bytes()
+    before = a.read_bytes()
+    r = run("generate", "a dog", "--model-path", tiny_repo, *SMALL, "--steps", 1, "--seed", 5, "--seed", 6, "-o", out)
+    assert r.exit_code == 2 and "already exists" in r.stderr and a.read_bytes() == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-W", 1000], "multiples of 16"),
+    (["-W", 4096, "-H", 4096], "limit is 4 MP"),
+    (["--negative-prompt", "blurry"], "takes no negative prompt"),
+    (["--model", "klein-5b"], "'klein-5b' is not one of"),
+    (["--steps", 0], "--steps"),
+    (["-o", "out.jpg"], "must be a .png"),
+    (["-o", "/no/such/folder/out.png"], "does not exist"),
+    (["--model-path", "/no/such/folder"], "does not exist"),
+])
+def test_bad_arguments_exit_2_with_one_message(tiny_repo, args, message):
+    r = run("generate", "x", "--model-path", tiny_repo, *args)
+    assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.output
+
+
+def test_wrong_files_exit_2_without_traceback(tiny_repo, tmp_path):
+    r = run("generate", "x", "--transformer", tiny_repo / "vae", "--model-path", tiny_repo, *SMALL,
+            "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and "holds an autoencoder" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+    r = run("generate", "x", "--model", "klein-9b", "--model-path", tiny_repo, "-o", tmp_path / "y.png")
+    assert r.exit_code == 2 and "error:" in r.stderr and "Traceback" not in r.output
+
+
+def test_offline_without_files_fails_fast_and_says_what_to_do(tmp_path):
+    r = run("generate", "x", "-o", tmp_path / "x.png", HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"))
+    assert r.exit_code == 2
+    assert "black-forest-labs/FLUX.2-klein-4B" in r.stderr and "--model-path" in r.stderr
+
+
+def test_dry_run_loads_nothing(tiny_repo, tmp_path):
+    r = run("generate", "x", "--model-path", tiny_repo, "--dry-run", "-o", tmp_path / "x.png")
+    assert r.exit_code == 0, r.output
+    assert str(tiny_repo) in r.output and "GiB" in r.output and not (tmp_path / "x.png").exists()
+    r = run("generate", "x", "--model", "dev", "--dry-run", "-o", tmp_path / "x.png",
+            HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"))
+    assert r.exit_code == 0 and "download from black-forest-labs/FLUX.2-dev" in r.output
+
+
+def test_info_on_foreign_png(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    r = run("info", tmp_path / "plain.png")
+    assert r.exit_code == 2 and "not made by flux2 generate" in r.stderr
+
+
 def test_readme_run_command_example(tmp_path):
     """The README's run command: a tiny BFL-layout model on disk → load_pipeline → generate → PNG."""
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
-
     script = Path(__file__).resolve().parents[1] / "examples" / "tiny_t2i.py"
     out = tmp_path / "tiny.png"
     r = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True)
@@ -43,5 +133,4 @@ def test_readme_run_command_example(tmp_path):
     assert "wrote" in r.stdout and "Warning" not in r.stderr
     image = Image.open(out)
     assert image.size == (128, 96) and image.mode == "RGB"
-    pixels = np.asarray(image).reshape(-1, 3)
-    assert len(np.unique(pixels, axis=0)) > 100  # a real picture, not a constant or NaN-black frame
+    assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 100

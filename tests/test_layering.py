@@ -10,7 +10,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "src" / "flux2_mlx"
 CORE = ["__init__", "__main__", "cli", "config", "sampling", "keymap", "weights", "pipeline", "tokenizer"]
 MODEL_MATH = ["layers", "transformer", "text_encoder", "vae"]
-CONTRACT = ["resolve_dtype", "load_transformer", "load_text_encoder", "load_vae", "from_numpy", "to_numpy",
+CONTRACT = ["resolve_dtype", "peak_memory", "load_transformer", "load_text_encoder", "load_vae", "from_numpy", "to_numpy",
             "evaluate", "free"]
 
 

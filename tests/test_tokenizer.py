@@ -5,10 +5,10 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import write_qwen_tokenizer
 
 from flux2_mlx.tokenizer import SYSTEM_MESSAGE, PromptTokenizer, mistral_prompt, qwen3_prompt
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 PROMPTS = ["A red cat on a blue sofa", "", "Ünïcödé 東京 🐱 — tabs\tand\nnewlines, [IMG] inline [INST] too"]
 
 
@@ -33,19 +33,8 @@ def test_qwen3_template():
 
 @pytest.fixture(scope="module")
 def qwen_json(tmp_path_factory):
-    """A tiny but real byte-level BPE tokenizer.json with the Qwen chat special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = ["A red cat sits on a blue sofa.", "The quick brown fox jumps over the lazy dog.",
-            "user assistant think", "A photograph of a mountain lake at sunset, highly detailed."] * 20
-    tok.train_from_iterator(text, trainer)
     path = tmp_path_factory.mktemp("qwen") / "tokenizer.json"
-    tok.save(str(path))
+    write_qwen_tokenizer(path)
     return path
 
 

@@ -122,13 +122,13 @@ def test_gguf_and_missing_paths(tmp_path):
     with pytest.raises(WeightsError, match="GGUF"):
         WeightSource(tmp_path / "m.gguf")
     with pytest.raises(WeightsError, match="no such file"):
-        load_pipeline(tiny_spec(), weights=tmp_path / "nope.safetensors")
+        load_pipeline(tiny_spec(), transformer=tmp_path / "nope.safetensors")
 
 
 def test_pipeline_without_vae_says_where_to_get_it(tmp_path, bfl):
     save_safetensors(tmp_path / "flux-2-klein-4b.safetensors", bfl)
-    with pytest.raises(WeightsError, match="ae.safetensors of black-forest-labs/FLUX.2-dev"):
-        load_pipeline(tiny_spec(), weights=tmp_path / "flux-2-klein-4b.safetensors")
+    with pytest.raises(WeightsError, match=r"cache lacks black-forest-labs/FLUX.2-klein-4B \(vae/\*\).*--model-path"):
+        load_pipeline(tiny_spec(), transformer=tmp_path / "flux-2-klein-4b.safetensors")
 
 
 @pytest.mark.parametrize("w,h", [(1000, 1024), (1024, 8), (0, 512), (2064, 2048), (4096, 4096)])
@@ -144,9 +144,9 @@ def test_good_sizes():
 
 def test_unknown_model_and_prompt_shape(tiny_models):
     with pytest.raises(ValueError, match="unknown model 'klein-5b'"):
-        load_pipeline("klein-5b", weights=".")
+        load_pipeline("klein-5b", transformer=".")
     m = tiny_models("klein-4b")
-    pipe = load_pipeline(m.spec, weights=m.bfl_dir)
+    pipe = load_pipeline(m.spec, model_path=m.bfl_dir)
     with pytest.raises(ValueError, match=r"prompt_embeds must have shape \(1, L, 96\)"):
         pipe.sample(prompt_embeds=np.zeros((1, 8, 95)), width=32, height=32, seed=0)
     with pytest.raises(ValueError, match="multiples of 16"):
@@ -157,7 +157,7 @@ def test_unknown_model_and_prompt_shape(tiny_models):
 
 def test_non_finite_latents_warn_instead_of_silently_blackening(tiny_models):
     m = tiny_models("klein-4b")
-    pipe = load_pipeline(m.spec, weights=m.bfl_dir)
+    pipe = load_pipeline(m.spec, model_path=m.bfl_dir)
     latents = np.zeros((1, 4, 128), np.float32)
     latents[0, 1, 3] = np.nan
     with pytest.warns(UserWarning, match="NaN or infinite"):

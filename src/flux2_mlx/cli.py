@@ -2,16 +2,205 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import secrets
+import shlex
+import sys
+import time
+from pathlib import Path
+
 import click
 
 from . import __version__
 from .config import MODELS
+
+DTYPES = ("bfloat16", "float16", "float32")
+META_KEY = "flux2"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="flux2")
 def main():
     """FLUX.2 image generation and editing on MLX."""
+
+
+def _fail(message: str):
+    """One line on stderr and exit code 2: bad input is the user's to fix, not a crash."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _outputs(output: Path, seeds: list[int], overwrite: bool) -> list[Path]:
+    if output.suffix.lower() != ".png":
+        raise click.BadParameter("the output must be a .png file", param_hint="--output")
+    if not output.parent.is_dir():
+        raise click.BadParameter(f"folder {output.parent} does not exist", param_hint="--output")
+    paths = [output] if len(seeds) == 1 else [output.with_name(f"{output.stem}-{s}.png") for s in seeds]
+    taken = [str(p) for p in paths if p.exists()]
+    if taken and not overwrite:
+        raise click.BadParameter(f"{', '.join(taken)} already exists; pass --overwrite or choose another "
+                                 f"name", param_hint="--output")
+    return paths
+
+
+def _save_png(image, path: Path, meta: dict) -> None:
+    """Write via a temporary name and rename, so an interrupted run leaves no half-written PNG."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(META_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("-m", "--model", type=click.Choice(list(MODELS)), default="klein-4b", show_default=True)
+@click.option("--model-path", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A downloaded model folder (BFL or diffusers layout).")
+@click.option("--transformer", "--weights", "transformer", type=click.Path(exists=True, path_type=Path),
+              help="Transformer: a .safetensors file or a diffusers transformer/ folder.")
+@click.option("--vae", type=click.Path(exists=True, path_type=Path), help="ae.safetensors or a vae/ folder.")
+@click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), help="A text_encoder/ folder.")
+@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), help="tokenizer.json or its folder.")
+@click.option("-W", "--width", type=int, default=1024, show_default=True, help="A multiple of 16.")
+@click.option("-H", "--height", type=int, default=1024, show_default=True, help="A multiple of 16.")
+@click.option("--steps", type=click.IntRange(min=1), help="Default: the model's (klein 4, base and dev 50).")
+@click.option("--guidance", type=click.FloatRange(min=0), help="Default: the model's (4 for dev and base).")
+@click.option("--negative-prompt", help="Base variants only (true CFG); default the empty prompt.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), multiple=True,
+              help="Repeat for several images; random when absent.")
+@click.option("-n", "--num-images", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images from consecutive seeds, one prompt encoding.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="flux2.png",
+              show_default=True, help="PNG path; several images get -SEED suffixes.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Default: bfloat16 on a GPU, float32 on CPU.")
+@click.option("--dry-run", is_flag=True, help="Show which files would be used and the memory needed; load nothing.")
+def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenizer, width, height, steps,
+             guidance, negative_prompt, seed, num_images, output, overwrite, dtype, dry_run):
+    """Generate images from PROMPT and save them as PNGs with their settings embedded."""
+    from .pipeline import check_size
+    from .weights import WeightsError
+
+    spec = MODELS[model]
+    try:
+        check_size(width, height)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--width/--height") from None
+    if negative_prompt is not None and spec.guidance_mode != "cfg":
+        raise click.BadParameter(f"{model} takes no negative prompt (only klein-base-4b/9b do)",
+                                 param_hint="--negative-prompt")
+    if guidance is not None and spec.guidance_mode == "none" and guidance != 1.0:
+        click.echo(f"warning: {model} is guidance-distilled and ignores --guidance {guidance:g}", err=True)
+        guidance = None
+    if len(seed) > 1 and num_images > 1 and len(seed) != num_images:
+        raise click.BadParameter("give either one --seed per image or --num-images", param_hint="--seed")
+    if len(seed) > 1:
+        seeds = list(seed)
+    else:
+        first = seed[0] if seed else secrets.randbelow(2**31)
+        seeds = [first + i for i in range(num_images)]
+    paths = _outputs(output, seeds, overwrite)
+    paths_kw = dict(model_path=model_path, transformer=transformer, vae=vae, text_encoder=text_encoder,
+                    tokenizer=tokenizer)
+    try:
+        if dry_run:
+            _dry_run(spec, paths_kw, dtype, width, height)
+            return
+        _generate(spec, prompt, paths_kw, width, height, steps, guidance, negative_prompt, seeds, paths, dtype)
+    except (WeightsError, ValueError, OSError) as e:
+        _fail(str(e))
+
+
+def _dry_run(spec, paths_kw, dtype, width, height):
+    from . import hub
+    from .config import text_encoder_shapes, transformer_shapes
+
+    located = hub.locate(spec, **paths_kw)
+    for line in hub.describe(spec, located):
+        click.echo(line)
+    size = {"float32": 4}.get(dtype, 2)
+    dit = sum(math.prod(s) for s in transformer_shapes(spec.transformer).values()) * size
+    enc = sum(math.prod(s) for s in text_encoder_shapes(spec.text_encoder).values()) * size
+    click.echo(f"dtype: {dtype or 'bfloat16 on a GPU, float32 on CPU'} (VAE float32)")
+    click.echo(f"weights: transformer {dit / 2**30:.1f} GiB, text encoder {enc / 2**30:.1f} GiB, "
+               f"VAE 0.3 GiB; one of transformer / encoder is resident at a time, "
+               f"so about {max(dit, enc) / 2**30 + 0.3:.1f} GiB plus activations for "
+               f"{(width // 16) * (height // 16) + 512} tokens")
+
+
+def _generate(spec, prompt, paths_kw, width, height, steps, guidance, negative_prompt, seeds, paths, dtype):
+    from tqdm import tqdm
+
+    from .pipeline import load_pipeline
+
+    start = time.perf_counter()
+    pipe = load_pipeline(spec, dtype=dtype, **paths_kw)
+    steps_, guidance_ = pipe.settings(steps, guidance)
+    with tqdm(total=1, desc="encode", unit="prompt") as bar:
+        ctx, neg = pipe.conditioning(prompt, negative_prompt=negative_prompt, guidance=guidance)
+        bar.update()
+    for seed, path in zip(seeds, paths):
+        click.echo(f"seed {seed}")
+        latents = None
+        for latents in tqdm(pipe.iter_steps(prompt_embeds=ctx, negative_prompt_embeds=neg, width=width,
+                                            height=height, steps=steps, guidance=guidance, seed=seed),
+                            total=steps_, desc="denoise", unit="step"):
+            pass
+        with tqdm(total=1, desc="decode", unit="image") as bar:
+            image = pipe.decode(latents, width, height)
+            bar.update()
+        meta = dict(prompt=prompt, model=spec.name, seed=seed, steps=steps_, guidance=guidance_,
+                    width=width, height=height, dtype=str(pipe.dtype).split(".")[-1], version=__version__)
+        if negative_prompt is not None:
+            meta["negative_prompt"] = negative_prompt
+        _save_png(image, path, meta)
+        click.echo(f"saved {path}")
+    click.echo(f"done in {time.perf_counter() - start:.1f} s, peak memory "
+               f"{pipe.backend.peak_memory() / 2**30:.2f} GiB")
+
+
+def read_metadata(path: Path) -> dict:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            raw = im.info.get(META_KEY)
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image") from None
+    if raw is None:
+        raise ValueError(f"{path} has no flux2 settings (it was not made by flux2 generate)")
+    return json.loads(raw)
+
+
+def regenerate_command(meta: dict) -> str:
+    """The `flux2 generate` line that reproduces an image from its metadata."""
+    args = ["flux2", "generate", meta["prompt"], "--model", meta["model"], "--width", str(meta["width"]),
+            "--height", str(meta["height"]), "--steps", str(meta["steps"]), "--guidance", f"{meta['guidance']:g}",
+            "--seed", str(meta["seed"]), "--dtype", meta["dtype"]]
+    if "negative_prompt" in meta:
+        args += ["--negative-prompt", meta["negative_prompt"]]
+    return shlex.join(args)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def info(path):
+    """Show the settings stored in a PNG made by `flux2 generate`, and how to make it again."""
+    try:
+        meta = read_metadata(path)
+    except ValueError as e:
+        _fail(str(e))
+    for key in sorted(meta):
+        click.echo(f"{key}: {meta[key]}")
+    click.echo(f"regenerate: {regenerate_command(meta)}")
 
 
 @main.command()

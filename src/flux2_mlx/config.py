@@ -170,7 +170,7 @@ def tiny_spec(name: str = "klein-4b") -> ModelSpec:
     te = dataclasses.replace(
         spec.text_encoder, hidden_size=32, num_hidden_layers=max(spec.text_encoder.output_layers),
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
-        vocab_size=256,
+        vocab_size=512,
     )
     return dataclasses.replace(spec, name=f"tiny-{name}", transformer=t, vae=vae, text_encoder=te)
 
@@ -288,3 +288,43 @@ def text_encoder_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
         s[f"{p}.mlp.up_proj.weight"] = (I, D)
         s[f"{p}.mlp.down_proj.weight"] = (D, I)
     return s
+
+
+def transformer_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> TransformerConfig:
+    """The DiT config a set of canonical tensor shapes describes (every field but RoPE is in them)."""
+    H, C = shapes["img_in.weight"]
+    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    M = shapes["single_blocks.0.linear2.weight"][1] - H
+    count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix)})  # noqa: E731
+    return dataclasses.replace(
+        TransformerConfig(), in_channels=C, context_in_dim=shapes["txt_in.weight"][1], hidden_size=H,
+        num_heads=H // head_dim, depth=count("double_blocks."), depth_single_blocks=count("single_blocks."),
+        mlp_ratio=M / H, use_guidance_embed="guidance_in.in_layer.weight" in shapes)
+
+
+def vae_config_from(diffusers_config: dict | None, base: VAEConfig) -> VAEConfig:
+    """A diffusers vae/config.json's architecture; BFL's ae.safetensors has none, so `base` stands."""
+    if not diffusers_config:
+        return base
+    chans = diffusers_config.get("block_out_channels", [base.ch * m for m in base.ch_mult])
+    return dataclasses.replace(
+        base, ch=chans[0], ch_mult=tuple(c // chans[0] for c in chans),
+        num_res_blocks=diffusers_config.get("layers_per_block", base.num_res_blocks),
+        z_channels=diffusers_config.get("latent_channels", base.z_channels),
+        norm_groups=diffusers_config.get("norm_num_groups", base.norm_groups),
+        bn_eps=diffusers_config.get("batch_norm_eps", base.bn_eps))
+
+
+def text_encoder_config_from(hf_config: dict | None, base: TextEncoderConfig) -> TextEncoderConfig:
+    """An HF config.json (Qwen3, or Mistral3's `text_config`) over `base`; unknown keys are ignored."""
+    if not hf_config:
+        return base
+    cfg = hf_config.get("text_config", hf_config)
+    rope = cfg.get("rope_parameters") or {}
+    fields = {f.name for f in dataclasses.fields(TextEncoderConfig)} - {"kind", "output_layers", "repo_id"}
+    values = {k: cfg[k] for k in fields if k in cfg and cfg[k] is not None}
+    if "rope_theta" in rope:
+        values.setdefault("rope_theta", rope["rope_theta"])
+    if "head_dim" not in values and "hidden_size" in values:
+        values["head_dim"] = values["hidden_size"] // values.get("num_attention_heads", base.num_attention_heads)
+    return dataclasses.replace(base, **values)

@@ -7,14 +7,16 @@ Text encoders keep HF's `model.…` names under whichever wrapper prefix the fil
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .config import TextEncoderConfig, TransformerConfig, transformer_shapes
-from .weights import WeightsError, WeightSource
+from .config import MODELS, TextEncoderConfig, TransformerConfig, transformer_shapes
+from .weights import WeightsError, WeightSource, to_float32
 
 
 @dataclass(frozen=True)
@@ -251,10 +253,78 @@ _TE_UNUSED = ("lm_head.", "language_model.lm_head.", "vision_tower.", "model.vis
 _DIT_MARKERS = ("double_blocks.", "single_blocks.", "transformer_blocks.", "x_embedder.", "img_in.")
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
+# FP8 checkpoints (Qwen/Qwen3-*-FP8, what BFL's klein reference loads; transformers' fine-grained FP8):
+# a Linear's `X.weight` is F8_E4M3 and `X.weight_scale_inv` holds one float per block of rows × columns
+# (128 × 128 in every Qwen3 release); the weight is fp8 value × its block's scale_inv.
+# Activations are not quantized: we run W-dequantized bf16/f32, unlike the reference's W8A8 (spec §3.3).
+_FP8_SCALE = ".weight_scale_inv"
+_FP8_BOOKKEEPING = (_FP8_SCALE, ".input_scale", ".activation_scale")
+_FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _configured_fp8_block(path) -> tuple[int, int] | None:
+    """`quantization_config.weight_block_size` from the checkpoint folder's config.json, if any."""
+    if not isinstance(path, Path):
+        return None
+    try:
+        conf = json.loads(((path if path.is_dir() else path.parent) / "config.json").read_text())
+        block = (conf.get("quantization_config") or {}).get("weight_block_size")
+        return (int(block[0]), int(block[1])) if block and len(block) == 2 else None
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError):
+        return None
+
+
+def _fp8_block_size(source, pairs: dict[str, str]) -> tuple[int, int]:
+    """(rows, cols) per scale block for every `weight → weight_scale_inv` pair. Each block size b must
+    give ceil(n / b) = scale length along that axis for every pair; config.json's value is used when
+    present (and checked against the shapes), else 128 when it fits, else the smallest b that fits."""
+    lo, hi = [1, 1], [float("inf")] * 2
+    for w, s in pairs.items():
+        ws, ss = source.shape(w), source.shape(s)
+        if len(ws) != 2 or len(ss) != 2 or any(not 1 <= k <= max(n, 1) for n, k in zip(ws, ss)):
+            raise WeightsError(f"{source.path}: {s} has shape {list(ss)}, which is not a block grid of "
+                               f"{w} {list(ws)}; the FP8 checkpoint is damaged or of an unknown kind")
+        for d, (n, k) in enumerate(zip(ws, ss)):
+            lo[d] = max(lo[d], _ceil_div(n, k))
+            if k > 1:
+                hi[d] = min(hi[d], _ceil_div(n, k - 1) - 1)
+    if lo[0] > hi[0] or lo[1] > hi[1]:
+        raise WeightsError(f"{source.path}: the weight_scale_inv grids of the FP8 weights do not fit any "
+                           f"one block size; the checkpoint is damaged or of an unknown kind")
+    configured = _configured_fp8_block(source.path)
+    if configured is not None:
+        if not all(lo[d] <= configured[d] <= hi[d] for d in range(2)):
+            raise WeightsError(f"{source.path}: config.json says weight_block_size {list(configured)}, but "
+                               f"the weight_scale_inv shapes do not fit it")
+        return configured
+    return tuple(128 if lo[d] <= 128 <= hi[d] else lo[d] for d in range(2))
+
+
+def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """Block-wise FP8 → float32: each (rows × cols) block times its scale_inv; the last block of an axis
+    may be short (ceil division). Allocates the float32 result only (scales are expanded over rows)."""
+    out = to_float32(weight)
+    if out.ndim != 2:
+        raise WeightsError(f"an FP8 weight of shape {list(out.shape)} is not a matrix")
+    (n, k), (bn, bk) = out.shape, block
+    scale = to_float32(scale_inv)
+    if scale.shape != (_ceil_div(n, bn), _ceil_div(k, bk)):
+        raise WeightsError(f"FP8 scale grid {list(scale.shape)} does not fit weight {[n, k]} in blocks "
+                           f"of {list(block)}")
+    rows = np.repeat(scale, bn, axis=0)[:n]  # (n, column blocks)
+    for j in range(scale.shape[1]):
+        out[:, j * bk:(j + 1) * bk] *= rows[:, j:j + 1]
+    return out
+
 
 def text_encoder_entries(source: WeightSource, cfg: TextEncoderConfig) -> dict[str, Entry]:
     """Canonical `model.…` tensors of a Qwen3 / Mistral3 checkpoint, less what FLUX.2 never uses
-    (layers from the deepest output layer on, final norm, LM head, vision tower, projector)."""
+    (layers from the deepest output layer on, final norm, LM head, vision tower, projector).
+    FP8 block-quantized Linears come back as float32 entries, dequantized one tensor at a time."""
     keys = source.keys()
     if any(m in k for k in keys for m in _DIT_MARKERS):
         raise WeightsError(f"{source.path} holds a FLUX transformer, not a text encoder")
@@ -267,19 +337,40 @@ def text_encoder_entries(source: WeightSource, cfg: TextEncoderConfig) -> dict[s
         raise WeightsError(f"{source.path}: no text-encoder tensors found (expected "
                            f"model.embed_tokens.weight and model.layers.N.…); is this the right file?")
     deepest = max(cfg.output_layers)
-    out = {}
+    kept = {}
     for k in keys:
         if k.startswith(prefix):
             rest = k[len(prefix):]
             m = _LAYER.match(rest)
-            if rest == "norm.weight" or (m and int(m.group(1)) >= deepest):
+            if rest == "norm.weight" or (m and int(m.group(1)) >= deepest) or rest.endswith(_FP8_BOOKKEEPING):
                 continue
-            name = "model." + rest
-        elif k.startswith(_TE_UNUSED):
-            continue
+            kept[k] = "model." + rest
+        elif not k.startswith(_TE_UNUSED):
+            kept[k] = k  # stays visible to check_keys as "unexpected"
+    dtype = getattr(source, "dtype", None)  # shape-only stand-ins have none
+    key_set = set(keys)
+    pairs = {}
+    for k in kept:
+        scale = k[:-len(".weight")] + _FP8_SCALE if k.endswith(".weight") else None
+        fp8 = dtype is not None and dtype(k) in _FP8_DTYPES
+        if scale in key_set:
+            if dtype is not None and not fp8:
+                raise WeightsError(f"{source.path}: {k} has a weight_scale_inv but is stored as {dtype(k)}, "
+                                   f"not FP8; this quantized format is not supported")
+            pairs[k] = scale
+        elif fp8:
+            raise WeightsError(f"{source.path}: {k} is FP8 ({dtype(k)}) but its block scales "
+                               f"{scale or k + '_scale_inv'} are missing; the download is incomplete, or "
+                               f"the checkpoint uses an FP8 format flux2-mlx does not read (use the bf16 "
+                               f"weights or a Qwen/Qwen3-*-FP8 checkpoint)")
+    block = _fp8_block_size(source, pairs) if pairs else None
+    out = {}
+    for k, name in kept.items():
+        if k in pairs:
+            load = lambda k=k, s=pairs[k]: dequantize_fp8(source.get(k), source.get(s), block)
         else:
-            name = k  # stays visible to check_keys as "unexpected"
-        out[name] = Entry(source.shape(k), lambda k=k: source.get(k))
+            load = lambda k=k: source.get(k)
+        out[name] = Entry(source.shape(k), load)
     return out
 
 
@@ -316,3 +407,10 @@ def guess_transformer(entries: dict[str, Entry], candidates: dict[str, Transform
         if transformer_shapes(cfg) == shapes:
             return name
     return None
+
+
+def check_transformer(entries: dict[str, Entry], cfg: TransformerConfig, where) -> None:
+    """check_keys for a DiT, naming the registered model whose shapes these are when it is another."""
+    name = guess_transformer(entries, {n: s.transformer for n, s in MODELS.items()})
+    hint = f"These weights have the shapes of {name}: choose that model." if name else ""
+    check_keys(entries, transformer_shapes(cfg), f"transformer {where}", hint)

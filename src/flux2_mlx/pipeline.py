@@ -6,7 +6,9 @@ path and MLX never loads for `flux2 --help`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 import secrets
 import warnings
 from collections.abc import Iterator
@@ -15,8 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import sampling
-from .config import ModelSpec, get_spec
+from . import hub, sampling
+from .config import (MODELS, ModelSpec, TransformerConfig, get_spec, text_encoder_config_from,
+                     transformer_config_from_shapes, vae_config_from)
+from .keymap import check_transformer, transformer_entries
+from .tokenizer import PromptTokenizer
 from .weights import WeightsError, WeightSource
 
 MAX_PIXELS = 2048 * 2048
@@ -33,40 +38,84 @@ def check_size(width: int, height: int) -> None:
                          f"(e.g. 2048x2048)")
 
 
-def find_transformer(spec: ModelSpec, weights: str | Path) -> Path:
-    """A BFL single file, a diffusers `transformer/` folder, or a repo root holding either."""
-    p = Path(weights)
-    if p.is_dir():
-        for candidate in (p / "transformer", p / spec.transformer_file):
-            if candidate.exists():
-                return candidate
-    if p.exists():
-        return p
-    raise WeightsError(f"{p}: no such file or folder; pass the transformer .safetensors file or the "
-                       f"downloaded {spec.repo_id} folder")
+def _config_json(path: Path) -> dict | None:
+    """A diffusers/HF component folder's config.json, if it has one."""
+    f = path / "config.json"
+    return json.loads(f.read_text()) if path.is_dir() and f.exists() else None
 
 
-def find_vae(spec: ModelSpec, weights: str | Path, vae: str | Path | None) -> Path:
-    if vae is not None:
-        if not Path(vae).exists():
-            raise WeightsError(f"{vae}: no such file or folder")
-        return Path(vae)
-    p = Path(weights)
-    root = p if p.is_dir() else p.parent
-    for candidate in (root / "vae", root / spec.vae_file, root.parent / "vae"):
-        if candidate.exists():
-            return candidate
-    raise WeightsError(f"no autoencoder found next to {p}; pass vae= the {spec.vae_file} of "
-                       f"{spec.vae_repo_id} or a diffusers vae/ folder")
+def _transformer_config(spec: ModelSpec, entries) -> TransformerConfig:
+    """The config the file's shapes describe; another registered variant's shapes are an error."""
+    try:
+        cfg = transformer_config_from_shapes({k: tuple(e.shape) for k, e in entries.items()})
+    except (KeyError, IndexError):
+        return spec.transformer  # too broken to read: check_keys will name what is missing
+    other = next((n for n, s in MODELS.items() if s.transformer == cfg), None)
+    if cfg != spec.transformer and other is not None:
+        raise WeightsError(f"these transformer weights have the shapes of {other}, not {spec.name}: "
+                           f"choose --model {other}")
+    return cfg
 
 
 class Pipeline:
-    """One loaded FLUX.2 model. Use `load_pipeline` to make one."""
+    """One FLUX.2 model on one backend. Use `load_pipeline` to make one.
 
-    def __init__(self, spec: ModelSpec, backend, transformer, vae, dtype):
-        self.spec, self.backend, self.transformer, self.vae, self.dtype = spec, backend, transformer, vae, dtype
+    Memory "phase" (default) keeps at most one of text encoder and transformer in memory: the encoder
+    is freed after encoding, the transformer before the next encoding. "resident" keeps both.
+    """
 
-    def _settings(self, steps, guidance):
+    def __init__(self, spec: ModelSpec, backend, files: dict, dtype, memory: str = "phase"):
+        self.backend, self.files, self.dtype, self.memory = backend, files, dtype, memory
+        # The architecture comes from the files (tensor shapes, config.json); the name gives defaults.
+        # Shapes are read from headers now, so a wrong file fails before minutes of prompt encoding.
+        entries = transformer_entries(WeightSource(self._path("transformer", spec)))
+        cfg = _transformer_config(spec, entries)
+        check_transformer(entries, cfg, self.files["transformer"])
+        vae = vae_config_from(_config_json(self._path("vae", spec)), spec.vae)
+        self.spec = dataclasses.replace(spec, transformer=cfg, vae=vae)
+        self.vae = backend.load_vae(vae, WeightSource(self.files["vae"]), dtype=backend.resolve_dtype("float32"))
+        self._transformer = self._text_encoder = self._tokenizer = None
+
+    def _path(self, component: str, spec: ModelSpec | None = None) -> Path:
+        if self.files.get(component) is None:
+            self.files.update(hub.fetch(spec or self.spec, {component: None}))
+        return self.files[component]
+
+    @property
+    def transformer(self):
+        if self._transformer is None:
+            self._transformer = self.backend.load_transformer(
+                self.spec.transformer, WeightSource(self._path("transformer")), dtype=self.dtype)
+        return self._transformer
+
+    def encode(self, prompts: str | list[str]) -> np.ndarray:
+        """Prompt embeddings (B, 512, 3·D), float32: the encoder's hidden states at its output layers."""
+        be, cfg = self.backend, self.spec.text_encoder
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if self.memory == "phase" and self._transformer is not None:
+            self._transformer = None
+            be.free()
+        if self._tokenizer is None:
+            path = self._path("tokenizer")
+            self._tokenizer = PromptTokenizer.from_config(path / "tokenizer.json" if path.is_dir() else path, cfg)
+        if self._text_encoder is None:
+            path = self._path("text_encoder")
+            cfg = text_encoder_config_from(_config_json(path), cfg)
+            width = len(cfg.output_layers) * cfg.hidden_size
+            if width != self.spec.transformer.context_in_dim:
+                raise WeightsError(f"{path}: this text encoder gives {width} features per token but the "
+                                   f"transformer takes {self.spec.transformer.context_in_dim}; use "
+                                   f"{self.spec.text_encoder.repo_id}")
+            self._text_encoder = be.load_text_encoder(cfg, WeightSource(path, partial=True), dtype=self.dtype)
+        ids, mask = self._tokenizer.encode(prompts)
+        embeds = be.to_numpy(self._text_encoder(be.from_numpy(ids), be.from_numpy(mask)))
+        if self.memory == "phase":
+            self._text_encoder = None
+            be.free()
+        return embeds
+
+    def settings(self, steps, guidance) -> tuple[int, float]:
+        """(steps, guidance) with the model's defaults filled in."""
         spec = self.spec
         steps = spec.default_steps if steps is None else int(steps)
         if steps < 1:
@@ -82,35 +131,56 @@ class Pipeline:
                              f"got {tuple(np.shape(embeds))}")
         return a
 
-    def _denoise(self, prompt_embeds, negative_prompt_embeds, width, height, steps, guidance,
-                 seed) -> Iterator:
+    def conditioning(self, prompt=None, prompt_embeds=None, negative_prompt=None,
+                     negative_prompt_embeds=None, guidance=None):
+        """(prompt embeddings, negative embeddings or None), encoding the strings in one encoder phase.
+
+        The negative side exists only for CFG variants with guidance > 1; its prompt defaults to "".
+        """
+        spec = self.spec
+        if spec.guidance_mode != "cfg" and (negative_prompt is not None or negative_prompt_embeds is not None):
+            raise ValueError(f"{spec.name} does not use a negative prompt (only the klein base variants do)")
+        use_cfg = spec.guidance_mode == "cfg" and self.settings(None, guidance)[1] > 1.0
+        texts = []
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("pass a prompt (a string) or prompt_embeds")
+            texts.append(prompt)
+        if use_cfg and negative_prompt_embeds is None:
+            texts.append(negative_prompt or "")
+        encoded = list(self.encode(texts)) if texts else []
+        if prompt_embeds is None:
+            prompt_embeds = encoded.pop(0)
+        if use_cfg and negative_prompt_embeds is None:
+            negative_prompt_embeds = encoded.pop(0)
+        neg = self._embeds(negative_prompt_embeds, "negative_prompt_embeds") if use_cfg else None
+        return self._embeds(prompt_embeds, "prompt_embeds"), neg
+
+    def _denoise(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, width, height,
+                 steps, guidance, seed) -> Iterator:
         be, spec = self.backend, self.spec
         check_size(width, height)
         if spec.guidance_mode == "none" and guidance not in (None, 1.0):
             warnings.warn(f"{spec.name} is guidance-distilled without a guidance input; "
                           f"guidance={guidance} is ignored", stacklevel=4)
-        steps, guidance = self._settings(steps, guidance)
+        ctx, neg = self.conditioning(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, guidance)
+        steps, guidance = self.settings(steps, guidance)
         h, w = height // 16, width // 16
-        ctx = self._embeds(prompt_embeds, "prompt_embeds")
         ctx_ids = be.from_numpy(sampling.prc_txt(ctx.shape[1]))
         x_ids = be.from_numpy(sampling.prc_img(h, w))
         g = be.from_numpy(np.full((1,), guidance, np.float32)) if spec.guidance_mode == "embedded" else None
+        transformer = self.transformer
 
         def velocity_for(context):
             context = be.from_numpy(context, self.dtype)
 
             def velocity(x, t):
-                return self.transformer(x, x_ids, be.from_numpy(np.full((1,), t, np.float32)),
-                                        context, ctx_ids, g)
+                return transformer(x, x_ids, be.from_numpy(np.full((1,), t, np.float32)), context, ctx_ids, g)
 
             return velocity
 
         velocity = velocity_for(ctx)
-        if spec.guidance_mode == "cfg" and guidance > 1.0:
-            if negative_prompt_embeds is None:
-                raise ValueError(f"{spec.name} uses classifier-free guidance: pass "
-                                 f"negative_prompt_embeds (the empty prompt's embedding), or guidance=1")
-            neg = self._embeds(negative_prompt_embeds, "negative_prompt_embeds")
+        if neg is not None:
             velocity = sampling.cfg_velocity(velocity, velocity_for(neg), guidance)
         # Latents stay float32 whatever the model dtype: the Euler sum loses detail in bf16.
         x = be.from_numpy(sampling.make_noise(seed, h, w, spec.latent_channels))
@@ -118,17 +188,20 @@ class Pipeline:
             be.evaluate(x)
             yield x
 
-    def iter_steps(self, *, prompt_embeds, negative_prompt_embeds=None, width=1024, height=1024,
-                   steps=None, guidance=None, seed: int) -> Iterator[np.ndarray]:
-        """Latent tokens (1, N, C) after each step, for previews or custom decoding."""
-        for x in self._denoise(prompt_embeds, negative_prompt_embeds, width, height, steps, guidance, seed):
+    def iter_steps(self, prompt=None, *, prompt_embeds=None, negative_prompt=None,
+                   negative_prompt_embeds=None, width=1024, height=1024, steps=None, guidance=None,
+                   seed: int) -> Iterator[np.ndarray]:
+        """Latent tokens (1, N, C) after each step, for previews or progress."""
+        for x in self._denoise(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, width,
+                               height, steps, guidance, seed):
             yield self.backend.to_numpy(x)
 
-    def sample(self, *, prompt_embeds, negative_prompt_embeds=None, width=1024, height=1024,
-               steps=None, guidance=None, seed: int) -> np.ndarray:
+    def sample(self, prompt=None, *, prompt_embeds=None, negative_prompt=None, negative_prompt_embeds=None,
+               width=1024, height=1024, steps=None, guidance=None, seed: int) -> np.ndarray:
         """Final latent tokens (1, (H/16)·(W/16), C), float32."""
         x = None
-        for x in self._denoise(prompt_embeds, negative_prompt_embeds, width, height, steps, guidance, seed):
+        for x in self._denoise(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, width,
+                               height, steps, guidance, seed):
             pass
         return self.backend.to_numpy(x)
 
@@ -143,37 +216,42 @@ class Pipeline:
             img = np.nan_to_num(img)
         return Image.fromarray(np.round((np.clip(img, -1, 1) + 1) * 127.5).astype(np.uint8))
 
-    def generate(self, *, prompt_embeds, negative_prompt_embeds=None, width=1024, height=1024,
-                 steps=None, guidance=None, seed=None) -> Image.Image:
-        """Text-to-image from precomputed prompt embeddings (1, L, context_in_dim).
+    def generate(self, prompt=None, *, prompt_embeds=None, negative_prompt=None, negative_prompt_embeds=None,
+                 width=1024, height=1024, steps=None, guidance=None, seed=None) -> Image.Image:
+        """Text-to-image from a prompt string or precomputed embeddings (1, L, context_in_dim).
 
-        `seed=None` draws one; it is returned in `image.info["seed"]` with the other settings.
+        `seed=None` draws one. The settings used (seed included) are in `image.info`. To render one
+        prompt with many seeds, encode once with `encode()` and pass `prompt_embeds`.
         """
         seed = secrets.randbelow(2**31) if seed is None else int(seed)
-        latents = self.sample(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                              width=width, height=height, steps=steps, guidance=guidance, seed=seed)
+        latents = self.sample(prompt, prompt_embeds=prompt_embeds, negative_prompt=negative_prompt,
+                              negative_prompt_embeds=negative_prompt_embeds, width=width, height=height,
+                              steps=steps, guidance=guidance, seed=seed)
         image = self.decode(latents, width, height)
-        steps, guidance = self._settings(steps, guidance)
+        steps, guidance = self.settings(steps, guidance)
         image.info.update(model=self.spec.name, seed=seed, steps=steps, guidance=guidance)
         return image
 
 
-def load_pipeline(model: str | ModelSpec = "klein-4b", *, weights: str | Path,
-                  vae: str | Path | None = None, backend: str = "mlx",
-                  dtype: str | None = None) -> Pipeline:
-    """Load a FLUX.2 model from local files.
+def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, transformer=None, vae=None,
+                  text_encoder=None, tokenizer=None, backend: str = "mlx", dtype: str | None = None,
+                  memory: str = "phase") -> Pipeline:
+    """Load a FLUX.2 model.
 
-    weights: a BFL single file (`flux-2-klein-4b.safetensors`), a diffusers `transformer/` folder,
-    or a folder holding either. vae: `ae.safetensors` or a diffusers `vae/` folder; found next to
-    the weights when omitted. dtype: "bfloat16" | "float16" | "float32"; default bf16 on a GPU,
-    float32 on CPU. The VAE always runs in float32.
+    Files come from the explicit paths, else `model_path` (a downloaded repo folder, BFL or diffusers
+    layout), else the Hugging Face cache, else a download of only the files the model needs.
+    transformer: a BFL single file or a diffusers `transformer/` folder; vae:
+    `ae.safetensors` or a `vae/` folder; text_encoder: a `text_encoder/` folder; tokenizer: a
+    tokenizer.json or its folder. The text encoder is fetched only when a prompt string is used.
+    dtype: "bfloat16" | "float16" | "float32"; default bf16 on a GPU, float32 on CPU. The VAE always
+    runs in float32. memory: "phase" | "resident" (see `Pipeline`).
     """
     spec = get_spec(model)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if memory not in ("phase", "resident"):
+        raise ValueError(f"unknown memory mode {memory!r}; choose phase or resident")
+    files = hub.locate(spec, model_path=model_path, transformer=transformer, vae=vae,
+                       text_encoder=text_encoder, tokenizer=tokenizer)
     be = importlib.import_module(f"flux2_mlx.{backend}_backend")
-    dt = be.resolve_dtype(dtype)
-    transformer_path, vae_path = find_transformer(spec, weights), find_vae(spec, weights, vae)
-    vae_model = be.load_vae(spec.vae, WeightSource(vae_path), dtype=be.resolve_dtype("float32"))
-    transformer = be.load_transformer(spec.transformer, WeightSource(transformer_path), dtype=dt)
-    return Pipeline(spec, be, transformer, vae_model, dt)
+    return Pipeline(spec, be, files, be.resolve_dtype(dtype), memory)

@@ -2,6 +2,7 @@
 
 Numpy only. bf16 has no numpy dtype, so bf16 tensors come back as the structured dtype `BF16`
 (raw uint16 bits) which survives reshapes, slices and concatenation and tells backends what it is.
+FP8 (`F8_E4M3`, `F8_E5M2`, as in Qwen3-*-FP8 checkpoints) works the same way with one byte per value.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from pathlib import Path
 import numpy as np
 
 BF16 = np.dtype([("bf16", "<u2")])
+F8_E4M3 = np.dtype([("f8_e4m3", "u1")])  # torch.float8_e4m3fn: bias 7, no inf, 0x7F/0xFF = NaN
+F8_E5M2 = np.dtype([("f8_e5m2", "u1")])  # torch.float8_e5m2: the high byte of an IEEE float16
 
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BF16,
+    "F8_E4M3": F8_E4M3, "F8_E5M2": F8_E5M2,
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
     "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
@@ -39,8 +43,37 @@ def f32_to_bf16(a: np.ndarray) -> np.ndarray:
     return u.astype(np.uint16).view(BF16)
 
 
+def _e4m3_table() -> np.ndarray:
+    code = np.arange(256)
+    sign = np.where(code & 0x80, -1.0, 1.0)
+    exp, man = (code >> 3) & 0xF, code & 0x7
+    mag = np.where(exp == 0, man / 8 * 2.0 ** -6, (1 + man / 8) * 2.0 ** (exp - 7))  # subnormals at exp 0
+    table = (sign * mag).astype(np.float32)  # exact: every e4m3 value is a float32
+    table[(code & 0x7F) == 0x7F] = np.copysign(np.nan, sign[(code & 0x7F) == 0x7F])
+    return table
+
+
+_E4M3_TO_F32 = _e4m3_table()
+
+
+def fp8_e4m3_to_f32(a: np.ndarray) -> np.ndarray:
+    """Exact decode of `F8_E4M3` (or raw uint8) bits to a new float32 array of the same shape."""
+    return _E4M3_TO_F32[np.asarray(a).view(np.uint8)]
+
+
+def fp8_e5m2_to_f32(a: np.ndarray) -> np.ndarray:
+    """Exact decode of `F8_E5M2` (or raw uint8) bits: e5m2 is the upper byte of a float16."""
+    return (np.asarray(a).view(np.uint8).astype(np.uint16) << 8).view(np.float16).astype(np.float32)
+
+
 def to_float32(a: np.ndarray) -> np.ndarray:
-    return bf16_to_f32(a) if a.dtype == BF16 else np.asarray(a, dtype=np.float32)
+    if a.dtype == BF16:
+        return bf16_to_f32(a)
+    if a.dtype == F8_E4M3:
+        return fp8_e4m3_to_f32(a)
+    if a.dtype == F8_E5M2:
+        return fp8_e5m2_to_f32(a)
+    return np.asarray(a, dtype=np.float32)
 
 
 class SafetensorsFile:
@@ -91,11 +124,13 @@ class SafetensorsFile:
 class WeightSource:
     """Tensors of one model component from a file, a list of shards, or a folder of shards."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, partial: bool = False):
+        """partial: accept an index whose shards are not all there (the text encoder is downloaded
+        without the shards FLUX.2 never reads); the strict key check still names what is needed."""
         self.path = Path(path)
         if not self.path.exists():
             raise WeightsError(f"{self.path}: no such file or folder")
-        self.files = [SafetensorsFile(p) for p in _shards(self.path)]
+        self.files = [SafetensorsFile(p) for p in _shards(self.path, partial)]
         self._where: dict[str, SafetensorsFile] = {}
         for f in self.files:
             for k in f.keys():
@@ -117,7 +152,7 @@ class WeightSource:
         return self._where[name].get(name)
 
 
-def _shards(path: Path) -> list[Path]:
+def _shards(path: Path, partial: bool = False) -> list[Path]:
     if path.is_file():
         if path.name.endswith(".gguf"):
             raise WeightsError(f"{path}: GGUF files are not supported yet; use a .safetensors file")
@@ -130,6 +165,8 @@ def _shards(path: Path) -> list[Path]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise WeightsError(f"{index}: malformed shard index") from None
             missing = [n for n in names if not (path / n).exists()]
+            if partial and len(missing) < len(names):
+                return [path / n for n in names if n not in missing]
             if missing:
                 raise WeightsError(f"{index} lists shards that are not there: {', '.join(missing)}; "
                                    f"finish the download")

@@ -53,3 +53,8 @@ def free(*models) -> None:
     del models
     gc.collect()
     mx.clear_cache()
+
+
+def peak_memory() -> int:
+    """Bytes: the most the backend's allocator has held since the process started."""
+    return mx.get_peak_memory()

@@ -10,9 +10,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from ..config import (MODELS, TextEncoderConfig, TransformerConfig, VAEConfig, text_encoder_shapes,
-                      transformer_shapes, vae_shapes)
-from ..keymap import (Entry, check_keys, guess_transformer, text_encoder_entries, transformer_entries,
+from ..config import MODELS, TextEncoderConfig, TransformerConfig, VAEConfig, text_encoder_shapes, vae_shapes
+from ..keymap import (Entry, check_keys, check_transformer, text_encoder_entries, transformer_entries,
                       vae_entries)
 from ..weights import BF16, WeightSource
 from .text_encoder import TextEncoder
@@ -40,10 +39,7 @@ def _assign(module, entries: dict[str, Entry], dtype: mx.Dtype):
 
 def load_transformer(cfg: TransformerConfig, source: WeightSource | dict, *, dtype: mx.Dtype):
     entries = source if isinstance(source, dict) else transformer_entries(source)
-    name = guess_transformer(entries, {n: s.transformer for n, s in MODELS.items()})
-    hint = f"These weights have the shapes of {name}: choose that model." if name else ""
-    where = getattr(source, "path", "weights")
-    check_keys(entries, transformer_shapes(cfg), f"transformer {where}", hint)
+    check_transformer(entries, cfg, getattr(source, "path", "weights"))
     return _assign(Flux2(cfg), entries, dtype)
 
 
