@@ -124,8 +124,8 @@ def test_info_on_foreign_png(tmp_path):
     assert r.exit_code == 2 and "not made by flux2 generate" in r.stderr
 
 
-def test_readme_run_command_example(tmp_path):
-    """The README's run command: a tiny BFL-layout model on disk → load_pipeline → generate → PNG."""
+def test_tiny_example_writes_png(tmp_path):
+    """examples/tiny_t2i.py (the README's no-network smoke run): BFL-layout files → load_pipeline → PNG."""
     script = Path(__file__).resolve().parents[1] / "examples" / "tiny_t2i.py"
     out = tmp_path / "tiny.png"
     r = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True)
@@ -134,3 +134,20 @@ def test_readme_run_command_example(tmp_path):
     image = Image.open(out)
     assert image.size == (128, 96) and image.mode == "RGB"
     assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 100
+
+
+def test_base_variant_runs_true_cfg_with_a_negative_prompt(tiny_repo, tmp_path):
+    """klein base shares klein's architecture: the same files run with CFG and a negative prompt."""
+    kw = ["--model", "klein-base-4b", "--transformer", tiny_repo / "flux-2-klein-4b.safetensors", *SMALL,
+          "--steps", 2, "--seed", 1]  # the base repo names its file flux-2-klein-base-4b; siblings are found
+    assert run("generate", "a cat", *kw, "--negative-prompt", "blurry", "-o", tmp_path / "a.png").exit_code == 0
+    assert run("generate", "a cat", *kw, "-o", tmp_path / "b.png").exit_code == 0
+    meta = json.loads(Image.open(tmp_path / "a.png").info["flux2"])
+    assert meta["negative_prompt"] == "blurry" and meta["steps"] == 2 and meta["guidance"] == 4.0
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()  # "" vs "blurry"
+
+
+def test_truncated_prompt_warns_in_one_line(tiny_repo, tmp_path):
+    r = run("generate", "fox " * 600, "--model-path", tiny_repo, *SMALL, "--steps", 1, "-o", tmp_path / "t.png")
+    assert r.exit_code == 0 and "warning: prompt 0 is" in r.stderr and "dropping" in r.stderr
+    assert "UserWarning" not in r.stderr

@@ -103,3 +103,20 @@ def test_iter_steps_and_generate_settings(tiny_models, recwarn):
     assert image.info == {"model": "tiny-klein-4b", "seed": 5, "steps": 3, "guidance": 2.0}
     assert len([w for w in recwarn if "is ignored" in str(w.message)]) == 1
     assert pipe.generate(**{**kw, "seed": None}).info["seed"] in range(2**31)
+
+
+def test_phase_lifetimes_and_one_encoding_for_many_seeds(tiny_repo):
+    """"phase": the encoder is gone before the transformer loads, and the transformer before the next
+    encoding; embeddings computed once serve several seeds."""
+    pipe = load_pipeline("klein-4b", model_path=tiny_repo)
+    assert pipe.memory == "phase" and pipe._transformer is None and pipe._text_encoder is None
+    embeds = pipe.encode(["a red fox", "a blue fox"])
+    assert embeds.shape == (2, 512, pipe.spec.transformer.context_in_dim) and pipe._text_encoder is None
+    assert not np.array_equal(embeds[0], embeds[1])
+    a, b = (pipe.sample(prompt_embeds=embeds[:1], width=32, height=32, steps=1, seed=s) for s in (1, 2))
+    assert pipe._transformer is not None and not np.array_equal(a, b)
+    assert np.array_equal(pipe.sample("a red fox", width=32, height=32, steps=1, seed=1), a)
+    resident = load_pipeline("klein-4b", model_path=tiny_repo, memory="resident")
+    resident.sample("a red fox", width=32, height=32, steps=1, seed=1)
+    resident.encode("again")
+    assert resident._text_encoder is not None and resident._transformer is not None

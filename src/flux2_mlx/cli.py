@@ -9,6 +9,7 @@ import secrets
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -110,6 +111,8 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
     paths = _outputs(output, seeds, overwrite)
     paths_kw = dict(model_path=model_path, transformer=transformer, vae=vae, text_encoder=text_encoder,
                     tokenizer=tokenizer)
+    # Library warnings (a truncated prompt, a NaN image) become one plain line each.
+    warnings.showwarning = lambda message, *_args, **_kw: click.echo(f"warning: {message}", err=True)
     try:
         if dry_run:
             _dry_run(spec, paths_kw, dtype, width, height)
