@@ -133,10 +133,66 @@ def write_qwen_tokenizer(path) -> None:
     tok.save(str(path))
 
 
+def write_tekken_tokenizer(folder):
+    """mistral-common's real Tekken vocabulary converted to tokenizer.json by transformers (as the
+    Mistral-Small repos ship it) → (tekken.json path, tokenizer.json path)."""
+    import warnings
+
+    import mistral_common
+    from transformers.integrations.mistral import convert_tekken_tokenizer
+
+    src = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tekken_240911.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_tekken_tokenizer(src).save_pretrained(str(folder))
+    return src, folder / "tokenizer.json"
+
+
+def _randomize(model, seed: int):
+    """O(1) activations; HF's 0.02-std init would make every prompt look alike."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if p.ndim == 1
+                    else torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return model
+
+
+def write_tiny_dev_repo(root):
+    """A tiny random FLUX.2 [dev] laid out like its repo: flux2-dev.safetensors, diffusers vae/, a
+    Mistral3ForConditionalGeneration text_encoder/ (tiny vision tower) and the real Tekken tokenizer."""
+    import dataclasses
+
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralVisionConfig,
+    )
+
+    spec = tiny_spec("dev")
+    te = dataclasses.replace(spec.text_encoder, vocab_size=131072)  # Tekken's ids
+    save_safetensors(root / spec.transformer_file, random_transformer(spec.transformer, seed=1))
+    diffusers_vae(spec.vae, random_vae(spec.vae, seed=2)).save_pretrained(root / "vae")
+    text = MistralConfig(vocab_size=te.vocab_size, hidden_size=te.hidden_size,
+                         intermediate_size=te.intermediate_size, num_hidden_layers=te.num_hidden_layers,
+                         num_attention_heads=te.num_attention_heads, num_key_value_heads=te.num_key_value_heads,
+                         head_dim=te.head_dim, rms_norm_eps=te.rms_norm_eps, sliding_window=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": te.rope_theta})
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=8, image_size=28, patch_size=14)
+    model = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision))
+    _randomize(model, seed=3).save_pretrained(root / "text_encoder")
+    (root / "tokenizer").mkdir()
+    write_tekken_tokenizer(root / "tokenizer")
+    return spec
+
+
 def write_tiny_repo(root, name: str = "klein-4b"):
     """A tiny random klein model laid out like the FLUX.2-klein-4B repo: BFL transformer file at the
     root, diffusers vae/, transformers text_encoder/, tokenizer/tokenizer.json."""
-    import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     spec = tiny_spec(name)
@@ -148,12 +204,7 @@ def write_tiny_repo(root, name: str = "klein-4b"):
         num_hidden_layers=te.num_hidden_layers, num_attention_heads=te.num_attention_heads,
         num_key_value_heads=te.num_key_value_heads, head_dim=te.head_dim, rms_norm_eps=te.rms_norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": te.rope_theta}, tie_word_embeddings=True))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # O(1) activations; HF's 0.02-std init would make every prompt look alike
-        for p in model.parameters():
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if p.ndim == 1
-                    else torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    model.save_pretrained(root / "text_encoder")
+    _randomize(model, seed=3).save_pretrained(root / "text_encoder")
     write_qwen_tokenizer(root / "tokenizer" / "tokenizer.json")
     return spec
 

@@ -151,3 +151,21 @@ def test_truncated_prompt_warns_in_one_line(tiny_repo, tmp_path):
     r = run("generate", "fox " * 600, "--model-path", tiny_repo, *SMALL, "--steps", 1, "-o", tmp_path / "t.png")
     assert r.exit_code == 0 and "warning: prompt 0 is" in r.stderr and "dropping" in r.stderr
     assert "UserWarning" not in r.stderr
+
+
+def test_dev_prompt_to_png_with_mistral_and_tekken(tmp_path_factory, tmp_path):
+    """dev end to end: the Mistral3 text stack under its saved prefix, the real Tekken vocabulary
+    (left padding), embedded guidance, BFL transformer file at the repo root."""
+    from conftest import write_tiny_dev_repo
+
+    repo = tmp_path_factory.mktemp("FLUX.2-dev")
+    write_tiny_dev_repo(repo)
+    out = tmp_path / "dev.png"
+    r = run("generate", "a red fox in snow", "-m", "dev", "--model-path", repo, *SMALL, "--steps", 2, "--seed", 3,
+            "-o", out)
+    assert r.exit_code == 0, r.output
+    meta = json.loads(Image.open(out).info["flux2"])
+    assert (meta["model"], meta["steps"], meta["guidance"]) == ("dev", 2, 4.0)
+    r = run("generate", "a red fox in snow", "-m", "dev", "--model-path", repo, *SMALL, "--steps", 2, "--seed", 3,
+            "--guidance", 2.5, "-o", tmp_path / "g.png")
+    assert r.exit_code == 0 and (tmp_path / "g.png").read_bytes() != out.read_bytes()  # guidance is embedded

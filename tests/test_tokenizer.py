@@ -1,11 +1,9 @@
 """Prompt templates and tokenization (architecture §3.2-3.4) against transformers and mistral-common."""
 
-import os
-import warnings
 
 import numpy as np
 import pytest
-from conftest import write_qwen_tokenizer
+from conftest import write_qwen_tokenizer, write_tekken_tokenizer
 
 from flux2_mlx.tokenizer import SYSTEM_MESSAGE, PromptTokenizer, mistral_prompt, qwen3_prompt
 
@@ -82,16 +80,7 @@ def test_missing_pad_token_fails_clearly(qwen_json):
 
 @pytest.fixture(scope="module")
 def tekken(tmp_path_factory):
-    """The Tekken vocabulary shipped with mistral-common, converted to tokenizer.json by transformers."""
-    mistral_common = pytest.importorskip("mistral_common")
-    from transformers.integrations.mistral import convert_tekken_tokenizer
-
-    src = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tekken_240911.json")
-    out = tmp_path_factory.mktemp("tekken")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert_tekken_tokenizer(src).save_pretrained(str(out))
-    return src, out / "tokenizer.json"
+    return write_tekken_tokenizer(tmp_path_factory.mktemp("tekken"))
 
 
 def test_mistral_special_ids(tekken):
