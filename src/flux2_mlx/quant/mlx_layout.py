@@ -1,0 +1,181 @@
+"""Repack raw ggml blocks into MLX's affine triplet (packed uint32 codes, scales, biases), in numpy.
+
+Exact where gguf-and-quantization.md §2 says it is; Q6_K and Q2_K are re-quantized (§3) with the error in `note`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .ggml import GGMLType, block_info, dequantize, row_bytes
+
+__all__ = ["MLXQuant", "dequantize_mlx", "pack_codes", "repack", "requantize", "unpack_codes"]
+
+assert sys.byteorder == "little", "the uint32/uint64 views below assume a little-endian host"
+
+T = GGMLType
+# Lossy targets (bits, group) for types MLX's 32/64/128 groups cannot hold (16-element sub-blocks), §3.
+# Q6_K → 8-bit g64: near-lossless at Q8_0's memory. Q2_K → 4-bit g32: 5–6 bpw, small error next to Q2_K's own.
+REQUANT = {T.Q6_K: (8, 64), T.Q2_K: (4, 32)}
+# Measured on N(0, 0.02) 256x4096 weights quantized by quant.kquants (rel-RMS; tests check looser bounds).
+# Q3_K stays exact at 8 bits; requantize(dequantize(...), 4, 32) would add 8.1e-2 (total 0.151 -> 0.173, +15%).
+_LOSSY_NOTE = {T.Q6_K: "re-quantized to 8-bit g64: adds 5.3e-3 rel-RMS vs the Q6_K values (total vs the original "
+                       "weights 1.78e-2 -> 1.85e-2, +4%)",
+               T.Q2_K: "re-quantized to 4-bit g32: adds 6.4e-2 rel-RMS vs the Q2_K values (total vs the original "
+                       "weights 0.296 -> 0.303, +2%)"}
+
+
+@dataclass(frozen=True)
+class MLXQuant:
+    """Arguments of mx.dequantize / mx.quantized_matmul (mode "affine"), as numpy arrays."""
+
+    weight: np.ndarray  # uint32 (*lead, in * bits / 32): little-endian bit stream, element 0 in the low bits
+    scales: np.ndarray  # (*lead, in / group_size)
+    biases: np.ndarray  # same shape and dtype as scales; w = scales * q + biases
+    group_size: int
+    bits: int
+    note: str  # how exact the triplet is
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes (< 2**bits) along the last axis → MLX's packed uint32 (last axis * bits / 32)."""
+    *lead, n = codes.shape
+    # 8 codes of <= 8 bits fill exactly `bits` bytes of a uint64; stacking those bytes is the bit stream.
+    c = codes.reshape(*lead, n // 8, 8).astype(np.uint64)
+    v = np.bitwise_or.reduce(c << (np.arange(8, dtype=np.uint64) * np.uint64(bits)), axis=-1)
+    byts = v[..., None].view(np.uint8)[..., :bits]
+    return np.ascontiguousarray(byts).reshape(*lead, n * bits // 8).view(np.uint32)
+
+
+def unpack_codes(weight: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of pack_codes: packed uint32 → uint8 codes."""
+    *lead, w = weight.shape
+    byts = np.ascontiguousarray(weight).view(np.uint8).reshape(*lead, w * 4 // bits, bits)
+    v = np.zeros((*byts.shape[:-1], 8), np.uint8)
+    v[..., :bits] = byts
+    v = v.view(np.uint64)  # (..., n/8, 1)
+    q = (v >> (np.arange(8, dtype=np.uint64) * np.uint64(bits))) & np.uint64((1 << bits) - 1)
+    return q.astype(np.uint8).reshape(*lead, w * 32 // bits)
+
+
+def _dtype_name(dtype) -> str:
+    """Normalise a scales dtype (numpy dtype, string, or mx dtype) to float32, float16 or bfloat16."""
+    name = str(dtype).rsplit(".", 1)[-1] if "bfloat16" in str(dtype) else np.dtype(dtype).name
+    if name not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"scales_dtype must be float32, float16 or bfloat16, got {dtype}")
+    return name
+
+
+def _round_scales(a: np.ndarray, dtype) -> np.ndarray:
+    """Round float32 scales/biases to the storage dtype; bfloat16 stays float32 holding bf16 values."""
+    name = _dtype_name(dtype)
+    if name == "bfloat16":  # numpy has no bf16: round to nearest even, keep float32 (mx casts it exactly)
+        u = np.asarray(a, np.float32).view(np.uint32)
+        u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        return u.view(np.float32)
+    return np.asarray(a).astype(name)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """Two bytes per entry on the last axis → float32 of the fp16 value."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _planes(b: np.ndarray, bits: int, width: int) -> np.ndarray:
+    """Split bytes into `bits`-wide fields, low field first: field k of byte i of each `width`-byte run is
+    element k*width + i. This is ggml's recurring layout (nibbles, Q3_K 2-bit crumbs, high-bit planes)."""
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)[:, None]
+    f = (b.reshape(*b.shape[:-1], -1, 1, width) >> shifts) & np.uint8((1 << bits) - 1)
+    return f.reshape(*b.shape[:-1], -1)
+
+
+def _k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K 12 scale bytes → 8 six-bit scales and 8 six-bit mins (ggml get_scale_min_k4)."""
+    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([a & 63, (c & 15) | ((a >> 6) << 4)], axis=-1)
+    m = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+    return sc.astype(np.float32), m.astype(np.float32)
+
+
+def _codes(blocks: np.ndarray, t: GGMLType):
+    """Blocks (rows, nb, type_size) → (codes (rows, n), scales, biases (rows, groups) float32, bits, group)."""
+    r = blocks.shape[0]
+    d = _f16(blocks[..., 0:2])
+    if t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+        five, has_m = t in (T.Q5_0, T.Q5_1), t in (T.Q4_1, T.Q5_1)
+        off = 2 + 2 * has_m  # after d (and m): Q5's u32 qh, then the nibbles
+        q = _planes(blocks[..., off + 4 * five:], 4, 16)
+        if five:  # 5th bit of element j = bit j of the little-endian u32 qh
+            q = q | (np.unpackbits(blocks[..., off:off + 4], axis=-1, bitorder="little") << 4)
+        # x = d*q + m, or d*(q - 8) / d*(q - 16): bias -8d / -16d is exact (a power-of-two multiple)
+        bias = _f16(blocks[..., 2:4]) if has_m else -(8 << five) * d
+        return q.reshape(r, -1), d, bias, 4 + five, 32
+    if t == T.Q8_0:  # int8 + 128 = byte ^ 0x80; -128 d is exact
+        return (blocks[..., 2:] ^ np.uint8(0x80)).reshape(r, -1), d, -128 * d, 8, 32
+    if t in (T.Q4_K, T.Q5_K):  # one MLX group per 32-element sub-block: d*sc_j, -dmin*m_j (17-bit, exact in fp32)
+        sc, m = _k_scale_min(blocks[..., 4:16])
+        if t == T.Q4_K:
+            q, bits = _planes(blocks[..., 16:144], 4, 32), 4
+        else:
+            q, bits = _planes(blocks[..., 48:176], 4, 32) | (_planes(blocks[..., 16:48], 1, 32) << 4), 5
+        scale, bias = d[..., None] * sc, -(_f16(blocks[..., 2:4])[..., None] * m)
+        return q.reshape(r, -1), scale.reshape(r, -1), bias.reshape(r, -1), bits, 32
+    if t == T.Q3_K:  # sc*q is an integer in [-124, 128]: code 128 - sc*q, scale -d, bias 128d; exact at 8 bits
+        hmask, qs, s = blocks[..., 0:32], blocks[..., 32:96], blocks[..., 96:108]
+        d = _f16(blocks[..., 108:110])
+        sc = (_planes(s[..., 0:8], 4, 8) | (_planes(s[..., 8:12], 2, 4) << 4)).astype(np.int16) - 32
+        q = _planes(qs, 2, 32).astype(np.int16) - 4 * (1 - _planes(hmask, 1, 32).astype(np.int16))
+        k = 128 - sc.repeat(16, axis=-1) * q
+        return k.astype(np.uint8).reshape(r, -1), np.repeat(-d, 2, -1), np.repeat(128 * d, 2, -1), 8, 128
+    raise NotImplementedError(f"no exact MLX layout for {t.name}")
+
+
+def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dtype=np.float32) -> MLXQuant:
+    """Raw ggml blocks (rows, row_bytes) of a tensor of `shape` (*lead, in) → MLXQuant.
+
+    Exact (bit for bit vs gguf.quants.dequantize, ±0 aside) with float32 scales for Q4_0, Q4_1, Q5_0, Q5_1,
+    Q8_0, Q4_K, Q5_K and Q3_K (as 8-bit codes); Q6_K and Q2_K are re-quantized (REQUANT).
+    `scales_dtype` (np.float32, np.float16 or "bfloat16") trades exactness for memory (§5): fp16 is still exact
+    for the legacy types and Q3_K (when |128 d| < 65504) but adds ~2e-4 rel-RMS to Q4_K/Q5_K; bf16 adds ~1.7e-3.
+    """
+    t = T(t)
+    *lead, n = shape
+    if t in REQUANT:
+        bits, group = REQUANT[t]
+        q = requantize(dequantize(raw, t, shape), bits, group, scales_dtype)
+        return MLXQuant(q.weight, q.scales, q.biases, group, bits, _LOSSY_NOTE[t])
+    ts = block_info(t)[1]
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, row_bytes(t, n) // ts, ts)
+    codes, scales, biases, bits, group = _codes(blocks, t)
+    name = _dtype_name(scales_dtype)
+    note = f"exact ({bits}-bit g{group})" if name == "float32" else f"{bits}-bit g{group}, scales rounded to {name}"
+    return MLXQuant(pack_codes(codes, bits).reshape(*lead, n * bits // 32),
+                    _round_scales(scales, scales_dtype).reshape(*lead, -1),
+                    _round_scales(biases, scales_dtype).reshape(*lead, -1), group, bits, note)
+
+
+def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float32) -> MLXQuant:
+    """Min/max affine quantization of float weights (last axis) into MLX's layout, like mx.quantize."""
+    *lead, n = w.shape
+    g = np.asarray(w, np.float32).reshape(-1, n // group_size, group_size)
+    lo, hi = g.min(-1), g.max(-1)
+    bias = _round_scales(lo, scales_dtype)
+    scale = _round_scales((hi - lo) / np.float32(2**bits - 1), scales_dtype)
+    s32, b32 = scale.astype(np.float32)[..., None], bias.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):  # constant groups have scale 0 → code 0
+        q = np.where(s32 > 0, np.rint((g - b32) / s32), 0)
+    codes = np.clip(q, 0, 2**bits - 1).astype(np.uint8).reshape(-1, n)
+    return MLXQuant(pack_codes(codes, bits).reshape(*lead, n * bits // 32), scale.reshape(*lead, -1),
+                    bias.reshape(*lead, -1), group_size, bits, f"re-quantized to {bits}-bit g{group_size}")
+
+
+def dequantize_mlx(q: MLXQuant) -> np.ndarray:
+    """w = scale * code + bias in float32, as mx.dequantize computes it with float32 scales."""
+    codes = unpack_codes(q.weight, q.bits).astype(np.float32)
+    *lead, n = codes.shape
+    g = codes.reshape(*lead, n // q.group_size, q.group_size)
+    s, b = (np.asarray(a, np.float32)[..., None] for a in (q.scales, q.biases))
+    return (s * g + b).reshape(*lead, n)
