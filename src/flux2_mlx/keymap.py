@@ -2,7 +2,9 @@
 
 Numpy only. Canonical names are BFL's, so BFL files map by identity (less an optional
 `model.diffusion_model.` prefix); diffusers files are renamed, QKV-concatenated and half-swapped.
-Text encoders keep HF's `model.…` names under whichever wrapper prefix the file uses.
+Text encoders keep HF's `model.…` names under whichever wrapper prefix the file uses; llama.cpp GGUF
+encoders (`blk.N.…`) are renamed to them and their Q/K rows un-permuted where llama.cpp permuted them.
+Entries load numpy arrays, or `GGMLTensor`s (raw ggml blocks) for quantized GGUF tensors.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from .config import MODELS, TextEncoderConfig, TransformerConfig, transformer_shapes
-from .weights import WeightsError, WeightSource, to_float32
+from .weights import GGMLTensor, WeightsError, WeightSource, to_float32
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A canonical tensor: its shape known up front, its data read only when `load()` is called."""
+    """A canonical tensor: its shape known up front, its data read only when `load()` is called
+    (a numpy array, or a `GGMLTensor` for a quantized GGUF tensor)."""
 
     shape: tuple[int, ...]
-    load: Callable[[], np.ndarray]
+    load: Callable[[], np.ndarray | GGMLTensor]
 
 
 # (BFL name, diffusers names, transform); "{i}" is a block index (flux2-architecture.md §7.3).
@@ -321,15 +324,91 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, 
     return out
 
 
+# llama.cpp tensor names → HF (gguf-and-quantization.md §12). Whole-name lookups, so `attn_q_norm` can
+# never be mistaken for `attn_q`.
+_LCPP_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LCPP_BLOCK = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_LCPP_NAME = re.compile(r"^(?:blk\.(?P<i>\d+)\.)?(?P<t>[a-z_0-9]+)\.(?P<p>weight|bias)$")
+# llama.cpp's converter (LlamaModel.permute) reorders q_proj/k_proj rows for ggml's adjacent-pair RoPE in
+# the archs it converts through LlamaModel: `llama` (Mistral by older llama.cpp) and `mistral3` (Mistral 3
+# HF checkpoints by newer ones; native-format Mistral weights already are in that order). Qwen2/Qwen3 use
+# NEOX (rotate-half) RoPE and are stored unpermuted.
+_QK_PERMUTED_ARCHS = ("llama", "mistral3")
+_QK_PLAIN_ARCHS = ("qwen2", "qwen3")
+
+
+def llama_cpp_to_hf(name: str) -> str | None:
+    """`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`; None for names not in the map."""
+    m = _LCPP_NAME.match(name)
+    if not m:
+        return None
+    i, t, p = m.group("i"), m.group("t"), m.group("p")
+    if i is None:
+        return f"{_LCPP_GLOBAL[t]}.{p}" if t in _LCPP_GLOBAL else None
+    return f"model.layers.{i}.{_LCPP_BLOCK[t]}.{p}" if t in _LCPP_BLOCK else None
+
+
+def unpermute_qk(a: np.ndarray | GGMLTensor, n_head: int) -> np.ndarray | GGMLTensor:
+    """Undo llama.cpp's Q/K permutation: within each head of d rows, GGUF row 2j + i is HF row i·d/2 + j.
+
+    A GGMLTensor is un-permuted on its raw block rows. That is exact: ggml blocks run along the input
+    axis (ne[0]) and never span two rows, so every row's bytes encode that row alone, and moving whole
+    rows moves their values unchanged (the result is a copy; the memmap is never written)."""
+    if isinstance(a, GGMLTensor):
+        return GGMLTensor(unpermute_qk(a.data, n_head), a.ggml_type, a.shape)
+    rows = a.shape[0]
+    if rows % (2 * n_head):
+        raise WeightsError(f"cannot un-permute {rows} Q/K rows over {n_head} heads")
+    return np.ascontiguousarray(
+        a.reshape(n_head, rows // n_head // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape))
+
+
+def _llama_cpp_text_encoder(source, cfg: TextEncoderConfig) -> dict[str, Entry]:
+    """Canonical entries of a llama.cpp-named text-encoder GGUF (`token_embd`, `blk.N.…`)."""
+    arch = (getattr(source, "metadata", None) or {}).get("general.architecture")
+    if arch in _QK_PERMUTED_ARCHS:
+        permuted = True
+    elif arch in _QK_PLAIN_ARCHS:
+        permuted = False
+    else:  # no or another arch: llama.cpp converts every Mistral through LlamaModel, Qwen never
+        permuted = cfg.kind == "mistral"
+    deepest = max(cfg.output_layers)
+    out = {}
+    keys = source.keys()
+    for k in keys:
+        hf = llama_cpp_to_hf(k)
+        if hf is None:
+            out[k] = Entry(source.shape(k), lambda k=k: source.get(k))  # "unexpected" to check_keys
+            continue
+        m = _LAYER.search(hf)
+        if hf.startswith(("lm_head.", "model.norm.")) or (m and int(m.group(1)) >= deepest):
+            continue
+        shape = source.shape(k)
+        if permuted and (".self_attn.q_proj." in hf or ".self_attn.k_proj." in hf):
+            load = lambda k=k, s=shape: unpermute_qk(source.get(k), max(s[0] // cfg.head_dim, 1))
+        else:
+            load = lambda k=k: source.get(k)
+        out[hf] = Entry(shape, load)
+    return out
+
+
 def text_encoder_entries(source: WeightSource, cfg: TextEncoderConfig) -> dict[str, Entry]:
     """Canonical `model.…` tensors of a Qwen3 / Mistral3 checkpoint, less what FLUX.2 never uses
     (layers from the deepest output layer on, final norm, LM head, vision tower, projector).
-    FP8 block-quantized Linears come back as float32 entries, dequantized one tensor at a time."""
+    FP8 block-quantized Linears come back as float32 entries, dequantized one tensor at a time;
+    llama.cpp GGUF encoders are renamed and un-permuted (quantized tensors stay GGMLTensors)."""
     keys = source.keys()
     if any(m in k for k in keys for m in _DIT_MARKERS):
         raise WeightsError(f"{source.path} holds a FLUX transformer, not a text encoder")
     if any(k.endswith(_VAE_MARKERS) for k in keys):
         raise WeightsError(f"{source.path} holds an autoencoder, not a text encoder")
+    if any(k == "token_embd.weight" or k.startswith("blk.") for k in keys):
+        return _llama_cpp_text_encoder(source, cfg)
     prefix = next((p for p in _TE_PREFIXES
                    if any(k.startswith(p + "layers.") or k == p + "embed_tokens.weight" for k in keys)),
                   None)

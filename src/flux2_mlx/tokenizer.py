@@ -75,3 +75,51 @@ class PromptTokenizer:
             ids[row, start:start + len(tokens)] = tokens
             mask[row, start:start + len(tokens)] = 1
         return ids, mask
+
+
+# GGUF `tokenizer.ggml.pre` → (split regex or None for GPT-2's own ByteLevel regex, BPE ignore_merges), as
+# llama.cpp's llama-vocab.cpp pre-tokenizes; the regexes are the ones in the models' tokenizer.json files.
+_GGUF_PRE = {
+    "default": (None, False),
+    "gpt2": (None, False),
+    "qwen2": ((r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+"), False),
+    "tekken": ((r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+"), True),
+}
+_CONTROL, _USER_DEFINED = 3, 4  # gguf.TokenType
+
+
+def tokenizer_from_gguf(path) -> Tokenizer:
+    """A `tokenizers.Tokenizer` rebuilt from a GGUF's byte-level BPE metadata (`tokenizer.ggml.model` "gpt2":
+    tokens, merges, token types, `tokenizer.ggml.pre` in gpt2 / qwen2 / tekken), for GGUF-only encoders."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+
+    from .weights import GGUFFile, WeightsError
+
+    f = GGUFFile(path)
+    kind, pre = f.field("tokenizer.ggml.model"), f.field("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise WeightsError(f"{path}: tokenizer model {kind!r} is not a byte-level BPE ('gpt2'); pass the "
+                           f"model's tokenizer.json instead")
+    if pre not in _GGUF_PRE:
+        raise WeightsError(f"{path}: pre-tokenizer {pre!r} is not one flux2-mlx knows ({', '.join(_GGUF_PRE)}); "
+                           f"pass the model's tokenizer.json instead")
+    tokens, merges = f.field("tokenizer.ggml.tokens"), f.field("tokenizer.ggml.merges", [])
+    types = f.field("tokenizer.ggml.token_type") or [1] * len(tokens)
+    regex, ignore_merges = _GGUF_PRE[pre]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
+                               ignore_merges=ignore_merges))
+    if regex is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    # ids stay: every added token is already in the vocabulary
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                            for i, t in enumerate(types) if t == _CONTROL])
+    tok.add_tokens([AddedToken(tokens[i], normalized=False) for i, t in enumerate(types) if t == _USER_DEFINED])
+    return tok

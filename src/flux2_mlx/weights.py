@@ -1,15 +1,19 @@
-"""Lazy, memory-mapped weight sources: safetensors files, sharded folders, and a safetensors writer.
+"""Lazy, memory-mapped weight sources: safetensors files, sharded folders, GGUF files, a safetensors writer.
 
 Numpy only. bf16 has no numpy dtype, so bf16 tensors come back as the structured dtype `BF16`
 (raw uint16 bits) which survives reshapes, slices and concatenation and tells backends what it is.
 FP8 (`F8_E4M3`, `F8_E5M2`, as in Qwen3-*-FP8 checkpoints) works the same way with one byte per value.
+GGUF files are read with gguf-py's `GGUFReader` (a memory map); quantized tensors come back as `GGMLTensor`
+(raw ggml blocks, never dequantized here) and their numpy shapes are GGUF's `ne` reversed (out, in).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +125,114 @@ class SafetensorsFile:
         return self._mm[start:end].view(dtype).reshape(shape)
 
 
+# ggml block types flux2-mlx runs (gguf-and-quantization.md §2, §3); F32/F16/BF16 (and the integer types)
+# come back as plain arrays. Anything else gguf-py knows (IQ*, TQ*, MXFP4, ...) is refused when read.
+GGML_QUANTIZED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+_GGML_DENSE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"), "BF16": BF16,
+               "I8": np.dtype("i1"), "I16": np.dtype("<i2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
+_GGML_SUPPORTED = ", ".join(["F32", "F16", "BF16", *GGML_QUANTIZED])
+_METADATA_ARRAY_MAX = 64  # longer arrays (tokenizer vocabularies) are decoded only on request
+
+
+@dataclass(frozen=True, eq=False)
+class GGMLTensor:
+    """A quantized GGUF tensor, undecoded: `data` is a read-only memmap view (rows, row_bytes) of whole
+    ggml blocks along the last (input) axis, `shape` the numpy shape (out, in), `ggml_type` e.g. "Q4_K"."""
+
+    data: np.ndarray
+    ggml_type: str
+    shape: tuple[int, ...]
+
+    def dequantize(self) -> np.ndarray:
+        """float32 values through gguf-py's reference codec (tests, dense fallbacks)."""
+        from gguf import GGMLQuantizationType, quants
+
+        return np.asarray(quants.dequantize(self.data, GGMLQuantizationType[self.ggml_type]),
+                          dtype=np.float32).reshape(self.shape)
+
+
+def _field_value(field):
+    """A GGUFReader field as a Python value: str, int, float, bool, or a list of them."""
+    from gguf import GGUFValueType
+
+    if not field.types:
+        return None
+    if field.types[0] == GGUFValueType.ARRAY:
+        if field.types[-1] == GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        return [v.item() for i in field.data for v in field.parts[i]]
+    if field.types[0] == GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+    return field.parts[field.data[0]][0].item()
+
+
+class GGUFFile:
+    """One .gguf file, same interface as SafetensorsFile; tensors are views of gguf-py's memory map.
+
+    `metadata` holds every scalar key (general.architecture, general.file_type, …) and short arrays;
+    `field(key)` decodes any key on request, long arrays (tokenizer.ggml.tokens, merges) included."""
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf  # numpy-only; imported here so safetensors-only use never pays for it
+
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise WeightsError(f"{self.path}: not a GGUF file (bad magic {magic!r}); is the download complete?")
+        try:
+            self._reader = gguf.GGUFReader(self.path, "r")
+        except ValueError as e:
+            m = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
+            if m:
+                raise WeightsError(f"{self.path}: a tensor has ggml type id {m.group(1)}, which gguf-py does not "
+                                   f"know; flux2-mlx reads {_GGML_SUPPORTED}") from None
+            raise WeightsError(f"{self.path}: truncated or corrupt GGUF file ({e}); download it again") from None
+        except (IndexError, OverflowError, UnicodeDecodeError, MemoryError, KeyError) as e:
+            raise WeightsError(f"{self.path}: truncated or corrupt GGUF header ({type(e).__name__}: {e}); "
+                               f"download it again") from None
+        if self._reader.byte_order != "I":
+            raise WeightsError(f"{self.path}: a big-endian GGUF file; flux2-mlx reads little-endian files only")
+        size = self.path.stat().st_size
+        self._tensors = {}
+        for t in self._reader.tensors:
+            if t.data_offset + t.n_bytes > size:  # the reader's reshape catches this too; belt and braces
+                raise WeightsError(f"{self.path}: truncated (tensor {t.name!r} lies outside the file); "
+                                   f"download it again")
+            self._tensors[t.name] = t
+        self.metadata = {}
+        for key, field in self._reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            if field.types and field.types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > _METADATA_ARRAY_MAX:
+                continue
+            self.metadata[key] = _field_value(field)
+
+    def field(self, key: str, default=None):
+        """Any metadata value, decoded now (lists of str for tokenizer vocabularies and merges)."""
+        f = self._reader.fields.get(key)
+        return default if f is None else _field_value(f)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self._tensors[name].shape.tolist()))  # GGUF ne is reversed
+
+    def dtype(self, name: str) -> str:
+        return self._tensors[name].tensor_type.name
+
+    def get(self, name: str) -> np.ndarray | GGMLTensor:
+        t, shape = self._tensors[name], self.shape(name)
+        kind = t.tensor_type.name
+        if kind in _GGML_DENSE:
+            return t.data.view(_GGML_DENSE[kind]).reshape(shape)  # BF16 arrives as raw bytes
+        if kind not in GGML_QUANTIZED:
+            raise WeightsError(f"{self.path}: tensor {name!r} is {kind}, which flux2-mlx does not read; "
+                               f"supported types: {_GGML_SUPPORTED}")
+        return GGMLTensor(t.data.reshape(-1, t.data.shape[-1]), kind, shape)
+
+
 class WeightSource:
     """Tensors of one model component from a file, a list of shards, or a folder of shards."""
 
@@ -130,8 +242,13 @@ class WeightSource:
         self.path = Path(path)
         if not self.path.exists():
             raise WeightsError(f"{self.path}: no such file or folder")
-        self.files = [SafetensorsFile(p) for p in _shards(self.path, partial)]
-        self._where: dict[str, SafetensorsFile] = {}
+        self.files = [GGUFFile(p) if p.suffix == ".gguf" else SafetensorsFile(p)
+                      for p in _shards(self.path, partial)]
+        # GGUF key-value pairs or safetensors' __metadata__ (first file's keys win).
+        self.metadata: dict = {}
+        for f in reversed(self.files):
+            self.metadata.update(f.metadata)
+        self._where: dict[str, SafetensorsFile | GGUFFile] = {}
         for f in self.files:
             for k in f.keys():
                 self._where[k] = f
@@ -148,14 +265,12 @@ class WeightSource:
     def dtype(self, name: str) -> str:
         return self._where[name].dtype(name)
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str) -> np.ndarray | GGMLTensor:
         return self._where[name].get(name)
 
 
 def _shards(path: Path, partial: bool = False) -> list[Path]:
     if path.is_file():
-        if path.name.endswith(".gguf"):
-            raise WeightsError(f"{path}: GGUF files are not supported yet; use a .safetensors file")
         return [path]
     for index_name in _INDEX_NAMES:
         index = path / index_name
@@ -172,8 +287,10 @@ def _shards(path: Path, partial: bool = False) -> list[Path]:
                                    f"finish the download")
             return [path / n for n in names]
     files = sorted(path.glob("*.safetensors"))
+    if not files and len(ggufs := sorted(path.glob("*.gguf"))) == 1:
+        return ggufs
     if not files:
-        raise WeightsError(f"{path}: no .safetensors files in this folder")
+        raise WeightsError(f"{path}: no .safetensors files (or a single .gguf file) in this folder")
     return files
 
 
