@@ -194,9 +194,21 @@ def regenerate_command(meta: dict) -> str:
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
 def info(path):
-    """Show the settings stored in a PNG made by `flux2 generate`, and how to make it again."""
+    """Show the settings stored in a PNG made by `flux2 generate` and how to make it again; or, for a
+    .gguf, .safetensors or model folder: the model, tensor count, bytes per type and memory on MLX."""
+    if path.is_dir() or path.suffix.lower() in (".gguf", ".safetensors"):
+        from .weights import WeightsError
+
+        try:
+            from .convert import describe
+
+            for line in describe(path):
+                click.echo(line)
+        except (WeightsError, ValueError, OSError) as e:
+            _fail(str(e))
+        return
     try:
         meta = read_metadata(path)
     except ValueError as e:
@@ -213,3 +225,27 @@ def models():
         how = {"embedded": "embedded guidance", "none": "no guidance", "cfg": "true CFG"}[spec.guidance_mode]
         click.echo(f"{spec.name:14} {spec.default_steps:>2} steps, guidance {spec.default_guidance:g} "
                    f"({how})  {spec.repo_id}/{spec.transformer_file}")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-t", "--type", "qtype", required=True, metavar="TYPE",
+              help="Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K_M, Q2_K, BF16, F16.")
+@click.option("--force", is_flag=True, help="Replace an existing DST.")
+@click.option("--all-layers", is_flag=True, help="Text encoders: keep every layer, not only those FLUX.2 uses.")
+def convert(src, dst, qtype, force, all_layers):
+    """Convert SRC (a model name, a BFL .safetensors file, a diffusers transformer folder or a text-encoder
+    folder) to a GGUF file DST that ComfyUI-GGUF, stable-diffusion.cpp and llama.cpp read."""
+    from .convert import convert as run_convert
+    from .weights import WeightsError
+
+    warnings.showwarning = lambda message, *_args, **_kw: click.echo(f"warning: {message}", err=True)
+    start = time.perf_counter()
+    try:
+        out = run_convert(src, dst, qtype, force=force, all_layers=all_layers)
+    except (WeightsError, ValueError, OSError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; {dst} was not written")
+    click.echo(f"wrote {out} ({out.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s")

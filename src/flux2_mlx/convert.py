@@ -1,0 +1,417 @@
+"""`flux2 convert`: a FLUX.2 transformer or text encoder → a GGUF that llama.cpp-family tools read.
+
+Numpy only (design.md §3). Image models get BFL names and arch `flux` (gguf-and-quantization.md §11);
+text encoders get llama.cpp names, arch `qwen3` or `llama` (Mistral, Q/K rows permuted as llama.cpp's
+converter does, §12) and tokenizer metadata. One tensor at a time, in row chunks: peak memory is one
+quantized tensor plus one chunk. The file is written beside the destination as `.NAME.partial`, read back
+with gguf.GGUFReader and checked, and only then renamed; any failure or interrupt removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from .config import (
+    MISTRAL_SMALL_3_2,
+    MODELS,
+    QWEN3_4B,
+    get_spec,
+    text_encoder_config_from,
+    transformer_config_from_shapes,
+    transformer_shapes,
+)
+from .keymap import check_keys, text_encoder_entries, transformer_entries
+from .quant import recipes
+from .quant.ggml import GGMLType, quantize, row_bytes
+from .weights import WeightsError, WeightSource, to_float32
+
+__all__ = ["Plan", "convert", "plan"]
+
+T = GGMLType
+_CHUNK_BYTES = 64 << 20  # float32 bytes per quantize call
+_TEXT_KEYS = ("embed_tokens.weight", "token_embd.weight")
+_HF_TO_LLAMA = [  # (HF suffix after model.layers.N., llama.cpp suffix after blk.N.)
+    ("input_layernorm.weight", "attn_norm.weight"), ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"), ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"), ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("self_attn.q_norm.weight", "attn_q_norm.weight"), ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"), ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+]
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_CONTEXT = {"qwen3": 40960, "mistral": 131072}  # max_position_embeddings when config.json lacks it
+
+
+@dataclass
+class Tensor:
+    name: str  # as written
+    shape: tuple[int, ...]  # numpy order
+    type: GGMLType
+    load: Callable[[], np.ndarray]
+    note: str = ""
+
+    @property
+    def src_bytes(self) -> int:  # as float32: the progress bar's MB/s is the quantizers' throughput unit
+        return math.prod(self.shape) * 4
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape[:-1]) * row_bytes(self.type, self.shape[-1])
+
+
+@dataclass
+class Plan:
+    kind: str  # "transformer" | "text_encoder"
+    arch: str
+    tensors: list[Tensor]
+    kv: list[tuple[str, object, gguf.GGUFValueType]]
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp `LlamaModel.permute`: HF rotate-half row order → ggml's adjacent pairs, per head."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _resolve(src) -> tuple[Path, str | None]:
+    """A path, or a model name resolved to its transformer (HF cache first, else a download)."""
+    if isinstance(src, str) and src in MODELS and not Path(src).exists():
+        from . import hub
+
+        spec = get_spec(src)
+        located = hub.locate(spec)
+        return hub.fetch(spec, {"transformer": located["transformer"]})["transformer"], src
+    path = Path(src)
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or folder, and not a model name ({', '.join(MODELS)})")
+    return path, None
+
+
+def _transformer_plan(source: WeightSource, target: str, model: str | None) -> Plan:
+    entries = transformer_entries(source)
+    if "img_in.weight" not in entries or "single_blocks.0.linear2.weight" not in entries:
+        raise WeightsError(f"{source.path}: no FLUX.2 transformer tensors found")
+    cfg = transformer_config_from_shapes({k: e.shape for k, e in entries.items()})
+    expected = transformer_shapes(cfg)
+    check_keys(entries, expected, f"transformer {source.path}")
+    tensors = []
+    for name in expected:  # canonical (BFL) order
+        e = entries[name]
+        tensors.append(Tensor(name, tuple(e.shape), recipes.tensor_type(name, e.shape, target), e.load))
+    kv = [("general.name", model or source.path.stem, gguf.GGUFValueType.STRING)]
+    if model:
+        kv.append(("flux2.model", model, gguf.GGUFValueType.STRING))  # distilled/base/kv is not in the tensors
+    return Plan("transformer", "flux", tensors, kv)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
+    folder = source.path if source.path.is_dir() else source.path.parent
+    hf = _read_json(folder / "config.json") or {}
+    hf_text = hf.get("text_config", hf)
+    qwen = any(k.endswith("self_attn.q_norm.weight") for k in source.keys())
+    cfg = text_encoder_config_from(hf, QWEN3_4B if qwen else MISTRAL_SMALL_3_2)
+    n_layers = cfg.num_hidden_layers if all_layers else min(max(cfg.output_layers), cfg.num_hidden_layers)
+    entries = text_encoder_entries(source, replace(cfg, output_layers=(n_layers,)))
+    unexpected = [k for k in entries if not k.startswith("model.")]
+    if unexpected:
+        raise WeightsError(f"{source.path}: tensors a Qwen3/Mistral text encoder does not have: "
+                           f"{', '.join(sorted(unexpected)[:4])}")
+    arch = "qwen3" if qwen else "llama"
+    names: dict[str, tuple[str, Callable]] = {}
+    for hf_name, e in entries.items():
+        if hf_name == "model.embed_tokens.weight":
+            names["token_embd.weight"] = (hf_name, e.load)
+            continue
+        m = _LAYER.match(hf_name)
+        suffix = dict(_HF_TO_LLAMA).get(m.group(2)) if m else None
+        if suffix is None:
+            raise WeightsError(f"{source.path}: no llama.cpp name for {hf_name}")
+        load = e.load
+        if arch == "llama" and suffix in ("attn_q.weight", "attn_k.weight"):
+            heads = cfg.num_attention_heads if suffix == "attn_q.weight" else cfg.num_key_value_heads
+            load = lambda f=e.load, h=heads: permute_qk(np.asarray(f()), h)
+        names[f"blk.{m.group(1)}.{suffix}"] = (hf_name, load)
+    if all_layers:  # text_encoder_entries drops the final norm and the LM head; a full model keeps them
+        prefix = next(k[: -len("embed_tokens.weight")] for k in source.keys() if k.endswith("embed_tokens.weight"))
+        for hf_name, name in ((prefix + "norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")):
+            for k in (hf_name, hf_name.replace("model.", "", 1), "language_model." + hf_name):
+                if k in source:
+                    names[name] = (k, lambda k=k: source.get(k))
+                    break
+    order = lambda n: (n != "token_embd.weight", int(n.split(".")[1]) if n.startswith("blk.") else 1 << 30, n)
+    tensors = []
+    for name in sorted(names, key=order):
+        key, load = names[name]
+        shape = tuple(entries[key].shape) if key in entries else tuple(source.shape(key))
+        t = recipes.text_tensor_type(name, shape, target, n_layers,
+                                     cfg.num_attention_heads // cfg.num_key_value_heads)
+        tensors.append(Tensor(name, shape, t, load))
+    U, F = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
+    ctx = hf_text.get("max_position_embeddings") or _CONTEXT[cfg.kind]
+    kv = [("general.name", hf.get("_name_or_path") or folder.name, gguf.GGUFValueType.STRING),
+          (f"{arch}.context_length", int(ctx), U), (f"{arch}.embedding_length", cfg.hidden_size, U),
+          (f"{arch}.block_count", n_layers, U), (f"{arch}.feed_forward_length", cfg.intermediate_size, U),
+          (f"{arch}.attention.head_count", cfg.num_attention_heads, U),
+          (f"{arch}.attention.head_count_kv", cfg.num_key_value_heads, U),
+          (f"{arch}.attention.key_length", cfg.head_dim, U), (f"{arch}.attention.value_length", cfg.head_dim, U),
+          (f"{arch}.rope.freq_base", float(cfg.rope_theta), F),
+          (f"{arch}.attention.layer_norm_rms_epsilon", float(cfg.rms_norm_eps), F),
+          (f"{arch}.vocab_size", cfg.vocab_size, U)]
+    if arch == "llama":
+        kv.append((f"{arch}.rope.dimension_count", cfg.head_dim, U))
+    tok = _find_tokenizer(folder)
+    if tok is not None:
+        kv += tokenizer_kv(tok, cfg.vocab_size, "qwen2" if qwen else "tekken")
+    return Plan("text_encoder", arch, tensors, kv)
+
+
+def _find_tokenizer(folder: Path) -> Path | None:
+    for p in (folder / "tokenizer.json", folder.parent / "tokenizer" / "tokenizer.json",
+              folder.parent / "tokenizer.json"):
+        if p.is_file():
+            return p
+    return None
+
+
+def tokenizer_kv(path: Path, vocab_size: int, pre: str) -> list[tuple[str, object, gguf.GGUFValueType]]:
+    """gpt2-style BPE metadata from a tokenizer.json, as llama.cpp's converter writes it: tokens by id
+    (padded with [PADn] to the embedding's rows), token types, merges, bos/eos/pad ids."""
+    tj = json.loads(path.read_text())
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE":
+        raise WeightsError(f"{path}: a {model.get('type')} tokenizer; only BPE tokenizers can be embedded")
+    vocab = dict(model["vocab"])
+    added = {t["content"]: t for t in tj.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    size = max(vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for content, i in vocab.items():
+        tokens[i] = content
+        types[i] = gguf.TokenType.NORMAL
+    for content, t in added.items():
+        types[t["id"]] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    S, A, U = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32
+    kv = [("tokenizer.ggml.model", "gpt2", S), ("tokenizer.ggml.pre", pre, S),
+          ("tokenizer.ggml.tokens", tokens, A), ("tokenizer.ggml.token_type", [int(t) for t in types], A),
+          ("tokenizer.ggml.merges", merges, A)]
+    conf = _read_json(path.parent / "tokenizer_config.json") or {}
+    ids = {"bos": conf.get("bos_token"), "eos": conf.get("eos_token"), "padding": conf.get("pad_token")}
+    for what, tok in ids.items():
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        if tok in vocab:
+            kv.append((f"tokenizer.ggml.{what}_token_id", vocab[tok], U))
+    if "<|endoftext|>" in vocab and ids["eos"] is None:  # Qwen without a tokenizer_config.json
+        kv.append(("tokenizer.ggml.eos_token_id", vocab["<|endoftext|>"], U))
+    return kv
+
+
+def plan(src, target: str, *, all_layers: bool = False) -> tuple[Plan, WeightSource]:
+    """What `convert` will write: tensors with their types, and the metadata. Reads no tensor data."""
+    target = target.upper()
+    recipes.target(target)
+    path, model = _resolve(src)
+    source = WeightSource(path, partial=True)
+    keys = source.keys()
+    if any(k.endswith(_TEXT_KEYS) for k in keys) and not any(".double_blocks." in k or k.startswith(
+            "double_blocks.") for k in keys):
+        return _text_plan(source, target, all_layers), source
+    return _transformer_plan(source, target, model), source
+
+
+def _chunks(t: Tensor):
+    a = t.load()
+    rows = a.reshape(-1, t.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
+    step = max(1, _CHUNK_BYTES // (4 * rows.shape[1]))
+    for r in range(0, rows.shape[0], step):
+        yield to_float32(rows[r:r + step])
+
+
+def _settle_types(p: Plan) -> list[str]:
+    """Move tensors whose fp16 block scales would underflow to a safer type (a pre-pass over the data)."""
+    notes = []
+    for t in p.tensors:
+        if t.type in (T.F32, T.BF16):
+            continue
+        while True:
+            bad = max((recipes.scale_underflow(c, t.type) for c in _chunks(t)), default=0.0)
+            if bad <= recipes.UNDERFLOW_FRACTION:
+                break
+            new = recipes.safer_type(t.type)
+            t.note = f"{t.name}: {bad:.0%} of its blocks have weights too small for {t.type.name}'s fp16 " \
+                     f"scales; written as {new.name}"
+            t.type = new
+        if t.note:
+            notes.append(t.note)
+    return notes
+
+
+def _verify(path: Path, p: Plan) -> None:
+    r = gguf.GGUFReader(path)
+    got = [(t.name, T(t.tensor_type), tuple(int(x) for x in reversed(t.shape)), int(t.n_bytes))
+           for t in r.tensors]
+    want = [(t.name, t.type, t.shape, t.nbytes) for t in p.tensors]
+    if got != want:
+        bad = next((w, g) for w, g in zip(want, got + [None] * len(want)) if w != g)
+        raise WeightsError(f"{path}: the written file does not read back as planned (expected {bad[0]}, "
+                           f"read {bad[1]}); nothing was written to the destination")
+    arch = r.get_field("general.architecture")
+    if arch is None or arch.contents() != p.arch:
+        raise WeightsError(f"{path}: general.architecture did not read back as {p.arch!r}")
+
+
+def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = False,
+            progress: bool = True) -> Path:
+    """Convert `src` (a model name, a BFL .safetensors file, a diffusers transformer folder or a
+    text-encoder folder) to a GGUF at `dst` with target type `qtype` (see recipes.TARGETS).
+
+    Tensors whose scales would underflow fp16 are moved to a safer type, each with a warning.
+    """
+    dst = Path(dst)
+    if dst.is_dir():
+        raise WeightsError(f"{dst} is a folder; give the .gguf file to write")
+    if dst.exists() and not force:
+        raise WeightsError(f"{dst} already exists; pass --force (force=True) to replace it")
+    if not dst.parent.is_dir():
+        raise WeightsError(f"folder {dst.parent} does not exist")
+    p, _source = plan(src, qtype, all_layers=all_layers)
+    target = qtype.upper()
+    for note in _settle_types(p):
+        warnings.warn(note, stacklevel=2)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    writer = gguf.GGUFWriter(None, p.arch)
+    try:
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(recipes.target(target)[1])
+        for key, value, vtype in p.kv:
+            sub = None
+            if vtype == gguf.GGUFValueType.ARRAY:
+                sub = gguf.GGUFValueType.STRING if value and isinstance(value[0], str) else gguf.GGUFValueType.INT32
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+        for t in p.tensors:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        from tqdm import tqdm
+
+        with tqdm(total=sum(t.src_bytes for t in p.tensors), unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=f"convert {target}", disable=not progress) as bar:
+            for t in p.tensors:
+                out = np.empty((math.prod(t.shape[:-1]), row_bytes(t.type, t.shape[-1])), np.uint8)
+                r = 0
+                for chunk in _chunks(t):
+                    out[r:r + len(chunk)] = quantize(chunk, t.type).reshape(len(chunk), -1)
+                    r += len(chunk)
+                    bar.update(t.src_bytes * len(chunk) // len(out))
+                writer.write_tensor_data(out)
+                bar.set_postfix_str(t.name, refresh=False)
+        writer.close()
+        _verify(tmp, p)
+        os.replace(tmp, dst)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
+
+
+# Bytes per weight once loaded on MLX: quantized types as repacked (quant/mlx_layout.py, 16-bit scales and
+# biases, i.e. bits + 32/group), dense tensors in a 16-bit compute dtype (gguf-and-quantization.md §14).
+MLX_BITS = {T.Q4_0: 5, T.Q4_1: 5, T.Q5_0: 6, T.Q5_1: 6, T.Q8_0: 9, T.Q4_K: 5, T.Q5_K: 6,
+            T.Q3_K: 8.25, T.Q6_K: 8.5, T.Q2_K: 5}
+_DENSE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def _what(shapes: dict[str, tuple[int, ...]]) -> str:
+    names = list(shapes)
+    if any(n.startswith(("token_embd.", "blk.")) for n in names) or any("embed_tokens." in n for n in names):
+        qwen = any(n.endswith(("attn_q_norm.weight", "q_norm.weight")) for n in names)
+        layers = {int(m.group(1)) for n in names if (m := re.search(r"(?:blk|layers)\.(\d+)\.", n))}
+        emb = next((s for n, s in shapes.items() if n.endswith(("token_embd.weight", "embed_tokens.weight"))), None)
+        width = f", hidden {emb[-1]}" if emb else ""
+        return f"text encoder: {'Qwen3' if qwen else 'Mistral (llama)'}, {len(layers)} layers{width}"
+    if any(n.startswith(("encoder.", "decoder.")) for n in names):
+        return "autoencoder (VAE)"
+    if any(m in n for n in names for m in ("vector_in.", "img_mod.lin", "time_text_embed.")):
+        return "FLUX.1 transformer (not supported by flux2-mlx)"
+    if "img_in.weight" not in shapes or "single_blocks.0.linear2.weight" not in shapes:
+        return "unknown (no FLUX.2 transformer or text-encoder tensor names)"
+    cfg = transformer_config_from_shapes(shapes)
+    same = [n for n, s in MODELS.items() if transformer_shapes(s.transformer) == transformer_shapes(cfg)]
+    variant = " / ".join(same) + " (tensors cannot tell distilled, base and kv apart)" if same else \
+        f"no registered variant (hidden {cfg.hidden_size}, {cfg.depth} double + {cfg.depth_single_blocks} single blocks)"
+    return f"FLUX.2 transformer: {variant}"
+
+
+def describe(path) -> list[str]:
+    """Lines for `flux2 info`: what the file holds, tensors and bytes per type, estimated MLX memory.
+    Reads headers only (GGUF through gguf.GGUFReader's memory map)."""
+    path = Path(path)
+    per_type: dict[str, list[int]] = {}  # type → [tensors, bytes, elements]
+    if path.suffix.lower() == ".gguf":
+        try:
+            r = gguf.GGUFReader(path)
+        except (ValueError, OSError) as e:
+            raise WeightsError(f"{path}: not a readable GGUF file ({e})") from None
+        arch = r.get_field("general.architecture")
+        head = [f"{path}: GGUF, architecture {arch.contents() if arch else '(none)'}"]
+        shapes = {}
+        for t in r.tensors:
+            name = t.name.removeprefix("model.diffusion_model.")
+            shapes[name] = tuple(int(x) for x in reversed(t.shape))
+            acc = per_type.setdefault(T(t.tensor_type).name, [0, 0, 0])
+            acc[0] += 1
+            acc[1] += int(t.n_bytes)
+            acc[2] += int(t.n_elements)
+    else:
+        source = WeightSource(path, partial=True)
+        head = [f"{path}: safetensors, {len(source.files)} file(s)"]
+        shapes = {}
+        try:
+            entries = transformer_entries(source)  # diffusers names → BFL, so the variant can be told
+            shapes = {k: tuple(e.shape) for k, e in entries.items()}
+        except WeightsError:
+            shapes = {k: tuple(source.shape(k)) for k in source.keys()}
+        for k in source.keys():
+            n = math.prod(source.shape(k))
+            acc = per_type.setdefault(source.dtype(k), [0, 0, 0])
+            acc[0] += 1
+            acc[1] += n * _DENSE.get(source.dtype(k), 2)
+            acc[2] += n
+    lines = head + [f"model: {_what(shapes)}", f"tensors: {sum(v[0] for v in per_type.values())}"]
+    mlx = 0.0
+    for name, (count, nbytes, elems) in sorted(per_type.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"  {name:8} {count:5} tensors  {_gib(nbytes)}")
+        bits = MLX_BITS.get(T[name]) if name in T.__members__ else None
+        mlx += elems * bits / 8 if bits else elems * 2
+    total = sum(v[1] for v in per_type.values())
+    lines.append(f"size: {_gib(total)}; on MLX about {_gib(mlx)} (quantized weights as repacked with 16-bit "
+                 f"scales, dense weights in bfloat16)")
+    return lines
