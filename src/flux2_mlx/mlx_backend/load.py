@@ -13,7 +13,8 @@ from mlx.utils import tree_unflatten
 from ..config import MODELS, TextEncoderConfig, TransformerConfig, VAEConfig, text_encoder_shapes, vae_shapes
 from ..keymap import (Entry, check_keys, check_transformer, text_encoder_entries, transformer_entries,
                       vae_entries)
-from ..weights import BF16, WeightSource
+from ..weights import BF16, GGMLTensor, WeightSource
+from .quant_layers import module_at, quantized_layer, replace_module
 from .text_encoder import TextEncoder
 from .transformer import Flux2
 from .vae import AutoEncoder
@@ -27,7 +28,12 @@ def from_numpy(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
 def _assign(module, entries: dict[str, Entry], dtype: mx.Dtype):
     params = []
     for name, entry in entries.items():
-        a = from_numpy(entry.load(), dtype)
+        raw = entry.load()
+        if isinstance(raw, GGMLTensor):  # quantized: the layer type follows the tensor's ggml type
+            path = name.removesuffix(".weight")
+            replace_module(module, path, quantized_layer(module_at(module, path), raw, dtype))
+            continue
+        a = from_numpy(raw, dtype)
         if a.ndim == 4:  # PyTorch conv [O, I, kh, kw] → MLX channels-last [O, kh, kw, I]
             a = a.transpose(0, 2, 3, 1)
         mx.eval(a)

@@ -109,7 +109,8 @@ class Flux2(nn.Module):
     def __call__(self, x, x_ids, t, ctx, ctx_ids, guidance=None):
         """x (B, N, C) tokens, x_ids (B|1, N, 4), t (B,) in [0, 1], ctx (B, L, D), ctx_ids (B|1, L, 4),
         guidance (B,) or None → velocity (B, N, C) in the parameters' dtype."""
-        dtype = self.img_in.weight.dtype
+        # A quantized layer's weight holds packed uint32 codes; its scales carry the compute dtype.
+        dtype = getattr(self.img_in, "scales", self.img_in.weight).dtype
         vec = self.time_in(timestep_embedding(t.astype(dtype)))
         if self.cfg.use_guidance_embed:
             if guidance is None:

@@ -1,0 +1,53 @@
+"""MLX quantized layers made from raw ggml blocks: each tensor's ggml type picks its layer.
+
+GGUF weights are repacked (numpy, quant/mlx_layout.py) into MLX's affine layout and run on MLX's
+quantized matmul; they are never expanded to a dense copy.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..quant.ggml import GGMLType
+from ..quant.mlx_layout import repack
+
+
+def quantized_layer(old: nn.Module, tensor, dtype: mx.Dtype) -> nn.Module:
+    """A QuantizedLinear / QuantizedEmbedding standing in for `old`, holding `tensor`'s values.
+
+    Scales and biases take the compute dtype, so a bf16 model stays bf16 (MLX would otherwise promote
+    the matmul to float32 on float32 scales).
+    """
+    q = repack(tensor.data, GGMLType[tensor.ggml_type], tensor.shape)
+    rows, cols = tensor.shape
+    if isinstance(old, nn.Embedding):
+        layer = nn.QuantizedEmbedding(rows, cols, group_size=q.group_size, bits=q.bits)
+    elif isinstance(old, nn.Linear) and "bias" not in old:
+        layer = nn.QuantizedLinear(cols, rows, bias=False, group_size=q.group_size, bits=q.bits)
+    else:
+        raise ValueError(f"a {tensor.ggml_type} tensor cannot stand in for {type(old).__name__}")
+    layer.weight = mx.array(q.weight)
+    layer.scales = mx.array(q.scales).astype(dtype)
+    layer.biases = mx.array(q.biases).astype(dtype)
+    mx.eval(layer.parameters())
+    return layer
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at a dotted parameter-tree path such as `double_blocks.3.img_attn.qkv`."""
+    *parents, last = path.split(".")
+    node = root
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    if isinstance(node, list):
+        node[int(last)] = new
+    else:
+        setattr(node, last, new)
+
+
+def module_at(root: nn.Module, path: str) -> nn.Module:
+    node = root
+    for p in path.split("."):
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    return node

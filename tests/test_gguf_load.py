@@ -1,0 +1,111 @@
+"""GGUF weights run on MLX's quantized kernels: per-tensor layer types, values equal to gguf-py's."""
+
+import gguf
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import random_transformer, rel_err
+from mlx.utils import tree_flatten
+
+from flux2_mlx.config import tiny_spec
+from flux2_mlx.keymap import Entry
+from flux2_mlx.mlx_backend import load_transformer
+from flux2_mlx.quant import GGMLType, dequantize, quantize
+from flux2_mlx.sampling import prc_img, prc_txt
+from flux2_mlx.weights import WeightSource
+
+CFG = tiny_spec("dev").transformer
+# One type per matrix, cycling: every exactly-repacked type and the re-quantized ones in one model.
+TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q3_K", "Q6_K", "Q2_K", "F16"]
+EXACT = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q3_K", "F16"}
+
+
+def _write(path, tensors, types):
+    w = gguf.GGUFWriter(str(path), "flux")
+    for name, a in tensors.items():
+        t = types.get(name, "F32")
+        if t == "F32":
+            w.add_tensor(name, a)
+        elif t == "F16":
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            q = quantize(a, GGMLType[t])
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=GGMLType[t])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _dense(tensors, types):
+    """What the file holds, dequantized by gguf-py: the reference the quantized model must match."""
+    return {k: (dequantize(quantize(a, GGMLType[types[k]]), GGMLType[types[k]], a.shape)
+                if types.get(k, "F32") not in ("F32", "F16") else a.astype(np.float16).astype(np.float32)
+                if types.get(k) == "F16" else a) for k, a in tensors.items()}
+
+
+def _forward(model):
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((1, 6, CFG.in_channels)).astype(np.float32))
+    ctx = mx.array(rng.standard_normal((1, 16, CFG.context_in_dim)).astype(np.float32))
+    return np.array(model(x, mx.array(prc_img(2, 3)), mx.array([0.6]), ctx, mx.array(prc_txt(16)),
+                          mx.array([3.5])))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    tensors = random_transformer(CFG, seed=4)
+    matrices = [k for k, a in tensors.items() if a.ndim == 2]
+    types = {k: TYPES[i % len(TYPES)] for i, k in enumerate(matrices)}
+    path = tmp_path_factory.mktemp("gguf") / "tiny-dev-mixed.gguf"
+    _write(path, tensors, types)
+    return path, tensors, types
+
+
+def test_each_tensor_gets_the_layer_its_type_asks_for(mixed):
+    path, tensors, types = mixed
+    model = load_transformer(CFG, WeightSource(path), dtype=mx.float32)
+    params = dict(tree_flatten(model.parameters()))
+    for name, t in types.items():
+        layer = name.removesuffix(".weight")
+        if t in ("F32", "F16"):
+            assert params[name].dtype == mx.float32
+        else:  # packed codes only: no dense copy of this weight exists
+            assert params[name].dtype == mx.uint32 and f"{layer}.scales" in params
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+
+
+def test_quantized_model_equals_dense_model_of_the_same_values(mixed):
+    """Types repacked exactly must give the dense result of gguf-py's dequantized weights."""
+    path, tensors, types = mixed
+    exact_types = {k: (t if t in EXACT else "F16") for k, t in types.items()}
+    exact_path = path.with_name("exact.gguf")
+    _write(exact_path, tensors, exact_types)
+    ours = _forward(load_transformer(CFG, WeightSource(exact_path), dtype=mx.float32))
+    dense = _dense(tensors, exact_types)
+    ref = _forward(load_transformer(CFG, {k: Entry(a.shape, lambda a=a: a) for k, a in dense.items()},
+                                    dtype=mx.float32))
+    assert rel_err(ours, ref) <= 1e-5
+
+
+def test_requantized_types_stay_close(mixed):
+    path, tensors, types = mixed
+    ours = _forward(load_transformer(CFG, WeightSource(path), dtype=mx.float32))
+    ref = _forward(load_transformer(CFG, {k: Entry(a.shape, lambda a=a: a) for k, a in _dense(tensors, types).items()},
+                                    dtype=mx.float32))
+    assert rel_err(ours, ref) <= 5e-2  # Q6_K → 8-bit and Q2_K → 4-bit add ~5e-3 / ~6e-2 per weight
+
+
+def test_pipeline_runs_a_gguf_transformer(tiny_models, tmp_path):
+    from flux2_mlx import load_pipeline
+
+    m = tiny_models("klein-4b")
+    types = {k: "Q8_0" for k, a in m.transformer.items() if a.ndim == 2}
+    path = tmp_path / "flux-2-klein-4b-Q8_0.gguf"
+    _write(path, m.transformer, types)
+    embeds = np.random.default_rng(1).standard_normal((1, 16, m.spec.transformer.context_in_dim)).astype(np.float32)
+    kw = dict(prompt_embeds=embeds, width=32, height=48, steps=2, seed=3)
+    q = load_pipeline(m.spec, transformer=path, vae=m.bfl_dir / "ae.safetensors").sample(**kw)
+    dense = load_pipeline(m.spec, model_path=m.bfl_dir).sample(**kw)
+    assert rel_err(q, dense) < 3e-2 and rel_err(q, dense) > 0  # Q8_0 rounding, nothing more
