@@ -11,6 +11,7 @@ from conftest import random_transformer
 
 from flux2_mlx import convert as conv
 from flux2_mlx.cli import main
+from flux2_mlx.keymap import permute_qk, unpermute_qk
 from flux2_mlx.config import tiny_spec, transformer_shapes
 from flux2_mlx.quant import recipes
 from flux2_mlx.quant.ggml import GGMLType as T
@@ -204,8 +205,8 @@ def test_text_encoder_llama_cpp_names_and_qk_permutation(tmp_path, kind):
             np.testing.assert_array_equal(got, hf)
         else:
             assert not np.array_equal(got, hf)
-            np.testing.assert_array_equal(got, conv.permute_qk(hf, heads))
-            np.testing.assert_array_equal(conv.unpermute_qk(got, heads), hf)  # un-permute on load restores HF
+            np.testing.assert_array_equal(got, permute_qk(hf, heads))
+            np.testing.assert_array_equal(unpermute_qk(got, heads), hf)  # un-permute on load restores HF
     np.testing.assert_array_equal(read("blk.3.ffn_down.weight"), bf(sd["model.layers.3.mlp.down_proj.weight"]))
 
     full = conv.convert(tmp_path / "text_encoder", tmp_path / "all.gguf", "Q8_0", all_layers=True, progress=False)
@@ -218,7 +219,7 @@ def test_permutation_matches_llama_cpp_formula():
     # llama.cpp: HF row h·d + i·(d/2) + j is stored as GGUF row h·d + 2j + i (gguf-and-quantization.md §12)
     n_head, d = 3, 8
     w = np.arange(n_head * d, dtype=np.float32)[:, None]
-    p = conv.permute_qk(w, n_head)
+    p = permute_qk(w, n_head)
     for h in range(n_head):
         for i in range(2):
             for j in range(d // 2):

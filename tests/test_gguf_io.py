@@ -423,3 +423,13 @@ def test_qwen2_pre_tokenizer_matches_qwen2_tokenizer_json(tmp_path):
         assert ours.encode(p, add_special_tokens=False).ids == ref.encode(p, add_special_tokens=False).ids, p
     gpt2 = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).pre_tokenizer
     assert ours.pre_tokenizer.pre_tokenize_str("x 123") != gpt2.pre_tokenize_str("x 123")  # digits one by one
+
+
+def test_hf_and_llama_cpp_names_are_inverse():
+    from flux2_mlx.keymap import hf_to_llama_cpp, llama_cpp_to_hf, permute_qk
+
+    for name in ["token_embd.weight", "output_norm.weight", "output.weight", "blk.7.attn_q_norm.weight",
+                 "blk.0.attn_q.weight", "blk.12.ffn_down.weight", "blk.3.attn_output.weight"]:
+        assert hf_to_llama_cpp(llama_cpp_to_hf(name)) == name
+    a = np.arange(8 * 6 * 3, dtype=np.float32).reshape(48, 3)
+    assert np.array_equal(unpermute_qk(permute_qk(a, 4), 4), a) and not np.array_equal(permute_qk(a, 4), a)

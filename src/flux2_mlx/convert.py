@@ -30,7 +30,7 @@ from .config import (
     transformer_config_from_shapes,
     transformer_shapes,
 )
-from .keymap import check_keys, text_encoder_entries, transformer_entries
+from .keymap import check_keys, hf_to_llama_cpp, permute_qk, text_encoder_entries, transformer_entries
 from .quant import recipes
 from .quant.ggml import GGMLType, quantize, row_bytes
 from .weights import WeightsError, WeightSource, to_float32
@@ -40,15 +40,6 @@ __all__ = ["Plan", "convert", "plan"]
 T = GGMLType
 _CHUNK_BYTES = 64 << 20  # float32 bytes per quantize call
 _TEXT_KEYS = ("embed_tokens.weight", "token_embd.weight")
-_HF_TO_LLAMA = [  # (HF suffix after model.layers.N., llama.cpp suffix after blk.N.)
-    ("input_layernorm.weight", "attn_norm.weight"), ("post_attention_layernorm.weight", "ffn_norm.weight"),
-    ("self_attn.q_proj.weight", "attn_q.weight"), ("self_attn.k_proj.weight", "attn_k.weight"),
-    ("self_attn.v_proj.weight", "attn_v.weight"), ("self_attn.o_proj.weight", "attn_output.weight"),
-    ("self_attn.q_norm.weight", "attn_q_norm.weight"), ("self_attn.k_norm.weight", "attn_k_norm.weight"),
-    ("mlp.gate_proj.weight", "ffn_gate.weight"), ("mlp.up_proj.weight", "ffn_up.weight"),
-    ("mlp.down_proj.weight", "ffn_down.weight"),
-]
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _CONTEXT = {"qwen3": 40960, "mistral": 131072}  # max_position_embeddings when config.json lacks it
 
 
@@ -75,15 +66,6 @@ class Plan:
     arch: str
     tensors: list[Tensor]
     kv: list[tuple[str, object, gguf.GGUFValueType]]
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp `LlamaModel.permute`: HF rotate-half row order → ggml's adjacent pairs, per head."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _resolve(src) -> tuple[Path, str | None]:
@@ -139,18 +121,14 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
     arch = "qwen3" if qwen else "llama"
     names: dict[str, tuple[str, Callable]] = {}
     for hf_name, e in entries.items():
-        if hf_name == "model.embed_tokens.weight":
-            names["token_embd.weight"] = (hf_name, e.load)
-            continue
-        m = _LAYER.match(hf_name)
-        suffix = dict(_HF_TO_LLAMA).get(m.group(2)) if m else None
-        if suffix is None:
+        name = hf_to_llama_cpp(hf_name)
+        if name is None:
             raise WeightsError(f"{source.path}: no llama.cpp name for {hf_name}")
         load = e.load
-        if arch == "llama" and suffix in ("attn_q.weight", "attn_k.weight"):
-            heads = cfg.num_attention_heads if suffix == "attn_q.weight" else cfg.num_key_value_heads
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_attention_heads if name.endswith("attn_q.weight") else cfg.num_key_value_heads
             load = lambda f=e.load, h=heads: permute_qk(np.asarray(f()), h)
-        names[f"blk.{m.group(1)}.{suffix}"] = (hf_name, load)
+        names[name] = (hf_name, load)
     if all_layers:  # text_encoder_entries drops the final norm and the LM head; a full model keeps them
         prefix = next(k[: -len("embed_tokens.weight")] for k in source.keys() if k.endswith("embed_tokens.weight"))
         for hf_name, name in ((prefix + "norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")):

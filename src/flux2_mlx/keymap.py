@@ -353,6 +353,28 @@ def llama_cpp_to_hf(name: str) -> str | None:
     return f"model.layers.{i}.{_LCPP_BLOCK[t]}.{p}" if t in _LCPP_BLOCK else None
 
 
+_HF_GLOBAL = {v: k for k, v in _LCPP_GLOBAL.items()}
+_HF_BLOCK = {v: k for k, v in _LCPP_BLOCK.items()}
+_HF_NAME = re.compile(r"^(?:model\.layers\.(?P<i>\d+)\.)?(?P<t>.+)\.(?P<p>weight|bias)$")
+
+
+def hf_to_llama_cpp(name: str) -> str | None:
+    """`model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight` (the inverse of llama_cpp_to_hf)."""
+    m = _HF_NAME.match(name)
+    if not m:
+        return None
+    i, t, p = m.group("i"), m.group("t"), m.group("p")
+    if i is None:
+        return f"{_HF_GLOBAL[t]}.{p}" if t in _HF_GLOBAL else None
+    return f"blk.{i}.{_HF_BLOCK[t]}.{p}" if t in _HF_BLOCK else None
+
+
+def permute_qk(a: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's `LlamaModel.permute`: HF rotate-half row order → ggml's adjacent pairs, per head."""
+    return np.ascontiguousarray(
+        a.reshape(n_head, 2, a.shape[0] // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape))
+
+
 def unpermute_qk(a: np.ndarray | GGMLTensor, n_head: int) -> np.ndarray | GGMLTensor:
     """Undo llama.cpp's Q/K permutation: within each head of d rows, GGUF row 2j + i is HF row i·d/2 + j.
 
