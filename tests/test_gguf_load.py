@@ -157,3 +157,23 @@ def test_converted_text_encoder_runs_quantized(tmp_path, kind):
     mask = mx.ones((1, 16), dtype=mx.int32)
     # Q8_0 rounding (~4e-3 per weight) compounds over 27-30 layers of width 32 to 3-6e-2 (measured).
     assert rel_err(np.array(quant(ids, mask)), np.array(dense(ids, mask))) <= 1e-1
+
+
+def test_pipeline_uses_the_tokenizer_inside_a_gguf_text_encoder(tiny_repo, tmp_path):
+    """A Q8_0 GGUF encoder with no tokenizer.json beside it: the vocabulary stored in the GGUF gives the
+    same token ids, hence the same embeddings as tokenizer.json with that encoder."""
+    import shutil
+
+    from flux2_mlx import load_pipeline
+    from flux2_mlx.convert import convert
+
+    gguf_te = convert(tiny_repo / "text_encoder", tmp_path / "qwen3-tiny-Q8_0.gguf", "Q8_0", progress=False)
+    alone = tmp_path / "alone"  # the transformer and VAE without the repo's tokenizer/ folder
+    alone.mkdir()
+    shutil.copy(tiny_repo / "flux-2-klein-4b.safetensors", alone)
+    shutil.copytree(tiny_repo / "vae", alone / "vae")
+    from_gguf = load_pipeline("klein-4b", model_path=alone, text_encoder=gguf_te)
+    from_json = load_pipeline("klein-4b", model_path=tiny_repo, text_encoder=gguf_te)
+    assert from_gguf.files["tokenizer"] is None
+    prompt = "A photograph of a red fox, highly detailed"
+    assert np.array_equal(from_gguf.encode(prompt), from_json.encode(prompt))

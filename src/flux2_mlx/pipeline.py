@@ -18,11 +18,11 @@ import numpy as np
 from PIL import Image
 
 from . import hub, sampling
-from .config import (MODELS, ModelSpec, TransformerConfig, get_spec, text_encoder_config_from,
+from .config import (MODELS, ModelSpec, TextEncoderConfig, TransformerConfig, get_spec, text_encoder_config_from,
                      transformer_config_from_shapes, vae_config_from)
 from .keymap import check_transformer, transformer_entries
-from .tokenizer import PromptTokenizer
-from .weights import WeightsError, WeightSource
+from .tokenizer import PromptTokenizer, tokenizer_from_gguf
+from .weights import GGUFFile, WeightsError, WeightSource
 
 MAX_PIXELS = 2048 * 2048
 BACKENDS = ("mlx",)
@@ -42,6 +42,21 @@ def _config_json(path: Path) -> dict | None:
     """A diffusers/HF component folder's config.json, if it has one."""
     f = path / "config.json"
     return json.loads(f.read_text()) if path.is_dir() and f.exists() else None
+
+
+def _encoder_config(path: Path, base: TextEncoderConfig) -> TextEncoderConfig:
+    """The encoder's hyper-parameters from its config.json, or from a llama.cpp GGUF's metadata."""
+    if path.suffix != ".gguf":
+        return text_encoder_config_from(_config_json(path), base)
+    f = GGUFFile(path)
+    arch = f.field("general.architecture")
+    keys = dict(hidden_size="embedding_length", num_attention_heads="attention.head_count",
+                num_key_value_heads="attention.head_count_kv", head_dim="attention.key_length",
+                intermediate_size="feed_forward_length", rope_theta="rope.freq_base",
+                rms_norm_eps="attention.layer_norm_rms_epsilon")
+    values = {k: f.field(f"{arch}.{v}") for k, v in keys.items()}
+    values["vocab_size"] = f.shape("token_embd.weight")[0] if "token_embd.weight" in f.keys() else None
+    return text_encoder_config_from({k: v for k, v in values.items() if v is not None}, base)
 
 
 def _transformer_config(spec: ModelSpec, entries) -> TransformerConfig:
@@ -96,11 +111,16 @@ class Pipeline:
             self._transformer = None
             be.free()
         if self._tokenizer is None:
-            path = self._path("tokenizer")
-            self._tokenizer = PromptTokenizer.from_config(path / "tokenizer.json" if path.is_dir() else path, cfg)
+            te = self.files.get("text_encoder")
+            if self.files.get("tokenizer") is None and te is not None and Path(te).suffix == ".gguf":
+                source = tokenizer_from_gguf(te)  # a GGUF encoder carries its own vocabulary
+            else:
+                path = self._path("tokenizer")
+                source = path / "tokenizer.json" if path.is_dir() else path
+            self._tokenizer = PromptTokenizer.from_config(source, cfg)
         if self._text_encoder is None:
             path = self._path("text_encoder")
-            cfg = text_encoder_config_from(_config_json(path), cfg)
+            cfg = _encoder_config(path, cfg)
             width = len(cfg.output_layers) * cfg.hidden_size
             if width != self.spec.transformer.context_in_dim:
                 raise WeightsError(f"{path}: this text encoder gives {width} features per token but the "

@@ -38,12 +38,13 @@ _TEMPLATES = {"mistral": mistral_prompt, "qwen3": qwen3_prompt}
 class PromptTokenizer:
     """Renders prompts with the encoder's chat template and tokenizes them to fixed-length id/mask arrays."""
 
-    def __init__(self, path: str, kind: str, max_length: int = 512):
+    def __init__(self, path: str | Tokenizer, kind: str, max_length: int = 512):
+        """path: a tokenizer.json, or an already built `tokenizers.Tokenizer` (e.g. from a GGUF)."""
         if kind not in _PADDING:
             raise ValueError(f"unknown text encoder kind {kind!r}; expected one of {sorted(_PADDING)}")
         self.kind = kind
         self.max_length = max_length
-        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer = path if isinstance(path, Tokenizer) else Tokenizer.from_file(str(path))
         pad_token, self.padding_side = _PADDING[kind]
         self.pad_id = self.tokenizer.token_to_id(pad_token)
         if self.pad_id is None:
@@ -51,7 +52,7 @@ class PromptTokenizer:
                              f"is this the {kind} tokenizer.json?")
 
     @classmethod
-    def from_config(cls, path: str, cfg: TextEncoderConfig) -> PromptTokenizer:
+    def from_config(cls, path: str | Tokenizer, cfg: TextEncoderConfig) -> PromptTokenizer:
         return cls(path, cfg.kind, cfg.max_length)
 
     def render(self, prompt: str) -> str:
