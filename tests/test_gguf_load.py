@@ -18,7 +18,7 @@ from flux2_mlx.weights import WeightSource
 CFG = tiny_spec("dev").transformer
 # One type per matrix, cycling: every exactly-repacked type and the re-quantized ones in one model.
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q3_K", "Q6_K", "Q2_K", "F16"]
-EXACT = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q3_K", "F16"}
+EXACT = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "F16"}  # Q3_K loads re-quantized (4-bit)
 
 
 def _write(path, tensors, types):
@@ -94,7 +94,7 @@ def test_requantized_types_stay_close(mixed):
     ours = _forward(load_transformer(CFG, WeightSource(path), dtype=mx.float32))
     ref = _forward(load_transformer(CFG, {k: Entry(a.shape, lambda a=a: a) for k, a in _dense(tensors, types).items()},
                                     dtype=mx.float32))
-    assert rel_err(ours, ref) <= 5e-2  # Q6_K → 8-bit and Q2_K → 4-bit add ~5e-3 / ~6e-2 per weight
+    assert rel_err(ours, ref) <= 1e-1  # Q6_K → 8-bit, Q3_K / Q2_K → 4-bit add ~5e-3 / 8e-2 / 6e-2 per weight
 
 
 def test_pipeline_runs_a_gguf_transformer(tiny_models, tmp_path):

@@ -19,13 +19,16 @@ assert sys.byteorder == "little", "the uint32/uint64 views below assume a little
 T = GGMLType
 # Lossy targets (bits, group) for types MLX's 32/64/128 groups cannot hold (16-element sub-blocks), §3.
 # Q6_K → 8-bit g64: near-lossless at Q8_0's memory. Q2_K → 4-bit g32: 5–6 bpw, small error next to Q2_K's own.
-REQUANT = {T.Q6_K: (8, 64), T.Q2_K: (4, 32)}
+REQUANT = {T.Q6_K: (8, 64), T.Q2_K: (4, 32), T.Q3_K: (4, 32)}
 # Measured on N(0, 0.02) 256x4096 weights quantized by quant.kquants (rel-RMS; tests check looser bounds).
-# Q3_K stays exact at 8 bits; requantize(dequantize(...), 4, 32) would add 8.1e-2 (total 0.151 -> 0.173, +15%).
+# Q3_K is exact only as 8-bit codes (8.5 bpw in memory vs 3.44 in the file), which defeats the reason to pick
+# it; by default it is re-quantized to 4-bit g32: +8.1e-2 vs the Q3_K values (total 0.151 -> 0.173, +15%).
 _LOSSY_NOTE = {T.Q6_K: "re-quantized to 8-bit g64: adds 5.3e-3 rel-RMS vs the Q6_K values (total vs the original "
                        "weights 1.78e-2 -> 1.85e-2, +4%)",
                T.Q2_K: "re-quantized to 4-bit g32: adds 6.4e-2 rel-RMS vs the Q2_K values (total vs the original "
-                       "weights 0.296 -> 0.303, +2%)"}
+                       "weights 0.296 -> 0.303, +2%)",
+               T.Q3_K: "re-quantized to 4-bit g32: adds 8.1e-2 rel-RMS vs the Q3_K values (total vs the original "
+                       "weights 0.151 -> 0.173, +15%); repack(..., exact=True) keeps it exact as 8-bit codes"}
 
 
 @dataclass(frozen=True)
@@ -133,17 +136,19 @@ def _codes(blocks: np.ndarray, t: GGMLType):
     raise NotImplementedError(f"no exact MLX layout for {t.name}")
 
 
-def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dtype=np.float32) -> MLXQuant:
+def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dtype=np.float32,
+           exact: bool = False) -> MLXQuant:
     """Raw ggml blocks (rows, row_bytes) of a tensor of `shape` (*lead, in) → MLXQuant.
 
     Exact (bit for bit vs gguf.quants.dequantize, ±0 aside) with float32 scales for Q4_0, Q4_1, Q5_0, Q5_1,
-    Q8_0, Q4_K, Q5_K and Q3_K (as 8-bit codes); Q6_K and Q2_K are re-quantized (REQUANT).
+    Q8_0, Q4_K, Q5_K, and Q3_K with `exact=True` (8-bit codes); Q6_K, Q2_K and by default Q3_K are
+    re-quantized (REQUANT).
     `scales_dtype` (np.float32, np.float16 or "bfloat16") trades exactness for memory (§5): fp16 is still exact
     for the legacy types and Q3_K (when |128 d| < 65504) but adds ~2e-4 rel-RMS to Q4_K/Q5_K; bf16 adds ~1.7e-3.
     """
     t = T(t)
     *lead, n = shape
-    if t in REQUANT:
+    if t in REQUANT and not (exact and t == T.Q3_K):
         bits, group = REQUANT[t]
         q = requantize(dequantize(raw, t, shape), bits, group, scales_dtype)
         return MLXQuant(q.weight, q.scales, q.biases, group, bits, _LOSSY_NOTE[t])
