@@ -14,7 +14,7 @@ __all__ = ["QK_K", "quantize_q2_k", "quantize_q3_k", "quantize_q4_k", "quantize_
 
 QK_K = 256
 _CHUNK = 512  # super-blocks per numpy pass: keeps the (n, G) temporaries inside L2
-_CHUNK_Q3 = 2048  # Q3_K's descent is 80 steps of small vector ops: larger chunks amortise the calls
+_CHUNK_Q3 = 512  # Q3_K's descent is 80 steps of small vector ops: larger chunks amortise the calls
 f32 = np.float32
 _GROUP_MAX_EPS = f32(1e-15)  # ggml-quants.c GROUP_MAX_EPS
 
@@ -45,10 +45,19 @@ def _sum(a: np.ndarray) -> np.ndarray:
     return np.add.reduce(a, axis=0)  # sequential per column, like the C loops (pairwise would differ)
 
 
+def _dot(*ops):
+    """Column sums of the product of ops: sequential per column like _sum, product taken left to right,
+    in one pass without the product temporary (same bytes as _sum(a * b * c))."""
+    return np.einsum(_DOT_SPEC[len(ops)], *ops)
+
+
+_DOT_SPEC = {2: "ij,ij->j", 3: "ij,ij,ij->j"}
+
+
 def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
     """ggml-quants.c make_qkx2_quants on every column of x (n, G): weighted asymmetric grid search.
     Returns (scale, the_min, L) with x ~ scale*L - the_min, L float32 in [0, nmax]."""
-    t, l, wl = np.empty_like(x), np.empty_like(x), np.empty_like(x)  # reused: allocation-free loop
+    t, l = np.empty_like(x), np.empty_like(x)  # reused: allocation-free loop
 
     def levels(iscale, m):
         np.subtract(x, m, out=t)
@@ -60,11 +69,11 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
         np.add(t, m, out=t)
         np.subtract(t, x, out=t)
         np.abs(t, out=t) if use_mad else np.multiply(t, t, out=t)
-        return _sum(np.multiply(t, w, out=t))
+        return _dot(w, t)
 
     lo = np.minimum(x.min(axis=0), f32(0))  # `if (min > 0) min = 0`
     hi = x.max(axis=0)
-    sum_w, sum_x = _sum(w), _sum(w * x)
+    sum_w, sum_x = _sum(w), _dot(w, x)
     iscale = f32(nmax) / (hi - lo)
     scale = f32(1) / iscale
     levels(iscale, lo)
@@ -75,10 +84,7 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
         # rint = nearest_int below 2^22, far above the search's values of iscale*(x - min)
         iscale = (f32(rmin) + f32(rdelta) * f32(k) + f32(nmax)) / (hi - m)  # m: best min so far
         levels(iscale, m)
-        np.multiply(w, l, out=wl)
-        sum_l = _sum(wl)
-        sum_l2 = _sum(np.multiply(wl, l, out=t))
-        sum_xl = _sum(np.multiply(wl, x, out=t))
+        sum_l, sum_l2, sum_xl = _dot(w, l), _dot(w, l, l), _dot(w, l, x)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -100,9 +106,11 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
 def _signed_absmax(x):
     """First element of largest |x| per column, with its sign (the C `if (ax > amax)` scan), and |it|."""
     ax = np.abs(x)
-    i = ax.argmax(axis=0)
-    cols = np.arange(x.shape[1])
-    return x[i, cols], ax[i, cols]
+    amax = ax.max(axis=0)
+    M = x[-1].copy()
+    for i in range(x.shape[0] - 2, -1, -1):  # backwards, so that the first maximum wins
+        np.copyto(M, x[i], where=ax[i] == amax)
+    return M, amax
 
 
 def _make_qx_quants(x, nmax):
@@ -111,13 +119,11 @@ def _make_qx_quants(x, nmax):
     M, amax = _signed_absmax(x)
     w = x * x
     wx = w * x
-    t, l = np.empty_like(x), np.empty_like(x)
+    l = np.empty_like(x)
 
     def candidate(iscale):
         np.clip(np.rint(np.multiply(x, iscale, out=l), out=l), -nmax, nmax - 1, out=l)
-        sumlx = _sum(np.multiply(wx, l, out=t))
-        np.multiply(w, l, out=t)
-        return sumlx, _sum(np.multiply(t, l, out=t))
+        return _dot(wx, l), _dot(w, l, l)
 
     best_iscale = f32(-nmax) / M
     sumlx, suml2 = candidate(best_iscale)
@@ -135,41 +141,103 @@ def _make_qx_quants(x, nmax):
     return np.where(zero, f32(0), scale), np.where(zero, f32(0), l + nmax)
 
 
+# lowest set bit of a 16-bit mask (16 for an empty mask): the first accepting position
+_LOWBIT = np.full(1 << 16, 16, np.int64)
+for _b in range(15, -1, -1):
+    _LOWBIT[(np.arange(1 << 16) >> _b) & 1 == 1] = _b
+del _b
+_POW2 = (1 << np.arange(16)).astype(f32)
+
+
 def _make_q3_quants(x, nmax=4):
     """ggml-quants.c make_q3_quants with do_rmse: first guess at -nmax/max, then up to 5 sweeps of
     coordinate descent. Returns (signed scale, L in [0, 2*nmax-1])."""
     M, amax = _signed_absmax(x)
     zero = amax < _GROUP_MAX_EPS
-    w = x * x
-    wx = w * x
     L = np.clip(np.rint((f32(-nmax) / M) * x), -nmax, nmax - 1)
-    sumlx, suml2 = _sum(wx * L), _sum(w * L * L)
+    w = x * x
+    sumlx, suml2 = _dot(w * x, L), _dot(w, L, L)  # the C sums of w*x*L and w*L*L
     # With M > 0 every x*l is <= 0, so the C test `slx > 0` never passes: only M < 0 columns can move.
-    # A sweep without changes is a fixed point (C's early exit), so such columns leave the active set.
     act = np.flatnonzero((M < 0) & ~zero)
-    for _ in range(5):
-        if not act.size:
-            break
-        xa, wa, wxa, La = x[:, act], w[:, act], wx[:, act], L[:, act]
-        sx, s2 = sumlx[act], suml2[act]
-        changed = np.zeros(act.size, bool)
-        for i in range(x.shape[0]):
-            xi, wi, wxi, li = xa[i], wa[i], wxa[i], La[i]
-            slx = sx - wxi * li
-            sl2 = s2 - wi * li * li
-            new = np.clip(_nearest_int(xi * sl2 / slx), -nmax, nmax - 1).astype(f32)
-            slx_new = slx + wxi * new
-            sl2_new = sl2 + wi * new * new
-            acc = ((slx > 0) & (new != li) & (sl2_new > 0)
-                   & (slx_new * slx_new * s2 > sx * sx * sl2_new))
-            La[i] = np.where(acc, new, li)
-            sx = np.where(acc, slx_new, sx)
-            s2 = np.where(acc, sl2_new, s2)
-            changed |= acc
-        L[:, act], sumlx[act], suml2[act] = La, sx, s2
-        act = act[changed]
+    if act.size:
+        _q3_descent(x, L, sumlx, suml2, act, nmax)
     scale = np.where(suml2 > 0, sumlx / suml2, f32(0))
     return np.where(zero, f32(0), scale), np.where(zero, f32(0), L + nmax)
+
+
+def _q3_terms(x, L):
+    w = x * x
+    wx = w * x
+    return w, wx, wx * L, w * L * L  # and the C terms w*x*L and w*L*L of every position
+
+
+def _q3_descent(x, L, sumlx, suml2, cols, nmax):
+    """The C sweeps, event by event. Between two accepted moves a sub-block's sums are constant, so one
+    vector pass evaluates the C test at all 16 positions at once; the next move is the first accepting
+    position in sweep order from just after the last move (wrapping round into the next sweep, at most
+    5 sweeps). A sub-block with no accepting position is at the C fixed point (early exit) and leaves."""
+    n = x.shape[0]
+    X, LL = x[:, cols], L[:, cols]
+    W, WX, AA, BB = _q3_terms(X, LL)
+    sx, s2 = sumlx[cols], suml2[cols]
+    ptr = np.zeros(cols.size, np.int64)  # next position of the current sweep (n: sweep finished)
+    sweep = np.zeros(cols.size, np.int64)
+    big = f32(1 << 22)
+    alive = None  # finished sub-blocks stay in the arrays (masked) until enough have left to compact
+    while True:
+        slx = sx - AA
+        sl2 = s2 - BB
+        t = np.multiply(X, sl2)
+        t /= slx
+        # nearest_int == rint for |t| < 2^22; NaN (slx == 0, so never accepted) is skipped by fmin/fmax
+        if -big < np.fmin.reduce(t, axis=None) and np.fmax.reduce(t, axis=None) < big:
+            new = np.rint(np.clip(t, -nmax, nmax - 1, out=t), out=t)
+        else:
+            new = np.clip(_nearest_int(t), -nmax, nmax - 1).astype(f32)
+        slx_new = np.multiply(WX, new)
+        slx_new += slx
+        sl2_new = np.multiply(W, new)
+        sl2_new *= new
+        sl2_new += sl2
+        acc = slx > 0
+        acc &= new != LL
+        acc &= sl2_new > 0
+        lhs = np.multiply(slx_new, slx_new, out=slx)
+        lhs *= s2
+        rhs = np.multiply(sl2_new, sx * sx, out=sl2)
+        acc &= lhs > rhs
+        code = np.matmul(_POW2, acc.astype(f32)).astype(np.int64)
+        rot = ((code >> ptr) | (code << (n - ptr))) & 0xFFFF
+        f = _LOWBIT[rot]
+        found = f < n
+        end = ptr + f
+        wrap = end >= n
+        go = found & ~(wrap & (sweep == 4))
+        if alive is not None:
+            go &= alive
+        idx = np.flatnonzero(go)
+        p = end[idx] & (n - 1)
+        nv = new[p, idx]
+        LL[p, idx] = nv
+        AA[p, idx] = WX[p, idx] * nv
+        BB[p, idx] = W[p, idx] * nv * nv
+        sx[idx] = slx_new[p, idx]
+        s2[idx] = sl2_new[p, idx]
+        ptr[idx] = p + 1
+        sweep[idx] += wrap[idx]
+        if idx.size * 4 >= cols.size * 3:
+            alive = go
+            continue
+        stop = ~go
+        c = cols[stop]
+        L[:, c] = LL[:, stop]
+        sumlx[c], suml2[c] = sx[stop], s2[stop]
+        if not idx.size:
+            break
+        X, LL = X[:, idx], LL[:, idx]  # gathers are dearer than recomputing the products
+        W, WX, AA, BB = _q3_terms(X, LL)
+        cols, sx, s2, ptr, sweep = cols[idx], sx[idx], s2[idx], ptr[idx], sweep[idx]
+        alive = None
 
 
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
