@@ -13,7 +13,7 @@ from flux2_mlx import convert as conv
 from flux2_mlx.cli import main
 from flux2_mlx.keymap import permute_qk, unpermute_qk
 from flux2_mlx.config import tiny_spec, transformer_shapes
-from flux2_mlx.quant import recipes
+from flux2_mlx.quant import ggml, recipes
 from flux2_mlx.quant.ggml import GGMLType as T
 from flux2_mlx.weights import WeightsError, bf16_to_f32, f32_to_bf16, save_safetensors
 
@@ -55,7 +55,7 @@ def _expected_type(name, shape, target):
 @pytest.mark.parametrize("target", list(recipes.TARGETS))
 def test_each_type_reads_back_in_gguf_py(tiny_dit, tmp_path, target):
     src, weights, cfg = tiny_dit
-    out = conv.convert(src, tmp_path / "out.gguf", target, progress=False)
+    out = conv.convert(src, tmp_path / "out.gguf", target, progress=False, jobs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]  # no partial file left
     r = gguf.GGUFReader(out)
     assert r.get_field("general.architecture").contents() == "flux"
@@ -102,14 +102,60 @@ def test_interrupted_conversion_leaves_nothing(tiny_dit, tmp_path, monkeypatch, 
     monkeypatch.setattr(conv, "quantize", failing)
     dst = tmp_path / "out.gguf"
     with pytest.raises(type(exc)):
-        conv.convert(src, dst, "Q4_K_M", progress=False)
+        conv.convert(src, dst, "Q4_K_M", progress=False, jobs=1)
     assert list(tmp_path.iterdir()) == []  # neither the destination nor .out.gguf.partial
 
     # and an existing destination survives a failed --force run untouched
     dst.write_bytes(b"old")
     calls.clear()
     with pytest.raises(type(exc)):
-        conv.convert(src, dst, "Q4_K_M", force=True, progress=False)
+        conv.convert(src, dst, "Q4_K_M", force=True, progress=False, jobs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"] and dst.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("target", ["Q4_K_M", "Q5_0"])
+def test_parallel_output_is_byte_identical(tiny_dit, tmp_path, monkeypatch, target):
+    src, *_ = tiny_dit
+    monkeypatch.setattr(conv, "_CHUNK_BYTES", 4096)  # many chunks per tensor, several in flight
+    one = conv.convert(src, tmp_path / "one.gguf", target, progress=False, jobs=1)
+    two = conv.convert(src, tmp_path / "two.gguf", target, progress=False, jobs=2)
+    assert one.read_bytes() == two.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.gguf", "two.gguf"]
+
+
+def _fail_in_worker(a, t):  # module level: a spawned worker imports it by name
+    if t == T.Q4_K:
+        raise RuntimeError("disk on fire")
+    return ggml.quantize(a, t)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+def test_interrupted_parallel_conversion_leaves_nothing(tiny_dit, tmp_path, monkeypatch, exc):
+    src, *_ = tiny_dit
+    monkeypatch.setattr(conv, "_CHUNK_BYTES", 4096)
+    real, seen = conv._chunks, []
+
+    def chunks(t, parts=1):  # the parent is stopped while workers have chunks in flight
+        for c in real(t, parts):
+            seen.append(c)
+            if len(seen) == 12:
+                raise exc
+            yield c
+
+    monkeypatch.setattr(conv, "_chunks", chunks)
+    dst = tmp_path / "out.gguf"
+    with pytest.raises(type(exc)):
+        conv.convert(src, dst, "Q4_K_M", progress=False, jobs=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_worker_failure_leaves_nothing(tiny_dit, tmp_path, monkeypatch):
+    src, *_ = tiny_dit
+    monkeypatch.setattr(conv, "quantize", _fail_in_worker)
+    dst = tmp_path / "out.gguf"
+    dst.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        conv.convert(src, dst, "Q4_K_M", force=True, progress=False, jobs=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"] and dst.read_bytes() == b"old"
 
 
@@ -229,7 +275,7 @@ def test_permutation_matches_llama_cpp_formula():
 def test_cli_convert_and_info(tiny_dit, tmp_path):
     src, *_ = tiny_dit
     dst = tmp_path / "q.gguf"
-    r = run("convert", src, dst, "--type", "q4_k_m")
+    r = run("convert", src, dst, "--type", "q4_k_m", "--jobs", "2")
     assert r.exit_code == 0, r.output
     assert "wrote" in r.stdout and dst.exists()
     r = run("convert", src, dst, "--type", "Q4_K_M")

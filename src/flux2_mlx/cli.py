@@ -234,7 +234,9 @@ def models():
               help="Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K_M, Q2_K, BF16, F16.")
 @click.option("--force", is_flag=True, help="Replace an existing DST.")
 @click.option("--all-layers", is_flag=True, help="Text encoders: keep every layer, not only those FLUX.2 uses.")
-def convert(src, dst, qtype, force, all_layers):
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Quantize with N worker processes (default: one per CPU core; 1: no workers).")
+def convert(src, dst, qtype, force, all_layers, jobs):
     """Convert SRC (a model name, a BFL .safetensors file, a diffusers transformer folder or a text-encoder
     folder) to a GGUF file DST that ComfyUI-GGUF, stable-diffusion.cpp and llama.cpp read."""
     from .convert import convert as run_convert
@@ -243,7 +245,7 @@ def convert(src, dst, qtype, force, all_layers):
     warnings.showwarning = lambda message, *_args, **_kw: click.echo(f"warning: {message}", err=True)
     start = time.perf_counter()
     try:
-        out = run_convert(src, dst, qtype, force=force, all_layers=all_layers)
+        out = run_convert(src, dst, qtype, force=force, all_layers=all_layers, jobs=jobs)
     except (WeightsError, ValueError, OSError) as e:
         _fail(str(e))
     except KeyboardInterrupt:

@@ -3,8 +3,10 @@
 Numpy only (design.md §3). Image models get BFL names and arch `flux` (gguf-and-quantization.md §11);
 text encoders get llama.cpp names, arch `qwen3` or `llama` (Mistral, Q/K rows permuted as llama.cpp's
 converter does, §12) and tokenizer metadata. One tensor at a time, in row chunks: peak memory is one
-quantized tensor plus one chunk. The file is written beside the destination as `.NAME.partial`, read back
-with gguf.GGUFReader and checked, and only then renamed; any failure or interrupt removes it.
+quantized tensor plus one chunk's float32 bytes (with `jobs` worker processes, that chunk is split 2 × jobs
+ways, two pieces per worker; the bytes written do not depend on `jobs`). The file is written beside the
+destination as `.NAME.partial`, read back with gguf.GGUFReader and checked, and only then renamed; any
+failure or interrupt removes it and stops the workers.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import json
 import math
 import os
 import re
+import signal
 import warnings
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -219,12 +224,46 @@ def plan(src, target: str, *, all_layers: bool = False) -> tuple[Plan, WeightSou
     return _transformer_plan(source, target, model), source
 
 
-def _chunks(t: Tensor):
+def _chunks(t: Tensor, parts: int = 1):
+    """float32 row chunks of at most _CHUNK_BYTES / parts bytes (at least one row each)."""
     a = t.load()
     rows = a.reshape(-1, t.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
-    step = max(1, _CHUNK_BYTES // (4 * rows.shape[1]))
+    step = max(1, _CHUNK_BYTES // (4 * rows.shape[1] * parts))
     for r in range(0, rows.shape[0], step):
         yield to_float32(rows[r:r + step])
+
+
+def _quantized_chunks(t: Tensor, pool: ProcessPoolExecutor | None, jobs: int):
+    """(rows, uint8 bytes) per chunk, in order. With a pool, 2 × `jobs` chunks of _CHUNK_BYTES / (2 × jobs)
+    are in flight (the same float32 bytes as one chunk in this process; two per worker so that a worker
+    never waits for its next chunk to be pickled to it). Workers get float32 chunks and `quantize`
+    (numpy + flux2_mlx.quant only) and send back uint8 rows."""
+    if pool is None:
+        for chunk in _chunks(t):
+            yield len(chunk), quantize(chunk, t.type).reshape(len(chunk), -1)
+        return
+    window = 2 * jobs
+    pending: deque = deque()
+    for chunk in _chunks(t, parts=window):
+        if len(pending) >= window:
+            n, fut = pending.popleft()
+            yield n, fut.result().reshape(n, -1)
+        pending.append((len(chunk), pool.submit(quantize, chunk, t.type)))
+        del chunk
+    while pending:
+        n, fut = pending.popleft()
+        yield n, fut.result().reshape(n, -1)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Shut a pool down now: queued chunks cancelled, running workers terminated (Ctrl-C, errors)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
 
 
 def _settle_types(p: Plan) -> list[str]:
@@ -261,9 +300,12 @@ def _verify(path: Path, p: Plan) -> None:
 
 
 def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, jobs: int | None = None) -> Path:
     """Convert `src` (a model name, a BFL .safetensors file, a diffusers transformer folder or a
     text-encoder folder) to a GGUF at `dst` with target type `qtype` (see recipes.TARGETS).
+
+    `jobs` worker processes quantize row chunks of each tensor (default: one per CPU core; 1: in this
+    process). The output bytes do not depend on `jobs`.
 
     Tensors whose scales would underflow fp16 are moved to a safer type, each with a warning.
     """
@@ -274,13 +316,24 @@ def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = Fal
         raise WeightsError(f"{dst} already exists; pass --force (force=True) to replace it")
     if not dst.parent.is_dir():
         raise WeightsError(f"folder {dst.parent} does not exist")
+    jobs = (os.cpu_count() or 1) if jobs is None else int(jobs)
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
     p, _source = plan(src, qtype, all_layers=all_layers)
     target = qtype.upper()
     for note in _settle_types(p):
         warnings.warn(note, stacklevel=2)
     tmp = dst.with_name(f".{dst.name}.partial")
     writer = gguf.GGUFWriter(None, p.arch)
+    pool = None
     try:
+        if jobs > 1 and any(t.type not in (T.F32, T.BF16, T.F16) for t in p.tensors):
+            import multiprocessing
+
+            # spawn: workers import numpy and flux2_mlx.quant, nothing the parent has loaded (MLX, torch);
+            # they ignore SIGINT so that Ctrl-C reaches only this process, which stops them.
+            pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(recipes.target(target)[1])
         for key, value, vtype in p.kv:
@@ -300,16 +353,22 @@ def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = Fal
             for t in p.tensors:
                 out = np.empty((math.prod(t.shape[:-1]), row_bytes(t.type, t.shape[-1])), np.uint8)
                 r = 0
-                for chunk in _chunks(t):
-                    out[r:r + len(chunk)] = quantize(chunk, t.type).reshape(len(chunk), -1)
-                    r += len(chunk)
-                    bar.update(t.src_bytes * len(chunk) // len(out))
+                dense = t.type in (T.F32, T.BF16, T.F16)  # a copy, not worth a trip to a worker
+                for n, q in _quantized_chunks(t, None if dense else pool, jobs):
+                    out[r:r + n] = q
+                    r += n
+                    bar.update(t.src_bytes * n // len(out))
                 writer.write_tensor_data(out)
                 bar.set_postfix_str(t.name, refresh=False)
+        if pool is not None:
+            pool.shutdown()
+            pool = None
         writer.close()
         _verify(tmp, p)
         os.replace(tmp, dst)
     except BaseException:
+        if pool is not None:
+            _stop(pool)
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
