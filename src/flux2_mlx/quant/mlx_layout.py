@@ -133,7 +133,7 @@ def _codes(blocks: np.ndarray, t: GGMLType):
         q = _planes(qs, 2, 32).astype(np.int16) - 4 * (1 - _planes(hmask, 1, 32).astype(np.int16))
         k = 128 - sc.repeat(16, axis=-1) * q
         return k.astype(np.uint8).reshape(r, -1), np.repeat(-d, 2, -1), np.repeat(128 * d, 2, -1), 8, 128
-    raise NotImplementedError(f"no exact MLX layout for {t.name}")
+    raise ValueError(f"{t.name} tensors cannot run on MLX quantized kernels; convert the file with flux2 convert")
 
 
 def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dtype=np.float32,
