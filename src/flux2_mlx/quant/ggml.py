@@ -55,5 +55,6 @@ def quantize(a: np.ndarray, t: GGMLType | int) -> np.ndarray:
 
         out = getattr(kquants, _KQUANT_FUNCS[t])(a)
     else:
-        raise ValueError(f"flux2-mlx cannot quantize to {t.name}; choose Q8_0, Q6_K, Q5_K, Q4_K, Q3_K, Q2_K, Q4_0, Q4_1, Q5_0, Q5_1, F16 or BF16")
+        raise ValueError(f"flux2-mlx cannot quantize to {t.name}; choose Q8_0, Q6_K, Q5_K, Q4_K, Q3_K, "
+                         f"Q2_K, Q4_0, Q4_1, Q5_0, Q5_1, F16 or BF16")
     return np.ascontiguousarray(out).view(np.uint8).reshape(*a.shape[:-1], -1)
