@@ -131,6 +131,21 @@ def test_random_blocks_through_mlx(t):
     assert _rel(np.array(y, np.float64), x.astype(np.float64) @ ref.T.astype(np.float64)) < 1e-5
 
 
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_large_tensor_repacked_in_row_chunks_equals_one_piece(t):
+    """repack() splits tensors over ~1 MB row chunks on a thread pool; the pieces must join in order."""
+    from flux2_mlx.quant.mlx_layout import _repack_rows
+    shape = (3, 700, 1024)  # 3-D lead, 2100 rows: a few MB of blocks, several uneven chunks
+    raw = _random_raw(t, (2100, 1024), seed=3).reshape(3, 700, -1)
+    whole = repack(raw, t, shape, exact=True)
+    one = _repack_rows(raw.reshape(2100, -1), t, 1024, np.float32, True)
+    assert whole.weight.shape == (3, 700, 1024 * one.bits // 32) and whole.scales.shape[:2] == (3, 700)
+    for a, b in ((whole.weight, one.weight), (whole.scales, one.scales), (whole.biases, one.biases)):
+        assert np.array_equal(a.reshape(b.shape), b)
+    if t != T.Q6_K:
+        assert np.array_equal(dequantize_mlx(whole), dequantize(raw, t, shape))
+
+
 @pytest.mark.parametrize("t", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q3_K], ids=lambda t: t.name)
 def test_fp16_scales_exact_for_legacy_and_q3_k(t):
     raw = _random_raw(t, seed=4)  # |d| ~ 0.01: offsets like -128 d stay far inside fp16's range

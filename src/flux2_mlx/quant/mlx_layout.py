@@ -5,7 +5,9 @@ Exact where gguf-and-quantization.md §2 says it is; Q6_K and Q2_K are re-quanti
 
 from __future__ import annotations
 
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,9 +48,17 @@ class MLXQuant:
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned codes (< 2**bits) along the last axis → MLX's packed uint32 (last axis * bits / 32)."""
     *lead, n = codes.shape
+    c = np.ascontiguousarray(codes, dtype=np.uint8)
+    if bits == 8:  # the bytes already are the bit stream
+        return c.reshape(*lead, n).view(np.uint32)
+    if bits == 4:
+        pairs = c.reshape(*lead, n // 2, 2)
+        return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4)).reshape(*lead, n // 2).view(np.uint32)
     # 8 codes of <= 8 bits fill exactly `bits` bytes of a uint64; stacking those bytes is the bit stream.
-    c = codes.reshape(*lead, n // 8, 8).astype(np.uint64)
-    v = np.bitwise_or.reduce(c << (np.arange(8, dtype=np.uint64) * np.uint64(bits)), axis=-1)
+    c8 = c.reshape(*lead, n // 8, 8)
+    v = c8[..., 0].astype(np.uint64)
+    for k in range(1, 8):  # a loop of in-place ORs: no (…, 8) uint64 temporary
+        v |= c8[..., k].astype(np.uint64) << np.uint64(k * bits)
     byts = v[..., None].view(np.uint8)[..., :bits]
     return np.ascontiguousarray(byts).reshape(*lead, n * bits // 8).view(np.uint32)
 
@@ -145,21 +155,37 @@ def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dt
     re-quantized (REQUANT).
     `scales_dtype` (np.float32, np.float16 or "bfloat16") trades exactness for memory (§5): fp16 is still exact
     for the legacy types and Q3_K (when |128 d| < 65504) but adds ~2e-4 rel-RMS to Q4_K/Q5_K; bf16 adds ~1.7e-3.
+    Rows go through in chunks of about 1 MB of blocks, on all cores: the numpy temporaries stay small and
+    in cache, and numpy releases the GIL inside its kernels.
     """
     t = T(t)
     *lead, n = shape
+    rows = int(np.prod(lead, dtype=np.int64)) if lead else 1
+    raw = np.asarray(raw).reshape(rows, -1)
+    step = max(1, (1 << 20) // max(1, raw.shape[1] * raw.itemsize))
+    chunks = [raw[i:i + step] for i in range(0, rows, step)]
+    with ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(lambda c: _repack_rows(c, t, n, scales_dtype, exact), chunks))
+    first = parts[0]
+    cat = (lambda name: getattr(first, name) if len(parts) == 1
+           else np.concatenate([getattr(p, name) for p in parts]))
+    return MLXQuant(cat("weight").reshape(*lead, -1), cat("scales").reshape(*lead, -1),
+                    cat("biases").reshape(*lead, -1), first.group_size, first.bits, first.note)
+
+
+def _repack_rows(raw: np.ndarray, t: GGMLType, n: int, scales_dtype, exact: bool) -> MLXQuant:
+    """repack() of a 2-D block of rows."""
     if t in REQUANT and not (exact and t == T.Q3_K):
         bits, group = REQUANT[t]
-        q = requantize(dequantize(raw, t, shape), bits, group, scales_dtype)
+        q = requantize(dequantize(raw, t, (raw.shape[0], n)), bits, group, scales_dtype)
         return MLXQuant(q.weight, q.scales, q.biases, group, bits, _LOSSY_NOTE[t])
     ts = block_info(t)[1]
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, row_bytes(t, n) // ts, ts)
     codes, scales, biases, bits, group = _codes(blocks, t)
     name = _dtype_name(scales_dtype)
     note = f"exact ({bits}-bit g{group})" if name == "float32" else f"{bits}-bit g{group}, scales rounded to {name}"
-    return MLXQuant(pack_codes(codes, bits).reshape(*lead, n * bits // 32),
-                    _round_scales(scales, scales_dtype).reshape(*lead, -1),
-                    _round_scales(biases, scales_dtype).reshape(*lead, -1), group, bits, note)
+    return MLXQuant(pack_codes(codes, bits), _round_scales(scales, scales_dtype),
+                    _round_scales(biases, scales_dtype), group, bits, note)
 
 
 def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float32) -> MLXQuant:
@@ -170,9 +196,12 @@ def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float3
     bias = _round_scales(lo, scales_dtype)
     scale = _round_scales((hi - lo) / np.float32(2**bits - 1), scales_dtype)
     s32, b32 = scale.astype(np.float32)[..., None], bias.astype(np.float32)[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):  # constant groups have scale 0 → code 0
-        q = np.where(s32 > 0, np.rint((g - b32) / s32), 0)
-    codes = np.clip(q, 0, 2**bits - 1).astype(np.uint8).reshape(-1, n)
+    q = g - b32  # in-place from here on: this runs once per weight at load time
+    np.divide(q, s32, out=q, where=s32 > 0)
+    q[np.broadcast_to(s32 == 0, q.shape)] = 0  # constant groups have scale 0 → code 0
+    np.rint(q, out=q)
+    np.clip(q, 0, 2**bits - 1, out=q)
+    codes = q.astype(np.uint8).reshape(-1, n)
     return MLXQuant(pack_codes(codes, bits).reshape(*lead, n * bits // 32), scale.reshape(*lead, -1),
                     bias.reshape(*lead, -1), group_size, bits, f"re-quantized to {bits}-bit g{group_size}")
 
