@@ -8,39 +8,17 @@ BENCHMARKS.md. Linux CPU: FLUX2_OPENBLAS=1 preloads OpenBLAS for fast f32 matmul
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import datetime
-import json
-import os
-import platform
-import statistics
 import time
 
+from _common import OPENBLAS, machine, random_entries, time_forward, write_json  # first: preloads OpenBLAS
 
-def _preload_openblas() -> str:
-    """Must run before the first `import mlx.core` (gguf-and-quantization.md §8.3)."""
-    path = os.environ.get("FLUX2_OPENBLAS")
-    if not path:
-        return "not requested"
-    path = "libopenblas.so.0" if path == "1" else path
-    try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        return f"loaded {path}"
-    except OSError as e:
-        return f"FAILED ({e})"
+import mlx.core as mx
 
-
-OPENBLAS = _preload_openblas()
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from flux2_mlx.config import (MISTRAL_SMALL_3_2, QWEN3_4B, QWEN3_8B, TextEncoderConfig,  # noqa: E402
+from flux2_mlx.config import (MISTRAL_SMALL_3_2, QWEN3_4B, QWEN3_8B, TextEncoderConfig,
                               text_encoder_shapes)
-from flux2_mlx.keymap import Entry  # noqa: E402
-from flux2_mlx.mlx_backend import load_text_encoder, resolve_dtype  # noqa: E402
-from flux2_mlx.weights import BF16  # noqa: E402
+from flux2_mlx.mlx_backend import load_text_encoder, resolve_dtype
 
 ENCODERS = {"qwen3-4b": QWEN3_4B, "qwen3-8b": QWEN3_8B, "mistral": MISTRAL_SMALL_3_2}
 
@@ -54,30 +32,6 @@ def forward_flops(cfg: TextEncoderConfig, layers: int, L: int) -> float:
     linears = 2 * L * (D * q + 2 * D * kv + q * D + 3 * D * I)
     attn = 4 * L * L * cfg.num_attention_heads * cfg.head_dim
     return float(layers * (linears + attn))
-
-
-def random_entries(cfg: TextEncoderConfig, dtype) -> dict[str, Entry]:
-    """Each tensor drawn directly in `dtype`, one at a time: N(0, 1/fan_in) Linears, N(0, 1) embeddings,
-    norm weights 1."""
-
-    def loader(name, shape):
-        def load() -> np.ndarray:
-            if len(shape) == 1:
-                return np.ones(shape, np.float32)
-            scale = 1.0 if name.endswith("embed_tokens.weight") else shape[-1] ** -0.5
-            a = mx.random.normal(shape, dtype=dtype, scale=scale)
-            # numpy has no bf16: hand the raw bits over as the project's BF16 dtype (no f32 copy).
-            return np.array(a.view(mx.uint16)).view(BF16) if dtype == mx.bfloat16 else np.array(a)
-        return load
-
-    return {name: Entry(shape, loader(name, shape)) for name, shape in text_encoder_shapes(cfg).items()}
-
-
-def machine() -> str:
-    info = mx.device_info() if hasattr(mx, "device_info") else (
-        mx.metal.device_info() if mx.metal.is_available() else {})
-    name = info.get("device_name") or platform.processor() or platform.machine()
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {name}, {mx.default_device()}"
 
 
 def main() -> None:
@@ -107,7 +61,8 @@ def main() -> None:
 
     mx.random.seed(0)
     t0 = time.perf_counter()
-    model = load_text_encoder(cfg, random_entries(cfg, dtype), dtype=dtype)
+    weights = random_entries(text_encoder_shapes(cfg), dtype, embeddings=("embed_tokens.weight",))
+    model = load_text_encoder(cfg, weights, dtype=dtype)
     print(f"built {args.model} {n} of {needed} needed layers in {dtype_name}: "
           f"{time.perf_counter() - t0:.1f} s")
 
@@ -115,21 +70,7 @@ def main() -> None:
     mask = mx.ones((1, L), dtype=mx.int32)  # cost does not depend on padding
     mx.eval(ids, mask)
 
-    def step() -> float:
-        start = time.perf_counter()
-        out = model(ids, mask)
-        mx.eval(out)
-        step.finite = bool(mx.isfinite(out).all())
-        return time.perf_counter() - start
-
-    for i in range(args.warmup):
-        print(f"warmup {i + 1}/{args.warmup}: {step():.2f} s")
-    times = []
-    for i in range(args.repeats):
-        times.append(step())
-        print(f"run {i + 1}/{args.repeats}: {times[-1]:.2f} s")
-
-    sec = statistics.median(times)
+    sec, times, finite = time_forward(lambda: model(ids, mask), args.warmup, args.repeats)
     flops, flops_needed = forward_flops(full, n, L), forward_flops(full, needed, L)
     res = {
         "date": datetime.date.today().isoformat(), "machine": machine(), "mlx": mx.__version__,
@@ -138,16 +79,14 @@ def main() -> None:
         "seconds_per_forward": sec, "times": times, "tflop": flops / 1e12,
         "tflop_needed": flops_needed / 1e12, "tflops_per_s": flops / sec / 1e12,
         "extrapolated_needed_seconds_per_forward": sec * flops_needed / flops,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9, "output_finite": step.finite,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9, "output_finite": finite,
     }
     print(f"{res['tflop']:.3f} TFLOP per forward at {n} layers, {res['tflop_needed']:.3f} at {needed}; "
-          f"peak memory {res['peak_memory_gb']:.1f} GB; output finite: {step.finite}")
+          f"peak memory {res['peak_memory_gb']:.1f} GB; output finite: {finite}")
     print(f"| {res['date']} | {res['machine']} | {res['mlx']} | {args.model} | {n} of {needed} | {L} | "
           f"{dtype_name} | {sec:.2f} | {res['tflops_per_s']:.3g} | "
           f"{res['extrapolated_needed_seconds_per_forward']:.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":

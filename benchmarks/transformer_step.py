@@ -6,39 +6,17 @@ Prints a markdown row for BENCHMARKS.md. Linux CPU: FLUX2_OPENBLAS=1 preloads Op
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import datetime
-import json
-import os
-import platform
-import statistics
 import time
 
+from _common import OPENBLAS, machine, random_entries, time_forward, write_json  # first: preloads OpenBLAS
 
-def _preload_openblas() -> str:
-    """Must run before the first `import mlx.core` (gguf-and-quantization.md §8.3)."""
-    path = os.environ.get("FLUX2_OPENBLAS")
-    if not path:
-        return "not requested"
-    path = "libopenblas.so.0" if path == "1" else path
-    try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        return f"loaded {path}"
-    except OSError as e:
-        return f"FAILED ({e})"
+import mlx.core as mx
 
-
-OPENBLAS = _preload_openblas()
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from flux2_mlx.config import MODELS, TransformerConfig, transformer_shapes  # noqa: E402
-from flux2_mlx.keymap import Entry  # noqa: E402
-from flux2_mlx.mlx_backend import load_transformer, resolve_dtype  # noqa: E402
-from flux2_mlx.sampling import prc_img, prc_txt  # noqa: E402
-from flux2_mlx.weights import BF16  # noqa: E402
+from flux2_mlx.config import MODELS, TransformerConfig, transformer_shapes
+from flux2_mlx.mlx_backend import load_transformer, resolve_dtype
+from flux2_mlx.sampling import prc_img, prc_txt
 
 
 def forward_flops(cfg: TransformerConfig, n_img: int, n_txt: int) -> float:
@@ -53,28 +31,6 @@ def forward_flops(cfg: TransformerConfig, n_img: int, n_txt: int) -> float:
     double = 2 * L * (H * 3 * H + H * H + H * 2 * M + M * H) + attn  # both streams together
     single = 2 * L * (H * (3 * H + 2 * M) + (H + M) * H) + attn
     return float(embed + vec + final + cfg.depth * double + cfg.depth_single_blocks * single)
-
-
-def random_entries(cfg: TransformerConfig, dtype) -> dict[str, Entry]:
-    """Each tensor drawn directly in `dtype`, N(0, 1/fan_in) (norm scales = 1), one at a time."""
-
-    def loader(shape):
-        def load() -> np.ndarray:
-            if len(shape) == 1:
-                return np.ones(shape, np.float32)
-            a = mx.random.normal(shape, dtype=dtype, scale=shape[-1] ** -0.5)
-            # numpy has no bf16: hand the raw bits over as the project's BF16 dtype (no f32 copy).
-            return np.array(a.view(mx.uint16)).view(BF16) if dtype == mx.bfloat16 else np.array(a)
-        return load
-
-    return {name: Entry(shape, loader(shape)) for name, shape in transformer_shapes(cfg).items()}
-
-
-def machine() -> str:
-    info = mx.device_info() if hasattr(mx, "device_info") else (
-        mx.metal.device_info() if mx.metal.is_available() else {})
-    name = info.get("device_name") or platform.processor() or platform.machine()
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {name}, {mx.default_device()}"
 
 
 def main() -> None:
@@ -105,7 +61,7 @@ def main() -> None:
 
     mx.random.seed(0)
     t0 = time.perf_counter()
-    model = load_transformer(cfg, random_entries(cfg, dtype), dtype=dtype)
+    model = load_transformer(cfg, random_entries(transformer_shapes(cfg), dtype), dtype=dtype)
     print(f"built {args.model} {d}+{s} blocks in {dtype_name}: {time.perf_counter() - t0:.1f} s")
 
     x = mx.random.normal((1, h * w, cfg.in_channels), dtype=dtype)
@@ -115,21 +71,7 @@ def main() -> None:
     guidance = mx.array([4.0], dtype=dtype) if cfg.use_guidance_embed else None
     mx.eval(x, ctx, x_ids, ctx_ids, t)
 
-    def step() -> float:
-        start = time.perf_counter()
-        out = model(x, x_ids, t, ctx, ctx_ids, guidance)
-        mx.eval(out)
-        step.finite = bool(mx.isfinite(out).all())
-        return time.perf_counter() - start
-
-    for i in range(args.warmup):
-        print(f"warmup {i + 1}/{args.warmup}: {step():.2f} s")
-    times = []
-    for i in range(args.repeats):
-        times.append(step())
-        print(f"run {i + 1}/{args.repeats}: {times[-1]:.2f} s")
-
-    sec = statistics.median(times)
+    sec, times, finite = time_forward(lambda: model(x, x_ids, t, ctx, ctx_ids, guidance), args.warmup, args.repeats)
     flops, flops_full = forward_flops(cfg, h * w, n_txt), forward_flops(full, h * w, n_txt)
     res = {
         "date": datetime.date.today().isoformat(), "machine": machine(), "mlx": mx.__version__,
@@ -139,16 +81,14 @@ def main() -> None:
         "dtype": dtype_name, "seconds_per_step": sec, "times": times, "tflop": flops / 1e12,
         "tflop_full": flops_full / 1e12, "tflops_per_s": flops / sec / 1e12,
         "extrapolated_full_seconds_per_step": sec * flops_full / flops,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9, "output_finite": step.finite,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9, "output_finite": finite,
     }
     print(f"{res['tflop']:.2f} TFLOP per step at {d}+{s} blocks, {res['tflop_full']:.2f} at full depth; "
-          f"peak memory {res['peak_memory_gb']:.1f} GB; output finite: {step.finite}")
+          f"peak memory {res['peak_memory_gb']:.1f} GB; output finite: {finite}")
     print(f"| {res['date']} | {res['machine']} | {res['mlx']} | {args.model} | "
           f"{d}+{s} of {full.depth}+{full.depth_single_blocks} | {args.width}x{args.height} | {dtype_name} | "
           f"{sec:.2f} | {res['tflops_per_s']:.3g} | {res['extrapolated_full_seconds_per_step']:.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,12 @@ class Entry:
 
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray | GGMLTensor]
+    stored: str = ""  # the file's type name ("BF16", "Q4_K", ...) when known: the memory planner sizes by it
+
+
+def _stored(source, key: str) -> str:
+    dtype = getattr(source, "dtype", None)  # shape-only stand-ins have none
+    return dtype(key) if dtype is not None else ""
 
 
 # (BFL name, diffusers names, transform); "{i}" is a block index (flux2-architecture.md §7.3).
@@ -105,7 +111,7 @@ def transformer_entries(source: WeightSource) -> dict[str, Entry]:
     prefix = _strip_prefix(keys)
     names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
     if any(n.startswith(("double_blocks.", "single_blocks.", "img_in.")) for n in names):
-        return {n: Entry(source.shape(k), lambda k=k: source.get(k)) for n, k in names.items()}
+        return {n: Entry(source.shape(k), lambda k=k: source.get(k), _stored(source, k)) for n, k in names.items()}
     if not any(n.startswith(("transformer_blocks.", "x_embedder.")) for n in names):
         raise WeightsError(f"{source.path}: no FLUX.2 transformer tensors found (neither BFL nor "
                            f"diffusers names); is this the right file?")
@@ -133,10 +139,10 @@ def transformer_entries(source: WeightSource) -> dict[str, Entry]:
                 load = lambda k=keys_[0]: _swap_halves(source.get(k))
             else:
                 load = lambda k=keys_[0]: source.get(k)
-            out[fill(bfl)] = Entry(shape, load)
+            out[fill(bfl)] = Entry(shape, load, _stored(source, keys_[0]))
     for n in names:  # unknown diffusers names stay visible to check_keys as "unexpected"
         if n not in used:
-            out[n] = Entry(source.shape(names[n]), lambda k=names[n]: source.get(k))
+            out[n] = Entry(source.shape(names[n]), lambda k=names[n]: source.get(k), _stored(source, names[n]))
     return out
 
 
@@ -415,7 +421,7 @@ def _llama_cpp_text_encoder(source, cfg: TextEncoderConfig) -> dict[str, Entry]:
             load = lambda k=k, s=shape: unpermute_qk(source.get(k), max(s[0] // cfg.head_dim, 1))
         else:
             load = lambda k=k: source.get(k)
-        out[hf] = Entry(shape, load)
+        out[hf] = Entry(shape, load, _stored(source, k))
     return out
 
 
@@ -471,7 +477,7 @@ def text_encoder_entries(source: WeightSource, cfg: TextEncoderConfig) -> dict[s
             load = lambda k=k, s=pairs[k]: dequantize_fp8(source.get(k), source.get(s), block)
         else:
             load = lambda k=k: source.get(k)
-        out[name] = Entry(source.shape(k), load)
+        out[name] = Entry(source.shape(k), load, "F32" if k in pairs else _stored(source, k))
     return out
 
 

@@ -80,6 +80,21 @@ def to_float32(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
+def _pread(path: Path, offset: int, nbytes: int) -> np.ndarray:
+    """`nbytes` bytes at `offset`, read into a fresh array; a short read (the file shrank) is an error."""
+    out = np.empty(nbytes, np.uint8)
+    view, done = memoryview(out), 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while done < nbytes:
+            n = f.readinto(view[done:])
+            if not n:
+                raise WeightsError(f"{path}: the file ended {nbytes - done} bytes early while reading weights; "
+                                   f"it was truncated or replaced during the run; download it again")
+            done += n
+    return out
+
+
 class SafetensorsFile:
     """One .safetensors file: a JSON header parsed up front, tensors as views of one np.memmap."""
 
@@ -110,6 +125,7 @@ class SafetensorsFile:
                                    f"the file); download it again")
             self._info[name] = (dtype, shape, 8 + n + start, 8 + n + end)
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+        self.pread = False  # True: get() copies with read calls instead of returning memmap views
 
     def keys(self) -> list[str]:
         return list(self._info)
@@ -122,7 +138,8 @@ class SafetensorsFile:
 
     def get(self, name: str) -> np.ndarray:
         dtype, shape, start, end = self._info[name]
-        return self._mm[start:end].view(dtype).reshape(shape)
+        data = _pread(self.path, start, end - start) if self.pread else self._mm[start:end]
+        return data.view(dtype).reshape(shape)
 
 
 # ggml block types flux2-mlx runs (gguf-and-quantization.md §2, §3); F32/F16/BF16 (and the integer types)
@@ -200,6 +217,7 @@ class GGUFFile:
                 raise WeightsError(f"{self.path}: truncated (tensor {t.name!r} lies outside the file); "
                                    f"download it again")
             self._tensors[t.name] = t
+        self.pread = False
         self.metadata = {}
         for key, field in self._reader.fields.items():
             if key.startswith("GGUF."):
@@ -225,25 +243,32 @@ class GGUFFile:
     def get(self, name: str) -> np.ndarray | GGMLTensor:
         t, shape = self._tensors[name], self.shape(name)
         kind = t.tensor_type.name
+        data = t.data
+        if self.pread and kind in (*_GGML_DENSE, *GGML_QUANTIZED):
+            data = _pread(self.path, int(t.data_offset), int(t.n_bytes)).view(data.dtype).reshape(data.shape)
         if kind in _GGML_DENSE:
-            return t.data.view(_GGML_DENSE[kind]).reshape(shape)  # BF16 arrives as raw bytes
+            return data.view(_GGML_DENSE[kind]).reshape(shape)  # BF16 arrives as raw bytes
         if kind not in GGML_QUANTIZED:
             raise WeightsError(f"{self.path}: tensor {name!r} is {kind}, which flux2-mlx does not read; "
                                f"supported types: {_GGML_SUPPORTED}")
-        return GGMLTensor(t.data.reshape(-1, t.data.shape[-1]), kind, shape)
+        return GGMLTensor(data.reshape(-1, data.shape[-1]), kind, shape)
 
 
 class WeightSource:
     """Tensors of one model component from a file, a list of shards, or a folder of shards."""
 
-    def __init__(self, path: str | os.PathLike, *, partial: bool = False):
+    def __init__(self, path: str | os.PathLike, *, partial: bool = False, pread: bool = False):
         """partial: accept an index whose shards are not all there (the text encoder is downloaded
-        without the shards FLUX.2 never reads); the strict key check still names what is needed."""
+        without the shards FLUX.2 never reads); the strict key check still names what is needed.
+        pread: tensors are copied out with read calls rather than memmap views. Streaming uses it: a file
+        truncated mid-run then gives a short read (a WeightsError), where a memmap would crash on SIGBUS."""
         self.path = Path(path)
         if not self.path.exists():
             raise WeightsError(f"{self.path}: no such file or folder")
         self.files = [GGUFFile(p) if p.suffix == ".gguf" else SafetensorsFile(p)
                       for p in _shards(self.path, partial)]
+        for f in self.files:
+            f.pread = pread
         # GGUF key-value pairs or safetensors' __metadata__ (first file's keys win).
         self.metadata: dict = {}
         for f in reversed(self.files):

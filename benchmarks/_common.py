@@ -1,0 +1,88 @@
+"""Shared by the step benchmarks: OpenBLAS preload, random weights, the timing loop, machine and JSON.
+
+Import this before anything imports mlx: the preload only works ahead of the first `import mlx.core`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import statistics
+import time
+
+
+def _preload_openblas() -> str:
+    """Linux CPU: MLX's wheel links netlib BLAS; FLUX2_OPENBLAS=1 (or a path) swaps in OpenBLAS (§8.3)."""
+    path = os.environ.get("FLUX2_OPENBLAS")
+    if not path:
+        return "not requested"
+    path = "libopenblas.so.0" if path == "1" else path
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        return f"loaded {path}"
+    except OSError as e:
+        return f"FAILED ({e})"
+
+
+OPENBLAS = _preload_openblas()
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from flux2_mlx.keymap import Entry  # noqa: E402
+from flux2_mlx.weights import BF16  # noqa: E402
+
+
+def random_entries(shapes: dict[str, tuple[int, ...]], dtype, embeddings: tuple[str, ...] = ()) -> dict[str, Entry]:
+    """Each tensor drawn directly in `dtype`, one at a time: N(0, 1/fan_in), N(0, 1) for names ending in
+    one of `embeddings`, 1-D tensors (norm weights) 1."""
+
+    def loader(name, shape):
+        def load() -> np.ndarray:
+            if len(shape) == 1:
+                return np.ones(shape, np.float32)
+            scale = 1.0 if name.endswith(embeddings) else shape[-1] ** -0.5
+            a = mx.random.normal(shape, dtype=dtype, scale=scale)
+            # numpy has no bf16: hand the raw bits over as the project's BF16 dtype (no f32 copy).
+            return np.array(a.view(mx.uint16)).view(BF16) if dtype == mx.bfloat16 else np.array(a)
+        return load
+
+    return {name: Entry(shape, loader(name, shape)) for name, shape in shapes.items()}
+
+
+def machine() -> str:
+    info = mx.device_info() if hasattr(mx, "device_info") else (
+        mx.metal.device_info() if mx.metal.is_available() else {})
+    name = info.get("device_name") or platform.processor() or platform.machine()
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {name}, {mx.default_device()}"
+
+
+def time_forward(forward, warmup: int, repeats: int) -> tuple[float, list[float], bool]:
+    """Median seconds of `repeats` calls of forward() (each evaluated), after `warmup` untimed ones;
+    also every time and whether the last output was finite."""
+    finite = True
+
+    def step() -> float:
+        nonlocal finite
+        start = time.perf_counter()
+        out = forward()
+        mx.eval(out)
+        elapsed = time.perf_counter() - start
+        finite = bool(mx.isfinite(out).all())
+        return elapsed
+
+    for i in range(warmup):
+        print(f"warmup {i + 1}/{warmup}: {step():.2f} s")
+    times = []
+    for i in range(repeats):
+        times.append(step())
+        print(f"run {i + 1}/{repeats}: {times[-1]:.2f} s")
+    return statistics.median(times), times, finite
+
+
+def write_json(path: str | None, res: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)
