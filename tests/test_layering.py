@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "flux2_mlx"
-CORE = ["__init__", "__main__", "cli", "config", "sampling", "keymap", "weights", "pipeline", "tokenizer"]
+CORE = ["__init__", "__main__", "cli", "config", "sampling", "keymap", "weights", "pipeline", "tokenizer", "memory"]
 CORE += sorted(f"quant/{f.stem}" for f in (PKG / "quant").glob("*.py"))  # the numpy-only quant/ package
 MODEL_MATH = ["layers", "transformer", "text_encoder", "vae"]
-CONTRACT = ["resolve_dtype", "peak_memory", "load_transformer", "load_text_encoder", "load_vae", "from_numpy", "to_numpy",
-            "evaluate", "free"]
+CONTRACT = ["resolve_dtype", "peak_memory", "load_transformer", "load_text_encoder", "load_vae", "from_numpy",
+            "to_numpy", "evaluate", "free", "device_memory"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -59,9 +59,9 @@ def test_backend_contract():
 
     missing = [n for n in CONTRACT if not callable(getattr(be, n, None))]
     assert not missing
-    assert list(inspect.signature(be.load_transformer).parameters) == ["cfg", "source", "dtype"]
+    assert list(inspect.signature(be.load_transformer).parameters) == ["cfg", "source", "dtype", "streaming"]
     assert list(inspect.signature(be.load_vae).parameters) == ["cfg", "source", "dtype"]
-    assert list(inspect.signature(be.load_text_encoder).parameters) == ["cfg", "source", "dtype"]
+    assert list(inspect.signature(be.load_text_encoder).parameters) == ["cfg", "source", "dtype", "streaming"]
 
 
 def test_help_and_api_import_load_no_framework():

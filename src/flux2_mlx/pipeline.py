@@ -18,9 +18,11 @@ import numpy as np
 from PIL import Image
 
 from . import hub, sampling
+from . import memory as memory_plan
 from .config import (MODELS, ModelSpec, TextEncoderConfig, TransformerConfig, get_spec, text_encoder_config_from,
-                     transformer_config_from_shapes, vae_config_from)
-from .keymap import check_transformer, transformer_entries
+                     text_encoder_shapes, transformer_config_from_shapes, transformer_shapes, vae_config_from,
+                     vae_shapes)
+from .keymap import Entry, check_transformer, text_encoder_entries, transformer_entries, vae_entries
 from .tokenizer import PromptTokenizer, tokenizer_from_gguf
 from .weights import GGUFFile, WeightsError, WeightSource
 
@@ -72,15 +74,98 @@ def _transformer_config(spec: ModelSpec, entries) -> TransformerConfig:
     return cfg
 
 
+def _shape_entries(shapes: dict) -> dict[str, Entry]:
+    """Stand-ins for a component not downloaded yet: its shapes, stored in the compute dtype."""
+    return {k: Entry(v, lambda: None) for k, v in shapes.items()}
+
+
+def plan_memory(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: int, height: int, *,
+                budget_gb: float | None = None, stream_from: str | None = None, cfg: bool = False,
+                encode: bool = True) -> memory_plan.Plan:
+    """The memory plan for one run, from the files' headers (shapes and stored types; nothing is loaded).
+
+    budget_gb None: the backend's limit (Metal's recommended working set, or 80 % of RAM). stream_from
+    None: "ram" when the host has room for a copy of what is streamed beside the budget, else "disk".
+    """
+    dev = backend.device_memory()
+    budget = int(budget_gb * memory_plan.GB) if budget_gb is not None else dev["limit"]
+    if budget <= 0:
+        raise ValueError(f"the memory budget must be positive, got {budget_gb} GB")
+
+    def weights(component, name, entries_of, shapes, blocks):
+        path = files.get(component)
+        entries = entries_of(path) if path is not None else _shape_entries(shapes)
+        return memory_plan.component_weights(name, entries, blocks, dtype_bytes)
+
+    t = weights("transformer", "transformer", lambda p: transformer_entries(WeightSource(p)),
+                transformer_shapes(spec.transformer), ("double_blocks", "single_blocks"))
+    v = memory_plan.component_weights("vae", vae_entries(WeightSource(files["vae"])) if files.get("vae")
+                                 else _shape_entries(vae_shapes(spec.vae)), (), 4)
+    te_cfg = spec.text_encoder
+    te = None
+    if encode:
+        te = weights("text_encoder", "text encoder", lambda p: text_encoder_entries(WeightSource(p, partial=True),
+                                                                                     te_cfg),
+                     text_encoder_shapes(te_cfg), ("model.layers",))
+    streamed = t.total if te is None else max(t.total, te.total)
+    source = stream_from or ("ram" if streamed + budget <= 0.9 * dev["total"] else "disk")
+    if source not in ("ram", "disk"):
+        raise ValueError(f"stream_from must be ram or disk, got {stream_from!r}")
+    tcfg = spec.transformer
+    return memory_plan.plan(budget, transformer=t, vae=v, text_encoder=te, hidden=tcfg.hidden_size,
+                       heads=tcfg.num_heads, te_hidden=te_cfg.hidden_size, te_mlp=te_cfg.intermediate_size,
+                       te_heads=te_cfg.num_attention_heads, width=width, height=height, compute_bytes=dtype_bytes,
+                       fused_attention=dev["fused_attention"], cfg_batch=2 if cfg else 1, source=source)
+
+
+def decode_tiled(decode, z: np.ndarray, tile: int) -> np.ndarray:
+    """decode((1, h, w, C) latent tokens) → (16h, 16w, 3) image, whole (tile 0) or in tiles of `tile` pixels.
+
+    Each tile is decoded with memory_plan.TILE_OVERLAP pixels of context on every inner side and
+    cross-faded linearly over the 2·overlap band it shares with its neighbour, so no seam shows.
+    """
+    _, h, w, _ = z.shape
+    t, o = tile // 16, memory_plan.TILE_OVERLAP // 16
+    if tile == 0 or (h <= t and w <= t):
+        return decode(z)
+    out = np.zeros((16 * h, 16 * w, 3), np.float32)
+    weight = np.zeros((16 * h, 16 * w, 1), np.float32)
+
+    def ramp(lo, hi, n):  # 1 inside, falling to 0 across the 2·o cells of an inner edge
+        r = np.ones(16 * (hi - lo), np.float32)
+        edge = np.linspace(0, 1, 32 * o + 2, dtype=np.float32)[1:-1]
+        if lo > 0:
+            r[: edge.size] = np.minimum(r[: edge.size], edge)
+        if hi < n:
+            r[-edge.size:] = np.minimum(r[-edge.size:], edge[::-1])
+        return r
+
+    for y in range(0, h, t):
+        for x in range(0, w, t):
+            y0, y1, x0, x1 = max(0, y - o), min(h, y + t + o), max(0, x - o), min(w, x + t + o)
+            img = decode(z[:, y0:y1, x0:x1])
+            wgt = ramp(y0, y1, h)[:, None, None] * ramp(x0, x1, w)[None, :, None]
+            out[16 * y0:16 * y1, 16 * x0:16 * x1] += img * wgt
+            weight[16 * y0:16 * y1, 16 * x0:16 * x1] += wgt
+    return out / weight
+
+
 class Pipeline:
     """One FLUX.2 model on one backend. Use `load_pipeline` to make one.
 
     Memory "phase" (default) keeps at most one of text encoder and transformer in memory: the encoder
-    is freed after encoding, the transformer before the next encoding. "resident" keeps both.
+    is freed after encoding, the transformer before the next encoding; each phase follows the memory
+    plan (`plan()`), streaming blocks when the component does not fit the budget and decoding in tiles
+    when the image does not. "resident" keeps both loaded and plans nothing.
     """
 
-    def __init__(self, spec: ModelSpec, backend, files: dict, dtype, memory: str = "phase"):
+    def __init__(self, spec: ModelSpec, backend, files: dict, dtype, memory: str = "phase",
+                 budget_gb: float | None = None, stream_from: str | None = None):
         self.backend, self.files, self.dtype, self.memory = backend, files, dtype, memory
+        self.budget_gb, self.stream_from = budget_gb, stream_from
+        self._plans: dict[tuple, memory_plan.Plan] = {}
+        self._prompts: dict[str, np.ndarray] = {}  # prompt → embeddings: several seeds encode once
+        self._streaming = {"transformer": None, "text_encoder": None}
         # The architecture comes from the files (tensor shapes, config.json); the name gives defaults.
         # Shapes are read from headers now, so a wrong file fails before minutes of prompt encoding.
         entries = transformer_entries(WeightSource(self._path("transformer", spec)))
@@ -96,17 +181,56 @@ class Pipeline:
             self.files.update(hub.fetch(spec or self.spec, {component: None}))
         return self.files[component]
 
+    def plan(self, width: int = 1024, height: int = 1024, guidance=None) -> memory_plan.Plan:
+        """The memory plan for an image of this size (memory_plan.MemoryPlanError if it cannot fit)."""
+        cfg = self.spec.guidance_mode == "cfg" and self.settings(None, guidance)[1] > 1.0
+        key = (width, height, cfg)
+        if key not in self._plans:
+            self._plans[key] = plan_memory(self.spec, self.files, self.backend, self.dtype.size, width, height,
+                                           budget_gb=self.budget_gb, stream_from=self.stream_from, cfg=cfg)
+        return self._plans[key]
+
+    def _phase_streaming(self, phase: str, plan):
+        return plan.streaming(phase) if plan is not None and self.memory == "phase" else None
+
+    def _load(self, component: str, streaming):
+        """The transformer or text encoder, reloaded only when the plan asks for another streaming setup."""
+        attr = f"_{component}"
+        if getattr(self, attr) is not None and self._streaming[component] == streaming:
+            return getattr(self, attr)
+        setattr(self, attr, None)
+        self.backend.free()
+        path = self._path(component)
+        if component == "transformer":
+            source = WeightSource(path, pread=streaming is not None)
+            model = self.backend.load_transformer(self.spec.transformer, source, dtype=self.dtype,
+                                                  streaming=streaming)
+        else:
+            cfg = _encoder_config(path, self.spec.text_encoder)
+            width = len(cfg.output_layers) * cfg.hidden_size
+            if width != self.spec.transformer.context_in_dim:
+                raise WeightsError(f"{path}: this text encoder gives {width} features per token but the "
+                                   f"transformer takes {self.spec.transformer.context_in_dim}; use "
+                                   f"{self.spec.text_encoder.repo_id}")
+            source = WeightSource(path, partial=True, pread=streaming is not None)
+            model = self.backend.load_text_encoder(cfg, source, dtype=self.dtype, streaming=streaming)
+        setattr(self, attr, model)
+        self._streaming[component] = streaming
+        return model
+
     @property
     def transformer(self):
-        if self._transformer is None:
-            self._transformer = self.backend.load_transformer(
-                self.spec.transformer, WeightSource(self._path("transformer")), dtype=self.dtype)
-        return self._transformer
+        """The transformer as the last plan set it up (resident when nothing was planned)."""
+        return self._load("transformer", self._streaming["transformer"] if self._transformer is not None else None)
 
-    def encode(self, prompts: str | list[str]) -> np.ndarray:
-        """Prompt embeddings (B, 512, 3·D), float32: the encoder's hidden states at its output layers."""
+    def encode(self, prompts: str | list[str], plan: memory_plan.Plan | None = None) -> np.ndarray:
+        """Prompt embeddings (B, 512, 3·D), float32: the encoder's hidden states at its output layers.
+        The last few prompts are remembered, so rendering one prompt with many seeds encodes it once."""
         be, cfg = self.backend, self.spec.text_encoder
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._prompts))
+        if not todo:
+            return np.stack([self._prompts[p] for p in prompts])
         if self.memory == "phase" and self._transformer is not None:
             self._transformer = None
             be.free()
@@ -118,21 +242,19 @@ class Pipeline:
                 path = self._path("tokenizer")
                 source = path / "tokenizer.json" if path.is_dir() else path
             self._tokenizer = PromptTokenizer.from_config(source, cfg)
-        if self._text_encoder is None:
-            path = self._path("text_encoder")
-            cfg = _encoder_config(path, cfg)
-            width = len(cfg.output_layers) * cfg.hidden_size
-            if width != self.spec.transformer.context_in_dim:
-                raise WeightsError(f"{path}: this text encoder gives {width} features per token but the "
-                                   f"transformer takes {self.spec.transformer.context_in_dim}; use "
-                                   f"{self.spec.text_encoder.repo_id}")
-            self._text_encoder = be.load_text_encoder(cfg, WeightSource(path, partial=True), dtype=self.dtype)
-        ids, mask = self._tokenizer.encode(prompts)
-        embeds = be.to_numpy(self._text_encoder(be.from_numpy(ids), be.from_numpy(mask)))
+        encoder = self._load("text_encoder", self._phase_streaming("encode", plan))
+        ids, mask = self._tokenizer.encode(todo)
+        embeds = be.to_numpy(encoder(be.from_numpy(ids), be.from_numpy(mask)))
+        del encoder
         if self.memory == "phase":
             self._text_encoder = None
             be.free()
-        return embeds
+        for p, e in zip(todo, embeds):
+            self._prompts.pop(p, None)
+            self._prompts[p] = e
+        while len(self._prompts) > 4:
+            self._prompts.pop(next(iter(self._prompts)))
+        return np.stack([self._prompts[p] if p in self._prompts else embeds[todo.index(p)] for p in prompts])
 
     def settings(self, steps, guidance) -> tuple[int, float]:
         """(steps, guidance) with the model's defaults filled in."""
@@ -152,7 +274,7 @@ class Pipeline:
         return a
 
     def conditioning(self, prompt=None, prompt_embeds=None, negative_prompt=None,
-                     negative_prompt_embeds=None, guidance=None):
+                     negative_prompt_embeds=None, guidance=None, plan=None):
         """(prompt embeddings, negative embeddings or None), encoding the strings in one encoder phase.
 
         The negative side exists only for CFG variants with guidance > 1; its prompt defaults to "".
@@ -168,7 +290,7 @@ class Pipeline:
             texts.append(prompt)
         if use_cfg and negative_prompt_embeds is None:
             texts.append(negative_prompt or "")
-        encoded = list(self.encode(texts)) if texts else []
+        encoded = list(self.encode(texts, plan)) if texts else []
         if prompt_embeds is None:
             prompt_embeds = encoded.pop(0)
         if use_cfg and negative_prompt_embeds is None:
@@ -183,13 +305,14 @@ class Pipeline:
         if spec.guidance_mode == "none" and guidance not in (None, 1.0):
             warnings.warn(f"{spec.name} is guidance-distilled without a guidance input; "
                           f"guidance={guidance} is ignored", stacklevel=4)
-        ctx, neg = self.conditioning(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, guidance)
+        plan = self.plan(width, height, guidance) if self.memory == "phase" else None
+        ctx, neg = self.conditioning(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, guidance, plan)
         steps, guidance = self.settings(steps, guidance)
         h, w = height // 16, width // 16
         ctx_ids = be.from_numpy(sampling.prc_txt(ctx.shape[1]))
         x_ids = be.from_numpy(sampling.prc_img(h, w))
         g = be.from_numpy(np.full((1,), guidance, np.float32)) if spec.guidance_mode == "embedded" else None
-        transformer = self.transformer
+        transformer = self._load("transformer", self._phase_streaming("denoise", plan))
 
         def velocity_for(context):
             context = be.from_numpy(context, self.dtype)
@@ -228,8 +351,9 @@ class Pipeline:
     def decode(self, latents: np.ndarray, width: int, height: int) -> Image.Image:
         """Latent tokens → RGB image; uint8 by rounding (diffusers), not truncation (BFL)."""
         be = self.backend
-        z = be.from_numpy(np.asarray(latents, np.float32).reshape(1, height // 16, width // 16, -1))
-        img = be.to_numpy(self.vae.decode(z))[0]
+        z = np.asarray(latents, np.float32).reshape(1, height // 16, width // 16, -1)
+        tile = self.plan(width, height).phase("decode").tile if self.memory == "phase" else 0
+        img = decode_tiled(lambda part: be.to_numpy(self.vae.decode(be.from_numpy(part)))[0], z, tile)
         if not np.isfinite(img).all():
             warnings.warn("the decoded image has NaN or infinite values (an overflow in the model); "
                           "try dtype='float32'", stacklevel=2)
@@ -255,7 +379,8 @@ class Pipeline:
 
 def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, transformer=None, vae=None,
                   text_encoder=None, tokenizer=None, backend: str = "mlx", dtype: str | None = None,
-                  memory: str = "phase") -> Pipeline:
+                  memory: str = "phase", memory_budget: float | None = None,
+                  stream_from: str | None = None) -> Pipeline:
     """Load a FLUX.2 model.
 
     Files come from the explicit paths, else `model_path` (a downloaded repo folder, BFL or diffusers
@@ -264,7 +389,9 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
     `ae.safetensors` or a `vae/` folder; text_encoder: a `text_encoder/` folder; tokenizer: a
     tokenizer.json or its folder. The text encoder is fetched only when a prompt string is used.
     dtype: "bfloat16" | "float16" | "float32"; default bf16 on a GPU, float32 on CPU. The VAE always
-    runs in float32. memory: "phase" | "resident" (see `Pipeline`).
+    runs in float32. memory: "phase" | "resident" (see `Pipeline`). memory_budget: GB the backend may
+    hold (default: Metal's recommended working set, or 80 % of RAM); stream_from: "ram" | "disk" for
+    streamed blocks (default: RAM when a host copy fits beside the budget).
     """
     spec = get_spec(model)
     if backend not in BACKENDS:
@@ -274,4 +401,4 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
     files = hub.locate(spec, model_path=model_path, transformer=transformer, vae=vae,
                        text_encoder=text_encoder, tokenizer=tokenizer)
     be = importlib.import_module(f"flux2_mlx.{backend}_backend")
-    return Pipeline(spec, be, files, be.resolve_dtype(dtype), memory)
+    return Pipeline(spec, be, files, be.resolve_dtype(dtype), memory, memory_budget, stream_from)

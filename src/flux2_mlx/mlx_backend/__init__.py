@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -24,12 +25,13 @@ def resolve_dtype(name: str | None):
     return _DTYPES[name]
 
 
-def load_transformer(cfg, source, *, dtype):
-    return _load_transformer(cfg, source, dtype=dtype)
+def load_transformer(cfg, source, *, dtype, streaming=None):
+    """streaming: a memory.Streaming (blocks past `resident` read just in time), or None (all resident)."""
+    return _load_transformer(cfg, source, dtype=dtype, streaming=streaming)
 
 
-def load_text_encoder(cfg, source, *, dtype):
-    return _load_text_encoder(cfg, source, dtype=dtype)
+def load_text_encoder(cfg, source, *, dtype, streaming=None):
+    return _load_text_encoder(cfg, source, dtype=dtype, streaming=streaming)
 
 
 def load_vae(cfg, source, *, dtype):
@@ -58,3 +60,12 @@ def free(*models) -> None:
 def peak_memory() -> int:
     """Bytes: the most the backend's allocator has held since the process started."""
     return mx.get_peak_memory()
+
+
+def device_memory() -> dict:
+    """What the memory planner needs: `total` bytes of RAM, `limit` the bytes MLX should stay under
+    (Metal's recommended working set; on CPU most of RAM), and whether attention is fused (no L² scores)."""
+    info = mx.device_info()
+    total = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = info.get("max_recommended_working_set_size") or int(0.8 * total)
+    return {"total": int(total), "limit": int(limit), "fused_attention": mx.default_device() == mx.gpu}

@@ -1,10 +1,12 @@
 """Build MLX modules from configs and fill them from canonical weight entries, strictly.
 
-The only MLX file that touches weights (with stream.py later). Tensors are converted one at a
+The only MLX files that touch weights are this one and stream.py. Tensors are converted one at a
 time, so no second full copy of a model is ever held in RAM.
 """
 
 from __future__ import annotations
+
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -13,10 +15,13 @@ from mlx.utils import tree_unflatten
 from ..config import MODELS, TextEncoderConfig, TransformerConfig, VAEConfig, text_encoder_shapes, vae_shapes
 from ..keymap import (Entry, check_keys, check_transformer, text_encoder_entries, transformer_entries,
                       vae_entries)
+from ..quant.ggml import GGMLType
+from ..quant.mlx_layout import MLXQuant, repack
 from ..weights import BF16, GGMLTensor, WeightSource
 from .quant_layers import module_at, quantized_layer, replace_module
-from .text_encoder import TextEncoder
-from .transformer import Flux2
+from .stream import StreamedBlock, Streamer
+from .text_encoder import DecoderLayer, TextEncoder
+from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
 from .vae import AutoEncoder
 
 
@@ -25,15 +30,21 @@ def from_numpy(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
     return x if dtype is None else x.astype(dtype)
 
 
-def _assign(module, entries: dict[str, Entry], dtype: mx.Dtype):
+def _host(raw: np.ndarray | GGMLTensor) -> np.ndarray | MLXQuant:
+    """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout); no MLX calls, so the
+    prefetch thread can run it."""
+    return repack(raw.data, GGMLType[raw.ggml_type], raw.shape) if isinstance(raw, GGMLTensor) else raw
+
+
+def _fill(module, tensors, dtype: mx.Dtype):
+    """Put (name, host form) pairs into `module`, one tensor on the device at a time."""
     params = []
-    for name, entry in entries.items():
-        raw = entry.load()
-        if isinstance(raw, GGMLTensor):  # quantized: the layer type follows the tensor's ggml type
+    for name, host in tensors:
+        if isinstance(host, MLXQuant):  # quantized: the layer type follows the tensor's ggml type
             path = name.removesuffix(".weight")
-            replace_module(module, path, quantized_layer(module_at(module, path), raw, dtype))
+            replace_module(module, path, quantized_layer(module_at(module, path), host, dtype))
             continue
-        a = from_numpy(raw, dtype)
+        a = from_numpy(host, dtype)
         if a.ndim == 4:  # PyTorch conv [O, I, kh, kw] → MLX channels-last [O, kh, kw, I]
             a = a.transpose(0, 2, 3, 1)
         mx.eval(a)
@@ -43,10 +54,34 @@ def _assign(module, entries: dict[str, Entry], dtype: mx.Dtype):
     return module
 
 
-def load_transformer(cfg: TransformerConfig, source: WeightSource | dict, *, dtype: mx.Dtype):
+def _assign(module, entries: dict[str, Entry], dtype: mx.Dtype, streaming=None, groups=(), where="weights"):
+    """Fill `module`. With `streaming` (a memory.Streaming), the blocks of `groups` ((block list attribute,
+    block factory), in execution order) past the first `streaming.resident` become StreamedBlocks."""
+    streamed: dict[tuple[str, int], dict[str, Entry]] = {}
+    if streaming is not None:
+        order = [(attr, i) for attr, _ in groups for i in range(len(module_at(module, attr)))]
+        streamed = {key: {} for key in order[streaming.resident:]}
+        for name, entry in entries.items():
+            for attr, _ in groups:
+                m = re.match(rf"{re.escape(attr)}\.(\d+)\.(.+)$", name)
+                if m and (attr, int(m.group(1))) in streamed:
+                    streamed[attr, int(m.group(1))][m.group(2)] = entry
+    if streamed:
+        make = dict(groups)
+        blocks = [(f"{attr}.{i}", make[attr], block) for (attr, i), block in streamed.items()]
+        streamer = Streamer(blocks, lambda m, t: _fill(m, t, dtype), _host, streaming.keep_host, where)
+        for k, (attr, i) in enumerate(streamed):
+            module_at(module, attr)[i] = StreamedBlock(streamer, k)
+    skip = {f"{attr}.{i}.{rest}" for (attr, i), block in streamed.items() for rest in block}
+    return _fill(module, ((n, _host(e.load())) for n, e in entries.items() if n not in skip), dtype)
+
+
+def load_transformer(cfg: TransformerConfig, source: WeightSource | dict, *, dtype: mx.Dtype, streaming=None):
     entries = source if isinstance(source, dict) else transformer_entries(source)
-    check_transformer(entries, cfg, getattr(source, "path", "weights"))
-    return _assign(Flux2(cfg), entries, dtype)
+    where = getattr(source, "path", "weights")
+    check_transformer(entries, cfg, where)
+    groups = (("double_blocks", lambda: DoubleStreamBlock(cfg)), ("single_blocks", lambda: SingleStreamBlock(cfg)))
+    return _assign(Flux2(cfg), entries, dtype, streaming, groups, where)
 
 
 def load_vae(cfg: VAEConfig, source: WeightSource | dict, *, dtype: mx.Dtype = mx.float32):
@@ -55,11 +90,13 @@ def load_vae(cfg: VAEConfig, source: WeightSource | dict, *, dtype: mx.Dtype = m
     return _assign(AutoEncoder(cfg), entries, dtype)
 
 
-def load_text_encoder(cfg: TextEncoderConfig, source: WeightSource | dict, *, dtype: mx.Dtype):
+def load_text_encoder(cfg: TextEncoderConfig, source: WeightSource | dict, *, dtype: mx.Dtype, streaming=None):
     entries = source if isinstance(source, dict) else text_encoder_entries(source, cfg)
     shapes = {k: tuple(e.shape) for k, e in entries.items()}
     repo = next((s.text_encoder.repo_id for s in MODELS.values()
                  if s.text_encoder != cfg and text_encoder_shapes(s.text_encoder) == shapes), None)
     hint = f"These weights have the shapes of {repo}: choose a model that uses it." if repo else ""
-    check_keys(entries, text_encoder_shapes(cfg), f"text encoder {getattr(source, 'path', 'weights')}", hint)
-    return _assign(TextEncoder(cfg), entries, dtype)
+    where = getattr(source, "path", "weights")
+    check_keys(entries, text_encoder_shapes(cfg), f"text encoder {where}", hint)
+    groups = (("model.layers", lambda: DecoderLayer(cfg)),)
+    return _assign(TextEncoder(cfg), entries, dtype, streaming, groups, where)

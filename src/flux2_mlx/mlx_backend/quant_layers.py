@@ -9,24 +9,22 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..quant.ggml import GGMLType
-from ..quant.mlx_layout import repack
+from ..quant.mlx_layout import MLXQuant
 
 
-def quantized_layer(old: nn.Module, tensor, dtype: mx.Dtype) -> nn.Module:
-    """A QuantizedLinear / QuantizedEmbedding standing in for `old`, holding `tensor`'s values.
+def quantized_layer(old: nn.Module, q: MLXQuant, dtype: mx.Dtype) -> nn.Module:
+    """A QuantizedLinear / QuantizedEmbedding standing in for `old`, holding the repacked values `q`.
 
     Scales and biases take the compute dtype, so a bf16 model stays bf16 (MLX would otherwise promote
     the matmul to float32 on float32 scales).
     """
-    q = repack(tensor.data, GGMLType[tensor.ggml_type], tensor.shape)
-    rows, cols = tensor.shape
+    rows, cols = q.weight.shape[0], q.weight.shape[-1] * 32 // q.bits
     if isinstance(old, nn.Embedding):
         layer = nn.QuantizedEmbedding(rows, cols, group_size=q.group_size, bits=q.bits)
     elif isinstance(old, nn.Linear) and "bias" not in old:
         layer = nn.QuantizedLinear(cols, rows, bias=False, group_size=q.group_size, bits=q.bits)
     else:
-        raise ValueError(f"a {tensor.ggml_type} tensor cannot stand in for {type(old).__name__}")
+        raise ValueError(f"a quantized tensor cannot stand in for {type(old).__name__}")
     layer.weight = mx.array(q.weight)
     layer.scales = mx.array(q.scales).astype(dtype)
     layer.biases = mx.array(q.biases).astype(dtype)

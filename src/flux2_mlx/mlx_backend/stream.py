@@ -1,0 +1,72 @@
+"""Layer streaming: blocks whose weights are read just in time, the next one prefetched on a thread.
+
+The model files stay as they are. A streamed block is a stand-in in the model's block list: when called
+it takes its weights (read and, for GGUF, repacked by the prefetch thread while the previous block
+computed), builds the real block, runs and evaluates it, and lets the weights go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import mlx.core as mx
+from mlx import nn
+
+from ..keymap import Entry
+from ..weights import WeightsError
+
+
+class Streamer:
+    """Reads streamed blocks in execution order, one ahead, on one background thread.
+
+    keep_host: keep each block's host form (read and repacked once) for later steps, "stream from RAM";
+    otherwise every step reads the file again, "stream from disk", and nothing stays in memory.
+    """
+
+    def __init__(self, blocks: list[tuple[str, Callable[[], nn.Module], dict[str, Entry]]],
+                 fill: Callable, host: Callable, keep_host: bool, where: str):
+        self.blocks, self.fill, self.host, self.keep_host, self.where = blocks, fill, host, keep_host, where
+        self._kept: dict[int, list] = {}
+        self._pending: dict[int, Future] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flux2-prefetch")
+
+    def _read(self, i: int) -> list:
+        if i in self._kept:
+            return self._kept[i]
+        tensors = [(name, self.host(e.load())) for name, e in self.blocks[i][2].items()]
+        if self.keep_host:
+            self._kept[i] = tensors
+        return tensors
+
+    def _submit(self, i: int) -> Future:
+        if i not in self._pending:
+            self._pending[i] = self._pool.submit(self._read, i)
+        return self._pending[i]
+
+    def take(self, i: int) -> nn.Module:
+        """Block i with its weights on the device; block i+1 (cyclically: the next step) starts reading."""
+        future = self._submit(i)
+        del self._pending[i]
+        self._submit((i + 1) % len(self.blocks))
+        label, make, _ = self.blocks[i]
+        try:
+            tensors = future.result()
+        except WeightsError:
+            raise
+        except Exception as e:  # surfaces in the caller's thread, never a silent hang
+            raise WeightsError(f"{self.where}: reading {label} failed ({type(e).__name__}: {e}); "
+                               f"check the file, or download it again") from e
+        return self.fill(make(), tensors)
+
+
+class StreamedBlock:
+    """Stands where a block module stood: same call, weights present only while it runs."""
+
+    def __init__(self, streamer: Streamer, index: int):
+        self.streamer, self.index = streamer, index
+
+    def __call__(self, *args, **kwargs):
+        out = self.streamer.take(self.index)(*args, **kwargs)
+        mx.eval(out)  # the block's weights are released when this returns
+        return out
