@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
 import shlex
@@ -83,9 +82,16 @@ def _save_png(image, path: Path, meta: dict) -> None:
               show_default=True, help="PNG path; several images get -SEED suffixes.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Default: bfloat16 on a GPU, float32 on CPU.")
-@click.option("--dry-run", is_flag=True, help="Show which files would be used and the memory needed; load nothing.")
+@click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), metavar="GB",
+              help="Memory the model may use; components that do not fit are streamed block by block. "
+                   "Default: the GPU's recommended working set (80 % of RAM on CPU).")
+@click.option("--stream-from", type=click.Choice(["ram", "disk"]),
+              help="Where streamed blocks come from: a host copy (ram) or the file each step (disk). "
+                   "Default: ram when it fits beside the budget.")
+@click.option("--dry-run", is_flag=True, help="Show the files and the memory plan; load nothing.")
 def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenizer, width, height, steps,
-             guidance, negative_prompt, seed, num_images, output, overwrite, dtype, dry_run):
+             guidance, negative_prompt, seed, num_images, output, overwrite, dtype, memory_budget, stream_from,
+             dry_run):
     """Generate images from PROMPT and save them as PNGs with their settings embedded."""
     from .pipeline import check_size
     from .weights import WeightsError
@@ -114,41 +120,52 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
     # Library warnings (a truncated prompt, a NaN image) become one plain line each.
     warnings.showwarning = lambda message, *_args, **_kw: click.echo(f"warning: {message}", err=True)
     try:
+        budget = dict(memory_budget=memory_budget, stream_from=stream_from)
         if dry_run:
-            _dry_run(spec, paths_kw, dtype, width, height)
+            _dry_run(spec, paths_kw, dtype, width, height, guidance, budget)
             return
-        _generate(spec, prompt, paths_kw, width, height, steps, guidance, negative_prompt, seeds, paths, dtype)
+        _generate(spec, prompt, paths_kw, width, height, steps, guidance, negative_prompt, seeds, paths, dtype,
+                  budget)
     except (WeightsError, ValueError, OSError) as e:
         _fail(str(e))
 
 
-def _dry_run(spec, paths_kw, dtype, width, height):
+def _dry_run(spec, paths_kw, dtype, width, height, guidance, budget):
     from . import hub
-    from .config import text_encoder_shapes, transformer_shapes
 
     located = hub.locate(spec, **paths_kw)
     for line in hub.describe(spec, located):
         click.echo(line)
-    size = {"float32": 4}.get(dtype, 2)
-    dit = sum(math.prod(s) for s in transformer_shapes(spec.transformer).values()) * size
-    enc = sum(math.prod(s) for s in text_encoder_shapes(spec.text_encoder).values()) * size
     click.echo(f"dtype: {dtype or 'bfloat16 on a GPU, float32 on CPU'} (VAE float32)")
-    click.echo(f"weights: transformer {dit / 2**30:.1f} GiB, text encoder {enc / 2**30:.1f} GiB, "
-               f"VAE 0.3 GiB; one of transformer / encoder is resident at a time, "
-               f"so about {max(dit, enc) / 2**30 + 0.3:.1f} GiB plus activations for "
-               f"{(width // 16) * (height // 16) + 512} tokens")
+    click.echo(_plan(spec, located, dtype, width, height, guidance, budget).describe())
 
 
-def _generate(spec, prompt, paths_kw, width, height, steps, guidance, negative_prompt, seeds, paths, dtype):
+def _plan(spec, files, dtype, width, height, guidance, budget):
+    """The memory plan from file headers only (components not downloaded are sized from their shapes)."""
+    import importlib
+
+    from .pipeline import plan_memory
+
+    be = importlib.import_module("flux2_mlx.mlx_backend")
+    cfg = spec.guidance_mode == "cfg" and (spec.default_guidance if guidance is None else guidance) > 1
+    return plan_memory(spec, files, be, be.resolve_dtype(dtype).size, width, height,
+                       budget_gb=budget["memory_budget"], stream_from=budget["stream_from"], cfg=cfg)
+
+
+def _generate(spec, prompt, paths_kw, width, height, steps, guidance, negative_prompt, seeds, paths, dtype,
+              budget):
     from tqdm import tqdm
 
     from .pipeline import load_pipeline
 
     start = time.perf_counter()
-    pipe = load_pipeline(spec, dtype=dtype, **paths_kw)
+    pipe = load_pipeline(spec, dtype=dtype, **paths_kw, **budget)
     steps_, guidance_ = pipe.settings(steps, guidance)
+    plan = pipe.plan(width, height, guidance)  # refuses an impossible budget before any loading
+    if any(p.streamed or p.tile for p in plan.phases):
+        click.echo(plan.describe())
     with tqdm(total=1, desc="encode", unit="prompt") as bar:
-        ctx, neg = pipe.conditioning(prompt, negative_prompt=negative_prompt, guidance=guidance)
+        ctx, neg = pipe.conditioning(prompt, negative_prompt=negative_prompt, guidance=guidance, plan=plan)
         bar.update()
     for seed, path in zip(seeds, paths):
         click.echo(f"seed {seed}")
@@ -195,10 +212,20 @@ def regenerate_command(meta: dict) -> str:
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-def info(path):
+@click.option("--plan", "show_plan", is_flag=True,
+              help="Also print the memory plan for generating with PATH (a model folder or transformer file).")
+@click.option("-m", "--model", type=click.Choice(list(MODELS)), default="klein-4b", show_default=True,
+              help="With --plan: the variant the files belong to.")
+@click.option("-W", "--width", type=int, default=1024, show_default=True, help="With --plan.")
+@click.option("-H", "--height", type=int, default=1024, show_default=True, help="With --plan.")
+@click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), metavar="GB", help="With --plan.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="With --plan.")
+def info(path, show_plan, model, width, height, memory_budget, dtype):
     """Show the settings stored in a PNG made by `flux2 generate` and how to make it again; or, for a
     .gguf, .safetensors or model folder: the model, tensor count, bytes per type and memory on MLX."""
     if path.is_dir() or path.suffix.lower() in (".gguf", ".safetensors"):
+        from . import hub
+        from .pipeline import check_size
         from .weights import WeightsError
 
         try:
@@ -206,6 +233,12 @@ def info(path):
 
             for line in describe(path):
                 click.echo(line)
+            if show_plan:
+                check_size(width, height)
+                spec = MODELS[model]
+                files = hub.locate(spec, **({"model_path": path} if path.is_dir() else {"transformer": path}))
+                budget = dict(memory_budget=memory_budget, stream_from=None)
+                click.echo(_plan(spec, files, dtype, width, height, None, budget).describe())
         except (WeightsError, ValueError, OSError) as e:
             _fail(str(e))
         return

@@ -18,11 +18,10 @@ from .quant.ggml import GGMLType
 from .quant.mlx_layout import REQUANT
 
 GB = 1e9
-TRANSFORMER_ROWS_PER_TOKEN = 30.1
+TRANSFORMER_ROWS_PER_TOKEN = (19.0, 30.1)  # while a double / a single block runs
 TEXT_ROWS_PER_TOKEN = 6.2
 VAE_DECODE_MAPS_PER_PIXEL = 77.2
 VAE_ENCODE_MAPS_PER_PIXEL = 46.3
-IN_FLIGHT = 2  # streamed blocks held at once: the one running and the one being prefetched
 TEXT_TOKENS = 512
 TILE_OVERLAP = 64  # pixels of context each side of a decoded tile, cross-faded with the neighbour
 
@@ -58,6 +57,7 @@ class Weights:
     name: str
     fixed: int
     blocks: list[int]
+    kinds: list[int]  # per block: which block list it is in (double 0 / single 1; encoder layers 0)
 
     @property
     def total(self) -> int:
@@ -77,19 +77,20 @@ def component_weights(name: str, entries: dict, block_lists: tuple[str, ...], co
             blocks[k] = blocks.get(k, 0) + b
         else:
             fixed += b
-    return Weights(name, fixed, [blocks[k] for k in sorted(blocks)])
+    return Weights(name, fixed, [blocks[k] for k in sorted(blocks)], [k[0] for k in sorted(blocks)])
 
 
 def transformer_activations(hidden: int, heads: int, tokens: int, compute_bytes: int, fused: bool,
-                            batch: int = 1) -> int:
+                            batch: int = 1) -> tuple[int, int]:
+    """Peak activation bytes while a double and while a single block runs."""
     scores = 0 if fused else heads * tokens * tokens * compute_bytes
-    return int(batch * (TRANSFORMER_ROWS_PER_TOKEN * tokens * hidden * compute_bytes + scores))
+    return tuple(int(batch * (rows * tokens * hidden * compute_bytes + scores)) for rows in TRANSFORMER_ROWS_PER_TOKEN)
 
 
-def text_activations(hidden: int, mlp: int, heads: int, batch: int, compute_bytes: int, fused: bool) -> int:
+def text_activations(hidden: int, mlp: int, heads: int, batch: int, compute_bytes: int, fused: bool) -> tuple[int]:
     L = TEXT_TOKENS
     scores = 0 if fused else heads * L * L * compute_bytes
-    return int(batch * (TEXT_ROWS_PER_TOKEN * L * (hidden + mlp) * compute_bytes + scores))
+    return (int(batch * (TEXT_ROWS_PER_TOKEN * L * (hidden + mlp) * compute_bytes + scores)),)
 
 
 def vae_decode_activations(width: int, height: int, ch: int = 128) -> int:
@@ -106,8 +107,8 @@ class Phase:
     others: int  # bytes of other components resident during this phase (the VAE)
     resident_blocks: int
     blocks: int
-    in_flight: int  # bytes of streamed blocks held at once
-    held: int  # device bytes of weights held at the peak: all of them, or resident ones + in flight
+    prefetch: int  # host bytes of the streamed block being read ahead (0 when resident)
+    held: int  # device bytes of weights held at the peak: all of them, or the resident ones + the running block
     tile: int = 0  # decode: tile edge in pixels, 0 = untiled
 
     @property
@@ -115,8 +116,14 @@ class Phase:
         return self.resident_blocks < self.blocks
 
     @property
-    def peak(self) -> int:
+    def device_peak(self) -> int:
+        """What the backend's allocator holds at most (MLX's peak memory)."""
         return self.held + self.activations + self.others
+
+    @property
+    def peak(self) -> int:
+        """The budgeted peak: the device peak plus the block being prefetched in host memory."""
+        return self.device_peak + self.prefetch
 
 
 @dataclass
@@ -139,7 +146,7 @@ class Plan:
         return max(p.peak for p in self.phases)
 
     def describe(self) -> str:
-        lines = [f"memory budget {self.budget / GB:.1f} GB; predicted peak {self.peak / GB:.2f} GB"]
+        lines = [f"memory budget {self.budget / GB:.2f} GB; predicted peak {self.peak / GB:.2f} GB"]
         for p in self.phases:
             if p.streamed:
                 how = (f"streamed from {self.source}: {p.resident_blocks} of {p.blocks} blocks resident, "
@@ -149,39 +156,51 @@ class Plan:
             else:
                 how = "resident"
             lines.append(f"  {p.name:8s} {p.component:13s} {how}; weights {p.weights / GB:.2f} GB "
-                         f"(held {p.held / GB:.2f}), activations {p.activations / GB:.2f} GB, "
+                         f"(held {p.held / GB:.2f} + prefetch {p.prefetch / GB:.2f}), activations "
+                         f"{p.activations / GB:.2f} GB, "
                          f"peak {p.peak / GB:.2f} GB")
         return "\n".join(lines)
 
 
-def _fit(name: str, component: Weights, activations: int, others: int, budget: int) -> Phase:
-    """Resident when it fits, else the largest count of leading blocks that fits beside IN_FLIGHT streamed ones."""
-    n = len(component.blocks)
-    p = Phase(name, component.name, component.total, activations, others, n, n, 0, component.total)
+def _device_peak(c: Weights, acts: tuple[int, ...], resident: int) -> tuple[int, int]:
+    """(weights held, activations) at the device peak. The weights outside the blocks and the first
+    `resident` blocks stay; each later block is on the device only while it runs, beside its activations."""
+    stay = c.fixed + sum(c.blocks[:resident])
+    running = [(0, acts[k]) for k in c.kinds[:resident]]
+    running += [(b, acts[k]) for b, k in zip(c.blocks[resident:], c.kinds[resident:])]
+    b, a = max(running or [(0, max(acts))], key=sum)
+    return stay + b, a
+
+
+def _fit(name: str, c: Weights, acts: tuple[int, ...], others: int, budget: int) -> Phase:
+    """Resident when it fits, else the most leading blocks that fit beside a running and a prefetched one."""
+    n = len(c.blocks)
+
+    def phase(k: int) -> Phase:
+        held, act = _device_peak(c, acts, k)
+        return Phase(name, c.name, c.total, act, others, k, n, max(c.blocks[k:], default=0), held)
+
+    p = phase(n)
     if p.peak <= budget or n == 0:
         return p
-    in_flight = IN_FLIGHT * max(component.blocks)
-    room = budget - component.fixed - in_flight - activations - others
-    if room < 0:
-        need = component.fixed + in_flight + activations + others
+    k = n - 1
+    while k >= 0 and phase(k).peak > budget:
+        k -= 1
+    if k < 0:
+        p = phase(0)
         raise MemoryPlanError(
-            f"{name} needs at least {need / GB:.2f} GB even streamed ({component.name}: "
-            f"{component.fixed / GB:.2f} GB outside its blocks + {IN_FLIGHT} blocks of "
-            f"{max(component.blocks) / GB:.2f} GB in flight + {activations / GB:.2f} GB activations"
-            + (f" + {others / GB:.2f} GB VAE" if others else "")
-            + f"), more than the {budget / GB:.1f} GB budget; use a smaller quantization (e.g. a Q4_K GGUF), "
+            f"{name} needs at least {p.peak / GB:.2f} GB even streamed ({c.name}: {c.fixed / GB:.2f} GB outside "
+            f"its blocks, blocks of up to {max(c.blocks) / GB:.2f} GB running and prefetched, "
+            f"{max(acts) / GB:.2f} GB activations" + (f", {others / GB:.2f} GB VAE" if others else "")
+            + f"), more than the {budget / GB:.2f} GB budget; use a smaller quantization (e.g. a Q4_K GGUF), "
               f"a smaller image, or raise --memory-budget")
-    k, used = 0, 0
-    while k < n and used + component.blocks[k] <= room:
-        used += component.blocks[k]
-        k += 1
-    p.resident_blocks, p.in_flight, p.held = k, in_flight, component.fixed + used + in_flight
-    return p
+    return phase(k)
 
 
 def plan(budget: int, *, transformer: Weights, vae: Weights, text_encoder: Weights | None, hidden: int,
          heads: int, te_hidden: int = 0, te_mlp: int = 0, te_heads: int = 0, width: int, height: int,
-         compute_bytes: int, fused_attention: bool, cfg_batch: int = 1, source: str = "ram") -> Plan:
+         compute_bytes: int, fused_attention: bool, cfg_batch: int = 1, source: str = "ram",
+         vae_ch: int = 128) -> Plan:
     """One plan for a run: the VAE stays resident throughout (it is small next to the others); the encoder
     and the transformer each get the whole budget less the VAE in their own phase."""
     tokens = TEXT_TOKENS + (height // 16) * (width // 16)
@@ -191,20 +210,20 @@ def plan(budget: int, *, transformer: Weights, vae: Weights, text_encoder: Weigh
         out.phases.append(_fit("encode", text_encoder, act, vae.total, budget))
     act = transformer_activations(hidden, heads, tokens, compute_bytes, fused_attention)
     out.phases.append(_fit("denoise", transformer, act, vae.total, budget))
-    out.phases.append(_decode_phase(vae, width, height, budget))
+    out.phases.append(_decode_phase(vae, width, height, budget, vae_ch))
     return out
 
 
-def _decode_phase(vae: Weights, width: int, height: int, budget: int) -> Phase:
+def _decode_phase(vae: Weights, width: int, height: int, budget: int, ch: int) -> Phase:
     """Untiled when it fits; else the largest square tile (a multiple of 256 px, with its blending margin)
     that does. The decoder's activations grow with pixels, so tiles bound them."""
-    p = Phase("decode", vae.name, vae.total, vae_decode_activations(width, height), 0, 0, 0, 0, vae.total)
+    p = Phase("decode", vae.name, vae.total, vae_decode_activations(width, height, ch), 0, 0, 0, 0, vae.total)
     tile = 2048
     while p.peak > budget and tile >= 256:
         side = tile + 2 * TILE_OVERLAP
-        p.tile, p.activations = tile, vae_decode_activations(min(side, width), min(side, height))
+        p.tile, p.activations = tile, vae_decode_activations(min(side, width), min(side, height), ch)
         tile -= 256
     if p.peak > budget:
         raise MemoryPlanError(f"decoding needs at least {p.peak / GB:.2f} GB even in {p.tile}px tiles, more than "
-                              f"the {budget / GB:.1f} GB budget; raise --memory-budget")
+                              f"the {budget / GB:.2f} GB budget; raise --memory-budget")
     return p

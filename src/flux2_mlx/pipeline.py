@@ -115,7 +115,8 @@ def plan_memory(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: 
     return memory_plan.plan(budget, transformer=t, vae=v, text_encoder=te, hidden=tcfg.hidden_size,
                        heads=tcfg.num_heads, te_hidden=te_cfg.hidden_size, te_mlp=te_cfg.intermediate_size,
                        te_heads=te_cfg.num_attention_heads, width=width, height=height, compute_bytes=dtype_bytes,
-                       fused_attention=dev["fused_attention"], cfg_batch=2 if cfg else 1, source=source)
+                       fused_attention=dev["fused_attention"], cfg_batch=2 if cfg else 1, source=source,
+                       vae_ch=spec.vae.ch)
 
 
 def decode_tiled(decode, z: np.ndarray, tile: int) -> np.ndarray:

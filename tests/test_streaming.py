@@ -1,0 +1,149 @@
+"""Layer streaming and the memory planner: streamed runs equal resident ones bit for bit, stay under the
+budget, impossible budgets are refused with numbers, a file truncated mid-run is a clear error."""
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from flux2_mlx import memory
+from flux2_mlx.config import tiny_spec
+from flux2_mlx.keymap import transformer_entries
+from flux2_mlx.mlx_backend import load_transformer
+from flux2_mlx.sampling import prc_img, prc_txt
+from flux2_mlx.weights import WeightsError, WeightSource, save_safetensors
+
+from conftest import random_transformer
+
+# Deeper than the tiny default, so that most of it can be streamed: 2 double + 10 single blocks.
+CFG = dataclasses.replace(tiny_spec("klein-4b").transformer, depth=2,
+                          depth_single_blocks=10)
+SIDE, TXT = 128, 64  # 64 image + 64 text tokens: weights dominate, as at real sizes
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    path = tmp_path_factory.mktemp("deep") / "t.safetensors"
+    save_safetensors(path, random_transformer(CFG, seed=5))
+    return path
+
+
+def _inputs():
+    h = SIDE // 16
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, h * h, CFG.in_channels), dtype=np.float32)
+    ctx = rng.standard_normal((1, TXT, CFG.context_in_dim), dtype=np.float32)
+    args = (mx.array(x), mx.array(prc_img(h, h)), mx.array([0.5]), mx.array(ctx), mx.array(prc_txt(TXT)))
+    mx.eval(args)
+    return args
+
+
+def _plan(path, budget):
+    w = memory.component_weights("transformer", transformer_entries(WeightSource(path)),
+                                 ("double_blocks", "single_blocks"), 4)
+    acts = memory.transformer_activations(CFG.hidden_size, CFG.num_heads, TXT + (SIDE // 16) ** 2, 4, False)
+    return w, memory._fit("denoise", w, acts, 0, budget)
+
+
+@pytest.mark.parametrize("resident, keep_host", [(0, False), (5, True), (11, False)])
+def test_streamed_equals_resident_bit_for_bit(deep, resident, keep_host):
+    args = _inputs()
+    ref = np.array(load_transformer(CFG, WeightSource(deep), dtype=mx.float32)(*args))
+    model = load_transformer(CFG, WeightSource(deep, pread=True), dtype=mx.float32,
+                             streaming=memory.Streaming(resident, keep_host))
+    blocks = model.double_blocks + model.single_blocks
+    assert sum(type(b).__name__ == "StreamedBlock" for b in blocks) == 12 - resident
+    for _ in range(2):  # the second step reads again (disk) or reuses host copies (ram)
+        assert np.array_equal(np.array(model(*args)), ref)
+
+
+def test_streamed_gguf_equals_resident(deep, tmp_path):
+    from flux2_mlx.convert import convert
+
+    gguf = convert(str(deep), tmp_path / "t.gguf", "Q4_K_S", jobs=1)
+    args = _inputs()
+    ref = np.array(load_transformer(CFG, WeightSource(gguf), dtype=mx.float32)(*args))
+    model = load_transformer(CFG, WeightSource(gguf, pread=True), dtype=mx.float32,
+                             streaming=memory.Streaming(1, False))
+    assert np.array_equal(np.array(model(*args)), ref)
+
+
+def test_budget_below_the_weights_runs_under_it_as_planned(deep):
+    w, _ = _plan(deep, 10**12)
+    budget = int(0.6 * w.total)
+    _, phase = _plan(deep, budget)
+    assert phase.streamed and 0 < phase.resident_blocks < 12 and phase.peak <= budget
+    args = _inputs()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model = load_transformer(CFG, WeightSource(deep, pread=True), dtype=mx.float32,
+                             streaming=memory.Streaming(phase.resident_blocks, False))
+    for _ in range(2):
+        mx.eval(model(*args))
+    measured = mx.get_peak_memory() - base
+    assert measured < budget < w.total
+    assert abs(measured / phase.device_peak - 1) < 0.1, (measured, phase.device_peak)
+
+
+def test_impossible_budget_is_refused_with_numbers(deep):
+    w, _ = _plan(deep, 10**12)
+    with pytest.raises(memory.MemoryPlanError, match=r"denoise needs at least 0\.\d\d GB even streamed .* "
+                                                     r"more than the 0\.02 GB budget"):
+        _plan(deep, 20 * 10**6)
+
+
+def test_plan_sizes_quantized_tensors_as_loaded():
+    assert memory.tensor_bytes("Q4_K", (64, 256), 2) == 64 * 256 // 2 + 2 * (64 * 256 // 32) * 2
+    assert memory.tensor_bytes("Q6_K", (64, 256), 2) == 64 * 256 + 2 * (64 * 256 // 64) * 2  # 8-bit g64
+    assert memory.tensor_bytes("BF16", (64, 256), 4) == 64 * 256 * 4  # dense: the compute dtype
+
+
+def test_file_truncated_mid_run_is_a_clear_error_not_a_hang(deep, tmp_path):
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(deep.read_bytes())
+    code = textwrap.dedent(f"""
+        import dataclasses, os, sys
+        sys.path.insert(0, "tests")
+        import mlx.core as mx
+        from flux2_mlx import memory
+        from flux2_mlx.mlx_backend import load_transformer
+        from flux2_mlx.weights import WeightsError, WeightSource
+        from test_streaming import CFG, _inputs
+        model = load_transformer(CFG, WeightSource({str(path)!r}, pread=True), dtype=mx.float32,
+                                 streaming=memory.Streaming(0, False))
+        args = _inputs()
+        mx.eval(model(*args))
+        os.truncate({str(path)!r}, os.path.getsize({str(path)!r}) // 2)
+        try:
+            mx.eval(model(*args))
+        except WeightsError as e:
+            print("ERROR:", e)
+    """)
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "ERROR:" in out.stdout and "truncated or replaced during the run" in out.stdout
+
+
+def test_tiled_decode_matches_untiled(tiny_models):
+    from flux2_mlx.mlx_backend import load_vae
+    from flux2_mlx.pipeline import decode_tiled
+
+    m = tiny_models("klein-4b")
+    vae = load_vae(m.spec.vae, {k: __import__("flux2_mlx.keymap", fromlist=["Entry"]).Entry(v.shape, lambda v=v: v)
+                                for k, v in m.vae.items()}, dtype=mx.float32)
+    z = np.random.default_rng(3).standard_normal((1, 24, 20, 128)).astype(np.float32)
+    dec = lambda part: np.array(vae.decode(mx.array(part)))[0]  # noqa: E731
+    whole = dec(z)
+    tiled = decode_tiled(dec, z, 128)  # 8x8-cell tiles with 4 cells of context: 3x3 tiles
+    assert tiled.shape == whole.shape == (384, 320, 3)
+    err = np.abs(tiled - whole)
+    # Random weights: GroupNorm and the mid-block attention see each tile's statistics, not the image's.
+    # Measured 0.073 relative L2 (mean |err| 0.033 on an image of std 0.52) with 128 px tiles + 64 px context.
+    rel = float(np.linalg.norm(tiled - whole) / np.linalg.norm(whole))
+    assert rel < 0.1 and err.mean() < 0.05, (rel, err.mean())
+    assert np.array_equal(decode_tiled(dec, z, 0), whole)
