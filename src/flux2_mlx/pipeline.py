@@ -92,31 +92,32 @@ def plan_memory(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: 
     if budget <= 0:
         raise ValueError(f"the memory budget must be positive, got {budget_gb} GB")
 
-    def weights(component, name, entries_of, shapes, blocks):
-        path = files.get(component)
-        entries = entries_of(path) if path is not None else _shape_entries(shapes)
-        return memory_plan.component_weights(name, entries, blocks, dtype_bytes)
-
-    t = weights("transformer", "transformer", lambda p: transformer_entries(WeightSource(p)),
-                transformer_shapes(spec.transformer), ("double_blocks", "single_blocks"))
-    v = memory_plan.component_weights("vae", vae_entries(WeightSource(files["vae"])) if files.get("vae")
-                                 else _shape_entries(vae_shapes(spec.vae)), (), 4)
+    tpath, vpath = files.get("transformer"), files.get("vae")
+    t_entries = (transformer_entries(WeightSource(tpath)) if tpath is not None
+                 else _shape_entries(transformer_shapes(spec.transformer)))
+    tcfg = _transformer_config(spec, t_entries) if tpath is not None else spec.transformer
+    t = memory_plan.component_weights("transformer", t_entries, ("double_blocks", "single_blocks"), dtype_bytes)
+    vae_cfg = vae_config_from(_config_json(Path(vpath)), spec.vae) if vpath is not None else spec.vae
+    v = memory_plan.component_weights("vae", vae_entries(WeightSource(vpath)) if vpath is not None
+                                      else _shape_entries(vae_shapes(vae_cfg)), (), 4)
     te_cfg = spec.text_encoder
+    if files.get("text_encoder") is not None:
+        te_cfg = _encoder_config(Path(files["text_encoder"]), te_cfg)
     te = None
     if encode:
-        te = weights("text_encoder", "text encoder", lambda p: text_encoder_entries(WeightSource(p, partial=True),
-                                                                                     te_cfg),
-                     text_encoder_shapes(te_cfg), ("model.layers",))
+        path = files.get("text_encoder")
+        entries = (text_encoder_entries(WeightSource(path, partial=True), te_cfg) if path is not None
+                   else _shape_entries(text_encoder_shapes(te_cfg)))
+        te = memory_plan.component_weights("text encoder", entries, ("model.layers",), dtype_bytes)
     streamed = t.total if te is None else max(t.total, te.total)
     source = stream_from or ("ram" if streamed + budget <= 0.9 * dev["total"] else "disk")
     if source not in ("ram", "disk"):
         raise ValueError(f"stream_from must be ram or disk, got {stream_from!r}")
-    tcfg = spec.transformer
     return memory_plan.plan(budget, transformer=t, vae=v, text_encoder=te, hidden=tcfg.hidden_size,
-                       heads=tcfg.num_heads, te_hidden=te_cfg.hidden_size, te_mlp=te_cfg.intermediate_size,
-                       te_heads=te_cfg.num_attention_heads, width=width, height=height, compute_bytes=dtype_bytes,
-                       fused_attention=dev["fused_attention"], cfg_batch=2 if cfg else 1, source=source,
-                       vae_ch=spec.vae.ch)
+                            heads=tcfg.num_heads, te_hidden=te_cfg.hidden_size, te_mlp=te_cfg.intermediate_size,
+                            te_heads=te_cfg.num_attention_heads, width=width, height=height,
+                            compute_bytes=dtype_bytes, fused_attention=dev["fused_attention"],
+                            cfg_batch=2 if cfg else 1, source=source, vae_ch=vae_cfg.ch)
 
 
 def decode_tiled(decode, z: np.ndarray, tile: int) -> np.ndarray:
@@ -134,11 +135,11 @@ def decode_tiled(decode, z: np.ndarray, tile: int) -> np.ndarray:
 
     def ramp(lo, hi, n):  # 1 inside, falling to 0 across the 2·o cells of an inner edge
         r = np.ones(16 * (hi - lo), np.float32)
-        edge = np.linspace(0, 1, 32 * o + 2, dtype=np.float32)[1:-1]
+        edge = np.linspace(0, 1, 32 * o + 2, dtype=np.float32)[1:-1][: r.size]  # a short last tile: cut
         if lo > 0:
             r[: edge.size] = np.minimum(r[: edge.size], edge)
         if hi < n:
-            r[-edge.size:] = np.minimum(r[-edge.size:], edge[::-1])
+            r[r.size - edge.size:] = np.minimum(r[r.size - edge.size:], edge[::-1])
         return r
 
     for y in range(0, h, t):
