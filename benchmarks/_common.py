@@ -6,6 +6,7 @@ Import this before anything imports mlx: the preload only works ahead of the fir
 from __future__ import annotations
 
 import ctypes
+import datetime
 import json
 import os
 import platform
@@ -57,6 +58,12 @@ def machine() -> str:
         mx.metal.device_info() if mx.metal.is_available() else {})
     name = info.get("device_name") or platform.processor() or platform.machine()
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {name}, {mx.default_device()}"
+
+
+def run_info() -> dict:
+    """The fields every result starts with: when, where, which MLX, which BLAS."""
+    return {"date": datetime.date.today().isoformat(), "machine": machine(), "mlx": mx.__version__,
+            "openblas": OPENBLAS}
 
 
 def time_forward(forward, warmup: int, repeats: int) -> tuple[float, list[float], bool]:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import resource
 import tempfile
-import time
 from pathlib import Path
 
-from _common import OPENBLAS, machine  # first: preloads OpenBLAS
+from _common import run_info, time_forward  # first: preloads OpenBLAS
 
 import mlx.core as mx
 import numpy as np
@@ -59,26 +57,25 @@ def main() -> None:
     acts = memory.transformer_activations(cfg.hidden_size, cfg.num_heads, 512 + h * h, dtype.size,
                                           mx.default_device() == mx.gpu)
     phase = memory._fit("denoise", w, acts, 0, int(args.budget_fraction * w.total))
-    rows = []
-    for label, streaming in (("resident", None), ("streamed, RAM", memory.Streaming(phase.resident_blocks, True)),
-                             ("streamed, disk", memory.Streaming(phase.resident_blocks, False))):
+
+    def measure(streaming) -> tuple[float, int]:
+        """(median s/step, MLX peak bytes); the model is freed on return."""
         gc.collect()
         mx.clear_cache()
         base = mx.get_active_memory()
         mx.reset_peak_memory()
         model = load_transformer(cfg, WeightSource(path, pread=streaming is not None), dtype=dtype,
                                  streaming=streaming)
-        mx.eval(model(*inputs))  # warm-up (and, from RAM, the one read of every block)
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            mx.eval(model(*inputs))
-            times.append(time.perf_counter() - t0)
-        peak = mx.get_peak_memory() - base
-        rows.append((label, float(np.median(times)), peak))
-        del model
+        # one warm-up: from RAM, it is also the one read of every block
+        sec, _, _ = time_forward(lambda: model(*inputs), 1, args.repeats)
+        return sec, mx.get_peak_memory() - base
+
+    modes = (("resident", None), ("streamed, RAM", memory.Streaming(phase.resident_blocks, True)),
+             ("streamed, disk", memory.Streaming(phase.resident_blocks, False)))
+    rows = [(label, *measure(streaming)) for label, streaming in modes]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"{datetime.date.today()} | {machine()} | mlx {mx.__version__} | OpenBLAS {OPENBLAS} | "
+    info = run_info()
+    print(f"{info['date']} | {info['machine']} | mlx {info['mlx']} | OpenBLAS {info['openblas']} | "
           f"{args.model} widths, {args.double}+{args.single} blocks, {args.size}px, {dtype}")
     print(f"weights {w.total / 1e6:.0f} MB, budget {args.budget_fraction:.0%} = "
           f"{args.budget_fraction * w.total / 1e6:.0f} MB, "

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import time
 
-from _common import OPENBLAS, machine, random_entries, time_forward, write_json  # first: preloads OpenBLAS
+from _common import OPENBLAS, random_entries, run_info, time_forward, write_json  # first: preloads OpenBLAS
 
 import mlx.core as mx
 
@@ -73,8 +72,7 @@ def main() -> None:
     sec, times, finite = time_forward(lambda: model(ids, mask), args.warmup, args.repeats)
     flops, flops_needed = forward_flops(full, n, L), forward_flops(full, needed, L)
     res = {
-        "date": datetime.date.today().isoformat(), "machine": machine(), "mlx": mx.__version__,
-        "openblas": OPENBLAS, "model": args.model, "repo_id": full.repo_id, "layers": n,
+        **run_info(), "model": args.model, "repo_id": full.repo_id, "layers": n,
         "needed_layers": needed, "total_layers": full.num_hidden_layers, "tokens": L, "dtype": dtype_name,
         "seconds_per_forward": sec, "times": times, "tflop": flops / 1e12,
         "tflop_needed": flops_needed / 1e12, "tflops_per_s": flops / sec / 1e12,

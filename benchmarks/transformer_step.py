@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import time
 
-from _common import OPENBLAS, machine, random_entries, time_forward, write_json  # first: preloads OpenBLAS
+from _common import OPENBLAS, random_entries, run_info, time_forward, write_json  # first: preloads OpenBLAS
 
 import mlx.core as mx
 
@@ -74,8 +73,7 @@ def main() -> None:
     sec, times, finite = time_forward(lambda: model(x, x_ids, t, ctx, ctx_ids, guidance), args.warmup, args.repeats)
     flops, flops_full = forward_flops(cfg, h * w, n_txt), forward_flops(full, h * w, n_txt)
     res = {
-        "date": datetime.date.today().isoformat(), "machine": machine(), "mlx": mx.__version__,
-        "openblas": OPENBLAS, "model": args.model, "double_blocks": d, "single_blocks": s,
+        **run_info(), "model": args.model, "double_blocks": d, "single_blocks": s,
         "full_double_blocks": full.depth, "full_single_blocks": full.depth_single_blocks,
         "width": args.width, "height": args.height, "image_tokens": h * w, "text_tokens": n_txt,
         "dtype": dtype_name, "seconds_per_step": sec, "times": times, "tflop": flops / 1e12,

@@ -83,6 +83,22 @@ def rel_err(ours, ref) -> float:
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
+class ShapeSource:
+    """A WeightSource stand-in that knows shapes only (for full-size key maps without the memory)."""
+
+    def __init__(self, shapes, path="full"):
+        self.shapes, self.path = dict(shapes), path
+
+    def keys(self):
+        return list(self.shapes)
+
+    def shape(self, k):
+        return tuple(self.shapes[k])
+
+    def get(self, k):
+        raise AssertionError("shape-only source")
+
+
 class TinyModel:
     """A tiny random model of one variant, kept as BFL-named arrays plus both on-disk layouts."""
 

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import ShapeSource, rel_err
 from safetensors.torch import save_file
 from test_text_encoder_parity import _inputs, _randomize, hf_model
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize, _dequantize_fp8_weight
@@ -157,28 +157,17 @@ def test_tiny_fp8_qwen3_matches_transformers_on_the_dequantized_weights(tmp_path
     assert rel_err(ours[~real], expected[~real]) <= 1e-5
 
 
-class _Shapes:
-    def __init__(self, shapes):
-        self.shapes, self.path = shapes, "full-size"
-
-    def keys(self):
-        return list(self.shapes)
-
-    def shape(self, k):
-        return self.shapes[k]
-
-
 @pytest.mark.parametrize("te", [QWEN3_4B, QWEN3_8B], ids=lambda te: te.repo_id + "-FP8")
 def test_full_size_fp8_key_set_maps_to_the_needed_tensors_with_128_blocks(te):
     shapes = dict(text_encoder_shapes(dataclass_replace_depth(te)))
     for k, s in list(shapes.items()):
         if len(s) == 2 and ".layers." in k:
             shapes[k[:-len("weight")] + "weight_scale_inv"] = (-(-s[0] // 128), -(-s[1] // 128))
-    entries = text_encoder_entries(_Shapes(shapes), te)
+    entries = text_encoder_entries(ShapeSource(shapes), te)
     check_keys(entries, text_encoder_shapes(te), te.repo_id + "-FP8")
     pairs = {k: k[:-len("weight")] + "weight_scale_inv" for k in shapes
              if k[:-len("weight")] + "weight_scale_inv" in shapes}
-    assert _fp8_block_size(_Shapes(shapes), pairs) == (128, 128)
+    assert _fp8_block_size(ShapeSource(shapes), pairs) == (128, 128)
 
 
 def dataclass_replace_depth(te):

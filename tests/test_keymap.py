@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import random_transformer, random_vae
+from conftest import ShapeSource, random_transformer, random_vae
 from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 
@@ -11,22 +11,6 @@ from flux2_mlx.config import MODELS, tiny_spec, transformer_shapes, vae_shapes
 from flux2_mlx.keymap import (_swap_halves, check_keys, transformer_entries, transformer_to_diffusers,
                               vae_entries, vae_to_diffusers)
 from flux2_mlx.weights import WeightSource, save_safetensors
-
-
-class ShapeSource:
-    """A WeightSource stand-in that knows shapes only (for full-size key maps without the memory)."""
-
-    def __init__(self, shapes, path="full"):
-        self.shapes, self.path = dict(shapes), path
-
-    def keys(self):
-        return list(self.shapes)
-
-    def shape(self, k):
-        return tuple(self.shapes[k])
-
-    def get(self, k):
-        raise AssertionError("shape-only source")
 
 
 def _diffusers_shapes(model_cls, **config):

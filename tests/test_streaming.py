@@ -5,19 +5,20 @@ import dataclasses
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import random_transformer, random_vae
 
 from flux2_mlx import memory
 from flux2_mlx.config import tiny_spec
-from flux2_mlx.keymap import transformer_entries
-from flux2_mlx.mlx_backend import load_transformer
+from flux2_mlx.keymap import Entry, transformer_entries
+from flux2_mlx.mlx_backend import load_transformer, load_vae
+from flux2_mlx.pipeline import decode_tiled
 from flux2_mlx.sampling import prc_img, prc_txt
-from flux2_mlx.weights import WeightsError, WeightSource, save_safetensors
-
-from conftest import random_transformer
+from flux2_mlx.weights import WeightSource, save_safetensors
 
 # Deeper than the tiny default, so that most of it can be streamed: 2 double + 10 single blocks.
 CFG = dataclasses.replace(tiny_spec("klein-4b").transformer, depth=2,
@@ -106,7 +107,7 @@ def test_file_truncated_mid_run_is_a_clear_error_not_a_hang(deep, tmp_path):
     path = tmp_path / "t.safetensors"
     path.write_bytes(deep.read_bytes())
     code = textwrap.dedent(f"""
-        import dataclasses, os, sys
+        import os, sys
         sys.path.insert(0, "tests")
         import mlx.core as mx
         from flux2_mlx import memory
@@ -123,19 +124,13 @@ def test_file_truncated_mid_run_is_a_clear_error_not_a_hang(deep, tmp_path):
         except WeightsError as e:
             print("ERROR:", e)
     """)
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr
     assert "ERROR:" in out.stdout and "truncated or replaced during the run" in out.stdout
 
 
 def test_tiled_decode_matches_untiled():
-    from conftest import random_vae
-
-    from flux2_mlx.keymap import Entry
-    from flux2_mlx.mlx_backend import load_vae
-    from flux2_mlx.pipeline import decode_tiled
-
     cfg = tiny_spec("klein-4b").vae
     vae = load_vae(cfg, {k: Entry(v.shape, lambda v=v: v) for k, v in random_vae(cfg, seed=2).items()},
                    dtype=mx.float32)

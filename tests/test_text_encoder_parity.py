@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import ShapeSource, rel_err
 from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig,
                           PixtralVisionConfig, Qwen3Config, Qwen3ForCausalLM)
 
@@ -174,28 +174,15 @@ def test_refuses_transformer_and_vae_files(tmp_path, key):
                           dtype=mx.float32)
 
 
-class _Shapes:
-    """A WeightSource stand-in that knows names and shapes only (full-size models, no memory)."""
-
-    def __init__(self, shapes):
-        self.shapes, self.path = shapes, "full-size"
-
-    def keys(self):
-        return list(self.shapes)
-
-    def shape(self, k):
-        return self.shapes[k]
-
-
 @pytest.mark.parametrize("te", [MISTRAL_SMALL_3_2, QWEN3_4B, QWEN3_8B], ids=lambda te: te.repo_id)
 def test_full_size_hf_state_dict_maps_to_the_needed_tensors(te):
     with torch.device("meta"):
         model = hf_model(te, te.num_hidden_layers, tiny_vision=False)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(text_encoder_entries(_Shapes(shapes), te), text_encoder_shapes(te), te.repo_id)
+    check_keys(text_encoder_entries(ShapeSource(shapes), te), text_encoder_shapes(te), te.repo_id)
 
 
 def test_wrong_size_names_the_matching_encoder():
-    entries = text_encoder_entries(_Shapes(text_encoder_shapes(QWEN3_8B)), QWEN3_8B)
+    entries = text_encoder_entries(ShapeSource(text_encoder_shapes(QWEN3_8B)), QWEN3_8B)
     with pytest.raises(WeightsError, match="shapes of Qwen/Qwen3-8B"):
         load_text_encoder(QWEN3_4B, entries, dtype=mx.float32)

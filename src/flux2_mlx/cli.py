@@ -144,12 +144,12 @@ def _plan(spec, files, dtype, width, height, guidance, budget):
     """The memory plan from file headers only (components not downloaded are sized from their shapes)."""
     import importlib
 
-    from .pipeline import plan_memory
+    from .pipeline import plan_memory, uses_cfg
 
     be = importlib.import_module("flux2_mlx.mlx_backend")
-    cfg = spec.guidance_mode == "cfg" and (spec.default_guidance if guidance is None else guidance) > 1
     return plan_memory(spec, files, be, be.resolve_dtype(dtype).size, width, height,
-                       budget_gb=budget["memory_budget"], stream_from=budget["stream_from"], cfg=cfg)
+                       budget_gb=budget["memory_budget"], stream_from=budget["stream_from"],
+                       cfg=uses_cfg(spec, guidance))
 
 
 def _generate(spec, prompt, paths_kw, width, height, steps, guidance, negative_prompt, seeds, paths, dtype,

@@ -36,6 +36,17 @@ def _stored(source, key: str) -> str:
     return dtype(key) if dtype is not None else ""
 
 
+def block_key(name: str, block_lists: tuple[str, ...]) -> tuple[int, int, str] | None:
+    """`single_blocks.3.linear1.weight` in ("double_blocks", "single_blocks") → (1, 3, "linear1.weight"): which
+    block list, which block, the name inside it; None outside the blocks."""
+    for k, prefix in enumerate(block_lists):
+        if name.startswith(prefix + "."):
+            head, dot, rest = name[len(prefix) + 1:].partition(".")
+            if dot and head.isdigit():
+                return k, int(head), rest
+    return None
+
+
 # (BFL name, diffusers names, transform); "{i}" is a block index (flux2-architecture.md §7.3).
 _DIT_RULES = [
     ("img_in.weight", ["x_embedder.weight"], None),

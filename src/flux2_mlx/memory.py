@@ -11,11 +11,11 @@ float32 maps of 128 channels per pixel. Attention scores count only where attent
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
+from .keymap import block_key
 from .quant.ggml import GGMLType
-from .quant.mlx_layout import REQUANT
+from .quant.mlx_layout import mlx_format
 
 GB = 1e9
 TRANSFORMER_ROWS_PER_TOKEN = (19.0, 30.1)  # while a double / a single block runs
@@ -24,9 +24,6 @@ VAE_DECODE_MAPS_PER_PIXEL = 77.2
 VAE_ENCODE_MAPS_PER_PIXEL = 46.3
 TEXT_TOKENS = 512
 TILE_OVERLAP = 64  # pixels of context each side of a decoded tile, cross-faded with the neighbour
-
-_EXACT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8}
-
 
 class MemoryPlanError(ValueError):
     """The model cannot run within the budget, even streamed; the message has the numbers."""
@@ -44,10 +41,11 @@ class Streaming:
 def tensor_bytes(stored: str, shape: tuple[int, ...], compute_bytes: int) -> int:
     """Device bytes of one tensor once loaded."""
     n = math.prod(shape)
-    if stored in _EXACT_BITS or (stored and stored in GGMLType.__members__ and GGMLType[stored] in REQUANT):
-        bits, group = (_EXACT_BITS[stored], 32) if stored in _EXACT_BITS else REQUANT[GGMLType[stored]]
-        return n * bits // 8 + 2 * (n // group) * compute_bytes
-    return n * compute_bytes
+    fmt = mlx_format(GGMLType[stored]) if stored in GGMLType.__members__ else None
+    if fmt is None:
+        return n * compute_bytes
+    bits, group = fmt
+    return n * bits // 8 + 2 * (n // group) * compute_bytes
 
 
 @dataclass
@@ -66,15 +64,13 @@ class Weights:
 
 def component_weights(name: str, entries: dict, block_lists: tuple[str, ...], compute_bytes: int) -> Weights:
     """Size a component from its canonical entries (keymap.Entry: shape and stored type)."""
-    pattern = re.compile(r"^(%s)\.(\d+)\." % "|".join(re.escape(b) for b in block_lists))
     blocks: dict[tuple[int, int], int] = {}
     fixed = 0
     for key, e in entries.items():
         b = tensor_bytes(e.stored, tuple(e.shape), compute_bytes)
-        m = pattern.match(key)
-        if m:
-            k = (block_lists.index(m.group(1)), int(m.group(2)))
-            blocks[k] = blocks.get(k, 0) + b
+        k = block_key(key, block_lists)
+        if k:
+            blocks[k[:2]] = blocks.get(k[:2], 0) + b
         else:
             fixed += b
     return Weights(name, fixed, [blocks[k] for k in sorted(blocks)], [k[0] for k in sorted(blocks)])

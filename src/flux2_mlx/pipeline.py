@@ -24,7 +24,7 @@ from .config import (MODELS, ModelSpec, TextEncoderConfig, TransformerConfig, ge
                      vae_shapes)
 from .keymap import Entry, check_transformer, text_encoder_entries, transformer_entries, vae_entries
 from .tokenizer import PromptTokenizer, tokenizer_from_gguf
-from .weights import GGUFFile, WeightsError, WeightSource
+from .weights import WeightsError, WeightSource
 
 MAX_PIXELS = 2048 * 2048
 BACKENDS = ("mlx",)
@@ -46,11 +46,12 @@ def _config_json(path: Path) -> dict | None:
     return json.loads(f.read_text()) if path.is_dir() and f.exists() else None
 
 
-def _encoder_config(path: Path, base: TextEncoderConfig) -> TextEncoderConfig:
-    """The encoder's hyper-parameters from its config.json, or from a llama.cpp GGUF's metadata."""
-    if path.suffix != ".gguf":
-        return text_encoder_config_from(_config_json(path), base)
-    f = GGUFFile(path)
+def _encoder_config(source: WeightSource, base: TextEncoderConfig) -> TextEncoderConfig:
+    """The encoder's hyper-parameters from its config.json, or from a llama.cpp GGUF's metadata (read from
+    the already opened file: parsing a GGUF's tokenizer metadata takes seconds)."""
+    if source.path.suffix != ".gguf":
+        return text_encoder_config_from(_config_json(source.path), base)
+    f = source.files[0]
     arch = f.field("general.architecture")
     keys = dict(hidden_size="embedding_length", num_attention_heads="attention.head_count",
                 num_key_value_heads="attention.head_count_kv", head_dim="attention.key_length",
@@ -74,14 +75,19 @@ def _transformer_config(spec: ModelSpec, entries) -> TransformerConfig:
     return cfg
 
 
+def uses_cfg(spec: ModelSpec, guidance: float | None) -> bool:
+    """True CFG (a negative pass) runs for the klein base variants with guidance above 1."""
+    return spec.guidance_mode == "cfg" and (spec.default_guidance if guidance is None else guidance) > 1.0
+
+
 def _shape_entries(shapes: dict) -> dict[str, Entry]:
     """Stand-ins for a component not downloaded yet: its shapes, stored in the compute dtype."""
     return {k: Entry(v, lambda: None) for k, v in shapes.items()}
 
 
 def plan_memory(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: int, height: int, *,
-                budget_gb: float | None = None, stream_from: str | None = None, cfg: bool = False,
-                encode: bool = True) -> memory_plan.Plan:
+                budget_gb: float | None = None, stream_from: str | None = None,
+                cfg: bool = False) -> memory_plan.Plan:
     """The memory plan for one run, from the files' headers (shapes and stored types; nothing is loaded).
 
     budget_gb None: the backend's limit (Metal's recommended working set, or 80 % of RAM). stream_from
@@ -100,16 +106,15 @@ def plan_memory(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: 
     vae_cfg = vae_config_from(_config_json(Path(vpath)), spec.vae) if vpath is not None else spec.vae
     v = memory_plan.component_weights("vae", vae_entries(WeightSource(vpath)) if vpath is not None
                                       else _shape_entries(vae_shapes(vae_cfg)), (), 4)
-    te_cfg = spec.text_encoder
-    if files.get("text_encoder") is not None:
-        te_cfg = _encoder_config(Path(files["text_encoder"]), te_cfg)
-    te = None
-    if encode:
-        path = files.get("text_encoder")
-        entries = (text_encoder_entries(WeightSource(path, partial=True), te_cfg) if path is not None
-                   else _shape_entries(text_encoder_shapes(te_cfg)))
-        te = memory_plan.component_weights("text encoder", entries, ("model.layers",), dtype_bytes)
-    streamed = t.total if te is None else max(t.total, te.total)
+    te_cfg, te_path = spec.text_encoder, files.get("text_encoder")
+    if te_path is not None:
+        te_source = WeightSource(te_path, partial=True)
+        te_cfg = _encoder_config(te_source, te_cfg)
+        te_entries = text_encoder_entries(te_source, te_cfg)
+    else:
+        te_entries = _shape_entries(text_encoder_shapes(te_cfg))
+    te = memory_plan.component_weights("text encoder", te_entries, ("model.layers",), dtype_bytes)
+    streamed = max(t.total, te.total)
     source = stream_from or ("ram" if streamed + budget <= 0.9 * dev["total"] else "disk")
     if source not in ("ram", "disk"):
         raise ValueError(f"stream_from must be ram or disk, got {stream_from!r}")
@@ -185,7 +190,7 @@ class Pipeline:
 
     def plan(self, width: int = 1024, height: int = 1024, guidance=None) -> memory_plan.Plan:
         """The memory plan for an image of this size (memory_plan.MemoryPlanError if it cannot fit)."""
-        cfg = self.spec.guidance_mode == "cfg" and self.settings(None, guidance)[1] > 1.0
+        cfg = uses_cfg(self.spec, guidance)
         key = (width, height, cfg)
         if key not in self._plans:
             self._plans[key] = plan_memory(self.spec, self.files, self.backend, self.dtype.size, width, height,
@@ -208,13 +213,13 @@ class Pipeline:
             model = self.backend.load_transformer(self.spec.transformer, source, dtype=self.dtype,
                                                   streaming=streaming)
         else:
-            cfg = _encoder_config(path, self.spec.text_encoder)
+            source = WeightSource(path, partial=True, pread=streaming is not None)
+            cfg = _encoder_config(source, self.spec.text_encoder)
             width = len(cfg.output_layers) * cfg.hidden_size
             if width != self.spec.transformer.context_in_dim:
                 raise WeightsError(f"{path}: this text encoder gives {width} features per token but the "
                                    f"transformer takes {self.spec.transformer.context_in_dim}; use "
                                    f"{self.spec.text_encoder.repo_id}")
-            source = WeightSource(path, partial=True, pread=streaming is not None)
             model = self.backend.load_text_encoder(cfg, source, dtype=self.dtype, streaming=streaming)
         setattr(self, attr, model)
         self._streaming[component] = streaming
@@ -223,7 +228,7 @@ class Pipeline:
     @property
     def transformer(self):
         """The transformer as the last plan set it up (resident when nothing was planned)."""
-        return self._load("transformer", self._streaming["transformer"] if self._transformer is not None else None)
+        return self._load("transformer", self._streaming["transformer"])
 
     def encode(self, prompts: str | list[str], plan: memory_plan.Plan | None = None) -> np.ndarray:
         """Prompt embeddings (B, 512, 3·D), float32: the encoder's hidden states at its output layers.
@@ -251,12 +256,12 @@ class Pipeline:
         if self.memory == "phase":
             self._text_encoder = None
             be.free()
-        for p, e in zip(todo, embeds):
-            self._prompts.pop(p, None)
-            self._prompts[p] = e
-        while len(self._prompts) > 4:
+        new = dict(zip(todo, embeds))
+        out = np.stack([new[p] if p in new else self._prompts[p] for p in prompts])
+        self._prompts.update(new)
+        while len(self._prompts) > 4:  # oldest first: dicts keep insertion order
             self._prompts.pop(next(iter(self._prompts)))
-        return np.stack([self._prompts[p] if p in self._prompts else embeds[todo.index(p)] for p in prompts])
+        return out
 
     def settings(self, steps, guidance) -> tuple[int, float]:
         """(steps, guidance) with the model's defaults filled in."""
@@ -284,7 +289,7 @@ class Pipeline:
         spec = self.spec
         if spec.guidance_mode != "cfg" and (negative_prompt is not None or negative_prompt_embeds is not None):
             raise ValueError(f"{spec.name} does not use a negative prompt (only the klein base variants do)")
-        use_cfg = spec.guidance_mode == "cfg" and self.settings(None, guidance)[1] > 1.0
+        use_cfg = uses_cfg(spec, guidance)
         texts = []
         if prompt_embeds is None:
             if prompt is None:

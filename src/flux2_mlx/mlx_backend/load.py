@@ -6,15 +6,13 @@ time, so no second full copy of a model is ever held in RAM.
 
 from __future__ import annotations
 
-import re
-
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
 from ..config import MODELS, TextEncoderConfig, TransformerConfig, VAEConfig, text_encoder_shapes, vae_shapes
-from ..keymap import (Entry, check_keys, check_transformer, text_encoder_entries, transformer_entries,
-                      vae_entries)
+from ..keymap import (Entry, block_key, check_keys, check_transformer, text_encoder_entries,
+                      transformer_entries, vae_entries)
 from ..quant.ggml import GGMLType
 from ..quant.mlx_layout import MLXQuant, repack
 from ..weights import BF16, GGMLTensor, WeightSource
@@ -59,13 +57,13 @@ def _assign(module, entries: dict[str, Entry], dtype: mx.Dtype, streaming=None, 
     block factory), in execution order) past the first `streaming.resident` become StreamedBlocks."""
     streamed: dict[tuple[str, int], dict[str, Entry]] = {}
     if streaming is not None:
-        order = [(attr, i) for attr, _ in groups for i in range(len(module_at(module, attr)))]
+        attrs = tuple(attr for attr, _ in groups)
+        order = [(attr, i) for attr in attrs for i in range(len(module_at(module, attr)))]
         streamed = {key: {} for key in order[streaming.resident:]}
         for name, entry in entries.items():
-            for attr, _ in groups:
-                m = re.match(rf"{re.escape(attr)}\.(\d+)\.(.+)$", name)
-                if m and (attr, int(m.group(1))) in streamed:
-                    streamed[attr, int(m.group(1))][m.group(2)] = entry
+            k = block_key(name, attrs)
+            if k and (attrs[k[0]], k[1]) in streamed:
+                streamed[attrs[k[0]], k[1]][k[2]] = entry
     if streamed:
         make = dict(groups)
         blocks = [(f"{attr}.{i}", make[attr], block) for (attr, i), block in streamed.items()]

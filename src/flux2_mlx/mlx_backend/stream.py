@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import mlx.core as mx
-from mlx import nn
+import mlx.nn as nn
 
 from ..keymap import Entry
 from ..weights import WeightsError

@@ -14,7 +14,7 @@ import numpy as np
 
 from .ggml import GGMLType, block_info, dequantize, row_bytes
 
-__all__ = ["MLXQuant", "dequantize_mlx", "pack_codes", "repack", "requantize", "unpack_codes"]
+__all__ = ["MLXQuant", "dequantize_mlx", "mlx_format", "pack_codes", "repack", "requantize", "unpack_codes"]
 
 assert sys.byteorder == "little", "the uint32/uint64 views below assume a little-endian host"
 
@@ -22,6 +22,9 @@ T = GGMLType
 # Lossy targets (bits, group) for types MLX's 32/64/128 groups cannot hold (16-element sub-blocks), §3.
 # Q6_K → 8-bit g64: near-lossless at Q8_0's memory. Q2_K → 4-bit g32: 5–6 bpw, small error next to Q2_K's own.
 REQUANT = {T.Q6_K: (8, 64), T.Q2_K: (4, 32), T.Q3_K: (4, 32)}
+# Exact repacks (_codes): one MLX group per 32-element ggml (sub-)block.
+EXACT = {T.Q4_0: (4, 32), T.Q4_1: (4, 32), T.Q5_0: (5, 32), T.Q5_1: (5, 32), T.Q8_0: (8, 32),
+         T.Q4_K: (4, 32), T.Q5_K: (5, 32)}
 # Measured on N(0, 0.02) 256x4096 weights quantized by quant.kquants (rel-RMS; tests check looser bounds).
 # Q3_K is exact only as 8-bit codes (8.5 bpw in memory vs 3.44 in the file), which defeats the reason to pick
 # it; by default it is re-quantized to 4-bit g32: +8.1e-2 vs the Q3_K values (total 0.151 -> 0.173, +15%).
@@ -31,6 +34,11 @@ _LOSSY_NOTE = {T.Q6_K: "re-quantized to 8-bit g64: adds 5.3e-3 rel-RMS vs the Q6
                        "weights 0.296 -> 0.303, +2%)",
                T.Q3_K: "re-quantized to 4-bit g32: adds 8.1e-2 rel-RMS vs the Q3_K values (total vs the original "
                        "weights 0.151 -> 0.173, +15%); repack(..., exact=True) keeps it exact as 8-bit codes"}
+
+
+def mlx_format(t: GGMLType) -> tuple[int, int] | None:
+    """(bits, group size) a ggml type loads as by default; None for the dense and unsupported types."""
+    return EXACT.get(t) or REQUANT.get(t)
 
 
 @dataclass(frozen=True)
