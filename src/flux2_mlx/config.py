@@ -46,11 +46,6 @@ class VAEConfig:
     norm_groups: int = 32
     bn_eps: float = 1e-4
 
-    @property
-    def downscale(self) -> int:
-        """Pixels per latent cell edge before the 2x2 patchify."""
-        return 2 ** (len(self.ch_mult) - 1)
-
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
