@@ -110,3 +110,73 @@ def test_default_dtype_is_float32_on_cpu():
     assert resolve_dtype("bfloat16") == mx.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8")
+
+
+def _refs(cfg, sizes, seed=1):
+    """Reference tokens (1, R, C) and their ids for references of `sizes` latent cells."""
+    from flux2_mlx.sampling import prc_refs
+    rng = np.random.default_rng(seed)
+    tokens = sum(h * w for h, w in sizes)
+    return rng.standard_normal((1, tokens, cfg.in_channels)).astype(np.float32), prc_refs(sizes)
+
+
+@pytest.mark.parametrize("variant", ["dev", "klein-4b"])
+def test_reference_tokens_match_diffusers(tiny_models, variant):
+    """§6.2: references join the image tokens with t = 10, 20, … and their outputs are dropped."""
+    m = tiny_models(variant)
+    cfg = m.spec.transformer
+    ours = load_transformer(cfg, WeightSource(m.bfl_dir / m.spec.transformer_file), dtype=mx.float32)
+    i = _inputs(cfg, L=64)
+    ref, ref_ids = _refs(cfg, [(2, 4), (5, 3), (3, 3)])
+    got = np.array(ours(mx.array(i["x"]), mx.array(i["x_ids"]), mx.array(i["t"]), mx.array(i["ctx"]),
+                        mx.array(i["ctx_ids"]), mx.array(i["g"]), ref=mx.array(ref), ref_ids=mx.array(ref_ids)))
+    joint = dict(i, x=np.concatenate([i["x"], ref], 1), x_ids=np.concatenate([i["x_ids"], ref_ids], 1))
+    want = _reference(m.ref_transformer, cfg, joint)[:, : i["x"].shape[1]]
+    assert got.shape == want.shape == i["x"].shape
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(got, _ours(ours, i)) > 1e-3  # the references are live
+
+
+def test_kv_extract_and_cached_match_diffusers(tiny_models):
+    """§2.11: the first step runs the references at t = 0, attending only to themselves, and caches
+    their K/V per block; later steps attend to the cache. Both equal diffusers' KV transformer."""
+    from diffusers.models.transformers.transformer_flux2 import (Flux2KVAttnProcessor,
+                                                                 Flux2KVParallelSelfAttnProcessor)
+    m = tiny_models("klein-9b-kv")
+    cfg = m.spec.transformer
+    for block in m.ref_transformer.transformer_blocks:  # what Flux2KleinKVPipeline does
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in m.ref_transformer.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    ours = load_transformer(cfg, WeightSource(m.bfl_dir / m.spec.transformer_file), dtype=mx.float32)
+    ref, ref_ids = _refs(cfg, [(4, 2), (3, 5)])
+    R = ref.shape[1]
+    cache = []
+    for step, t in enumerate([0.9, 0.4]):
+        i = _inputs(cfg, L=64, seed=step)
+        i["t"] = np.array([t], np.float32)
+        kw = dict(ref=mx.array(ref), ref_ids=mx.array(ref_ids)) if step == 0 else {}
+        got = np.array(ours(mx.array(i["x"]), mx.array(i["x_ids"]), mx.array(i["t"]), mx.array(i["ctx"]),
+                            mx.array(i["ctx_ids"]), kv_cache=cache, **kw))
+        args = dict(encoder_hidden_states=torch.from_numpy(i["ctx"]), timestep=torch.from_numpy(i["t"]),
+                    txt_ids=torch.from_numpy(i["ctx_ids"]).long(), guidance=None, return_dict=False)
+        with torch.no_grad():
+            if step == 0:
+                want, ref_cache = m.ref_transformer(
+                    hidden_states=torch.from_numpy(np.concatenate([ref, i["x"]], 1)),
+                    img_ids=torch.from_numpy(np.concatenate([ref_ids, i["x_ids"]], 1)).long(),
+                    kv_cache_mode="extract", num_ref_tokens=R, **args)
+            else:
+                (want,) = m.ref_transformer(hidden_states=torch.from_numpy(i["x"]),
+                                            img_ids=torch.from_numpy(i["x_ids"]).long(),
+                                            kv_cache=ref_cache, kv_cache_mode="cached", **args)
+        assert len(cache) == cfg.depth + cfg.depth_single_blocks
+        assert all(k.shape == (1, cfg.num_heads, R, cfg.head_dim) for k, _ in cache)
+        assert rel_err(got, want.numpy()) <= 1e-5
+    # The cached K/V are the ones diffusers stored (diffusers keeps (B, L, heads, D)).
+    k0, v0 = ref_cache.get_double(0).get()
+    assert rel_err(np.array(cache[0][0]), k0.numpy().transpose(0, 2, 1, 3)) <= 1e-5
+    # A KV model without references runs the standard forward.
+    i = _inputs(cfg, L=64)
+    assert rel_err(np.array(ours(mx.array(i["x"]), mx.array(i["x_ids"]), mx.array(i["t"]), mx.array(i["ctx"]),
+                                 mx.array(i["ctx_ids"]), kv_cache=[])), _reference(m.ref_transformer, cfg, i)) <= 1e-5

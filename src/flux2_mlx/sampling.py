@@ -45,6 +45,11 @@ def prc_img(h: int, w: int, t: int = 0) -> np.ndarray:
     return ids
 
 
+def prc_refs(sizes: list[tuple[int, int]]) -> np.ndarray:
+    """Ids of reference images (h_k, w_k latent cells each), concatenated in order: image k at t = 10 + 10·k."""
+    return np.concatenate([prc_img(h, w, 10 + 10 * k) for k, (h, w) in enumerate(sizes)], axis=1)
+
+
 def make_noise(seed: int, h: int, w: int, channels: int = 128) -> np.ndarray:
     """Initial latents as tokens (1, h·w, C), float32.
 

@@ -51,9 +51,8 @@ def apply_rope(x: mx.array, pe: tuple[mx.array, mx.array]) -> mx.array:
     return out.reshape(B, H, L, D).astype(x.dtype)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, pe) -> mx.array:
-    """RoPE + unmasked SDPA over (B, heads, L, D); returns (B, L, heads·D)."""
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
+def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    """Unmasked SDPA over (B, heads, L, D) with RoPE already applied; returns (B, L, heads·D)."""
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
     B, H, L, D = out.shape
     return out.transpose(0, 2, 1, 3).reshape(B, L, H * D)

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import TransformerConfig
-from .layers import (MLPEmbedder, Modulation, QKNorm, SiLU, SiLUActivation, attention, modulate,
+from .layers import (MLPEmbedder, Modulation, QKNorm, SiLU, SiLUActivation, apply_rope, attention, modulate,
                      rope, swiglu, timestep_embedding)
 
 
@@ -21,15 +21,17 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def qkv_heads(self, x: mx.array):
+    def qkv_heads(self, x: mx.array, pe):
+        """q, k, v as (B, heads, L, D), q and k normed and rotated."""
         B, L, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q, k = self.norm(q, k, v)
-        return q, k, v
+        return apply_rope(q, pe), apply_rope(k, pe), v
 
 
-def _mlp(layers, x):
-    return layers[2](layers[1](layers[0](x)))
+def _join(a, b):
+    """Keys or values of the extra (reference) tokens appended along the sequence; attention ignores order."""
+    return a if b is None else mx.concatenate([a, b], axis=2)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -41,20 +43,31 @@ class DoubleStreamBlock(nn.Module):
         self.img_mlp = [nn.Linear(H, 2 * M, bias=False), SiLUActivation(), nn.Linear(M, H, bias=False)]
         self.txt_mlp = [nn.Linear(H, 2 * M, bias=False), SiLUActivation(), nn.Linear(M, H, bias=False)]
 
-    def __call__(self, img, txt, pe, mod_img, mod_txt):
-        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = mod_img
-        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
-        # Joint attention over [txt ; img].
-        attn = attention(mx.concatenate([txt_q, img_q], axis=2), mx.concatenate([txt_k, img_k], axis=2),
-                         mx.concatenate([txt_v, img_v], axis=2), pe)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-        img = img + img_gate1 * self.img_attn.proj(img_attn)
-        img = img + img_gate2 * _mlp(self.img_mlp, modulate(img, img_shift2, img_scale2))
-        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_gate2 * _mlp(self.txt_mlp, modulate(txt, txt_shift2, txt_scale2))
-        return img, txt
+    def _out(self, stream: str, x, attn, mod):
+        (_, _, gate1), (shift2, scale2, gate2) = mod
+        mlp = getattr(self, f"{stream}_mlp")
+        x = x + gate1 * getattr(self, f"{stream}_attn").proj(attn)
+        return x + gate2 * mlp[2](mlp[1](mlp[0](modulate(x, shift2, scale2))))
+
+    def __call__(self, img, txt, pe, mod_img, mod_txt, ref=None, kv=None):
+        """pe: (txt, img) RoPE tables. ref (klein KV, first step): (tokens, pe, modulation) of the
+        reference stream, run with the image weights and attending only to itself. kv (klein KV, later
+        steps): cached reference (k, v) the image and text attend to. Returns img, txt and, with ref,
+        (ref tokens, k, v)."""
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, *mod_txt[0][:2]), pe[0])
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, *mod_img[0][:2]), pe[1])
+        out = None
+        if ref is not None:
+            r, r_pe, r_mod = ref
+            r_q, r_k, r_v = self.img_attn.qkv_heads(modulate(r, *r_mod[0][:2]), r_pe)
+            out = (self._out("img", r, attention(r_q, r_k, r_v), r_mod), r_k, r_v)
+            kv = (r_k, r_v)
+        k, v = mx.concatenate([txt_k, img_k], axis=2), mx.concatenate([txt_v, img_v], axis=2)
+        if kv is not None:
+            k, v = _join(k, kv[0]), _join(v, kv[1])
+        attn = attention(mx.concatenate([txt_q, img_q], axis=2), k, v)  # joint over [txt ; img (; ref)]
+        n = txt.shape[1]
+        return self._out("img", img, attn[:, n:], mod_img), self._out("txt", txt, attn[:, :n], mod_txt), out
 
 
 class SingleStreamBlock(nn.Module):
@@ -68,14 +81,29 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(H + M, H, bias=False)
         self.norm = QKNorm(cfg.head_dim)
 
-    def __call__(self, x, pe, mod):
-        shift, scale, gate = mod
+    def _in(self, x, pe, mod):
+        shift, scale, _ = mod
         B, L, _ = x.shape
         qkv, mlp = mx.split(self.linear1(modulate(x, shift, scale)), [3 * self.hidden_size], axis=-1)
         q, k, v = qkv.reshape(B, L, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q, k = self.norm(q, k, v)
-        out = self.linear2(mx.concatenate([attention(q, k, v, pe), swiglu(mlp)], axis=-1))
-        return x + gate * out
+        return apply_rope(q, pe), apply_rope(k, pe), v, mlp
+
+    def _out(self, x, attn, mlp, mod):
+        return x + mod[2] * self.linear2(mx.concatenate([attn, swiglu(mlp)], axis=-1))
+
+    def __call__(self, x, pe, mod, ref=None, kv=None):
+        """As DoubleStreamBlock, on the joint [txt ; img] sequence; returns x and, with ref, (ref, k, v)."""
+        q, k, v, mlp = self._in(x, pe, mod)
+        out = None
+        if ref is not None:
+            r, r_pe, r_mod = ref
+            r_q, r_k, r_v, r_mlp = self._in(r, r_pe, r_mod)
+            out = (self._out(r, attention(r_q, r_k, r_v), r_mlp, r_mod), r_k, r_v)
+            kv = (r_k, r_v)
+        if kv is not None:
+            k, v = _join(k, kv[0]), _join(v, kv[1])
+        return self._out(x, attention(q, k, v), mlp, mod), out
 
 
 class LastLayer(nn.Module):
@@ -106,28 +134,62 @@ class Flux2(nn.Module):
         self.single_blocks = [SingleStreamBlock(cfg) for _ in range(cfg.depth_single_blocks)]
         self.final_layer = LastLayer(H, cfg.in_channels)
 
-    def __call__(self, x, x_ids, t, ctx, ctx_ids, guidance=None):
-        """x (B, N, C) tokens, x_ids (B|1, N, 4), t (B,) in [0, 1], ctx (B, L, D), ctx_ids (B|1, L, 4),
-        guidance (B,) or None → velocity (B, N, C) in the parameters' dtype."""
-        # A quantized layer's weight holds packed uint32 codes; its scales carry the compute dtype.
-        dtype = getattr(self.img_in, "scales", self.img_in.weight).dtype
+    def _rope(self, ids):
+        return rope(ids, self.cfg.axes_dim, self.cfg.theta)
+
+    def _vec(self, t, guidance, dtype):
         vec = self.time_in(timestep_embedding(t.astype(dtype)))
         if self.cfg.use_guidance_embed:
             if guidance is None:
                 raise ValueError("this model embeds guidance: pass a guidance value")
             vec = vec + self.guidance_in(timestep_embedding(guidance.astype(dtype)))
+        return vec
+
+    def __call__(self, x, x_ids, t, ctx, ctx_ids, guidance=None, ref=None, ref_ids=None, kv_cache=None):
+        """x (B, N, C) tokens, x_ids (B|1, N, 4), t (B,) in [0, 1], ctx (B, L, D), ctx_ids (B|1, L, 4),
+        guidance (B,) or None → velocity (B, N, C) in the parameters' dtype.
+
+        ref (B, R, C), ref_ids (1, R, 4): reference-image tokens (§6.2): they join the image tokens and
+        their outputs are dropped. kv_cache (klein KV, §2.11): a list that belongs to one generation. While
+        it is empty, the references run as their own stream, modulated at t = 0 and attending only to
+        themselves, and every block's reference K/V is appended to it; once filled, later calls attend to
+        those K/V and take no `ref`.
+        """
+        # A quantized layer's weight holds packed uint32 codes; its scales carry the compute dtype.
+        dtype = getattr(self.img_in, "scales", self.img_in.weight).dtype
+        n = x.shape[1]
+        extract = kv_cache is not None and not kv_cache and ref is not None
+        if ref is not None and kv_cache is None:
+            x = mx.concatenate([x, ref.astype(x.dtype)], axis=1)
+            x_ids = mx.concatenate([x_ids, ref_ids], axis=1)
+        vec = self._vec(t, guidance, dtype)
         mod_img = self.double_stream_modulation_img(vec)
         mod_txt = self.double_stream_modulation_txt(vec)
         (mod_single,) = self.single_stream_modulation(vec)
 
         img, txt = self.img_in(x.astype(dtype)), self.txt_in(ctx.astype(dtype))
-        pe_x = rope(x_ids, self.cfg.axes_dim, self.cfg.theta)
-        pe_ctx = rope(ctx_ids, self.cfg.axes_dim, self.cfg.theta)
-        pe = tuple(mx.concatenate([c, i], axis=2) for c, i in zip(pe_ctx, pe_x))
+        pe = (self._rope(ctx_ids), self._rope(x_ids))
+        pe_joint = tuple(mx.concatenate(p, axis=2) for p in zip(*pe))
+        r = cached = None
+        if extract:
+            ref_vec = self._vec(mx.zeros_like(t), guidance, dtype)
+            r, r_pe = self.img_in(ref.astype(dtype)), self._rope(ref_ids)
+            r_mod_img = self.double_stream_modulation_img(ref_vec)
+            (r_mod_single,) = self.single_stream_modulation(ref_vec)
+        elif kv_cache:
+            cached = iter(kv_cache)
 
         for block in self.double_blocks:
-            img, txt = block(img, txt, pe, mod_img, mod_txt)
+            img, txt, out = block(img, txt, pe, mod_img, mod_txt, kv=next(cached) if cached else None,
+                                  ref=(r, r_pe, r_mod_img) if extract else None)
+            if extract:
+                r, k, v = out
+                kv_cache.append((k, v))
         h = mx.concatenate([txt, img], axis=1)
         for block in self.single_blocks:
-            h = block(h, pe, mod_single)
-        return self.final_layer(h[:, txt.shape[1] :], vec)
+            h, out = block(h, pe_joint, mod_single, ref=(r, r_pe, r_mod_single) if extract else None,
+                           kv=next(cached) if cached else None)
+            if extract:
+                r, k, v = out
+                kv_cache.append((k, v))
+        return self.final_layer(h[:, txt.shape[1] : txt.shape[1] + n], vec)
