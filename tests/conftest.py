@@ -78,6 +78,45 @@ def diffusers_vae(cfg, bfl: dict[str, np.ndarray]):
     return model.eval()
 
 
+def flux2_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # The scheduler config the FLUX.2 diffusers repos ship (FLUX.1-dev's); mu is passed in explicitly.
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+
+
+def diffusers_run(m, variant, embeds, neg, noise, *, steps, guidance, output_type, **call) -> np.ndarray:
+    """One diffusers pipeline run (Flux2Pipeline for dev, Flux2KleinKVPipeline for klein-9b-kv, else
+    Flux2KleinPipeline) on model m's weights, with our embeddings and noise (1, C, h, w); `call` passes
+    width, height, image, sigmas… through. "latent" output comes back as normalized tokens (1, N, C)."""
+    import torch
+    from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline, Flux2Pipeline
+
+    kw = dict(scheduler=flux2_scheduler(), vae=m.ref_vae, text_encoder=None, tokenizer=None,
+              transformer=m.ref_transformer)
+    call.update(prompt_embeds=torch.from_numpy(embeds), latents=torch.from_numpy(noise),
+                num_inference_steps=steps, output_type=output_type)
+    if variant == "dev":
+        pipe, call["guidance_scale"] = Flux2Pipeline(**kw), guidance
+    elif variant == "klein-9b-kv":
+        pipe = Flux2KleinKVPipeline(**kw)
+    else:
+        pipe, call["guidance_scale"] = Flux2KleinPipeline(**kw, is_distilled=variant == "klein-4b"), guidance
+        if neg is not None:
+            call["negative_prompt_embeds"] = torch.from_numpy(neg)
+    with torch.no_grad():
+        out = pipe(**call).images
+    if output_type == "latent" and out.ndim == 4:
+        # The klein pipelines return de-normalized, unpatchified latents: undo both to get tokens.
+        bn = m.ref_vae.bn
+        out = Flux2Pipeline._patchify_latents(out)
+        out = (out - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + 1e-4)
+        out = Flux2Pipeline._pack_latents(out)
+    return out.numpy() if hasattr(out, "numpy") else out
+
+
 def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))

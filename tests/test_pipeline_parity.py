@@ -2,45 +2,14 @@
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from conftest import rel_err
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
+from conftest import diffusers_run, rel_err
 
 from flux2_mlx import load_pipeline
 from flux2_mlx.weights import WeightsError
 
 W, H = 80, 48  # 5x3 latent tokens: not square, so a row/column swap cannot pass
 L = 64  # text tokens; the pipeline is agnostic to it and the real 512 is covered per forward
-
-
-def _scheduler():
-    # The scheduler config the FLUX.2 diffusers repos ship (FLUX.1-dev's); mu is passed in explicitly.
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
-
-
-def _reference(m, variant, embeds, neg, noise, steps, guidance, output_type):
-    kw = dict(scheduler=_scheduler(), vae=m.ref_vae, text_encoder=None, tokenizer=None,
-              transformer=m.ref_transformer)
-    call = dict(prompt_embeds=torch.from_numpy(embeds), latents=torch.from_numpy(noise), width=W, height=H,
-                num_inference_steps=steps, guidance_scale=guidance, output_type=output_type)
-    if variant == "dev":
-        pipe = Flux2Pipeline(**kw)
-    else:
-        pipe = Flux2KleinPipeline(**kw, is_distilled=variant == "klein-4b")
-        if neg is not None:
-            call["negative_prompt_embeds"] = torch.from_numpy(neg)
-    with torch.no_grad():
-        out = pipe(**call).images
-    if output_type == "latent" and out.ndim == 4:
-        # Flux2KleinPipeline returns de-normalized, unpatchified latents: undo both to get tokens.
-        bn = m.ref_vae.bn
-        out = Flux2Pipeline._patchify_latents(out)
-        out = (out - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + 1e-4)
-        out = Flux2Pipeline._pack_latents(out)
-    return out
 
 
 CASES = [("dev", 4, 4.0), ("klein-4b", 4, 1.0), ("klein-base-4b", 4, 4.0)]
@@ -61,7 +30,8 @@ def test_denoise_matches_diffusers(tiny_models, variant, steps, guidance, layout
 
     ours = pipe.sample(prompt_embeds=embeds, negative_prompt_embeds=neg, width=W, height=H, steps=steps,
                        guidance=guidance, seed=seed)
-    ref = _reference(m, variant, embeds, neg, noise, steps, guidance, "latent").numpy()
+    kw = dict(width=W, height=H, steps=steps, guidance=guidance)
+    ref = diffusers_run(m, variant, embeds, neg, noise, output_type="latent", **kw)
     assert ours.shape == ref.shape == (1, (H // 16) * (W // 16), 128)
     assert rel_err(ours, ref) <= 1e-4
 
@@ -70,7 +40,7 @@ def test_denoise_matches_diffusers(tiny_models, variant, steps, guidance, layout
                           steps=steps, guidance=guidance, seed=seed)
     image.save(tmp_path / "out.png")
     png = np.asarray(Image.open(tmp_path / "out.png"), np.int16)
-    ref_img = _reference(m, variant, embeds, neg, noise, steps, guidance, "np")[0]
+    ref_img = diffusers_run(m, variant, embeds, neg, noise, output_type="np", **kw)[0]
     assert png.shape == (H, W, 3) and image.info["seed"] == seed
     assert np.abs(png - np.round(ref_img * 255)).max() <= 1
 

@@ -89,14 +89,14 @@ def text_activations(hidden: int, mlp: int, heads: int, batch: int, compute_byte
     return (int(batch * (TEXT_ROWS_PER_TOKEN * L * (hidden + mlp) * compute_bytes + scores)),)
 
 
-def vae_decode_activations(width: int, height: int, ch: int = 128) -> int:
+def vae_activations(maps_per_pixel: float, width: int, height: int, ch: int = 128) -> int:
     """float32 (the VAE always runs in float32)."""
-    return int(VAE_DECODE_MAPS_PER_PIXEL * width * height * ch * 4)
+    return int(maps_per_pixel * width * height * ch * 4)
 
 
 @dataclass
 class Phase:
-    name: str  # encode | denoise | decode
+    name: str  # encode | images | denoise | decode
     component: str
     weights: int  # device bytes of the component
     activations: int
@@ -105,7 +105,7 @@ class Phase:
     blocks: int
     prefetch: int  # host bytes of the streamed block being read ahead (0 when resident)
     held: int  # device bytes of weights held at the peak: all of them, or the resident ones + the running block
-    tile: int = 0  # decode: tile edge in pixels, 0 = untiled
+    tile: int = 0  # images, decode: tile edge in pixels, 0 = untiled
 
     @property
     def streamed(self) -> bool:
@@ -196,30 +196,36 @@ def _fit(name: str, c: Weights, acts: tuple[int, ...], others: int, budget: int)
 def plan(budget: int, *, transformer: Weights, vae: Weights, text_encoder: Weights | None, hidden: int,
          heads: int, te_hidden: int = 0, te_mlp: int = 0, te_heads: int = 0, width: int, height: int,
          compute_bytes: int, fused_attention: bool, cfg_batch: int = 1, source: str = "ram",
-         vae_ch: int = 128) -> Plan:
+         vae_ch: int = 128, ref_tokens: int = 0, image_size: tuple[int, int] | None = None) -> Plan:
     """One plan for a run: the VAE stays resident throughout (it is small next to the others); the encoder
-    and the transformer each get the whole budget less the VAE in their own phase."""
-    tokens = TEXT_TOKENS + (height // 16) * (width // 16)
+    and the transformer each get the whole budget less the VAE in their own phase.
+
+    ref_tokens: reference-image tokens the transformer attends to beside the output's; image_size: the
+    largest input image (references, img2img start) the VAE encodes, or None."""
+    tokens = TEXT_TOKENS + (height // 16) * (width // 16) + ref_tokens
     out = Plan(budget, source)
     if text_encoder is not None:
         act = text_activations(te_hidden, te_mlp, te_heads, cfg_batch, compute_bytes, fused_attention)
         out.phases.append(_fit("encode", text_encoder, act, vae.total, budget))
+    if image_size is not None:
+        out.phases.append(_vae_phase("images", VAE_ENCODE_MAPS_PER_PIXEL, vae, *image_size, budget, vae_ch))
     act = transformer_activations(hidden, heads, tokens, compute_bytes, fused_attention)
     out.phases.append(_fit("denoise", transformer, act, vae.total, budget))
-    out.phases.append(_decode_phase(vae, width, height, budget, vae_ch))
+    out.phases.append(_vae_phase("decode", VAE_DECODE_MAPS_PER_PIXEL, vae, width, height, budget, vae_ch))
     return out
 
 
-def _decode_phase(vae: Weights, width: int, height: int, budget: int, ch: int) -> Phase:
+def _vae_phase(name: str, maps: float, vae: Weights, width: int, height: int, budget: int, ch: int) -> Phase:
     """Untiled when it fits; else the largest square tile (a multiple of 256 px, with its blending margin)
-    that does. The decoder's activations grow with pixels, so tiles bound them."""
-    p = Phase("decode", vae.name, vae.total, vae_decode_activations(width, height, ch), 0, 0, 0, 0, vae.total)
+    that does. The VAE's activations grow with pixels, so tiles bound them."""
+    p = Phase(name, vae.name, vae.total, vae_activations(maps, width, height, ch), 0, 0, 0, 0, vae.total)
     tile = 2048
     while p.peak > budget and tile >= 256:
         side = tile + 2 * TILE_OVERLAP
-        p.tile, p.activations = tile, vae_decode_activations(min(side, width), min(side, height), ch)
+        p.tile, p.activations = tile, vae_activations(maps, min(side, width), min(side, height), ch)
         tile -= 256
     if p.peak > budget:
-        raise MemoryPlanError(f"decoding needs at least {p.peak / GB:.2f} GB even in {p.tile}px tiles, more than "
+        what = "decoding" if name == "decode" else "encoding the input images"
+        raise MemoryPlanError(f"{what} needs at least {p.peak / GB:.2f} GB even in {p.tile}px tiles, more than "
                               f"the {budget / GB:.2f} GB budget; raise --memory-budget")
     return p

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from . import hub, sampling
+from . import images as edit_images
 from . import memory as memory_plan
 from .config import (MODELS, ModelSpec, TextEncoderConfig, TransformerConfig, get_spec, text_encoder_config_from,
                      text_encoder_shapes, transformer_config_from_shapes, transformer_shapes, vae_config_from,
@@ -27,6 +28,7 @@ from .tokenizer import PromptTokenizer, tokenizer_from_gguf
 from .weights import WeightsError, WeightSource
 
 MAX_PIXELS = 2048 * 2048
+DEFAULT_STRENGTH = 0.6
 BACKENDS = ("mlx",)
 
 
@@ -87,8 +89,10 @@ def _shape_entries(shapes: dict) -> dict[str, Entry]:
 
 def plan_memory(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: int, height: int, *,
                 budget_gb: float | None = None, stream_from: str | None = None,
-                cfg: bool = False) -> memory_plan.Plan:
+                cfg: bool = False, ref_tokens: int = 0,
+                image_size: tuple[int, int] | None = None) -> memory_plan.Plan:
     """The memory plan for one run, from the files' headers (shapes and stored types; nothing is loaded).
+    ref_tokens and image_size: see memory_plan.plan.
 
     budget_gb None: the backend's limit (Metal's recommended working set, or 80 % of RAM). stream_from
     None: "ram" when the host has room for a copy of what is streamed beside the budget, else "disk".
@@ -122,25 +126,26 @@ def plan_memory(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: 
                             heads=tcfg.num_heads, te_hidden=te_cfg.hidden_size, te_mlp=te_cfg.intermediate_size,
                             te_heads=te_cfg.num_attention_heads, width=width, height=height,
                             compute_bytes=dtype_bytes, fused_attention=dev["fused_attention"],
-                            cfg_batch=2 if cfg else 1, source=source, vae_ch=vae_cfg.ch)
+                            cfg_batch=2 if cfg else 1, source=source, vae_ch=vae_cfg.ch,
+                            ref_tokens=ref_tokens, image_size=image_size)
 
 
-def decode_tiled(decode, z: np.ndarray, tile: int) -> np.ndarray:
-    """decode((1, h, w, C) latent tokens) → (16h, 16w, 3) image, whole (tile 0) or in tiles of `tile` pixels.
+def run_tiled(fn, x: np.ndarray, tile: int, inner: int, outer: int) -> np.ndarray:
+    """fn maps (1, a·inner, b·inner, C) → (a·outer, b·outer, C') over a grid of 16-px cells (decode: a latent
+    cell in, 16 px out; encode: 16 px in, a latent cell out); run whole (tile 0), or in tiles of `tile` px.
 
-    Each tile is decoded with memory_plan.TILE_OVERLAP pixels of context on every inner side and
-    cross-faded linearly over the 2·overlap band it shares with its neighbour, so no seam shows.
+    Each tile gets memory_plan.TILE_OVERLAP px of context on every inner side and is cross-faded linearly
+    over the band it shares with its neighbour, so no seam shows.
     """
-    _, h, w, _ = z.shape
+    h, w = x.shape[1] // inner, x.shape[2] // inner
     t, o = tile // 16, memory_plan.TILE_OVERLAP // 16
     if tile == 0 or (h <= t and w <= t):
-        return decode(z)
-    out = np.zeros((16 * h, 16 * w, 3), np.float32)
-    weight = np.zeros((16 * h, 16 * w, 1), np.float32)
+        return fn(x)
+    out = weight = None
 
     def ramp(lo, hi, n):  # 1 inside, falling to 0 across the 2·o cells of an inner edge
-        r = np.ones(16 * (hi - lo), np.float32)
-        edge = np.linspace(0, 1, 32 * o + 2, dtype=np.float32)[1:-1][: r.size]  # a short last tile: cut
+        r = np.ones(outer * (hi - lo), np.float32)
+        edge = np.linspace(0, 1, 2 * o * outer + 2, dtype=np.float32)[1:-1][: r.size]  # a short last tile: cut
         if lo > 0:
             r[: edge.size] = np.minimum(r[: edge.size], edge)
         if hi < n:
@@ -148,13 +153,49 @@ def decode_tiled(decode, z: np.ndarray, tile: int) -> np.ndarray:
         return r
 
     for y in range(0, h, t):
-        for x in range(0, w, t):
-            y0, y1, x0, x1 = max(0, y - o), min(h, y + t + o), max(0, x - o), min(w, x + t + o)
-            img = decode(z[:, y0:y1, x0:x1])
-            wgt = ramp(y0, y1, h)[:, None, None] * ramp(x0, x1, w)[None, :, None]
-            out[16 * y0:16 * y1, 16 * x0:16 * x1] += img * wgt
-            weight[16 * y0:16 * y1, 16 * x0:16 * x1] += wgt
+        for x0 in range(0, w, t):
+            y0, y1, xa, xb = max(0, y - o), min(h, y + t + o), max(0, x0 - o), min(w, x0 + t + o)
+            part = fn(x[:, inner * y0:inner * y1, inner * xa:inner * xb])
+            if out is None:
+                out = np.zeros((outer * h, outer * w, part.shape[-1]), np.float32)
+                weight = np.zeros((outer * h, outer * w, 1), np.float32)
+            wgt = ramp(y0, y1, h)[:, None, None] * ramp(xa, xb, w)[None, :, None]
+            out[outer * y0:outer * y1, outer * xa:outer * xb] += part * wgt
+            weight[outer * y0:outer * y1, outer * xa:outer * xb] += wgt
     return out / weight
+
+
+def decode_tiled(decode, z: np.ndarray, tile: int) -> np.ndarray:
+    """decode((1, h, w, C) latent tokens) → (16h, 16w, 3) image, whole (tile 0) or in tiles of `tile` px."""
+    return run_tiled(decode, z, tile, 1, 16)
+
+
+def encode_tiled(encode, image: np.ndarray, tile: int) -> np.ndarray:
+    """encode((1, H, W, 3) image) → (H/16, W/16, C) latents, whole (tile 0) or in tiles of `tile` px."""
+    return run_tiled(encode, image, tile, 16, 1)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What one edit starts from (`Pipeline.prepare_inputs`): the output size, the prepared reference
+    images and img2img start image as (H, W, 3) arrays in [-1, 1], and, once encoded, their latent tokens.
+    Reuse one for several seeds and the images are encoded once."""
+
+    width: int
+    height: int
+    refs: list[np.ndarray] = dataclasses.field(default_factory=list)
+    init: np.ndarray | None = None
+    latents: tuple | None = None  # (reference tokens (1, R, C) | None, reference ids, init tokens | None)
+
+    @property
+    def ref_tokens(self) -> int:
+        return sum(r.shape[0] * r.shape[1] for r in self.refs) // 256
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(width, height) of the largest image to encode, or None."""
+        images = self.refs + ([self.init] if self.init is not None else [])
+        return max(((a.shape[1], a.shape[0]) for a in images), key=lambda s: s[0] * s[1], default=None)
 
 
 class Pipeline:
@@ -188,14 +229,56 @@ class Pipeline:
             self.files.update(hub.fetch(spec or self.spec, {component: None}))
         return self.files[component]
 
-    def plan(self, width: int = 1024, height: int = 1024, guidance=None) -> memory_plan.Plan:
-        """The memory plan for an image of this size (memory_plan.MemoryPlanError if it cannot fit)."""
+    def plan(self, width: int = 1024, height: int = 1024, guidance=None,
+             inputs: Inputs | None = None) -> memory_plan.Plan:
+        """The memory plan for an image of this size, with the reference tokens and input images of
+        `inputs` (memory_plan.MemoryPlanError if it cannot fit)."""
         cfg = uses_cfg(self.spec, guidance)
-        key = (width, height, cfg)
+        refs, size = (inputs.ref_tokens, inputs.image_size) if inputs is not None else (0, None)
+        key = (width, height, cfg, refs, size)
         if key not in self._plans:
             self._plans[key] = plan_memory(self.spec, self.files, self.backend, self.dtype.size, width, height,
-                                           budget_gb=self.budget_gb, stream_from=self.stream_from, cfg=cfg)
+                                           budget_gb=self.budget_gb, stream_from=self.stream_from, cfg=cfg,
+                                           ref_tokens=refs, image_size=size)
         return self._plans[key]
+
+    def prepare_inputs(self, width: int | None = None, height: int | None = None, images=None,
+                       image=None) -> Inputs:
+        """Read and prepare reference images (paths or PIL images, at most 10) and an img2img start image.
+
+        The output size defaults to the start image's size, else the first reference's processed size,
+        else 1024×1024; a width or height given alone keeps the other from that image.
+        """
+        refs = edit_images.prepare_references(images, self.spec.name) if images else []
+        init = edit_images.prepare_init(image, width, height) if image is not None else None
+        source = init if init is not None else (refs[0] if refs else None)
+        if source is not None:
+            width, height = width or source.shape[1], height or source.shape[0]
+        width, height = width or 1024, height or 1024
+        check_size(width, height)
+        return Inputs(width, height, refs, init)
+
+    def _encode_images(self, inputs: Inputs, plan) -> tuple:
+        """(reference tokens (1, R, C) or None, their ids, start-image tokens (1, N, C) or None), encoded
+        once per Inputs: each image alone at its own size, as the VAE's mean (§6.1)."""
+        if not inputs.refs and inputs.init is None:
+            return None, None, None
+        if inputs.latents is None:
+            if self.memory == "phase" and self._transformer is not None:
+                self._transformer = None  # the encoder's activations take its place, as for the prompts
+                self.backend.free()
+            be = self.backend
+            tile = plan.phase("images").tile if plan is not None else 0
+
+            def encode(a):
+                return encode_tiled(lambda part: be.to_numpy(self.vae.encode(be.from_numpy(part)))[0], a[None], tile)
+
+            refs = [encode(r) for r in inputs.refs]
+            tokens = np.concatenate([r.reshape(1, -1, r.shape[-1]) for r in refs], axis=1) if refs else None
+            ids = sampling.prc_refs([r.shape[:2] for r in refs]) if refs else None
+            init = encode(inputs.init) if inputs.init is not None else None
+            inputs.latents = (tokens, ids, None if init is None else init.reshape(1, -1, init.shape[-1]))
+        return inputs.latents
 
     def _phase_streaming(self, phase: str, plan):
         return plan.streaming(phase) if plan is not None and self.memory == "phase" else None
@@ -305,55 +388,74 @@ class Pipeline:
         neg = self._embeds(negative_prompt_embeds, "negative_prompt_embeds") if use_cfg else None
         return self._embeds(prompt_embeds, "prompt_embeds"), neg
 
-    def _denoise(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, width, height,
-                 steps, guidance, seed) -> Iterator:
+    def _denoise(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, inputs: Inputs,
+                 steps, guidance, seed, strength) -> Iterator:
         be, spec = self.backend, self.spec
-        check_size(width, height)
         if spec.guidance_mode == "none" and guidance not in (None, 1.0):
             warnings.warn(f"{spec.name} is guidance-distilled without a guidance input; "
                           f"guidance={guidance} is ignored", stacklevel=4)
-        plan = self.plan(width, height, guidance) if self.memory == "phase" else None
+        plan = self.plan(inputs.width, inputs.height, guidance, inputs) if self.memory == "phase" else None
         ctx, neg = self.conditioning(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, guidance, plan)
         steps, guidance = self.settings(steps, guidance)
-        h, w = height // 16, width // 16
+        start = sampling.img2img_start(steps, strength) if inputs.init is not None else 0
+        ref, ref_ids, init = self._encode_images(inputs, plan)
+        h, w = inputs.height // 16, inputs.width // 16
         ctx_ids = be.from_numpy(sampling.prc_txt(ctx.shape[1]))
         x_ids = be.from_numpy(sampling.prc_img(h, w))
         g = be.from_numpy(np.full((1,), guidance, np.float32)) if spec.guidance_mode == "embedded" else None
+        refs = {} if ref is None else dict(ref=be.from_numpy(ref, self.dtype), ref_ids=be.from_numpy(ref_ids))
         transformer = self._load("transformer", self._phase_streaming("denoise", plan))
 
         def velocity_for(context):
             context = be.from_numpy(context, self.dtype)
+            # klein KV: this generation's reference K/V, filled by the first step and dropped with it (§2.11).
+            cache = [] if spec.kv_cache and refs else None
 
             def velocity(x, t):
-                return transformer(x, x_ids, be.from_numpy(np.full((1,), t, np.float32)), context, ctx_ids, g)
+                kw = {} if cache else refs  # a filled cache stands in for the references
+                return transformer(x, x_ids, be.from_numpy(np.full((1,), t, np.float32)), context, ctx_ids, g,
+                                   kv_cache=cache, **kw)
 
             return velocity
 
         velocity = velocity_for(ctx)
         if neg is not None:
             velocity = sampling.cfg_velocity(velocity, velocity_for(neg), guidance)
+        schedule = sampling.get_schedule(steps, h * w)
         # Latents stay float32 whatever the model dtype: the Euler sum loses detail in bf16.
-        x = be.from_numpy(sampling.make_noise(seed, h, w, spec.latent_channels))
-        for x in sampling.denoise(velocity, x, sampling.get_schedule(steps, h * w)):
+        noise = sampling.make_noise(seed, h, w, spec.latent_channels)
+        x = be.from_numpy(noise if init is None else sampling.noised(init, noise, schedule[start]))
+        for x in sampling.denoise(velocity, x, schedule[start:]):
             be.evaluate(x)
             yield x
 
-    def iter_steps(self, prompt=None, *, prompt_embeds=None, negative_prompt=None,
-                   negative_prompt_embeds=None, width=1024, height=1024, steps=None, guidance=None,
-                   seed: int) -> Iterator[np.ndarray]:
-        """Latent tokens (1, N, C) after each step, for previews or progress."""
-        for x in self._denoise(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, width,
-                               height, steps, guidance, seed):
+    def _inputs(self, inputs, width, height, images, image) -> Inputs:
+        if inputs is None:
+            return self.prepare_inputs(width, height, images, image)
+        if any(v is not None for v in (width, height, images, image)):
+            raise ValueError("pass either inputs= or width/height/images/image, not both")
+        return inputs
+
+    def iter_steps(self, prompt=None, *, prompt_embeds=None, negative_prompt=None, negative_prompt_embeds=None,
+                   width=None, height=None, images=None, image=None, strength=DEFAULT_STRENGTH, inputs=None,
+                   steps=None, guidance=None, seed: int) -> Iterator[np.ndarray]:
+        """Latent tokens (1, N, C) after each step, for previews or progress (see `generate`)."""
+        inputs = self._inputs(inputs, width, height, images, image)
+        for x in self._denoise(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, inputs, steps,
+                               guidance, seed, strength):
             yield self.backend.to_numpy(x)
 
     def sample(self, prompt=None, *, prompt_embeds=None, negative_prompt=None, negative_prompt_embeds=None,
-               width=1024, height=1024, steps=None, guidance=None, seed: int) -> np.ndarray:
-        """Final latent tokens (1, (H/16)·(W/16), C), float32."""
+               width=None, height=None, images=None, image=None, strength=DEFAULT_STRENGTH, inputs=None,
+               steps=None, guidance=None, seed: int) -> np.ndarray:
+        """Final latent tokens (1, (H/16)·(W/16), C), float32 (see `generate`)."""
         x = None
-        for x in self._denoise(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, width,
-                               height, steps, guidance, seed):
+        for x in self.iter_steps(prompt, prompt_embeds=prompt_embeds, negative_prompt=negative_prompt,
+                                 negative_prompt_embeds=negative_prompt_embeds, width=width, height=height,
+                                 images=images, image=image, strength=strength, inputs=inputs, steps=steps,
+                                 guidance=guidance, seed=seed):
             pass
-        return self.backend.to_numpy(x)
+        return x
 
     def decode(self, latents: np.ndarray, width: int, height: int) -> Image.Image:
         """Latent tokens → RGB image; uint8 by rounding (diffusers), not truncation (BFL)."""
@@ -368,20 +470,30 @@ class Pipeline:
         return Image.fromarray(np.round((np.clip(img, -1, 1) + 1) * 127.5).astype(np.uint8))
 
     def generate(self, prompt=None, *, prompt_embeds=None, negative_prompt=None, negative_prompt_embeds=None,
-                 width=1024, height=1024, steps=None, guidance=None, seed=None) -> Image.Image:
-        """Text-to-image from a prompt string or precomputed embeddings (1, L, context_in_dim).
+                 width=None, height=None, images=None, image=None, strength=DEFAULT_STRENGTH, inputs=None,
+                 steps=None, guidance=None, seed=None) -> Image.Image:
+        """Text-to-image, editing and image-to-image, from a prompt string or embeddings (1, L, context_in_dim).
 
-        `seed=None` draws one. The settings used (seed included) are in `image.info`. To render one
-        prompt with many seeds, encode once with `encode()` and pass `prompt_embeds`.
+        images: up to 10 reference images (paths or PIL images) the result draws on. image: a start image
+        for image-to-image; `strength` (0..1] is how much of the schedule runs from it (1: all, as from pure
+        noise). width/height default to the start image's size, else the first reference's, else 1024.
+        `inputs` (from `prepare_inputs`) replaces width/height/images/image and keeps the encoded images
+        for the next seed. `seed=None` draws one. The settings used (seed included) are in `image.info`.
+        To render one prompt with many seeds, encode once with `encode()` and pass `prompt_embeds`.
         """
         seed = secrets.randbelow(2**31) if seed is None else int(seed)
+        inputs = self._inputs(inputs, width, height, images, image)
         latents = self.sample(prompt, prompt_embeds=prompt_embeds, negative_prompt=negative_prompt,
-                              negative_prompt_embeds=negative_prompt_embeds, width=width, height=height,
-                              steps=steps, guidance=guidance, seed=seed)
-        image = self.decode(latents, width, height)
+                              negative_prompt_embeds=negative_prompt_embeds, inputs=inputs, steps=steps,
+                              guidance=guidance, seed=seed, strength=strength)
+        out = self.decode(latents, inputs.width, inputs.height)
         steps, guidance = self.settings(steps, guidance)
-        image.info.update(model=self.spec.name, seed=seed, steps=steps, guidance=guidance)
-        return image
+        out.info.update(model=self.spec.name, seed=seed, steps=steps, guidance=guidance)
+        if inputs.refs:
+            out.info["references"] = len(inputs.refs)
+        if inputs.init is not None:
+            out.info["strength"] = strength
+        return out
 
 
 def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, transformer=None, vae=None,

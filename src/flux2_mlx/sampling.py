@@ -77,6 +77,19 @@ def cfg_velocity(cond: Velocity, uncond: Velocity, guidance: float) -> Velocity:
     return velocity
 
 
+def img2img_start(num_steps: int, strength: float) -> int:
+    """Index into the schedule where image-to-image starts: the last `strength` of the steps run (diffusers'
+    get_timesteps: int(N − N·strength), so 0.6 of 4 steps runs 3, and any strength > 0 runs at least one)."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    return int(num_steps - min(num_steps * strength, num_steps))
+
+
+def noised(x0: np.ndarray, noise: np.ndarray, t: float) -> np.ndarray:
+    """The rectified-flow point at time t between data x0 (t = 0) and noise (t = 1): t·noise + (1 − t)·x0."""
+    return (np.float32(t) * noise + np.float32(1 - t) * x0).astype(np.float32)
+
+
 def denoise(velocity: Velocity, x, timesteps: list[float]) -> Iterator:
     """Euler steps x ← x + (t_next − t)·v(x, t), never evaluating t = 0; yields x after each step."""
     for t_curr, t_next in zip(timesteps[:-1], timesteps[1:]):
