@@ -197,3 +197,52 @@ def test_dry_run_and_info_print_the_plan(tiny_repo, tmp_path):
     assert r.exit_code == 0 and "memory budget 0.04 GB" in r.output and "denoise  transformer   streamed" in r.output
     r = run("info", tiny_repo, "--plan", "--memory-budget", "0.045", *SMALL)
     assert r.exit_code == 0 and "predicted peak" in r.output
+
+
+def _picture(path, w, h, seed):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(path)
+    return path
+
+
+def test_generate_with_references_and_image(tiny_repo, tmp_path):
+    """--ref a --ref b: the output takes the first reference's size; --image/--strength: image-to-image.
+    Both are recorded in the PNG and the regenerate line reproduces the file."""
+    a, b = _picture(tmp_path / "a.png", 100, 70, 1), _picture(tmp_path / "b.jpg", 64, 130, 2)
+    out = tmp_path / "edit.png"
+    r = run("generate", "the fox from the first picture", "--model-path", tiny_repo, "--ref", a, "--ref", b,
+            "--steps", 2, "--seed", 3, "-o", out)
+    assert r.exit_code == 0, r.output
+    meta = json.loads(Image.open(out).info["flux2"])
+    assert Image.open(out).size == (96, 64) and meta["refs"] == [str(a), str(b)]
+    command = run("info", out).output.strip().splitlines()[-1].removeprefix("regenerate: ")
+    again = tmp_path / "again.png"
+    assert run(*shlex.split(command)[1:], "--model-path", tiny_repo, "-o", again).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+
+    i2i = tmp_path / "i2i.png"
+    r = run("generate", "a fox", "--model-path", tiny_repo, "--image", a, "--strength", 0.5, "--seed", 3, "-o", i2i)
+    assert r.exit_code == 0, r.output
+    assert "2/2" in r.stderr  # half of the 4 steps run
+    assert json.loads(Image.open(i2i).info["flux2"])["strength"] == 0.5 and Image.open(i2i).size == (96, 64)
+    r = run("generate", "a fox", "--model-path", tiny_repo, "--ref", a, "--dry-run")
+    assert r.exit_code == 0 and "references 96x64 (24 tokens)" in r.output and "images" in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ref", "missing.png"], "no such file"),
+    (["--ref", "tiny.png"], "at least 64 px"),
+    (["--ref", "text.png"], "is not a readable image"),
+    (["--ref", "a.png"] * 11, "at most 10"),
+    (["--image", "a.png", "--strength", "0"], "--strength"),
+])
+def test_bad_images_fail_cleanly(tiny_repo, tmp_path, args, message):
+    _picture(tmp_path / "a.png", 80, 64, 0)
+    Image.new("RGB", (40, 40)).save(tmp_path / "tiny.png")
+    (tmp_path / "text.png").write_text("hello")
+    out = tmp_path / "x.png"
+    args = [str(tmp_path / a) if a.endswith(".png") else a for a in args]
+    r = run("generate", "a fox", "--model-path", tiny_repo, *args, "-o", out)
+    assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.output and not out.exists()
+    assert [line.lower().startswith("error") for line in r.stderr.splitlines()].count(True) == 1

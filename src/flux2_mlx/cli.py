@@ -69,8 +69,16 @@ def _save_png(image, path: Path, meta: dict) -> None:
 @click.option("--vae", type=click.Path(exists=True, path_type=Path), help="ae.safetensors or a vae/ folder.")
 @click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), help="A text_encoder/ folder.")
 @click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), help="tokenizer.json or its folder.")
-@click.option("-W", "--width", type=int, default=1024, show_default=True, help="A multiple of 16.")
-@click.option("-H", "--height", type=int, default=1024, show_default=True, help="A multiple of 16.")
+@click.option("-W", "--width", type=int, help="A multiple of 16. Default: the --image's or first --ref's size, "
+                                               "else 1024.")
+@click.option("-H", "--height", type=int, help="A multiple of 16 (default as for --width).")
+@click.option("--ref", "refs", type=click.Path(dir_okay=False, path_type=Path), multiple=True, metavar="IMAGE",
+              help="A reference image to edit from or draw on; repeat for up to 10 (BFL recommends at most 6 "
+                   "for dev, 4 for klein).")
+@click.option("--image", "init", type=click.Path(dir_okay=False, path_type=Path),
+              help="Image-to-image: start from this picture instead of pure noise.")
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=0.6, show_default=True,
+              help="With --image: how much of the schedule runs; 1 ignores the image's content.")
 @click.option("--steps", type=click.IntRange(min=1), help="Default: the model's (klein 4, base and dev 50).")
 @click.option("--guidance", type=click.FloatRange(min=0), help="Default: the model's (4 for dev and base).")
 @click.option("--negative-prompt", help="Base variants only (true CFG); default the empty prompt.")
@@ -89,16 +97,17 @@ def _save_png(image, path: Path, meta: dict) -> None:
               help="Where streamed blocks come from: a host copy (ram) or the file each step (disk). "
                    "Default: ram when it fits beside the budget.")
 @click.option("--dry-run", is_flag=True, help="Show the files and the memory plan; load nothing.")
-def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenizer, width, height, steps,
-             guidance, negative_prompt, seed, num_images, output, overwrite, dtype, memory_budget, stream_from,
-             dry_run):
-    """Generate images from PROMPT and save them as PNGs with their settings embedded."""
+def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenizer, width, height, refs, init,
+             strength, steps, guidance, negative_prompt, seed, num_images, output, overwrite, dtype, memory_budget,
+             stream_from, dry_run):
+    """Generate images from PROMPT and save them as PNGs with their settings embedded. With --ref: edit
+    or combine reference images; with --image: image-to-image."""
     from .pipeline import check_size
     from .weights import WeightsError
 
     spec = MODELS[model]
     try:
-        check_size(width, height)
+        check_size(width or 1024, height or 1024)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--width/--height") from None
     if negative_prompt is not None and spec.guidance_mode != "cfg":
@@ -119,60 +128,71 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
                     tokenizer=tokenizer)
     # Library warnings (a truncated prompt, a NaN image) become one plain line each.
     warnings.showwarning = lambda message, *_args, **_kw: click.echo(f"warning: {message}", err=True)
+    edit = dict(width=width, height=height, images=list(refs) or None, image=init)
     try:
         budget = dict(memory_budget=memory_budget, stream_from=stream_from)
         if dry_run:
-            _dry_run(spec, paths_kw, dtype, width, height, guidance, budget)
+            _dry_run(spec, paths_kw, dtype, edit, guidance, budget)
             return
-        _generate(spec, prompt, paths_kw, width, height, steps, guidance, negative_prompt, seeds, paths, dtype,
+        _generate(spec, prompt, paths_kw, edit, strength, steps, guidance, negative_prompt, seeds, paths, dtype,
                   budget)
     except (WeightsError, ValueError, OSError) as e:
         _fail(str(e))
 
 
-def _dry_run(spec, paths_kw, dtype, width, height, guidance, budget):
+def _dry_run(spec, paths_kw, dtype, edit, guidance, budget):
     from . import hub
+    from .pipeline import prepare_inputs
 
     located = hub.locate(spec, **paths_kw)
     for line in hub.describe(spec, located):
         click.echo(line)
     click.echo(f"dtype: {dtype or 'bfloat16 on a GPU, float32 on CPU'} (VAE float32)")
-    click.echo(_plan(spec, located, dtype, width, height, guidance, budget).describe())
+    inputs = prepare_inputs(spec.name, **edit)
+    if inputs.refs or inputs.init is not None:
+        sizes = ", ".join(f"{r.shape[1]}x{r.shape[0]}" for r in inputs.refs)
+        click.echo(f"output {inputs.width}x{inputs.height}" + (f"; references {sizes} ({inputs.ref_tokens} tokens)"
+                                                               if sizes else ""))
+    click.echo(_plan(spec, located, dtype, inputs, guidance, budget).describe())
 
 
-def _plan(spec, files, dtype, width, height, guidance, budget):
+def _plan(spec, files, dtype, inputs, guidance, budget):
     """The memory plan from file headers only (components not downloaded are sized from their shapes)."""
     import importlib
 
     from .pipeline import plan_memory, uses_cfg
 
     be = importlib.import_module("flux2_mlx.mlx_backend")
-    return plan_memory(spec, files, be, be.resolve_dtype(dtype).size, width, height,
+    return plan_memory(spec, files, be, be.resolve_dtype(dtype).size, inputs.width, inputs.height,
                        budget_gb=budget["memory_budget"], stream_from=budget["stream_from"],
-                       cfg=uses_cfg(spec, guidance))
+                       cfg=uses_cfg(spec, guidance), ref_tokens=inputs.ref_tokens, image_size=inputs.image_size)
 
 
-def _generate(spec, prompt, paths_kw, width, height, steps, guidance, negative_prompt, seeds, paths, dtype,
+def _generate(spec, prompt, paths_kw, edit, strength, steps, guidance, negative_prompt, seeds, paths, dtype,
               budget):
     from tqdm import tqdm
 
     from .pipeline import load_pipeline
+    from .sampling import img2img_start
 
     start = time.perf_counter()
     pipe = load_pipeline(spec, dtype=dtype, **paths_kw, **budget)
     steps_, guidance_ = pipe.settings(steps, guidance)
-    plan = pipe.plan(width, height, guidance)  # refuses an impossible budget before any loading
+    inputs = pipe.prepare_inputs(**edit)  # a bad image fails here, before any model loads
+    width, height = inputs.width, inputs.height
+    plan = pipe.plan(width, height, guidance, inputs)  # refuses an impossible budget before any loading
     if any(p.streamed or p.tile for p in plan.phases):
         click.echo(plan.describe())
     with tqdm(total=1, desc="encode", unit="prompt") as bar:
         ctx, neg = pipe.conditioning(prompt, negative_prompt=negative_prompt, guidance=guidance, plan=plan)
         bar.update()
+    run = steps_ - (img2img_start(steps_, strength) if inputs.init is not None else 0)
     for seed, path in zip(seeds, paths):
         click.echo(f"seed {seed}")
         latents = None
-        for latents in tqdm(pipe.iter_steps(prompt_embeds=ctx, negative_prompt_embeds=neg, width=width,
-                                            height=height, steps=steps, guidance=guidance, seed=seed),
-                            total=steps_, desc="denoise", unit="step"):
+        for latents in tqdm(pipe.iter_steps(prompt_embeds=ctx, negative_prompt_embeds=neg, inputs=inputs,
+                                            strength=strength, steps=steps, guidance=guidance, seed=seed),
+                            total=run, desc="denoise", unit="step"):
             pass
         with tqdm(total=1, desc="decode", unit="image") as bar:
             image = pipe.decode(latents, width, height)
@@ -181,6 +201,10 @@ def _generate(spec, prompt, paths_kw, width, height, steps, guidance, negative_p
                     width=width, height=height, dtype=str(pipe.dtype).split(".")[-1], version=__version__)
         if negative_prompt is not None:
             meta["negative_prompt"] = negative_prompt
+        if edit["images"]:
+            meta["refs"] = [str(r) for r in edit["images"]]
+        if edit["image"] is not None:
+            meta.update(image=str(edit["image"]), strength=strength)
         _save_png(image, path, meta)
         click.echo(f"saved {path}")
     click.echo(f"done in {time.perf_counter() - start:.1f} s, peak memory "
@@ -207,6 +231,10 @@ def regenerate_command(meta: dict) -> str:
             "--seed", str(meta["seed"]), "--dtype", meta["dtype"]]
     if "negative_prompt" in meta:
         args += ["--negative-prompt", meta["negative_prompt"]]
+    for ref in meta.get("refs", []):
+        args += ["--ref", ref]
+    if "image" in meta:
+        args += ["--image", meta["image"], "--strength", f"{meta['strength']:g}"]
     return shlex.join(args)
 
 
@@ -238,7 +266,9 @@ def info(path, show_plan, model, width, height, memory_budget, dtype):
                 spec = MODELS[model]
                 files = hub.locate(spec, **({"model_path": path} if path.is_dir() else {"transformer": path}))
                 budget = dict(memory_budget=memory_budget, stream_from=None)
-                click.echo(_plan(spec, files, dtype, width, height, None, budget).describe())
+                from .pipeline import Inputs
+
+                click.echo(_plan(spec, files, dtype, Inputs(width, height), None, budget).describe())
         except (WeightsError, ValueError, OSError) as e:
             _fail(str(e))
         return

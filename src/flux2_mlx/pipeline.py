@@ -198,6 +198,24 @@ class Inputs:
         return max(((a.shape[1], a.shape[0]) for a in images), key=lambda s: s[0] * s[1], default=None)
 
 
+def prepare_inputs(model: str, width: int | None = None, height: int | None = None, images=None,
+                   image=None) -> Inputs:
+    """Read and prepare reference images (paths or PIL images, at most 10) and an img2img start image
+    for `model` (its name picks the recommended reference count). Loads no model.
+
+    The output size defaults to the start image's size, else the first reference's processed size,
+    else 1024×1024; a width or height given alone keeps the other from that image.
+    """
+    refs = edit_images.prepare_references(images, model) if images else []
+    init = edit_images.prepare_init(image, width, height) if image is not None else None
+    source = init if init is not None else (refs[0] if refs else None)
+    if source is not None:
+        width, height = width or source.shape[1], height or source.shape[0]
+    width, height = width or 1024, height or 1024
+    check_size(width, height)
+    return Inputs(width, height, refs, init)
+
+
 class Pipeline:
     """One FLUX.2 model on one backend. Use `load_pipeline` to make one.
 
@@ -244,19 +262,8 @@ class Pipeline:
 
     def prepare_inputs(self, width: int | None = None, height: int | None = None, images=None,
                        image=None) -> Inputs:
-        """Read and prepare reference images (paths or PIL images, at most 10) and an img2img start image.
-
-        The output size defaults to the start image's size, else the first reference's processed size,
-        else 1024×1024; a width or height given alone keeps the other from that image.
-        """
-        refs = edit_images.prepare_references(images, self.spec.name) if images else []
-        init = edit_images.prepare_init(image, width, height) if image is not None else None
-        source = init if init is not None else (refs[0] if refs else None)
-        if source is not None:
-            width, height = width or source.shape[1], height or source.shape[0]
-        width, height = width or 1024, height or 1024
-        check_size(width, height)
-        return Inputs(width, height, refs, init)
+        """See the module function `prepare_inputs`."""
+        return prepare_inputs(self.spec.name, width, height, images, image)
 
     def _encode_images(self, inputs: Inputs, plan) -> tuple:
         """(reference tokens (1, R, C) or None, their ids, start-image tokens (1, N, C) or None), encoded
