@@ -62,6 +62,25 @@ def test_streamed_equals_resident_bit_for_bit(deep, resident, keep_host):
         assert np.array_equal(np.array(model(*args)), ref)
 
 
+def test_streamed_kv_path_equals_resident(deep):
+    """The klein KV reference stream and its cache pass through streamed blocks unchanged."""
+    from flux2_mlx.sampling import prc_refs
+
+    args = _inputs()
+    ref = mx.array(np.random.default_rng(4).standard_normal((1, 12, CFG.in_channels), dtype=np.float32))
+    ref_ids = mx.array(prc_refs([(3, 4)]))
+    outs = []
+    for streaming in (None, memory.Streaming(3, False)):
+        model = load_transformer(CFG, WeightSource(deep, pread=streaming is not None), dtype=mx.float32,
+                                 streaming=streaming)
+        cache = []
+        outs.append([np.array(model(*args, ref=ref, ref_ids=ref_ids, kv_cache=cache)),
+                     np.array(model(*args, kv_cache=cache)), np.array(model(*args, ref=ref, ref_ids=ref_ids))])
+        assert len(cache) == 12
+    assert all(np.array_equal(a, b) for a, b in zip(*outs))
+    assert np.array_equal(outs[0][0], outs[0][1]) and not np.array_equal(outs[0][0], outs[0][2])
+
+
 def test_streamed_gguf_equals_resident(deep, tmp_path):
     from flux2_mlx.convert import convert
 
