@@ -139,3 +139,16 @@ def test_edit_api_generate(tiny_models, tmp_path):
     assert len(list(pipe.iter_steps(prompt_embeds=embeds, image=paths[0], strength=0.01, steps=4, seed=1))) == 1
     with pytest.raises(ValueError, match="not both"):
         pipe.generate(prompt_embeds=embeds, inputs=pipe.prepare_inputs(images=paths), width=64, seed=1)
+
+
+def test_ten_references_match_diffusers(tiny_models):
+    """The most references supported (t = 10 … 100), above BFL's recommendation: a warning, same result."""
+    m = tiny_models("klein-4b")
+    embeds, _ = _case(m, "klein-4b", seed=4)
+    refs = [_photo(64 + 8 * k, 80 - 2 * k, 20 + k) for k in range(10)]
+    pipe = load_pipeline(m.spec, model_path=m.bfl_dir)
+    with pytest.warns(UserWarning, match="10 reference images; BFL recommends at most 4"):
+        ours = pipe.sample(prompt_embeds=embeds, images=refs, width=64, height=64, steps=2, seed=5)
+    want = diffusers_run(m, "klein-4b", embeds, None, _noise(5, 64, 64), steps=2, guidance=1.0,
+                         output_type="latent", image=refs, width=64, height=64)
+    assert rel_err(ours, want) <= 1e-4

@@ -179,7 +179,7 @@ def encode_tiled(encode, image: np.ndarray, tile: int) -> np.ndarray:
 class Inputs:
     """What one edit starts from (`Pipeline.prepare_inputs`): the output size, the prepared reference
     images and img2img start image as (H, W, 3) arrays in [-1, 1], and, once encoded, their latent tokens.
-    Reuse one for several seeds and the images are encoded once."""
+    Reuse one for several seeds of one pipeline and the images are encoded once."""
 
     width: int
     height: int
@@ -272,7 +272,7 @@ class Pipeline:
             return None, None, None
         if inputs.latents is None:
             if self.memory == "phase" and self._transformer is not None:
-                self._transformer = None  # the encoder's activations take its place, as for the prompts
+                self._transformer = None  # the VAE encoder's activations take its place (phase plan)
                 self.backend.free()
             be = self.backend
             tile = plan.phase("images").tile if plan is not None else 0
