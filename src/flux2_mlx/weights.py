@@ -296,7 +296,7 @@ class GGUFFile:
             raise WeightsError(f"{self.path}: tensor {name!r} is {kind}, which flux2-mlx does not read; "
                                f"supported types: {_GGML_SUPPORTED}")
         data = (_pread(self.path, t.offset, t.n_bytes) if self.pread
-                else np.frombuffer(self._mm, np.uint8, t.n_bytes, t.offset))
+                else self._mm[t.offset:t.offset + t.n_bytes])
         if kind in _GGML_DENSE:
             return data.view(_GGML_DENSE[kind]).reshape(shape)
         return GGMLTensor(data.reshape(int(np.prod(shape[:-1], dtype=np.int64)), -1), kind, shape)  # rows of blocks
