@@ -145,7 +145,7 @@ def test_ten_references_match_diffusers(tiny_models):
     """The most references supported (t = 10 … 100), above BFL's recommendation: a warning, same result."""
     m = tiny_models("klein-4b")
     embeds, _ = _case(m, "klein-4b", seed=4)
-    refs = [_photo(64 + 8 * k, 80 - 2 * k, 20 + k) for k in range(10)]
+    refs = [_photo(64 + 8 * k, 80 - k, 20 + k) for k in range(10)]
     pipe = load_pipeline(m.spec, model_path=m.bfl_dir)
     with pytest.warns(UserWarning, match="10 reference images; BFL recommends at most 4"):
         ours = pipe.sample(prompt_embeds=embeds, images=refs, width=64, height=64, steps=2, seed=5)
