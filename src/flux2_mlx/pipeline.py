@@ -271,9 +271,11 @@ class Pipeline:
         if not inputs.refs and inputs.init is None:
             return None, None, None
         if inputs.latents is None:
-            if self.memory == "phase" and self._transformer is not None:
-                self._transformer = None  # the VAE encoder's activations take its place (phase plan)
-                self.backend.free()
+            if plan is not None and self._transformer is not None:
+                # The VAE encoder runs beside a loaded transformer only if both fit the budget.
+                if plan.phase("images").peak + plan.phase("denoise").held > plan.budget:
+                    self._transformer = None
+                    self.backend.free()
             be = self.backend
             tile = plan.phase("images").tile if plan is not None else 0
 
