@@ -89,6 +89,16 @@ def time_forward(forward, warmup: int, repeats: int) -> tuple[float, list[float]
     return statistics.median(times), times, finite
 
 
+def best_of(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls of fn(), in seconds (for short host-side work; no MLX eval)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def write_json(path: str | None, res: dict) -> None:
     if path:
         with open(path, "w") as f:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader, GGUFWriter
-from _common import run_info
+from _common import best_of, run_info
 
 from flux2_mlx.weights import GGUFFile
 
@@ -26,15 +25,6 @@ def write(path: Path, vocab: int, merges: int) -> None:
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
 
 
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--vocab", type=int, default=131072, help="Mistral Small 3.2 (Tekken): 131072")
@@ -44,9 +34,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "enc.gguf"
         write(path, args.vocab, args.merges)
-        ours = best(lambda: GGUFFile(path), args.repeats)
-        tokens = best(lambda: GGUFFile(path).field("tokenizer.ggml.tokens"), args.repeats)
-        ref = best(lambda: GGUFReader(path, "r"), 1)
+        ours = best_of(lambda: GGUFFile(path), args.repeats)
+        tokens = best_of(lambda: GGUFFile(path).field("tokenizer.ggml.tokens"), args.repeats)
+        ref = best_of(lambda: GGUFReader(path, "r"), 1)
     info = run_info()
     print(f"| {info['date']} | {info['machine']} | {args.vocab} tokens, {args.merges} merges | {ref:.2f} | "
           f"{ours:.3f} | {tokens:.3f} |")

@@ -13,11 +13,11 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
-import time
 from pathlib import Path
 
 import gguf
 import numpy as np
+from _common import best_of
 from gguf import GGMLQuantizationType as T
 
 from flux2_mlx.quant import kquants
@@ -27,15 +27,6 @@ OURS = {"Q2_K": kquants.quantize_q2_k, "Q3_K": kquants.quantize_q3_k, "Q4_K": kq
 GGUF_PY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_VERSION = importlib.metadata.version("gguf")
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def reference_helpers():

@@ -253,7 +253,7 @@ def info(path, show_plan, model, width, height, memory_budget, dtype):
     .gguf, .safetensors or model folder: the model, tensor count, bytes per type and memory on MLX."""
     if path.is_dir() or path.suffix.lower() in (".gguf", ".safetensors"):
         from . import hub
-        from .pipeline import check_size
+        from .pipeline import Inputs, check_size
         from .weights import WeightsError
 
         try:
@@ -266,8 +266,6 @@ def info(path, show_plan, model, width, height, memory_budget, dtype):
                 spec = MODELS[model]
                 files = hub.locate(spec, **({"model_path": path} if path.is_dir() else {"transformer": path}))
                 budget = dict(memory_budget=memory_budget, stream_from=None)
-                from .pipeline import Inputs
-
                 click.echo(_plan(spec, files, dtype, Inputs(width, height), None, budget).describe())
         except (WeightsError, ValueError, OSError) as e:
             _fail(str(e))

@@ -271,13 +271,13 @@ class Pipeline:
         if not inputs.refs and inputs.init is None:
             return None, None, None
         if inputs.latents is None:
-            if plan is not None and self._transformer is not None:
-                # The VAE encoder runs beside a loaded transformer only if both fit the budget.
-                if plan.phase("images").peak + plan.phase("denoise").held > plan.budget:
-                    self._transformer = None
-                    self.backend.free()
+            phase = plan.phase("images") if plan is not None else None
+            # The VAE encoder runs beside a loaded transformer only if both fit the budget.
+            if phase and self._transformer is not None and phase.peak + plan.phase("denoise").held > plan.budget:
+                self._transformer = None
+                self.backend.free()
             be = self.backend
-            tile = plan.phase("images").tile if plan is not None else 0
+            tile = phase.tile if phase else 0
 
             def encode(a):
                 return encode_tiled(lambda part: be.to_numpy(self.vae.encode(be.from_numpy(part)))[0], a[None], tile)
@@ -458,13 +458,12 @@ class Pipeline:
                width=None, height=None, images=None, image=None, strength=DEFAULT_STRENGTH, inputs=None,
                steps=None, guidance=None, seed: int) -> np.ndarray:
         """Final latent tokens (1, (H/16)·(W/16), C), float32 (see `generate`)."""
+        inputs = self._inputs(inputs, width, height, images, image)
         x = None
-        for x in self.iter_steps(prompt, prompt_embeds=prompt_embeds, negative_prompt=negative_prompt,
-                                 negative_prompt_embeds=negative_prompt_embeds, width=width, height=height,
-                                 images=images, image=image, strength=strength, inputs=inputs, steps=steps,
-                                 guidance=guidance, seed=seed):
+        for x in self._denoise(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, inputs, steps,
+                               guidance, seed, strength):
             pass
-        return x
+        return self.backend.to_numpy(x)
 
     def decode(self, latents: np.ndarray, width: int, height: int) -> Image.Image:
         """Latent tokens → RGB image; uint8 by rounding (diffusers), not truncation (BFL)."""

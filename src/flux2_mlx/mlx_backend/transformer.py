@@ -29,11 +29,6 @@ class SelfAttention(nn.Module):
         return apply_rope(q, pe), apply_rope(k, pe), v
 
 
-def _join(a, b):
-    """Keys or values of the extra (reference) tokens appended along the sequence; attention ignores order."""
-    return a if b is None else mx.concatenate([a, b], axis=2)
-
-
 class DoubleStreamBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -62,10 +57,11 @@ class DoubleStreamBlock(nn.Module):
             r_q, r_k, r_v = self.img_attn.qkv_heads(modulate(r, *r_mod[0][:2]), r_pe)
             out = (self._out("img", r, attention(r_q, r_k, r_v), r_mod), r_k, r_v)
             kv = (r_k, r_v)
-        k, v = mx.concatenate([txt_k, img_k], axis=2), mx.concatenate([txt_v, img_v], axis=2)
+        # Joint attention over [txt ; img (; ref)]: reference keys go last, attention ignores their order.
+        k, v = [txt_k, img_k], [txt_v, img_v]
         if kv is not None:
-            k, v = _join(k, kv[0]), _join(v, kv[1])
-        attn = attention(mx.concatenate([txt_q, img_q], axis=2), k, v)  # joint over [txt ; img (; ref)]
+            k, v = k + [kv[0]], v + [kv[1]]
+        attn = attention(mx.concatenate([txt_q, img_q], axis=2), mx.concatenate(k, axis=2), mx.concatenate(v, axis=2))
         n = txt.shape[1]
         return self._out("img", img, attn[:, n:], mod_img), self._out("txt", txt, attn[:, :n], mod_txt), out
 
@@ -102,7 +98,7 @@ class SingleStreamBlock(nn.Module):
             out = (self._out(r, attention(r_q, r_k, r_v), r_mlp, r_mod), r_k, r_v)
             kv = (r_k, r_v)
         if kv is not None:
-            k, v = _join(k, kv[0]), _join(v, kv[1])
+            k, v = mx.concatenate([k, kv[0]], axis=2), mx.concatenate([v, kv[1]], axis=2)
         return self._out(x, attention(q, k, v), mlp, mod), out
 
 
