@@ -1,16 +1,19 @@
 """Per-step time and peak memory of a transformer forward: resident vs streamed from RAM vs from disk.
 
-Builds a float32 (or --dtype) transformer at real klein-4b layer widths with --double/--single blocks,
-saves it as safetensors, and times one forward (= one denoising step) each way in the same process,
-with the plan's resident block count for --budget-fraction of the weights. Prints a markdown table.
+Builds a float32 (or --dtype) transformer at real klein-4b layer widths with --double/--single blocks and
+saves it as safetensors; then each mode runs in its own fresh process (so its max RSS is its own), loads
+the file as the pipeline would for --budget-fraction of the weights (the plan's resident block count),
+and times one forward (= one denoising step). Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import resource
+import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,12 +22,48 @@ from _common import run_info, time_forward  # first: preloads OpenBLAS
 import mlx.core as mx
 import numpy as np
 
+import flux2_mlx.mlx_backend as backend
 from flux2_mlx import memory
 from flux2_mlx.config import MODELS, transformer_shapes
 from flux2_mlx.keymap import transformer_entries
-from flux2_mlx.mlx_backend import load_transformer, resolve_dtype
 from flux2_mlx.sampling import prc_img, prc_txt
 from flux2_mlx.weights import WeightSource, save_safetensors
+
+MODES = {"resident": None, "streamed, RAM": True, "streamed, disk": False}
+
+
+def phases(args, cfg, path, dtype) -> tuple[memory.Weights, memory.Phase]:
+    """(weights, the phase at the budget), as the planner makes them."""
+    h = args.size // 16
+    w = memory.component_weights("transformer", transformer_entries(WeightSource(path)),
+                                 ("double_blocks", "single_blocks"), dtype.size)
+    acts = memory.transformer_activations(cfg.hidden_size, cfg.num_heads, 512 + h * h, dtype.size,
+                                          mx.default_device() == mx.gpu)
+    return w, memory._fit("denoise", w, acts, 0, int(args.budget_fraction * w.total))
+
+
+def run_mode(args, cfg, path, dtype) -> dict:
+    """One mode in this process: load, time, and report s/step, MLX peak and this process's max RSS."""
+    _, phase = phases(args, cfg, path, dtype)
+    keep = MODES[args.mode]
+    streaming = None if keep is None else memory.Streaming(phase.resident_blocks, keep)
+    h = args.size // 16
+    x = mx.random.normal((1, h * h, cfg.in_channels), dtype=dtype)
+    ctx = mx.random.normal((1, 512, cfg.context_in_dim), dtype=dtype)
+    inputs = (x, mx.array(prc_img(h, h)), mx.array([0.5]), ctx, mx.array(prc_txt(512)))
+    mx.eval(inputs)
+    model = backend.load_transformer(cfg, WeightSource(path, pread=streaming is not None), dtype=dtype,
+                                     streaming=streaming)
+    # one warm-up: from RAM, it is also the one read of every block
+    sec, times, _ = time_forward(lambda: model(*inputs), 1, args.repeats)
+    return {"sec": sec, "times": times, "mlx_peak": mx.get_peak_memory(), "rss": vm_hwm()}
+
+
+def vm_hwm() -> int:
+    """This process's peak RSS in bytes (Linux). Not ru_maxrss: after fork and exec it can report the
+    parent's RSS at the fork."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
 def main() -> None:
@@ -36,54 +75,43 @@ def main() -> None:
     p.add_argument("--budget-fraction", type=float, default=0.5, help="budget as a fraction of the weights")
     p.add_argument("--dtype", default=None)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)  # a child process's one mode
+    p.add_argument("--file", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     cfg = dataclasses.replace(MODELS[args.model].transformer, depth=args.double, depth_single_blocks=args.single)
-    dtype = resolve_dtype(args.dtype)
+    dtype = backend.resolve_dtype(args.dtype)
+    if args.mode:
+        print("RESULT " + json.dumps(run_mode(args, cfg, Path(args.file), dtype)), flush=True)
+        return
+
     folder = Path(tempfile.mkdtemp())
     path = folder / "t.safetensors"
     rng = np.random.default_rng(0)
     save_safetensors(path, {n: (np.ones(s, np.float32) if len(s) == 1 else
                                 rng.standard_normal(s, dtype=np.float32) * np.float32(s[-1] ** -0.5))
                             for n, s in transformer_shapes(cfg).items()})
-    h = args.size // 16
-    x = mx.random.normal((1, h * h, cfg.in_channels), dtype=dtype)
-    ctx = mx.random.normal((1, 512, cfg.context_in_dim), dtype=dtype)
-    inputs = (x, mx.array(prc_img(h, h)), mx.array([0.5]), ctx, mx.array(prc_txt(512)))
-    mx.eval(inputs)
+    w, phase = phases(args, cfg, path, dtype)
+    rows = {}
+    for mode in MODES:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--mode", mode, "--file", str(path)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        if out.returncode:
+            sys.exit(f"{mode} failed:\n{out.stderr}")
+        rows[mode] = json.loads(out.stdout.split("RESULT ", 1)[1])
+    path.unlink()
 
-    w = memory.component_weights("transformer", transformer_entries(WeightSource(path)),
-                                 ("double_blocks", "single_blocks"), dtype.size)
-    acts = memory.transformer_activations(cfg.hidden_size, cfg.num_heads, 512 + h * h, dtype.size,
-                                          mx.default_device() == mx.gpu)
-    phase = memory._fit("denoise", w, acts, 0, int(args.budget_fraction * w.total))
-
-    def measure(streaming) -> tuple[float, int]:
-        """(median s/step, MLX peak bytes); the model is freed on return."""
-        gc.collect()
-        mx.clear_cache()
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        model = load_transformer(cfg, WeightSource(path, pread=streaming is not None), dtype=dtype,
-                                 streaming=streaming)
-        # one warm-up: from RAM, it is also the one read of every block
-        sec, _, _ = time_forward(lambda: model(*inputs), 1, args.repeats)
-        return sec, mx.get_peak_memory() - base
-
-    modes = (("resident", None), ("streamed, RAM", memory.Streaming(phase.resident_blocks, True)),
-             ("streamed, disk", memory.Streaming(phase.resident_blocks, False)))
-    rows = [(label, *measure(streaming)) for label, streaming in modes]
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     info = run_info()
     print(f"{info['date']} | {info['machine']} | mlx {info['mlx']} | OpenBLAS {info['openblas']} | "
           f"{args.model} widths, {args.double}+{args.single} blocks, {args.size}px, {dtype}")
     print(f"weights {w.total / 1e6:.0f} MB, budget {args.budget_fraction:.0%} = "
-          f"{args.budget_fraction * w.total / 1e6:.0f} MB, "
-          f"plan: {phase.resident_blocks} of {phase.blocks} blocks resident, predicted device peak "
-          f"{phase.device_peak / 1e6:.0f} MB; process max RSS {rss:.0f} MB")
-    print("| mode | s/step | × resident | MLX peak MB |\n| --- | --- | --- | --- |")
-    for label, sec, peak in rows:
-        print(f"| {label} | {sec:.2f} | {sec / rows[0][1]:.2f} | {peak / 1e6:.0f} |")
+          f"{args.budget_fraction * w.total / 1e6:.0f} MB, plan: {phase.resident_blocks} of {phase.blocks} "
+          f"blocks resident, predicted peak {phase.peak / 1e6:.0f} MB")
+    print(json.dumps(rows))
+    print("| mode | s/step | × resident | MLX peak MB | process max RSS MB |\n| --- | --- | --- | --- | --- |")
+    base = rows["resident"]["sec"]
+    for mode, r in rows.items():
+        print(f"| {mode} | {r['sec']:.2f} | {r['sec'] / base:.2f} | {r['mlx_peak'] / 1e6:.0f} | {r['rss'] / 1e6:.0f} |")
 
 
 if __name__ == "__main__":

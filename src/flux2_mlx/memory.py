@@ -103,7 +103,7 @@ class Phase:
     others: int  # bytes of other components resident during this phase (the VAE)
     resident_blocks: int
     blocks: int
-    prefetch: int  # host bytes of the streamed block being read ahead (0 when resident)
+    prefetch: int  # bytes of the next streamed block, placed ahead by the prefetch thread (0 when resident)
     held: int  # device bytes of weights held at the peak: all of them, or the resident ones + the running block
     tile: int = 0  # images, decode: tile edge in pixels, 0 = untiled
 
@@ -112,14 +112,10 @@ class Phase:
         return self.resident_blocks < self.blocks
 
     @property
-    def device_peak(self) -> int:
-        """What the backend's allocator holds at most (MLX's peak memory)."""
-        return self.held + self.activations + self.others
-
-    @property
     def peak(self) -> int:
-        """The budgeted peak: the device peak plus the block being prefetched in host memory."""
-        return self.device_peak + self.prefetch
+        """The budgeted peak: what the backend's allocator holds at most (MLX's peak memory), the next
+        streamed block included."""
+        return self.held + self.prefetch + self.activations + self.others
 
 
 @dataclass

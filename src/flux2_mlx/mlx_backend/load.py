@@ -6,6 +6,8 @@ time, so no second full copy of a model is ever held in RAM.
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
@@ -23,26 +25,39 @@ from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
 from .vae import AutoEncoder
 
 
-def from_numpy(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
-    x = mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == BF16 else mx.array(a)
-    return x if dtype is None else x.astype(dtype)
+def from_numpy(a: np.ndarray | mx.array, dtype: mx.Dtype | None = None) -> mx.array:
+    """numpy (or `_place`d) → MLX in `dtype`; no copy when the bits already are that dtype."""
+    x = _place(a) if isinstance(a, np.ndarray) else a
+    x = x.view(mx.bfloat16) if x.dtype == mx.uint16 else x
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
 
 
 def _host(raw: np.ndarray | GGMLTensor) -> np.ndarray | MLXQuant:
-    """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout); no MLX calls, so the
-    prefetch thread can run it."""
+    """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout)."""
     return repack(raw.data, GGMLType[raw.ggml_type], raw.shape) if isinstance(raw, GGMLTensor) else raw
 
 
+def _place(host: np.ndarray | MLXQuant):
+    """The same bits copied into MLX memory: the costly part of loading (allocation, page faults, copy)
+    with no lazy op, so the prefetch thread may run it (a lazy array cannot cross threads). bf16 travels
+    as uint16: no model weight is uint16. An MLXQuant keeps its fields, as MLX arrays. Idempotent."""
+    if isinstance(host, MLXQuant):
+        return dataclasses.replace(host, weight=_place(host.weight), scales=_place(host.scales),
+                                   biases=_place(host.biases))
+    if isinstance(host, mx.array):
+        return host
+    return mx.array(host.view(np.uint16) if host.dtype == BF16 else host)
+
+
 def _fill(module, tensors, dtype: mx.Dtype):
-    """Put (name, host form) pairs into `module`, one tensor on the device at a time."""
+    """Put (name, host or placed form) pairs into `module`, one tensor at a time."""
     params = []
-    for name, host in tensors:
-        if isinstance(host, MLXQuant):  # quantized: the layer type follows the tensor's ggml type
+    for name, t in tensors:
+        if isinstance(t, MLXQuant):  # quantized: the layer type follows the tensor's ggml type
             path = name.removesuffix(".weight")
-            replace_module(module, path, quantized_layer(module_at(module, path), host, dtype))
+            replace_module(module, path, quantized_layer(module_at(module, path), _place(t), dtype))
             continue
-        a = from_numpy(host, dtype)
+        a = from_numpy(t, dtype)
         if a.ndim == 4:  # PyTorch conv [O, I, kh, kw] → MLX channels-last [O, kh, kw, I]
             a = a.transpose(0, 2, 3, 1)
         mx.eval(a)
@@ -67,7 +82,7 @@ def _assign(module, entries: dict[str, Entry], dtype: mx.Dtype, streaming=None, 
     if streamed:
         make = dict(groups)
         blocks = [(f"{attr}.{i}", make[attr], block) for (attr, i), block in streamed.items()]
-        streamer = Streamer(blocks, lambda m, t: _fill(m, t, dtype), _host, streaming.keep_host, where)
+        streamer = Streamer(blocks, lambda m, t: _fill(m, t, dtype), _host, _place, streaming.keep_host, where)
         for k, (attr, i) in enumerate(streamed):
             module_at(module, attr)[i] = StreamedBlock(streamer, k)
     skip = {f"{attr}.{i}.{rest}" for (attr, i), block in streamed.items() for rest in block}

@@ -13,7 +13,8 @@ from ..quant.mlx_layout import MLXQuant
 
 
 def quantized_layer(old: nn.Module, q: MLXQuant, dtype: mx.Dtype) -> nn.Module:
-    """A QuantizedLinear / QuantizedEmbedding standing in for `old`, holding the repacked values `q`.
+    """A QuantizedLinear / QuantizedEmbedding standing in for `old`, holding the repacked values `q`
+    (its fields already MLX arrays: load._place).
 
     Scales and biases take the compute dtype, so a bf16 model stays bf16 (MLX would otherwise promote
     the matmul to float32 on float32 scales).
@@ -25,9 +26,7 @@ def quantized_layer(old: nn.Module, q: MLXQuant, dtype: mx.Dtype) -> nn.Module:
         layer = nn.QuantizedLinear(cols, rows, bias=False, group_size=q.group_size, bits=q.bits)
     else:
         raise ValueError(f"a quantized tensor cannot stand in for {type(old).__name__}")
-    layer.weight = mx.array(q.weight)
-    layer.scales = mx.array(q.scales).astype(dtype)
-    layer.biases = mx.array(q.biases).astype(dtype)
+    layer.weight, layer.scales, layer.biases = q.weight, q.scales.astype(dtype), q.biases.astype(dtype)
     mx.eval(layer.parameters())
     return layer
 

@@ -1,8 +1,8 @@
 """Layer streaming: blocks whose weights are read just in time, the next one prefetched on a thread.
 
 The model files stay as they are. A streamed block is a stand-in in the model's block list: when called
-it takes its weights (read and, for GGUF, repacked by the prefetch thread while the previous block
-computed), builds the real block, runs and evaluates it, and lets the weights go.
+it takes its weights (read, for GGUF repacked, and copied into MLX memory by the prefetch thread while
+the previous block computed), builds the real block, runs and evaluates it, and lets the weights go.
 """
 
 from __future__ import annotations
@@ -18,26 +18,28 @@ from ..weights import WeightsError
 
 
 class Streamer:
-    """Reads streamed blocks in execution order, one ahead, on one background thread.
+    """Reads streamed blocks in execution order, one ahead, on one background thread, which also places
+    them in MLX memory (`place`), so the main thread only assembles the block.
 
     keep_host: keep each block's host form (read and repacked once) for later steps, "stream from RAM";
-    otherwise every step reads the file again, "stream from disk", and nothing stays in memory.
+    otherwise every step reads the file again, "stream from disk", and only the running and the next
+    block are in memory.
     """
 
     def __init__(self, blocks: list[tuple[str, Callable[[], nn.Module], dict[str, Entry]]],
-                 fill: Callable, host: Callable, keep_host: bool, where: str):
-        self.blocks, self.fill, self.host, self.keep_host, self.where = blocks, fill, host, keep_host, where
+                 fill: Callable, host: Callable, place: Callable, keep_host: bool, where: str):
+        self.blocks, self.fill, self.host, self.place = blocks, fill, host, place
+        self.keep_host, self.where = keep_host, where
         self._kept: dict[int, list] = {}
         self._pending: dict[int, Future] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flux2-prefetch")
 
     def _read(self, i: int) -> list:
-        if i in self._kept:
-            return self._kept[i]
-        tensors = [(name, self.host(e.load())) for name, e in self.blocks[i][2].items()]
-        if self.keep_host:
-            self._kept[i] = tensors
-        return tensors
+        if i not in self._kept:
+            if not self.keep_host:  # tensor by tensor: one host tensor at a time beside the placed ones
+                return [(name, self.place(self.host(e.load()))) for name, e in self.blocks[i][2].items()]
+            self._kept[i] = [(name, self.host(e.load())) for name, e in self.blocks[i][2].items()]
+        return [(name, self.place(t)) for name, t in self._kept[i]]
 
     def _submit(self, i: int) -> Future:
         if i not in self._pending:
@@ -45,10 +47,9 @@ class Streamer:
         return self._pending[i]
 
     def take(self, i: int) -> nn.Module:
-        """Block i with its weights on the device; block i+1 (cyclically: the next step) starts reading."""
+        """Block i with its weights on the device; then block i+1 (cyclically: the next step) starts reading."""
         future = self._submit(i)
         del self._pending[i]
-        self._submit((i + 1) % len(self.blocks))
         label, make, _ = self.blocks[i]
         try:
             tensors = future.result()
@@ -57,7 +58,10 @@ class Streamer:
         except Exception as e:  # surfaces in the caller's thread, never a silent hang
             raise WeightsError(f"{self.where}: reading {label} failed ({type(e).__name__}: {e}); "
                                f"check the file, or download it again") from e
-        return self.fill(make(), tensors)
+        block = self.fill(make(), tensors)
+        del tensors, future  # the next block is placed beside this one and no other
+        self._submit((i + 1) % len(self.blocks))
+        return block
 
 
 class StreamedBlock:
