@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from _common import run_info, time_forward  # first: preloads OpenBLAS
@@ -25,11 +26,13 @@ import numpy as np
 import flux2_mlx.mlx_backend as backend
 from flux2_mlx import memory
 from flux2_mlx.config import MODELS, transformer_shapes
-from flux2_mlx.keymap import transformer_entries
+from flux2_mlx.keymap import block_key, transformer_entries
 from flux2_mlx.sampling import prc_img, prc_txt
 from flux2_mlx.weights import WeightSource, save_safetensors
 
-MODES = {"resident": None, "streamed, RAM": True, "streamed, disk": False}
+# mode: (keep host copies, evict the file from the page cache before every step)
+MODES = {"resident": (None, False), "streamed, RAM": (True, False), "streamed, disk (page cache)": (False, False),
+         "streamed, disk (cold)": (False, True)}
 
 
 def phases(args, cfg, path, dtype) -> tuple[memory.Weights, memory.Phase]:
@@ -39,13 +42,13 @@ def phases(args, cfg, path, dtype) -> tuple[memory.Weights, memory.Phase]:
                                  ("double_blocks", "single_blocks"), dtype.size)
     acts = memory.transformer_activations(cfg.hidden_size, cfg.num_heads, 512 + h * h, dtype.size,
                                           mx.default_device() == mx.gpu)
-    return w, memory._fit("denoise", w, acts, 0, int(args.budget_fraction * w.total))
+    return w, memory._fit("denoise", w, acts, 0, memory.usable(int(args.budget_fraction * w.total)))
 
 
 def run_mode(args, cfg, path, dtype) -> dict:
     """One mode in this process: load, time, and report s/step, MLX peak and this process's max RSS."""
     _, phase = phases(args, cfg, path, dtype)
-    keep = MODES[args.mode]
+    keep, cold = MODES[args.mode]
     streaming = None if keep is None else memory.Streaming(phase.resident_blocks, keep)
     h = args.size // 16
     x = mx.random.normal((1, h * h, cfg.in_channels), dtype=dtype)
@@ -54,9 +57,35 @@ def run_mode(args, cfg, path, dtype) -> dict:
     mx.eval(inputs)
     model = backend.load_transformer(cfg, WeightSource(path, pread=streaming is not None), dtype=dtype,
                                      streaming=streaming)
+
+    def forward():
+        if cold:  # every streamed block then comes from the storage device (clean pages: no root needed)
+            evict(path)
+        return model(*inputs)
+
     # one warm-up: from RAM, it is also the one read of every block
-    sec, times, _ = time_forward(lambda: model(*inputs), 1, args.repeats)
-    return {"sec": sec, "times": times, "mlx_peak": mx.get_peak_memory(), "rss": vm_hwm()}
+    sec, times, _ = time_forward(forward, 1, args.repeats)
+    return {"sec": sec, "times": times, "mlx_peak": mx.get_peak_memory(), "rss": vm_hwm(),
+            "read_block_s": read_block(path, dtype, cold) if keep is False else None}
+
+
+def evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def read_block(path: Path, dtype, cold: bool) -> float:
+    """Seconds to read the last single block from the file and place it in MLX memory, as the prefetch
+    thread does when streaming from disk."""
+    entries = transformer_entries(WeightSource(path, pread=True))
+    last = max(i for i in (block_key(k, ("double_blocks", "single_blocks")) for k in entries) if i)[:2]
+    if cold:
+        evict(path)
+    t0 = time.perf_counter()
+    mx.eval([backend.from_numpy(e.load(), dtype) for k, e in entries.items()
+             if (block_key(k, ("double_blocks", "single_blocks")) or ())[:2] == last])
+    return time.perf_counter() - t0
 
 
 def vm_hwm() -> int:
@@ -108,10 +137,14 @@ def main() -> None:
           f"{args.budget_fraction * w.total / 1e6:.0f} MB, plan: {phase.resident_blocks} of {phase.blocks} "
           f"blocks resident, predicted peak {phase.peak / 1e6:.0f} MB")
     print(json.dumps(rows))
-    print("| mode | s/step | × resident | MLX peak MB | process max RSS MB |\n| --- | --- | --- | --- | --- |")
     base = rows["resident"]["sec"]
+    print(f"compute per block (resident step / blocks): {base / phase.blocks:.2f} s")
+    print("| mode | s/step | × resident | MLX peak MB | process peak RSS MB | read + place one block s |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for mode, r in rows.items():
-        print(f"| {mode} | {r['sec']:.2f} | {r['sec'] / base:.2f} | {r['mlx_peak'] / 1e6:.0f} | {r['rss'] / 1e6:.0f} |")
+        read = "–" if r["read_block_s"] is None else f"{r['read_block_s']:.2f}"
+        print(f"| {mode} | {r['sec']:.2f} | {r['sec'] / base:.2f} | {r['mlx_peak'] / 1e6:.0f} | {r['rss'] / 1e6:.0f} "
+              f"| {read} |")
 
 
 if __name__ == "__main__":

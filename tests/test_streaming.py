@@ -47,7 +47,7 @@ def _plan(path, budget):
     w = memory.component_weights("transformer", transformer_entries(WeightSource(path)),
                                  ("double_blocks", "single_blocks"), 4)
     acts = memory.transformer_activations(CFG.hidden_size, CFG.num_heads, TXT + (SIDE // 16) ** 2, 4, False)
-    return w, memory._fit("denoise", w, acts, 0, budget)
+    return w, memory._fit("denoise", w, acts, 0, memory.usable(budget))
 
 
 @pytest.mark.parametrize("resident, keep_host", [(0, False), (5, True), (11, False)])
@@ -112,7 +112,7 @@ def test_budget_below_the_weights_runs_under_it_as_planned(deep):
 def test_impossible_budget_is_refused_with_numbers(deep):
     w, _ = _plan(deep, 10**12)
     with pytest.raises(memory.MemoryPlanError, match=r"denoise needs at least 0\.\d\d GB even streamed .* "
-                                                     r"more than the 0\.02 GB budget"):
+                                                     r"more than the 0\.02 GB usable of the budget"):
         _plan(deep, 20 * 10**6)
 
 

@@ -24,6 +24,9 @@ VAE_DECODE_MAPS_PER_PIXEL = 77.2
 VAE_ENCODE_MAPS_PER_PIXEL = 46.3
 TEXT_TOKENS = 512
 TILE_OVERLAP = 64  # pixels of context each side of a decoded tile, cross-faded with the neighbour
+# Plans fill the budget less this share: room for what the estimate leaves out (the interpreter, a host
+# tensor being read, estimate error of a few per cent), so the measured peak, RSS too, stays under it.
+HEADROOM = 0.05
 
 class MemoryPlanError(ValueError):
     """The model cannot run within the budget, even streamed; the message has the numbers."""
@@ -124,6 +127,10 @@ class Plan:
     source: str  # "ram" | "disk": where streamed blocks come from
     phases: list[Phase] = field(default_factory=list)
 
+    @property
+    def usable(self) -> int:
+        return usable(self.budget)
+
     def phase(self, name: str) -> Phase | None:
         return next((p for p in self.phases if p.name == name), None)
 
@@ -138,7 +145,8 @@ class Plan:
         return max(p.peak for p in self.phases)
 
     def describe(self) -> str:
-        lines = [f"memory budget {self.budget / GB:.2f} GB; predicted peak {self.peak / GB:.2f} GB"]
+        lines = [f"memory budget {self.budget / GB:.2f} GB ({self.usable / GB:.2f} GB planned, {HEADROOM:.0%} "
+                 f"kept free); predicted peak {self.peak / GB:.2f} GB"]
         for p in self.phases:
             if p.streamed:
                 how = (f"streamed from {self.source}: {p.resident_blocks} of {p.blocks} blocks resident, "
@@ -154,14 +162,17 @@ class Plan:
         return "\n".join(lines)
 
 
-def _device_peak(c: Weights, acts: tuple[int, ...], resident: int) -> tuple[int, int]:
-    """(weights held, activations) at the device peak. The weights outside the blocks and the first
-    `resident` blocks stay; each later block is on the device only while it runs, beside its activations."""
+def _device_peak(c: Weights, acts: tuple[int, ...], resident: int) -> tuple[int, int, int]:
+    """(weights held, next block placed ahead, activations) at the device peak. The weights outside the
+    blocks and the first `resident` blocks stay; each later block is on the device while it runs, and
+    while the block before it runs (the prefetch thread places it one ahead, cyclically across steps)."""
     stay = c.fixed + sum(c.blocks[:resident])
-    running = [(0, acts[k]) for k in c.kinds[:resident]]
-    running += [(b, acts[k]) for b, k in zip(c.blocks[resident:], c.kinds[resident:])]
-    b, a = max(running or [(0, max(acts))], key=sum)
-    return stay + b, a
+    streamed = list(zip(c.blocks[resident:], c.kinds[resident:]))
+    first = streamed[0][0] if streamed else 0
+    running = [(0, first, acts[k]) for k in c.kinds[:resident]]
+    running += [(b, streamed[(i + 1) % len(streamed)][0], acts[k]) for i, (b, k) in enumerate(streamed)]
+    b, ahead, a = max(running or [(0, 0, max(acts))], key=sum)
+    return stay + b, ahead, a
 
 
 def _fit(name: str, c: Weights, acts: tuple[int, ...], others: int, budget: int) -> Phase:
@@ -169,8 +180,8 @@ def _fit(name: str, c: Weights, acts: tuple[int, ...], others: int, budget: int)
     n = len(c.blocks)
 
     def phase(k: int) -> Phase:
-        held, act = _device_peak(c, acts, k)
-        return Phase(name, c.name, c.total, act, others, k, n, max(c.blocks[k:], default=0), held)
+        held, ahead, act = _device_peak(c, acts, k)
+        return Phase(name, c.name, c.total, act, others, k, n, ahead, held)
 
     p = phase(n)
     if p.peak <= budget or n == 0:
@@ -184,8 +195,8 @@ def _fit(name: str, c: Weights, acts: tuple[int, ...], others: int, budget: int)
             f"{name} needs at least {p.peak / GB:.2f} GB even streamed ({c.name}: {c.fixed / GB:.2f} GB outside "
             f"its blocks, blocks of up to {max(c.blocks) / GB:.2f} GB running and prefetched, "
             f"{max(acts) / GB:.2f} GB activations" + (f", {others / GB:.2f} GB VAE" if others else "")
-            + f"), more than the {budget / GB:.2f} GB budget; use a smaller quantization (e.g. a Q4_K GGUF), "
-              f"a smaller image, or raise --memory-budget")
+            + f"), more than the {budget / GB:.2f} GB usable of the budget; use a smaller quantization (e.g. a "
+              f"Q4_K GGUF), a smaller image, or raise --memory-budget")
     return phase(k)
 
 
@@ -200,6 +211,7 @@ def plan(budget: int, *, transformer: Weights, vae: Weights, text_encoder: Weigh
     largest input image (references, img2img start) the VAE encodes, or None."""
     tokens = TEXT_TOKENS + (height // 16) * (width // 16) + ref_tokens
     out = Plan(budget, source)
+    budget = usable(budget)
     if text_encoder is not None:
         act = text_activations(te_hidden, te_mlp, te_heads, cfg_batch, compute_bytes, fused_attention)
         out.phases.append(_fit("encode", text_encoder, act, vae.total, budget))
@@ -209,6 +221,11 @@ def plan(budget: int, *, transformer: Weights, vae: Weights, text_encoder: Weigh
     out.phases.append(_fit("denoise", transformer, act, vae.total, budget))
     out.phases.append(_vae_phase("decode", VAE_DECODE_MAPS_PER_PIXEL, vae, width, height, budget, vae_ch))
     return out
+
+
+def usable(budget: int) -> int:
+    """What a plan may fill of `budget` bytes."""
+    return int(budget * (1 - HEADROOM))
 
 
 def _vae_phase(name: str, maps: float, vae: Weights, width: int, height: int, budget: int, ch: int) -> Phase:
@@ -223,5 +240,5 @@ def _vae_phase(name: str, maps: float, vae: Weights, width: int, height: int, bu
     if p.peak > budget:
         what = "decoding" if name == "decode" else "encoding the input images"
         raise MemoryPlanError(f"{what} needs at least {p.peak / GB:.2f} GB even in {p.tile}px tiles, more than "
-                              f"the {budget / GB:.2f} GB budget; raise --memory-budget")
+                              f"the {budget / GB:.2f} GB usable of the budget; raise --memory-budget")
     return p

@@ -273,7 +273,7 @@ class Pipeline:
         if inputs.latents is None:
             phase = plan.phase("images") if plan is not None else None
             # The VAE encoder runs beside a loaded transformer only if both fit the budget.
-            if phase and self._transformer is not None and phase.peak + plan.phase("denoise").held > plan.budget:
+            if phase and self._transformer is not None and phase.peak + plan.phase("denoise").held > plan.usable:
                 self._transformer = None
                 self.backend.free()
             be = self.backend
