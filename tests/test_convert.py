@@ -234,7 +234,7 @@ def test_text_encoder_llama_cpp_names_and_qk_permutation(tmp_path, kind):
     assert len(tokens) == te.vocab_size and tokens[field("tokenizer.ggml.eos_token_id")] == "<|im_end|>"
     names = {t.name: t for t in r.tensors}
     assert f"blk.{depth - 1}.ffn_down.weight" in names and f"blk.{depth}.ffn_down.weight" not in names
-    assert "output.weight" not in names and "output_norm.weight" not in names
+    assert "output.weight" not in names and "output_norm.weight" in names  # llama.cpp needs the norm
     assert ("blk.0.attn_q_norm.weight" in names) == (kind == "qwen3")
 
     def read(name):

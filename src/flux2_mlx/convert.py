@@ -134,9 +134,11 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
             heads = cfg.num_attention_heads if name.endswith("attn_q.weight") else cfg.num_key_value_heads
             load = lambda f=e.load, h=heads: permute_qk(np.asarray(f()), h)
         names[name] = (hf_name, load)
-    if all_layers:  # text_encoder_entries drops the final norm and the LM head; a full model keeps them
-        prefix = next(k[: -len("embed_tokens.weight")] for k in source.keys() if k.endswith("embed_tokens.weight"))
-        for hf_name, name in ((prefix + "norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")):
+    # text_encoder_entries drops the final norm and the LM head. The norm (a few KB) is always written:
+    # without it llama.cpp refuses the file; the head only in a full model.
+    prefix = next(k[: -len("embed_tokens.weight")] for k in source.keys() if k.endswith("embed_tokens.weight"))
+    for hf_name, name in ((prefix + "norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")):
+        if all_layers or name == "output_norm.weight":
             for k in (hf_name, hf_name.replace("model.", "", 1), "language_model." + hf_name):
                 if k in source:
                     names[name] = (k, lambda k=k: source.get(k))
