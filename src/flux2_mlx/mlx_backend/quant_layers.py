@@ -26,7 +26,8 @@ def quantized_layer(old: nn.Module, q: MLXQuant, dtype: mx.Dtype) -> nn.Module:
         layer = nn.QuantizedLinear(cols, rows, bias=False, group_size=q.group_size, bits=q.bits)
     else:
         raise ValueError(f"a quantized tensor cannot stand in for {type(old).__name__}")
-    layer.weight, layer.scales, layer.biases = q.weight, q.scales.astype(dtype), q.biases.astype(dtype)
+    cast = lambda a: a if a.dtype == dtype else a.astype(dtype)  # noqa: E731
+    layer.weight, layer.scales, layer.biases = q.weight, cast(q.scales), cast(q.biases)
     mx.eval(layer.parameters())
     return layer
 
