@@ -404,8 +404,9 @@ def _what(shapes: dict[str, tuple[int, ...]]) -> str:
         return "unknown (no FLUX.2 transformer or text-encoder tensor names)"
     cfg = transformer_config_from_shapes(shapes)
     same = [n for n, s in MODELS.items() if transformer_shapes(s.transformer) == transformer_shapes(cfg)]
-    variant = " / ".join(same) + " (tensors cannot tell distilled, base and kv apart)" if same else \
-        f"no registered variant (hidden {cfg.hidden_size}, {cfg.depth} double + {cfg.depth_single_blocks} single blocks)"
+    variant = " / ".join(same) + " (tensors cannot tell distilled, base and kv apart)" if same else (
+        f"no registered variant (hidden {cfg.hidden_size}, {cfg.depth} double + "
+        f"{cfg.depth_single_blocks} single blocks)")
     return f"FLUX.2 transformer: {variant}"
 
 
