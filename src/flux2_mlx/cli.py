@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import MODELS
+from .config import DEFAULT_STRENGTH, MODELS
 
 DTYPES = ("bfloat16", "float16", "float32")
 META_KEY = "flux2"
@@ -77,7 +77,7 @@ def _save_png(image, path: Path, meta: dict) -> None:
                    "for dev, 4 for klein).")
 @click.option("--image", "init", type=click.Path(dir_okay=False, path_type=Path),
               help="Image-to-image: start from this picture instead of pure noise.")
-@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=0.6, show_default=True,
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_STRENGTH, show_default=True,
               help="With --image: how much of the schedule runs; 1 ignores the image's content.")
 @click.option("--steps", type=click.IntRange(min=1), help="Default: the model's (klein 4, base and dev 50).")
 @click.option("--guidance", type=click.FloatRange(min=0), help="Default: the model's (4 for dev and base).")
@@ -158,11 +158,9 @@ def _dry_run(spec, paths_kw, dtype, edit, guidance, budget):
 
 def _plan(spec, files, dtype, inputs, guidance, budget):
     """The memory plan from file headers only (components not downloaded are sized from their shapes)."""
-    import importlib
+    from .pipeline import backend_module, plan_memory, uses_cfg
 
-    from .pipeline import plan_memory, uses_cfg
-
-    be = importlib.import_module("flux2_mlx.mlx_backend")
+    be = backend_module()
     return plan_memory(spec, files, be, be.resolve_dtype(dtype).size, inputs.width, inputs.height,
                        budget_gb=budget["memory_budget"], stream_from=budget["stream_from"],
                        cfg=uses_cfg(spec, guidance), ref_tokens=inputs.ref_tokens, image_size=inputs.image_size)

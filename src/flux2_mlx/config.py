@@ -123,6 +123,8 @@ def _klein(name, cfg, encoder, *, base=False, kv=False, repo, file):
     )
 
 
+DEFAULT_STRENGTH = 0.6  # image-to-image: the share of the schedule run from the start image
+
 # Repo ids, file names and defaults: flux2 src/flux2/util.py FLUX2_MODEL_INFO @50fe516.
 MODELS: dict[str, ModelSpec] = {
     "dev": ModelSpec(

@@ -28,6 +28,7 @@ TILE_OVERLAP = 64  # pixels of context each side of a decoded tile, cross-faded 
 # tensor being read, estimate error of a few per cent), so the measured peak, RSS too, stays under it.
 HEADROOM = 0.05
 
+
 class MemoryPlanError(ValueError):
     """The model cannot run within the budget, even streamed; the message has the numbers."""
 

@@ -20,15 +20,14 @@ from PIL import Image
 from . import hub, sampling
 from . import images as edit_images
 from . import memory as memory_plan
-from .config import (MODELS, ModelSpec, TextEncoderConfig, TransformerConfig, get_spec, text_encoder_config_from,
-                     text_encoder_shapes, transformer_config_from_shapes, transformer_shapes, vae_config_from,
-                     vae_shapes)
+from .config import (DEFAULT_STRENGTH, MODELS, ModelSpec, TextEncoderConfig, TransformerConfig, get_spec,
+                     text_encoder_config_from, text_encoder_shapes, transformer_config_from_shapes,
+                     transformer_shapes, vae_config_from, vae_shapes)
 from .keymap import Entry, check_transformer, text_encoder_entries, transformer_entries, vae_entries
 from .tokenizer import PromptTokenizer, tokenizer_from_gguf
 from .weights import WeightsError, WeightSource
 
 MAX_PIXELS = 2048 * 2048
-DEFAULT_STRENGTH = 0.6
 BACKENDS = ("mlx",)
 
 
@@ -504,6 +503,13 @@ class Pipeline:
         return out
 
 
+def backend_module(name: str = "mlx"):
+    """The backend package (design.md §4) by name."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return importlib.import_module(f"flux2_mlx.{name}_backend")
+
+
 def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, transformer=None, vae=None,
                   text_encoder=None, tokenizer=None, backend: str = "mlx", dtype: str | None = None,
                   memory: str = "phase", memory_budget: float | None = None,
@@ -521,11 +527,9 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
     streamed blocks (default: RAM when a host copy fits beside the budget).
     """
     spec = get_spec(model)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    be = backend_module(backend)
     if memory not in ("phase", "resident"):
         raise ValueError(f"unknown memory mode {memory!r}; choose phase or resident")
     files = hub.locate(spec, model_path=model_path, transformer=transformer, vae=vae,
                        text_encoder=text_encoder, tokenizer=tokenizer)
-    be = importlib.import_module(f"flux2_mlx.{backend}_backend")
     return Pipeline(spec, be, files, be.resolve_dtype(dtype), memory, memory_budget, stream_from)

@@ -25,10 +25,13 @@ from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
 from .vae import AutoEncoder
 
 
-def from_numpy(a: np.ndarray | mx.array, dtype: mx.Dtype | None = None) -> mx.array:
-    """numpy (or `_place`d) → MLX in `dtype`; no copy when the bits already are that dtype."""
-    x = _place(a) if isinstance(a, np.ndarray) else a
-    x = x.view(mx.bfloat16) if x.dtype == mx.uint16 else x
+def from_numpy(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
+    """numpy → MLX in `dtype` (weights.BF16 arrives as its bits); no second copy when it already is."""
+    x = mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == BF16 else mx.array(a)
+    return _cast(x, dtype)
+
+
+def _cast(x: mx.array, dtype: mx.Dtype | None) -> mx.array:
     return x if dtype is None or x.dtype == dtype else x.astype(dtype)
 
 
@@ -57,7 +60,8 @@ def _fill(module, tensors, dtype: mx.Dtype):
             path = name.removesuffix(".weight")
             replace_module(module, path, quantized_layer(module_at(module, path), _place(t), dtype))
             continue
-        a = from_numpy(t, dtype)
+        a = _place(t)
+        a = _cast(a.view(mx.bfloat16) if a.dtype == mx.uint16 else a, dtype)  # placed bf16 (see _place)
         if a.ndim == 4:  # PyTorch conv [O, I, kh, kw] → MLX channels-last [O, kh, kw, I]
             a = a.transpose(0, 2, 3, 1)
         mx.eval(a)

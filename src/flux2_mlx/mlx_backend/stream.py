@@ -35,10 +35,11 @@ class Streamer:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flux2-prefetch")
 
     def _read(self, i: int) -> list:
+        entries = self.blocks[i][2].items()
+        if not self.keep_host:  # tensor by tensor: one host tensor at a time beside the placed ones
+            return [(name, self.place(self.host(e.load()))) for name, e in entries]
         if i not in self._kept:
-            if not self.keep_host:  # tensor by tensor: one host tensor at a time beside the placed ones
-                return [(name, self.place(self.host(e.load()))) for name, e in self.blocks[i][2].items()]
-            self._kept[i] = [(name, self.host(e.load())) for name, e in self.blocks[i][2].items()]
+            self._kept[i] = [(name, self.host(e.load())) for name, e in entries]
         return [(name, self.place(t)) for name, t in self._kept[i]]
 
     def _submit(self, i: int) -> Future:
