@@ -280,3 +280,21 @@ def test_shapes_chunks_and_determinism(name):
             fn(bad)
     with pytest.raises(ValueError, match="finite"):
         fn(np.full((1, 256), np.nan, np.float32))
+
+
+def test_fp16_rounding_matches_numpy():
+    """The kernels' hand-written fp32 -> fp16 (numba has no float16 scalar) against numpy's conversion:
+    every fp16 value, the midpoints between neighbours (ties to even) and one float32 ulp either side,
+    overflow, subnormals and random bit patterns, both signs."""
+    h = np.arange(0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)
+    mid = (h[:-1] + h[1:]) / 2
+    v = np.concatenate([h, mid, [65504.0, 65519.0, 65520.0, 65536.0, 1e30, np.inf]]).astype(np.float32)
+    v = np.concatenate([v, np.nextafter(v, np.float32(0)), np.nextafter(v, np.float32(np.inf))])
+    rand = np.random.default_rng(0).integers(0, 2 ** 32, 20000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    v = np.concatenate([v, -v, rand[np.isfinite(rand)]])
+    got = np.array([kquants._fp16(f)[0] for f in v], np.uint16)
+    with np.errstate(over="ignore"):
+        want = v.astype(np.float16).view(np.uint16)
+    assert np.array_equal(got, want), v[got != want][:5]
+    assert np.array_equal(np.array([kquants._fp16(f)[1] for f in v[:4096]], np.float32),
+                          v[:4096].astype(np.float16).astype(np.float32))

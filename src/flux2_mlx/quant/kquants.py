@@ -1,366 +1,461 @@
-"""llama.cpp's reference K-quant quantizers (Q2_K..Q6_K) in numpy, byte-identical to ggml-quants.c
-`quantize_row_qN_K_ref` (no importance matrix) as built for x86-64 without FMA. Imports numpy only.
+"""llama.cpp's reference K-quant quantizers (Q2_K..Q6_K), byte-identical to ggml-quants.c
+`quantize_row_qN_K_ref` (no importance matrix) as built for x86-64 without FMA. Imports numpy and numba.
 
-Exactness rules (shared/docs/kquants.md §0, §11): every operation is float32 in the C evaluation order;
-in-sub-block sums are sequential (`np.add.reduce(axis=0)` on (n, G) C-contiguous arrays, one column per
-sub-block); nearest_int is round-half-even; the final re-quantization uses the fp16-rounded d/dmin.
+Hand-written because gguf-py has no K-quant quantizer; compiled with numba because the scale searches are
+data-dependent scalar loops (Q3_K's descent exits early per sub-block) that numpy runs at a fraction of C's
+speed. Exactness rules (shared/docs/kquants.md §0, §1): every operation is float32 in the C evaluation
+order with no FMA (numba, like gcc -O3 without -ffast-math, neither contracts nor reorders); sums are
+sequential; nearest_int is the C bit trick; re-quantization uses the fp16-rounded d/dmin. Integers and
+float64 literals would promote float32 to float64 in numba, hence the F() constants and f32() casts.
+The kernels release the GIL, so threads quantize row ranges in parallel.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 __all__ = ["QK_K", "quantize_q2_k", "quantize_q3_k", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k"]
 
 QK_K = 256
-_CHUNK = 512  # super-blocks per numpy pass: keeps the (n, G) temporaries inside L2
-_CHUNK_Q3 = 512  # Q3_K's descent is 80 steps of small vector ops: larger chunks amortise the calls
+_CHUNK = 4096  # super-blocks per kernel call between the finiteness checks (4 MB of float32)
 f32 = np.float32
-_GROUP_MAX_EPS = f32(1e-15)  # ggml-quants.c GROUP_MAX_EPS
+_EPS = f32(1e-15)  # ggml-quants.c GROUP_MAX_EPS
+_MAGIC = f32(12582912.0)  # 1.5 * 2^23
+_FP16_VALUE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(f32)
+_jit = njit(cache=True, nogil=True, error_model="numpy")
 
 
-def _nearest_int(v: np.ndarray) -> np.ndarray:
-    # ggml-quants.c nearest_int: the 1.5*2^23 bit trick. Equals rint for |v| < 2^22, and reproduces
-    # C's garbage beyond that (the assert is compiled out in release builds).
-    return ((v + f32(12582912.0)).view(np.int32) & 0x7FFFFF) - 0x400000
+@njit(inline="always", error_model="numpy")
+def _nint(v):
+    # ggml-quants.c nearest_int: round half to even for |v| < 2^22, C's own garbage beyond
+    return (np.int64(f32(v + _MAGIC).view(np.int32)) & 0x7FFFFF) - 0x400000
 
 
-def _fp16(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """GGML_FP32_TO_FP16 (round to nearest even, subnormals kept) -> (fp16 array, its value as float32)."""
-    h = v.astype(np.float16)
-    return h, h.astype(f32)
+@njit(inline="always", error_model="numpy")
+def _fp16(v):
+    """GGML_FP32_TO_FP16 (round to nearest even, subnormals, overflow to inf) as (bits, value)."""
+    b = np.int64(f32(v).view(np.uint32))
+    a = b & 0x7FFFFFFF
+    if a > 0x7F800000:
+        h = 0x7E00  # NaN
+    elif a >= 0x477FF000:  # 65520 and above round to inf
+        h = 0x7C00
+    elif a >= 0x38800000:  # fp16 normal: rebias the exponent, round the 13 dropped bits to even
+        h = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
+    else:  # fp16 subnormal: |v| * 2^24 is exact, its rint is the mantissa
+        h = _nint(f32(abs(v)) * f32(16777216.0))
+    h |= (b >> 16) & 0x8000
+    return h, _FP16_VALUE[h]
 
 
-def _subblocks(x: np.ndarray, n: int) -> np.ndarray:
-    """(nb, 256) -> (n, G) C-contiguous, one sub-block of n consecutive elements per column."""
-    return np.ascontiguousarray(x.reshape(-1, n).T)
+@njit(inline="always", error_model="numpy")
+def _put16(out, k, h):
+    out[k] = h & 0xFF
+    out[k + 1] = h >> 8
 
 
-def _rows(L: np.ndarray, nb: int) -> np.ndarray:
-    """Inverse of _subblocks for integer levels: (n, G) -> (nb, 256) int32."""
-    return L.T.reshape(nb, QK_K).astype(np.int32)
+_GROUP = 60  # super-blocks searched in lockstep; their (n, sub-blocks) rows stay in L2, off 4 KB strides (L1 sets)
 
 
-def _sum(a: np.ndarray) -> np.ndarray:
-    return np.add.reduce(a, axis=0)  # sequential per column, like the C loops (pairwise would differ)
+@njit(inline="always", error_model="numpy")
+def _level(v, lo, hi):
+    # nearest_int, then clamp, in float32: search values stay far below 2^22, where rint == nearest_int
+    return min(max(np.rint(v), lo), hi)
 
 
-def _dot(*ops):
-    """Column sums of the product of ops: sequential per column like _sum, product taken left to right,
-    in one pass without the product temporary (same bytes as _sum(a * b * c))."""
-    return np.einsum(_DOT_SPEC[len(ops)], *ops)
+@_jit
+def _lanes(x, n):
+    """(nb, 256) -> (n, G), sub-block g (n consecutive values) in column g. The searches run all
+    sub-blocks in lockstep along G, which the compiler vectorises; each column's sums stay sequential."""
+    per = QK_K // n
+    xs = np.empty((n, x.shape[0] * per), f32)
+    for b in range(x.shape[0]):
+        for j in range(per):
+            for i in range(n):
+                xs[i, per * b + j] = x[b, n * j + i]
+    return xs
 
 
-_DOT_SPEC = {2: "ij,ij->j", 3: "ij,ij,ij->j"}
+@njit(inline="always", error_model="numpy")
+def _block_levels(L, b, n, offset, q):
+    """Search levels (float32 lanes) of super-block b -> q[256] int, minus offset."""
+    per = QK_K // n
+    for j in range(per):
+        for i in range(n):
+            q[n * j + i] = np.int64(L[i, per * b + j]) - offset
 
 
-def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
-    """ggml-quants.c make_qkx2_quants on every column of x (n, G): weighted asymmetric grid search.
-    Returns (scale, the_min, L) with x ~ scale*L - the_min, L float32 in [0, nmax]."""
-    t, l = np.empty_like(x), np.empty_like(x)  # reused: allocation-free loop
+@njit(inline="always", error_model="numpy")
+def _max0(v):
+    m = f32(0)  # the C scan from 0 with a strict `>`: the result is +0.0, never -0.0
+    for i in range(v.size):
+        if v[i] > m:
+            m = v[i]
+    return m
 
-    def levels(iscale, m):
-        np.subtract(x, m, out=t)
-        np.multiply(t, iscale, out=t)
-        return np.clip(np.rint(t, out=l), 0, nmax, out=l)
 
-    def err(scale, m):  # sum of w * |diff| or w * diff^2, diff = scale*l + m - x, summed in order
-        np.multiply(l, scale, out=t)
-        np.add(t, m, out=t)
-        np.subtract(t, x, out=t)
-        np.abs(t, out=t) if use_mad else np.multiply(t, t, out=t)
-        return _dot(w, t)
+@_jit
+def _signed_absmax(xs):
+    """Per column: the first value of largest |x| with its sign (the C `if (ax > amax)` scan), and |it|."""
+    vmax, amax = np.zeros(xs.shape[1], f32), np.zeros(xs.shape[1], f32)
+    for i in range(xs.shape[0]):
+        for g in range(xs.shape[1]):
+            ax = abs(xs[i, g])
+            if ax > amax[g]:
+                amax[g] = ax
+                vmax[g] = xs[i, g]
+    return vmax, amax
 
-    lo = np.minimum(x.min(axis=0), f32(0))  # `if (min > 0) min = 0`
-    hi = x.max(axis=0)
-    sum_w, sum_x = _sum(w), _dot(w, x)
-    iscale = f32(nmax) / (hi - lo)
-    scale = f32(1) / iscale
-    levels(iscale, lo)
-    best = err(scale, lo)
-    m = lo
-    best_iscale, best_m = iscale, lo  # the levels of the best candidate are recomputed from these
+
+@_jit
+def _make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep, use_mad):
+    """make_qkx2_quants on every column of xs (n, G): weighted asymmetric grid search.
+    Returns (scale, min, L) with x ~ scale*L - min, L float32 in [0, nmax]."""
+    n, G = xs.shape
+    z, fmax = f32(0), f32(nmax)
+    lo, hi = xs[0].copy(), xs[0].copy()
+    sum_w, sum_x = np.zeros(G, f32), np.zeros(G, f32)
+    for i in range(n):
+        for g in range(G):
+            lo[g] = min(lo[g], xs[i, g])
+            hi[g] = max(hi[g], xs[i, g])
+            sum_w[g] += w[i, g]
+            sum_x[g] += w[i, g] * xs[i, g]
+    isc, scale, m, best = np.empty(G, f32), np.empty(G, f32), np.empty(G, f32), np.zeros(G, f32)
+    best_isc, best_m = np.empty(G, f32), np.empty(G, f32)  # the best levels are recomputed from these
+    for g in range(G):
+        lo[g] = min(lo[g], z)  # `if (min > 0) min = 0`
+        isc[g] = fmax / (hi[g] - lo[g])  # inf for flat columns, which the end resets
+        scale[g] = f32(1) / isc[g]
+        m[g] = best_m[g] = lo[g]
+        best_isc[g] = isc[g]
+    for i in range(n):
+        for g in range(G):
+            diff = scale[g] * _level(isc[g] * (xs[i, g] - m[g]), z, fmax) + m[g] - xs[i, g]
+            best[g] += w[i, g] * (abs(diff) if use_mad else diff * diff)
+    Laux = np.empty((n, G), f32)
+    sl, sl2, sxl, cur = np.empty(G, f32), np.empty(G, f32), np.empty(G, f32), np.empty(G, f32)
+    D, ts, tm = np.empty(G, f32), np.empty(G, f32), np.empty(G, f32)
     for k in range(nstep + 1):
-        # rint = nearest_int below 2^22, far above the search's values of iscale*(x - min)
-        iscale = (f32(rmin) + f32(rdelta) * f32(k) + f32(nmax)) / (hi - m)  # m: best min so far
-        levels(iscale, m)
-        sum_l, sum_l2, sum_xl = _dot(w, l), _dot(w, l, l), _dot(w, l, x)
-        D = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-        pos = this_min > 0  # refit through the origin
-        this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-        this_min = np.where(pos, f32(0), this_min)
-        cur = err(this_scale, this_min)
-        acc = (D > 0) & (cur < best)
-        best_iscale = np.where(acc, iscale, best_iscale)
-        best_m = np.where(acc, m, best_m)
-        best = np.where(acc, cur, best)
-        scale = np.where(acc, this_scale, scale)
-        m = np.where(acc, this_min, m)
-    flat = hi == lo  # all-zero or constant <= 0: C returns before the search
-    L = levels(best_iscale, best_m)
-    return np.where(flat, f32(0), scale), -np.where(flat, lo, m), np.where(flat, f32(0), L)
+        num = rmin + rdelta * f32(k) + fmax
+        for g in range(G):
+            isc[g] = num / (hi[g] - m[g])  # m: the best min so far
+            sl[g] = sl2[g] = sxl[g] = cur[g] = z
+        for i in range(n):
+            for g in range(G):
+                lv = _level(isc[g] * (xs[i, g] - m[g]), z, fmax)
+                Laux[i, g] = lv
+                wl = w[i, g] * lv
+                sl[g] += wl
+                sl2[g] += wl * lv
+                sxl[g] += wl * xs[i, g]
+        for g in range(G):
+            D[g] = sum_w[g] * sl2[g] - sl[g] * sl[g]
+            ts[g] = (sum_w[g] * sxl[g] - sum_x[g] * sl[g]) / D[g]
+            tm[g] = (sl2[g] * sum_x[g] - sl[g] * sxl[g]) / D[g]
+            if tm[g] > 0:  # refit through the origin
+                tm[g] = z
+                ts[g] = sxl[g] / sl2[g]
+        for i in range(n):
+            for g in range(G):
+                diff = ts[g] * Laux[i, g] + tm[g] - xs[i, g]
+                cur[g] += w[i, g] * (abs(diff) if use_mad else diff * diff)
+        for g in range(G):
+            if D[g] > 0 and cur[g] < best[g]:
+                best[g] = cur[g]
+                best_isc[g] = isc[g]
+                best_m[g] = m[g]
+                scale[g] = ts[g]
+                m[g] = tm[g]
+    L = np.empty((n, G), f32)
+    for i in range(n):
+        for g in range(G):
+            L[i, g] = _level(best_isc[g] * (xs[i, g] - best_m[g]), z, fmax)
+    for g in range(G):
+        if hi[g] == lo[g]:  # all-zero or constant <= 0: C returns before the search
+            scale[g], m[g] = z, lo[g]
+            L[:, g] = z
+    return scale, -m, L
 
 
-def _signed_absmax(x):
-    """First element of largest |x| per column, with its sign (the C `if (ax > amax)` scan), and |it|."""
-    ax = np.abs(x)
-    amax = ax.max(axis=0)
-    M = x[-1].copy()
-    for i in range(x.shape[0] - 2, -1, -1):  # backwards, so that the first maximum wins
-        np.copyto(M, x[i], where=ax[i] == amax)
-    return M, amax
-
-
-def _make_qx_quants(x, nmax):
-    """ggml-quants.c make_qx_quants, rmse_type 1, no imatrix: symmetric search over 19 steps.
-    Returns (signed scale, L in [0, 2*nmax-1]); all-zero columns give scale 0 and L = 0."""
-    M, amax = _signed_absmax(x)
-    w = x * x
-    wx = w * x
-    l = np.empty_like(x)
-
-    def candidate(iscale):
-        np.clip(np.rint(np.multiply(x, iscale, out=l), out=l), -nmax, nmax - 1, out=l)
-        return _dot(wx, l), _dot(w, l, l)
-
-    best_iscale = f32(-nmax) / M
-    sumlx, suml2 = candidate(best_iscale)
-    scale = np.where(suml2 != 0, sumlx / suml2, f32(0))
-    best = scale * sumlx
-    for k in (*range(-9, 0), *range(1, 10)):
-        iscale = -(f32(nmax) + f32(0.1) * f32(k)) / M
-        sumlx, suml2 = candidate(iscale)
-        acc = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        best_iscale = np.where(acc, iscale, best_iscale)  # C also recomputes L from the accepted step
-        scale = np.where(acc, sumlx / suml2, scale)
-        best = np.where(acc, scale * sumlx, best)
-    candidate(best_iscale)
-    zero = amax < _GROUP_MAX_EPS
-    return np.where(zero, f32(0), scale), np.where(zero, f32(0), l + nmax)
-
-
-# lowest set bit of a 16-bit mask (16 for an empty mask): the first accepting position
-_LOWBIT = np.full(1 << 16, 16, np.int64)
-for _b in range(15, -1, -1):
-    _LOWBIT[(np.arange(1 << 16) >> _b) & 1 == 1] = _b
-del _b
-_POW2 = (1 << np.arange(16)).astype(f32)
-
-
-def _make_q3_quants(x, nmax=4):
-    """ggml-quants.c make_q3_quants with do_rmse: first guess at -nmax/max, then up to 5 sweeps of
-    coordinate descent. Returns (signed scale, L in [0, 2*nmax-1])."""
-    M, amax = _signed_absmax(x)
-    zero = amax < _GROUP_MAX_EPS
-    L = np.clip(np.rint((f32(-nmax) / M) * x), -nmax, nmax - 1)
-    w = x * x
-    sumlx, suml2 = _dot(w * x, L), _dot(w, L, L)  # the C sums of w*x*L and w*L*L
-    # With M > 0 every x*l is <= 0, so the C test `slx > 0` never passes: only M < 0 columns can move.
-    act = np.flatnonzero((M < 0) & ~zero)
-    if act.size:
-        _q3_descent(x, L, sumlx, suml2, act, nmax)
-    scale = np.where(suml2 > 0, sumlx / suml2, f32(0))
-    return np.where(zero, f32(0), scale), np.where(zero, f32(0), L + nmax)
-
-
-def _q3_terms(x, L):
-    w = x * x
-    wx = w * x
-    return w, wx, wx * L, w * L * L  # and the C terms w*x*L and w*L*L of every position
-
-
-def _q3_descent(x, L, sumlx, suml2, cols, nmax):
-    """The C sweeps, event by event. Between two accepted moves a sub-block's sums are constant, so one
-    vector pass evaluates the C test at all 16 positions at once; the next move is the first accepting
-    position in sweep order from just after the last move (wrapping round into the next sweep, at most
-    5 sweeps). A sub-block with no accepting position is at the C fixed point (early exit) and leaves."""
-    n = x.shape[0]
-    X, LL = x[:, cols], L[:, cols]
-    W, WX, AA, BB = _q3_terms(X, LL)
-    sx, s2 = sumlx[cols], suml2[cols]
-    ptr = np.zeros(cols.size, np.int64)  # next position of the current sweep (n: sweep finished)
-    sweep = np.zeros(cols.size, np.int64)
-    big = f32(1 << 22)
-    alive = None  # finished sub-blocks stay in the arrays (masked) until enough have left to compact
-    while True:
-        slx = sx - AA
-        sl2 = s2 - BB
-        t = np.multiply(X, sl2)
-        t /= slx
-        # nearest_int == rint for |t| < 2^22; NaN (slx == 0, so never accepted) is skipped by fmin/fmax
-        if -big < np.fmin.reduce(t, axis=None) and np.fmax.reduce(t, axis=None) < big:
-            new = np.rint(np.clip(t, -nmax, nmax - 1, out=t), out=t)
-        else:
-            new = np.clip(_nearest_int(t), -nmax, nmax - 1).astype(f32)
-        slx_new = np.multiply(WX, new)
-        slx_new += slx
-        sl2_new = np.multiply(W, new)
-        sl2_new *= new
-        sl2_new += sl2
-        acc = slx > 0
-        acc &= new != LL
-        acc &= sl2_new > 0
-        lhs = np.multiply(slx_new, slx_new, out=slx)
-        lhs *= s2
-        rhs = np.multiply(sl2_new, sx * sx, out=sl2)
-        acc &= lhs > rhs
-        code = np.matmul(_POW2, acc.astype(f32)).astype(np.int64)
-        rot = ((code >> ptr) | (code << (n - ptr))) & 0xFFFF
-        f = _LOWBIT[rot]
-        found = f < n
-        end = ptr + f
-        wrap = end >= n
-        go = found & ~(wrap & (sweep == 4))
-        if alive is not None:
-            go &= alive
-        idx = np.flatnonzero(go)
-        p = end[idx] & (n - 1)
-        nv = new[p, idx]
-        LL[p, idx] = nv
-        AA[p, idx] = WX[p, idx] * nv
-        BB[p, idx] = W[p, idx] * nv * nv
-        sx[idx] = slx_new[p, idx]
-        s2[idx] = sl2_new[p, idx]
-        ptr[idx] = p + 1
-        sweep[idx] += wrap[idx]
-        if idx.size * 4 >= cols.size * 3:
-            alive = go
+@_jit
+def _make_qx_quants(xs, nmax):
+    """make_qx_quants, rmse_type 1, no imatrix, on every column: symmetric search over 19 steps.
+    Returns (signed scale, L float32 in [0, 2*nmax-1]); all-zero columns give scale 0 and L = 0."""
+    n, G = xs.shape
+    fmax, lo, hi = f32(nmax), f32(-nmax), f32(nmax - 1)
+    vmax, amax = _signed_absmax(xs)
+    w = xs * xs
+    wx = w * xs
+    isc, best_isc, scale, best = np.empty(G, f32), np.empty(G, f32), np.empty(G, f32), np.empty(G, f32)
+    sumlx, suml2 = np.zeros(G, f32), np.zeros(G, f32)
+    for k in range(-10, 10):  # -10: the first guess -nmax/max; then -9..-1, 1..9
+        if k == 0:
             continue
-        stop = ~go
-        c = cols[stop]
-        L[:, c] = LL[:, stop]
-        sumlx[c], suml2[c] = sx[stop], s2[stop]
-        if not idx.size:
-            break
-        X, LL = X[:, idx], LL[:, idx]  # gathers are dearer than recomputing the products
-        W, WX, AA, BB = _q3_terms(X, LL)
-        cols, sx, s2, ptr, sweep = cols[idx], sx[idx], s2[idx], ptr[idx], sweep[idx]
-        alive = None
+        for g in range(G):
+            isc[g] = -fmax / vmax[g] if k == -10 else -(fmax + f32(0.1) * f32(k)) / vmax[g]
+            sumlx[g] = suml2[g] = f32(0)
+        for i in range(n):
+            for g in range(G):
+                lv = _level(isc[g] * xs[i, g], lo, hi)
+                sumlx[g] += wx[i, g] * lv
+                suml2[g] += w[i, g] * lv * lv
+        for g in range(G):
+            if k == -10:
+                best_isc[g] = isc[g]
+                scale[g] = sumlx[g] / suml2[g] if suml2[g] != 0 else f32(0)
+                best[g] = scale[g] * sumlx[g]
+            elif suml2[g] > 0 and sumlx[g] * sumlx[g] > best[g] * suml2[g]:
+                best_isc[g] = isc[g]
+                scale[g] = sumlx[g] / suml2[g]
+                best[g] = scale[g] * sumlx[g]
+    L = np.empty((n, G), f32)
+    for i in range(n):
+        for g in range(G):
+            L[i, g] = _level(best_isc[g] * xs[i, g], lo, hi) + fmax
+    for g in range(G):
+        if amax[g] < _EPS:
+            scale[g] = f32(0)
+            L[:, g] = f32(0)
+    return scale, L
 
 
-def _pack_2bit(L: np.ndarray) -> np.ndarray:
-    # element 128a + 32b + t -> byte 32a + t, bits 2b..2b+1 (Q2_K qs, Q3_K qs)
-    q = L.reshape(-1, 2, 4, 32)
-    return (q[:, :, 0] | q[:, :, 1] << 2 | q[:, :, 2] << 4 | q[:, :, 3] << 6).reshape(-1, 64)
+@_jit
+def _make_q3_quants(xs):
+    """make_q3_quants with do_rmse (nmax 4) on every column: first guess at -4/max in lockstep, then up to
+    5 sweeps of coordinate descent per sub-block (scalar: it exits early). Returns (signed scale,
+    L float32 in [0, 7])."""
+    n, G = xs.shape
+    vmax, amax = _signed_absmax(xs)
+    isc = f32(-4) / vmax
+    L = np.empty((n, G), f32)
+    sumlx, suml2, scale = np.zeros(G, f32), np.zeros(G, f32), np.zeros(G, f32)
+    for i in range(n):
+        for g in range(G):
+            x = xs[i, g]
+            lv = _level(isc[g] * x, f32(-4), f32(3))
+            L[i, g] = lv
+            w = x * x
+            sumlx[g] += w * x * lv
+            suml2[g] += w * lv * lv
+    xg, lg = np.empty(n, f32), np.empty(n, f32)  # one column, contiguous for the scalar descent
+    for g in range(G):
+        if amax[g] < _EPS:
+            L[:, g] = f32(0)
+            continue
+        if vmax[g] > 0:  # every x*l <= 0, so no sweep can pass `slx > 0`: the first guess stands
+            scale[g] = sumlx[g] / suml2[g] if suml2[g] > 0 else f32(0)
+            for i in range(n):
+                L[i, g] += f32(4)
+            continue
+        for i in range(n):
+            xg[i], lg[i] = xs[i, g], L[i, g]
+        sx, s2 = sumlx[g], suml2[g]
+        for _ in range(5):
+            changed = False
+            for i in range(n):
+                x, lv = xg[i], lg[i]
+                w = x * x
+                slx = sx - w * x * lv
+                if slx > 0:
+                    sl2 = s2 - w * lv * lv
+                    new = f32(min(max(_nint(x * sl2 / slx), -4), 3))
+                    if new != lv:
+                        slx += w * x * new
+                        sl2 += w * new * new
+                        if sl2 > 0 and slx * slx * s2 > sx * sx * sl2:
+                            lg[i] = new
+                            sx, s2 = slx, sl2
+                            changed = True
+            if not changed:
+                break
+        scale[g] = sx / s2 if s2 > 0 else f32(0)
+        for i in range(n):
+            L[i, g] = lg[i] + f32(4)
+    return scale, L
 
 
-def _requant(L, xs, D, Dm, lo, hi, offset=0):
-    """Re-quantize each sub-block column with its stored scale D (and min Dm); where D == 0 the
-    search levels stay (the C `if (!d) continue;`)."""
-    new = np.clip(_nearest_int((xs + Dm) / D if Dm is not None else xs / D), lo, hi) + offset
-    return np.where(D != 0, new, L.astype(np.int32))
-
-
-def _le16(h: np.ndarray) -> np.ndarray:
-    return h.astype("<f2").view(np.uint8).reshape(-1, 2)
-
-
-def _q2_k_blocks(x: np.ndarray) -> np.ndarray:
+@_jit
+def _q2_k(x, out):
     # ggml-quants.c quantize_row_q2_K_ref
-    nb = x.shape[0]
-    xs = _subblocks(x, 16)
-    scales, mins, L = _make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
-    s, m = scales.reshape(nb, 16), mins.reshape(nb, 16)
-    max_scale, max_min = np.maximum(s.max(1), 0), np.maximum(m.max(1), 0)
-    has_s, has_m = max_scale > 0, max_min > 0
-    # uint8 stores: scale code in the low nibble, min code OR-ed in as l << 4, both wrap mod 256
-    sc = np.where(has_s[:, None], _nearest_int((f32(15) / max_scale)[:, None] * s) & 0xFF, 0)
-    mc = np.where(has_m[:, None], _nearest_int((f32(15) / max_min)[:, None] * m), 0)
-    byte = (sc | mc << 4) & 0xFF
-    d16, d = _fp16(np.where(has_s, max_scale / f32(15), f32(0)))
-    m16, dm = _fp16(np.where(has_m, max_min / f32(15), f32(0)))
-    D = (d[:, None] * (byte & 15).astype(f32)).reshape(-1)
-    Dm = (dm[:, None] * (byte >> 4).astype(f32)).reshape(-1)
-    Lq = _rows(_requant(L, xs, D, Dm, 0, 3), nb)
-    return np.concatenate([byte.astype(np.uint8), _pack_2bit(Lq).astype(np.uint8), _le16(d16),
-                           _le16(m16)], axis=1)
+    q = np.empty(QK_K, np.int64)
+    sc = np.empty(16, np.int64)
+    for b0 in range(0, x.shape[0], _GROUP):
+        xs = _lanes(x[b0:b0 + _GROUP], 16)
+        s, mn, L = _make_qkx2_quants(xs, np.abs(xs), 3, f32(-0.5), f32(0.1), 15, True)
+        for b in range(xs.shape[1] // 16):
+            o, xb, s_, mn_ = out[b0 + b], x[b0 + b], s[16 * b:16 * b + 16], mn[16 * b:16 * b + 16]
+            _block_levels(L, b, 16, 0, q)
+            max_scale, max_min = _max0(s_), _max0(mn_)
+            d = dmin = f32(0)
+            hd = hm = 0
+            sc[:] = 0
+            if max_scale > 0:
+                iscale = f32(15) / max_scale
+                for j in range(16):
+                    sc[j] = _nint(iscale * s_[j]) & 0xFF  # uint8 store
+                hd, d = _fp16(max_scale / f32(15))
+            if max_min > 0:
+                iscale = f32(15) / max_min
+                for j in range(16):
+                    sc[j] = (sc[j] | _nint(iscale * mn_[j]) << 4) & 0xFF
+                hm, dmin = _fp16(max_min / f32(15))
+            for j in range(16):
+                o[j] = sc[j]
+                D = d * f32(sc[j] & 15)
+                if D == 0:
+                    continue  # keeps the search levels
+                Dm = dmin * f32(sc[j] >> 4)
+                for i in range(16 * j, 16 * j + 16):
+                    q[i] = min(max(_nint((xb[i] + Dm) / D), 0), 3)
+            for a in range(2):  # element 128a + 32b + t -> qs[32a + t], bits 2b
+                for t in range(32):
+                    e = 128 * a + t
+                    o[16 + 32 * a + t] = q[e] | q[e + 32] << 2 | q[e + 64] << 4 | q[e + 96] << 6
+            _put16(o, 80, hd)
+            _put16(o, 82, hm)
 
 
-def _q3_k_blocks(x: np.ndarray) -> np.ndarray:
+@_jit
+def _q3_k(x, out):
     # ggml-quants.c quantize_row_q3_K_ref
-    nb = x.shape[0]
-    xs = _subblocks(x, 16)
-    scales, L = _make_q3_quants(xs)
-    s = scales.reshape(nb, 16)
-    j = np.abs(s).argmax(1)
-    max_scale = s[np.arange(nb), j]
-    has = max_scale != 0
-    iscale = f32(-32) / max_scale
-    c = np.where(has[:, None], np.clip(_nearest_int(iscale[:, None] * s), -32, 31) + 32, 0)
-    d16, d = _fp16(np.where(has, f32(1) / iscale, f32(0)))
-    D = (d[:, None] * (c - 32).astype(f32)).reshape(-1)
-    Lq = _rows(_requant(L, xs, D, None, -4, 3, 4), nb)
-    hmask = ((Lq.reshape(nb, 8, 32) > 3).astype(np.int32) << np.arange(8)[:, None]).sum(1)
-    sc = np.concatenate([c[:, :8] & 15 | (c[:, 8:] & 15) << 4,
-                         ((c.reshape(nb, 4, 4) >> 4) << (2 * np.arange(4))[:, None]).sum(1)], axis=1)
-    return np.concatenate([hmask.astype(np.uint8), _pack_2bit(Lq & 3).astype(np.uint8),
-                           sc.astype(np.uint8), _le16(d16)], axis=1)
+    q = np.empty(QK_K, np.int64)
+    c = np.empty(16, np.int64)
+    for b0 in range(0, x.shape[0], _GROUP):
+        xs = _lanes(x[b0:b0 + _GROUP], 16)
+        s, L = _make_q3_quants(xs)
+        for b in range(xs.shape[1] // 16):
+            o, xb, s_ = out[b0 + b], x[b0 + b], s[16 * b:16 * b + 16]
+            _block_levels(L, b, 16, 0, q)
+            amax, max_scale = f32(0), f32(0)
+            for j in range(16):
+                if abs(s_[j]) > amax:
+                    amax = abs(s_[j])
+                    max_scale = s_[j]
+            c[:] = 0
+            d = f32(0)
+            hd = 0
+            if max_scale != 0:
+                iscale = f32(-32) / max_scale
+                for j in range(16):
+                    c[j] = min(max(_nint(iscale * s_[j]), -32), 31) + 32
+                hd, d = _fp16(f32(1) / iscale)
+            for j in range(16):
+                D = d * f32(c[j] - 32)
+                if D == 0:
+                    continue
+                for i in range(16 * j, 16 * j + 16):
+                    q[i] = min(max(_nint(xb[i] / D), -4), 3) + 4
+            for t in range(32):  # high bit of element 32m + t -> hmask[t], bit m
+                h = 0
+                for m in range(8):
+                    h |= (q[32 * m + t] >> 2) << m
+                o[t] = h
+            for a in range(2):  # low 2 bits: element 128a + 32b + t -> qs[32a + t], bits 2b
+                for t in range(32):
+                    e = 128 * a + t
+                    o[32 + 32 * a + t] = (q[e] & 3) | (q[e + 32] & 3) << 2 | (q[e + 64] & 3) << 4 | (
+                        q[e + 96] & 3) << 6
+            for j in range(8):
+                o[96 + j] = (c[j] & 15) | (c[j + 8] & 15) << 4
+            for k in range(4):
+                o[104 + k] = (c[k] >> 4) | (c[k + 4] >> 4) << 2 | (c[k + 8] >> 4) << 4 | (c[k + 12] >> 4) << 6
+            _put16(o, 108, hd)
 
 
-def _q45_k_blocks(x: np.ndarray, nmax: int, rmin: float, nstep: int):
-    # ggml-quants.c quantize_row_q4_K_ref / quantize_row_q5_K_ref (shared up to the level packing)
-    nb = x.shape[0]
-    xs = _subblocks(x, 32)
-    av_x = np.sqrt(_sum(xs * xs) / f32(32))
-    scales, mins, L = _make_qkx2_quants(xs, av_x + np.abs(xs), nmax, rmin, 0.1, nstep, False)
-    s, m = scales.reshape(nb, 8), mins.reshape(nb, 8)
-    max_scale, max_min = np.maximum(s.max(1), 0), np.maximum(m.max(1), 0)
-    inv_scale = np.where(max_scale > 0, f32(63) / max_scale, f32(0))
-    inv_min = np.where(max_min > 0, f32(63) / max_min, f32(0))
-    ls = np.minimum(_nearest_int(inv_scale[:, None] * s) & 0xFF, 63)  # uint8 store, then MIN(63, .)
-    lm = np.minimum(_nearest_int(inv_min[:, None] * m) & 0xFF, 63)
-    d16, d = _fp16(max_scale / f32(63))
-    m16, dm = _fp16(max_min / f32(63))
-    D = (d[:, None] * ls.astype(f32)).reshape(-1)
-    Dm = (dm[:, None] * lm.astype(f32)).reshape(-1)
-    Lq = _rows(_requant(L, xs, D, Dm, 0, nmax), nb)
-    # 12-byte (scale, min) packing, the inverse of get_scale_min_k4
-    sc = np.concatenate([ls[:, :4] | (ls[:, 4:] >> 4) << 6, lm[:, :4] | (lm[:, 4:] >> 4) << 6,
-                         ls[:, 4:] & 15 | (lm[:, 4:] & 15) << 4], axis=1)
-    head = np.concatenate([_le16(d16), _le16(m16), sc.astype(np.uint8)], axis=1)
-    q = Lq.reshape(nb, 4, 2, 32)  # element 64c + 32h + t -> qs[32c + t], nibble h
-    qs = ((q[:, :, 0] & 15) | (q[:, :, 1] & 15) << 4).reshape(nb, 128).astype(np.uint8)
-    return head, q, qs
+@_jit
+def _q45_k(x, out, nmax, rmin, nstep):
+    """quantize_row_q4_K_ref (nmax 15) and quantize_row_q5_K_ref (nmax 31): shared up to the packing."""
+    q = np.empty(QK_K, np.int64)
+    ls, lm = np.empty(8, np.int64), np.empty(8, np.int64)
+    for b0 in range(0, x.shape[0], _GROUP):
+        xs = _lanes(x[b0:b0 + _GROUP], 32)
+        sum_x2 = np.zeros(xs.shape[1], f32)
+        for i in range(32):
+            for g in range(xs.shape[1]):
+                sum_x2[g] += xs[i, g] * xs[i, g]
+        av_x = np.sqrt(sum_x2 / f32(32))
+        w = np.empty_like(xs)
+        for i in range(32):
+            for g in range(xs.shape[1]):
+                w[i, g] = av_x[g] + abs(xs[i, g])
+        s, mn, L = _make_qkx2_quants(xs, w, nmax, rmin, f32(0.1), nstep, False)
+        for b in range(xs.shape[1] // 8):
+            o, xb, s_, mn_ = out[b0 + b], x[b0 + b], s[8 * b:8 * b + 8], mn[8 * b:8 * b + 8]
+            _block_levels(L, b, 32, 0, q)
+            max_scale, max_min = _max0(s_), _max0(mn_)
+            inv_scale = f32(63) / max_scale if max_scale > 0 else f32(0)
+            inv_min = f32(63) / max_min if max_min > 0 else f32(0)
+            for j in range(8):
+                ls[j] = min(_nint(inv_scale * s_[j]) & 0xFF, 63)  # uint8 store, then MIN(63, .)
+                lm[j] = min(_nint(inv_min * mn_[j]) & 0xFF, 63)
+            hd, d = _fp16(max_scale / f32(63))
+            hm, dmin = _fp16(max_min / f32(63))
+            for j in range(8):
+                D = d * f32(ls[j])
+                if D == 0:
+                    continue
+                Dm = dmin * f32(lm[j])
+                for i in range(32 * j, 32 * j + 32):
+                    q[i] = min(max(_nint((xb[i] + Dm) / D), 0), nmax)
+            _put16(o, 0, hd)
+            _put16(o, 2, hm)
+            for j in range(4):  # the 12-byte (scale, min) packing, the inverse of get_scale_min_k4
+                o[4 + j] = ls[j] | (ls[j + 4] >> 4) << 6
+                o[8 + j] = lm[j] | (lm[j + 4] >> 4) << 6
+                o[12 + j] = (ls[j + 4] & 15) | (lm[j + 4] & 15) << 4
+            qs = 16 if nmax == 15 else 48  # Q5_K puts qh[32] before qs
+            if nmax == 31:
+                o[16:48] = 0
+            for cc in range(4):  # element 64c + 32h + t -> qs[32c + t] nibble h; Q5_K's bit 4 -> qh[t] bit 2c+h
+                for t in range(32):
+                    lo, hi = q[64 * cc + t], q[64 * cc + 32 + t]
+                    o[qs + 32 * cc + t] = (lo & 15) | (hi & 15) << 4
+                    if nmax == 31:
+                        o[16 + t] |= (lo >> 4) << (2 * cc) | (hi >> 4) << (2 * cc + 1)
 
 
-def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
-    head, _, qs = _q45_k_blocks(x, 15, -1.0, 20)
-    return np.concatenate([head, qs], axis=1)
-
-
-def _q5_k_blocks(x: np.ndarray) -> np.ndarray:
-    head, q, qs = _q45_k_blocks(x, 31, -0.5, 15)
-    # bit 4 of element 64c + 32h + t -> qh[t], bit 2c + h
-    qh = ((q >> 4).reshape(-1, 8, 32) << np.arange(8)[:, None]).sum(1).astype(np.uint8)
-    return np.concatenate([head, qh, qs], axis=1)
-
-
-def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
+@_jit
+def _q6_k(x, out):
     # ggml-quants.c quantize_row_q6_K_ref
-    nb = x.shape[0]
-    xs = _subblocks(x, 16)
-    scales, L = _make_qx_quants(xs, 32)
-    s = scales.reshape(nb, 16)
-    j = np.abs(s).argmax(1)
-    max_scale = s[np.arange(nb), j]
-    zero = np.abs(max_scale) < _GROUP_MAX_EPS  # whole block -> 210 zero bytes
-    iscale = f32(-128) / max_scale
-    sc = np.minimum(127, _nearest_int(iscale[:, None] * s)).astype(np.int8)  # int8 store wraps
-    sc[zero] = 0
-    d16, d = _fp16(np.where(zero, f32(0), f32(1) / iscale))
-    D = (d[:, None] * sc.astype(f32)).reshape(-1)
-    Lq = _rows(_requant(L, xs, D, None, -32, 31, 32), nb)
-    Lq[zero] = 0
-    q = Lq.reshape(nb, 2, 4, 32)  # element 128a + 32b + t
-    ql = (q[:, :, 0:2] & 15 | (q[:, :, 2:4] & 15) << 4).reshape(nb, 128)
-    qh = ((q >> 4) << (2 * np.arange(4))[:, None]).sum(2).reshape(nb, 64)
-    return np.concatenate([ql.astype(np.uint8), qh.astype(np.uint8), sc.view(np.uint8), _le16(d16)],
-                          axis=1)
+    q = np.empty(QK_K, np.int64)
+    for b0 in range(0, x.shape[0], _GROUP):
+        xs = _lanes(x[b0:b0 + _GROUP], 16)
+        s, L = _make_qx_quants(xs, 32)
+        for b in range(xs.shape[1] // 16):
+            o, xb, s_ = out[b0 + b], x[b0 + b], s[16 * b:16 * b + 16]
+            _block_levels(L, b, 16, 0, q)
+            amax, max_scale = f32(0), f32(0)
+            for j in range(16):
+                if abs(s_[j]) > amax:
+                    amax = abs(s_[j])
+                    max_scale = s_[j]
+            if amax < _EPS:
+                o[:] = 0  # the whole block is zero
+                continue
+            iscale = f32(-128) / max_scale
+            hd, d = _fp16(f32(1) / iscale)
+            for j in range(16):
+                sc = min(127, _nint(iscale * s_[j]))
+                sc = ((sc + 128) & 0xFF) - 128  # int8 store
+                o[192 + j] = sc & 0xFF
+                D = d * f32(sc)
+                if D == 0:
+                    continue
+                for i in range(16 * j, 16 * j + 16):
+                    q[i] = min(max(_nint(xb[i] / D), -32), 31) + 32
+            for a in range(2):  # element 128a + 32b + t: low nibbles to ql, top 2 bits to qh[32a + t]
+                for t in range(32):
+                    e = 128 * a + t
+                    l0, l1, l2, l3 = q[e], q[e + 32], q[e + 64], q[e + 96]
+                    o[64 * a + t] = (l0 & 15) | (l2 & 15) << 4
+                    o[64 * a + 32 + t] = (l1 & 15) | (l3 & 15) << 4
+                    o[128 + 32 * a + t] = (l0 >> 4) | (l1 >> 4) << 2 | (l2 >> 4) << 4 | (l3 >> 4) << 6
+            _put16(o, 208, hd)
 
 
-def _quantize(a, type_size: int, blocks, chunk: int = _CHUNK) -> np.ndarray:
+def _quantize(a, type_size: int, kernel, *args) -> np.ndarray:
     a = np.asarray(a)
     if a.ndim == 0 or a.shape[-1] % QK_K:
         raise ValueError(f"K-quants need a last dimension that is a multiple of {QK_K}, got shape {a.shape}")
@@ -370,35 +465,34 @@ def _quantize(a, type_size: int, blocks, chunk: int = _CHUNK) -> np.ndarray:
         a = a.astype(f32)  # f16 -> f32 is exact, as in llama-quantize
     flat = np.ascontiguousarray(a).reshape(-1, QK_K)
     out = np.empty((flat.shape[0], type_size), np.uint8)
-    with np.errstate(all="ignore"):  # masked-out lanes (flat blocks, D <= 0) divide by zero
-        for i in range(0, flat.shape[0], chunk):
-            x = flat[i:i + chunk]
-            if not np.isfinite(x).all():
-                raise ValueError("K-quants need finite input (found inf or nan)")
-            out[i:i + chunk] = blocks(x)
+    for i in range(0, flat.shape[0], _CHUNK):
+        x = flat[i:i + _CHUNK]
+        if not np.isfinite(x).all():
+            raise ValueError("K-quants need finite input (found inf or nan)")
+        kernel(x, out[i:i + _CHUNK], *args)
     return out.reshape(*a.shape[:-1], a.shape[-1] // QK_K * type_size)
 
 
 def quantize_q2_k(a: np.ndarray) -> np.ndarray:
     """Q2_K blocks (84 bytes per 256 values) of a float array whose last dim is a multiple of 256."""
-    return _quantize(a, 84, _q2_k_blocks)
+    return _quantize(a, 84, _q2_k)
 
 
 def quantize_q3_k(a: np.ndarray) -> np.ndarray:
     """Q3_K blocks (110 bytes per 256 values), as quantize_row_q3_K_ref."""
-    return _quantize(a, 110, _q3_k_blocks, _CHUNK_Q3)
+    return _quantize(a, 110, _q3_k)
 
 
 def quantize_q4_k(a: np.ndarray) -> np.ndarray:
     """Q4_K blocks (144 bytes per 256 values), as quantize_row_q4_K_ref."""
-    return _quantize(a, 144, _q4_k_blocks)
+    return _quantize(a, 144, _q45_k, 15, f32(-1.0), 20)
 
 
 def quantize_q5_k(a: np.ndarray) -> np.ndarray:
     """Q5_K blocks (176 bytes per 256 values), as quantize_row_q5_K_ref."""
-    return _quantize(a, 176, _q5_k_blocks)
+    return _quantize(a, 176, _q45_k, 31, f32(-0.5), 15)
 
 
 def quantize_q6_k(a: np.ndarray) -> np.ndarray:
     """Q6_K blocks (210 bytes per 256 values), as quantize_row_q6_K_ref."""
-    return _quantize(a, 210, _q6_k_blocks)
+    return _quantize(a, 210, _q6_k)
