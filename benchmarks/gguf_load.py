@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=2)
     ap.add_argument("--types", nargs="+", default=["Q8_0", "Q6_K", "Q4_K_S", "BF16"])
     ap.add_argument("--convert-jobs", type=int, nargs="+", default=[1, os.cpu_count() or 1],
-                    help="worker counts to time Q4_K_S conversion with")
+                    help="thread counts to time Q4_K_S conversion with")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--machine", default=f"{os.cpu_count()}-core {platform.machine()} {platform.system()}")

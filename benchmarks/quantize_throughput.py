@@ -1,6 +1,7 @@
-"""Quantization throughput, one process: MB/s of float32 source for our numpy K-quants
-(flux2_mlx.quant.kquants), gguf-py's legacy quantizers and, with --c-ref, llama.cpp's C reference
-(`quantize_row_*_ref` compiled by tests/test_kquants.py, fetched from PyPI once).
+"""Quantization throughput: MB/s of float32 source for our K-quants (flux2_mlx.quant.kquants, numba) on one
+thread and on --threads threads (row ranges, as `flux2 convert --jobs` splits them), gguf-py's legacy
+quantizers and, with --c-ref, llama.cpp's C reference (`quantize_row_*_ref` compiled by
+tests/test_kquants.py, fetched from PyPI once).
 
 Prints a markdown table for BENCHMARKS.md; also the relative RMS error of each type on the data.
 """
@@ -13,6 +14,7 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--std", type=float, default=0.02)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--c-ref", action="store_true", help="also time llama.cpp's C reference (needs gcc, PyPI)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--machine", default=f"{os.cpu_count()}-core {platform.machine()} {platform.system()}")
     args = ap.parse_args()
 
@@ -55,29 +58,33 @@ def main() -> None:
         exe = build_reference(ROOT / ".pytest_cache" / "d" / "kquants-c-reference")
 
     rows = []
+    pool = ThreadPoolExecutor(args.threads)
+    parts = np.array_split(x, args.threads)
     for name, fn in OURS.items():
         q = fn(x)
         s = best_of(lambda fn=fn: fn(x), args.repeats)
+        s_threads = best_of(lambda fn=fn: list(pool.map(fn, parts)), args.repeats)
         c_cell, same = "–", "–"
         if exe:
             c_raw, c_s = run_reference(exe, name, x, repeats=args.repeats)
             c_cell = f"{mb / c_s:.0f}"
             same = "yes" if np.array_equal(c_raw, q) else "NO"
         err = np.sqrt(np.mean((gguf.quants.dequantize(q, T[name]) - x) ** 2) / np.mean(x ** 2))
-        rows.append((name, "numpy (kquants.py)", s, mb / s, c_cell, same, err))
+        rows.append((name, "numba (kquants.py)", s, mb / s, f"{mb / s_threads:.0f}", c_cell, same, err))
     for name in GGUF_PY:
         q = gguf.quants.quantize(x, T[name])
         s = best_of(lambda name=name: gguf.quants.quantize(x, T[name]), args.repeats)
         err = np.sqrt(np.mean((gguf.quants.dequantize(q, T[name]) - x) ** 2) / np.mean(x ** 2))
-        rows.append((name, "gguf-py", s, mb / s, "–", "–", err))
+        rows.append((name, "gguf-py", s, mb / s, "–", "–", "–", err))
 
     print(f"{datetime.date.today()} | {args.machine} | numpy {np.__version__}, gguf {GGUF_VERSION} | "
-          f"{args.rows}x{args.cols} float32 N(0, {args.std}) = {mb:.1f} MB | best of {args.repeats}, one process")
+          f"{args.rows}x{args.cols} float32 N(0, {args.std}) = {mb:.1f} MB | best of {args.repeats}")
     print()
-    print("| type | implementation | s | MB/s fp32 in | C reference MB/s | bytes = C | relRMS |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, impl, s, rate, c_cell, same, err in rows:
-        print(f"| {name} | {impl} | {s:.2f} | {rate:.0f} | {c_cell} | {same} | {err:.4f} |")
+    print(f"| type | implementation | s | MB/s fp32 in | {args.threads} threads MB/s | C reference MB/s | bytes = C | "
+          "relRMS |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, impl, s, rate, t_cell, c_cell, same, err in rows:
+        print(f"| {name} | {impl} | {s:.2f} | {rate:.0f} | {t_cell} | {c_cell} | {same} | {err:.4f} |")
 
 
 if __name__ == "__main__":

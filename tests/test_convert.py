@@ -123,7 +123,7 @@ def test_parallel_output_is_byte_identical(tiny_dit, tmp_path, monkeypatch, targ
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.gguf", "two.gguf"]
 
 
-def _fail_in_worker(a, t):  # module level: a spawned worker imports it by name
+def _fail_in_worker(a, t):
     if t == T.Q4_K:
         raise RuntimeError("disk on fire")
     return ggml.quantize(a, t)
@@ -135,7 +135,7 @@ def test_interrupted_parallel_conversion_leaves_nothing(tiny_dit, tmp_path, monk
     monkeypatch.setattr(conv, "_CHUNK_BYTES", 4096)
     real, seen = conv._chunks, []
 
-    def chunks(t, parts=1):  # the parent is stopped while workers have chunks in flight
+    def chunks(t, parts=1):  # the main thread is stopped while workers have chunks in flight
         for c in real(t, parts):
             seen.append(c)
             if len(seen) == 12:

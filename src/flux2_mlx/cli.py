@@ -294,7 +294,7 @@ def models():
 @click.option("--force", is_flag=True, help="Replace an existing DST.")
 @click.option("--all-layers", is_flag=True, help="Text encoders: keep every layer, not only those FLUX.2 uses.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Quantize with N worker processes (default: one per CPU core; 1: no workers).")
+              help="Quantize with N threads (default: one per CPU core).")
 def convert(src, dst, qtype, force, all_layers, jobs):
     """Convert SRC (a model name, a BFL .safetensors file, a diffusers transformer folder or a text-encoder
     folder) to a GGUF file DST that ComfyUI-GGUF, stable-diffusion.cpp and llama.cpp read."""

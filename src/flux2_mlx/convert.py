@@ -3,10 +3,10 @@
 Numpy only (design.md §3). Image models get BFL names and arch `flux` (gguf-and-quantization.md §11);
 text encoders get llama.cpp names, arch `qwen3` or `llama` (Mistral, Q/K rows permuted as llama.cpp's
 converter does, §12) and tokenizer metadata. One tensor at a time, in row chunks: peak memory is one
-quantized tensor plus one chunk's float32 bytes (with `jobs` worker processes, that chunk is split 2 × jobs
+quantized tensor plus one chunk's float32 bytes (with `jobs` worker threads, that chunk is split 2 × jobs
 ways, two pieces per worker; the bytes written do not depend on `jobs`). The file is written beside the
 destination as `.NAME.partial`, read back with gguf.GGUFReader and checked, and only then renamed; any
-failure or interrupt removes it and stops the workers.
+failure or interrupt removes it and cancels the queued chunks.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import json
 import math
 import os
 import re
-import signal
 import warnings
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -235,11 +234,11 @@ def _chunks(t: Tensor, parts: int = 1):
         yield to_float32(rows[r:r + step])
 
 
-def _quantized_chunks(t: Tensor, pool: ProcessPoolExecutor | None, jobs: int):
+def _quantized_chunks(t: Tensor, pool: ThreadPoolExecutor | None, jobs: int):
     """(rows, uint8 bytes) per chunk, in order. With a pool, 2 × `jobs` chunks of _CHUNK_BYTES / (2 × jobs)
-    are in flight (the same float32 bytes as one chunk in this process; two per worker so that a worker
-    never waits for its next chunk to be pickled to it). Workers get float32 chunks and `quantize`
-    (numpy + flux2_mlx.quant only) and send back uint8 rows."""
+    are in flight (the same float32 bytes as one chunk in this thread; two per worker so that a worker never
+    waits while this thread reads and converts its next chunk). Threads suffice: the K-quant kernels and
+    numpy's array loops release the GIL."""
     if pool is None:
         for chunk in _chunks(t):
             yield len(chunk), quantize(chunk, t.type).reshape(len(chunk), -1)
@@ -255,17 +254,6 @@ def _quantized_chunks(t: Tensor, pool: ProcessPoolExecutor | None, jobs: int):
     while pending:
         n, fut = pending.popleft()
         yield n, fut.result().reshape(n, -1)
-
-
-def _stop(pool: ProcessPoolExecutor) -> None:
-    """Shut a pool down now: queued chunks cancelled, running workers terminated (Ctrl-C, errors)."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=5)
 
 
 def _settle_types(p: Plan) -> list[str]:
@@ -306,8 +294,8 @@ def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = Fal
     """Convert `src` (a model name, a BFL .safetensors file, a diffusers transformer folder or a
     text-encoder folder) to a GGUF at `dst` with target type `qtype` (see recipes.TARGETS).
 
-    `jobs` worker processes quantize row chunks of each tensor (default: one per CPU core; 1: in this
-    process). The output bytes do not depend on `jobs`.
+    `jobs` worker threads quantize row chunks of each tensor (default: one per CPU core; 1: in this
+    thread). The output bytes do not depend on `jobs`.
 
     Tensors whose scales would underflow fp16 are moved to a safer type, each with a warning.
     """
@@ -330,12 +318,7 @@ def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = Fal
     pool = None
     try:
         if jobs > 1 and any(t.type not in (T.F32, T.BF16, T.F16) for t in p.tensors):
-            import multiprocessing
-
-            # spawn: workers import numpy and flux2_mlx.quant, nothing the parent has loaded (MLX, torch);
-            # they ignore SIGINT so that Ctrl-C reaches only this process, which stops them.
-            pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+            pool = ThreadPoolExecutor(jobs, thread_name_prefix="quantize")
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(recipes.target(target)[1])
         for key, value, vtype in p.kv:
@@ -355,7 +338,7 @@ def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = Fal
             for t in p.tensors:
                 out = np.empty((math.prod(t.shape[:-1]), row_bytes(t.type, t.shape[-1])), np.uint8)
                 r = 0
-                dense = t.type in (T.F32, T.BF16, T.F16)  # a copy, not worth a trip to a worker
+                dense = t.type in (T.F32, T.BF16, T.F16)  # a copy, not worth a worker
                 for n, q in _quantized_chunks(t, None if dense else pool, jobs):
                     out[r:r + n] = q
                     r += n
@@ -369,8 +352,8 @@ def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = Fal
         _verify(tmp, p)
         os.replace(tmp, dst)
     except BaseException:
-        if pool is not None:
-            _stop(pool)
+        if pool is not None:  # queued chunks are dropped; a running one ends within its chunk and is discarded
+            pool.shutdown(wait=False, cancel_futures=True)
         writer.close()
         tmp.unlink(missing_ok=True)
         raise

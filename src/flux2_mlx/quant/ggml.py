@@ -1,6 +1,6 @@
 """Thin layer over gguf-py: ggml type enum, block sizes and the numpy codecs.
 
-K-quant quantizers (which gguf-py lacks) come from `quant.kquants`, imported on first use.
+K-quant quantizers (which gguf-py lacks) come from `quant.kquants`, imported on first use (it loads numba).
 """
 
 from __future__ import annotations
