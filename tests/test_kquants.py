@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from flux2_mlx.quant import kquants
+from flux2_mlx.quant import jit, kquants
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # vendors llama.cpp's ggml-quants.c
 TYPES = {  # name: (quantizer, gguf type, bytes per 256 values, max relRMS on N(0, 0.02))
@@ -292,9 +292,9 @@ def test_fp16_rounding_matches_numpy():
     v = np.concatenate([v, np.nextafter(v, np.float32(0)), np.nextafter(v, np.float32(np.inf))])
     rand = np.random.default_rng(0).integers(0, 2 ** 32, 20000, dtype=np.uint64).astype(np.uint32).view(np.float32)
     v = np.concatenate([v, -v, rand[np.isfinite(rand)]])
-    got = np.array([kquants._fp16(f)[0] for f in v], np.uint16)
+    got = np.array([jit.fp16(f)[0] for f in v], np.uint16)
     with np.errstate(over="ignore"):
         want = v.astype(np.float16).view(np.uint16)
     assert np.array_equal(got, want), v[got != want][:5]
-    assert np.array_equal(np.array([kquants._fp16(f)[1] for f in v[:4096]], np.float32),
+    assert np.array_equal(np.array([jit.fp16(f)[1] for f in v[:4096]], np.float32),
                           v[:4096].astype(np.float16).astype(np.float32))

@@ -6,50 +6,24 @@ data-dependent scalar loops (Q3_K's descent exits early per sub-block) that nump
 speed. Exactness rules (shared/docs/kquants.md §0, §1): every operation is float32 in the C evaluation
 order with no FMA (numba, like gcc -O3 without -ffast-math, neither contracts nor reorders); sums are
 sequential; nearest_int is the C bit trick; re-quantization uses the fp16-rounded d/dmin. Integers and
-float64 literals would promote float32 to float64 in numba, hence the F() constants and f32() casts.
-The kernels release the GIL, so threads quantize row ranges in parallel.
+float64 literals would promote float32 to float64 in numba, hence the f32() casts.
+The kernels release the GIL, so threads quantize row ranges in parallel (quant/jit.py: compile settings).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from .jit import f32, fp16, inline, kernel, nint
 
 __all__ = ["QK_K", "quantize_q2_k", "quantize_q3_k", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k"]
 
 QK_K = 256
 _CHUNK = 4096  # super-blocks per kernel call between the finiteness checks (4 MB of float32)
-f32 = np.float32
 _EPS = f32(1e-15)  # ggml-quants.c GROUP_MAX_EPS
-_MAGIC = f32(12582912.0)  # 1.5 * 2^23
-_FP16_VALUE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(f32)
-_jit = njit(cache=True, nogil=True, error_model="numpy")
 
 
-@njit(inline="always", error_model="numpy")
-def _nint(v):
-    # ggml-quants.c nearest_int: round half to even for |v| < 2^22, C's own garbage beyond
-    return (np.int64(f32(v + _MAGIC).view(np.int32)) & 0x7FFFFF) - 0x400000
-
-
-@njit(inline="always", error_model="numpy")
-def _fp16(v):
-    """GGML_FP32_TO_FP16 (round to nearest even, subnormals, overflow to inf) as (bits, value)."""
-    b = np.int64(f32(v).view(np.uint32))
-    a = b & 0x7FFFFFFF
-    if a > 0x7F800000:
-        h = 0x7E00  # NaN
-    elif a >= 0x477FF000:  # 65520 and above round to inf
-        h = 0x7C00
-    elif a >= 0x38800000:  # fp16 normal: rebias the exponent, round the 13 dropped bits to even
-        h = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
-    else:  # fp16 subnormal: |v| * 2^24 is exact, its rint is the mantissa
-        h = _nint(f32(abs(v)) * f32(16777216.0))
-    h |= (b >> 16) & 0x8000
-    return h, _FP16_VALUE[h]
-
-
-@njit(inline="always", error_model="numpy")
+@inline
 def _put16(out, k, h):
     out[k] = h & 0xFF
     out[k + 1] = h >> 8
@@ -58,13 +32,13 @@ def _put16(out, k, h):
 _GROUP = 60  # super-blocks searched in lockstep; their (n, sub-blocks) rows stay in L2, off 4 KB strides (L1 sets)
 
 
-@njit(inline="always", error_model="numpy")
+@inline
 def _level(v, lo, hi):
     # nearest_int, then clamp, in float32: search values stay far below 2^22, where rint == nearest_int
     return min(max(np.rint(v), lo), hi)
 
 
-@_jit
+@kernel
 def _lanes(x, n):
     """(nb, 256) -> (n, G), sub-block g (n consecutive values) in column g. The searches run all
     sub-blocks in lockstep along G, which the compiler vectorises; each column's sums stay sequential."""
@@ -77,7 +51,7 @@ def _lanes(x, n):
     return xs
 
 
-@njit(inline="always", error_model="numpy")
+@inline
 def _block_levels(L, b, n, offset, q):
     """Search levels (float32 lanes) of super-block b -> q[256] int, minus offset."""
     per = QK_K // n
@@ -86,7 +60,7 @@ def _block_levels(L, b, n, offset, q):
             q[n * j + i] = np.int64(L[i, per * b + j]) - offset
 
 
-@njit(inline="always", error_model="numpy")
+@inline
 def _max0(v):
     m = f32(0)  # the C scan from 0 with a strict `>`: the result is +0.0, never -0.0
     for i in range(v.size):
@@ -95,7 +69,7 @@ def _max0(v):
     return m
 
 
-@_jit
+@kernel
 def _signed_absmax(xs):
     """Per column: the first value of largest |x| with its sign (the C `if (ax > amax)` scan), and |it|."""
     vmax, amax = np.zeros(xs.shape[1], f32), np.zeros(xs.shape[1], f32)
@@ -108,7 +82,7 @@ def _signed_absmax(xs):
     return vmax, amax
 
 
-@_jit
+@kernel
 def _make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep, use_mad):
     """make_qkx2_quants on every column of xs (n, G): weighted asymmetric grid search.
     Returns (scale, min, L) with x ~ scale*L - min, L float32 in [0, nmax]."""
@@ -179,7 +153,7 @@ def _make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep, use_mad):
     return scale, -m, L
 
 
-@_jit
+@kernel
 def _make_qx_quants(xs, nmax):
     """make_qx_quants, rmse_type 1, no imatrix, on every column: symmetric search over 19 steps.
     Returns (signed scale, L float32 in [0, 2*nmax-1]); all-zero columns give scale 0 and L = 0."""
@@ -221,7 +195,7 @@ def _make_qx_quants(xs, nmax):
     return scale, L
 
 
-@_jit
+@kernel
 def _make_q3_quants(xs):
     """make_q3_quants with do_rmse (nmax 4) on every column: first guess at -4/max in lockstep, then up to
     5 sweeps of coordinate descent per sub-block (scalar: it exits early). Returns (signed scale,
@@ -260,7 +234,7 @@ def _make_q3_quants(xs):
                 slx = sx - w * x * lv
                 if slx > 0:
                     sl2 = s2 - w * lv * lv
-                    new = f32(min(max(_nint(x * sl2 / slx), -4), 3))
+                    new = f32(min(max(nint(x * sl2 / slx), -4), 3))
                     if new != lv:
                         slx += w * x * new
                         sl2 += w * new * new
@@ -276,7 +250,7 @@ def _make_q3_quants(xs):
     return scale, L
 
 
-@_jit
+@kernel
 def _q2_k(x, out):
     # ggml-quants.c quantize_row_q2_K_ref
     q = np.empty(QK_K, np.int64)
@@ -294,13 +268,13 @@ def _q2_k(x, out):
             if max_scale > 0:
                 iscale = f32(15) / max_scale
                 for j in range(16):
-                    sc[j] = _nint(iscale * s_[j]) & 0xFF  # uint8 store
-                hd, d = _fp16(max_scale / f32(15))
+                    sc[j] = nint(iscale * s_[j]) & 0xFF  # uint8 store
+                hd, d = fp16(max_scale / f32(15))
             if max_min > 0:
                 iscale = f32(15) / max_min
                 for j in range(16):
-                    sc[j] = (sc[j] | _nint(iscale * mn_[j]) << 4) & 0xFF
-                hm, dmin = _fp16(max_min / f32(15))
+                    sc[j] = (sc[j] | nint(iscale * mn_[j]) << 4) & 0xFF
+                hm, dmin = fp16(max_min / f32(15))
             for j in range(16):
                 o[j] = sc[j]
                 D = d * f32(sc[j] & 15)
@@ -308,7 +282,7 @@ def _q2_k(x, out):
                     continue  # keeps the search levels
                 Dm = dmin * f32(sc[j] >> 4)
                 for i in range(16 * j, 16 * j + 16):
-                    q[i] = min(max(_nint((xb[i] + Dm) / D), 0), 3)
+                    q[i] = min(max(nint((xb[i] + Dm) / D), 0), 3)
             for a in range(2):  # element 128a + 32b + t -> qs[32a + t], bits 2b
                 for t in range(32):
                     e = 128 * a + t
@@ -317,7 +291,7 @@ def _q2_k(x, out):
             _put16(o, 82, hm)
 
 
-@_jit
+@kernel
 def _q3_k(x, out):
     # ggml-quants.c quantize_row_q3_K_ref
     q = np.empty(QK_K, np.int64)
@@ -339,14 +313,14 @@ def _q3_k(x, out):
             if max_scale != 0:
                 iscale = f32(-32) / max_scale
                 for j in range(16):
-                    c[j] = min(max(_nint(iscale * s_[j]), -32), 31) + 32
-                hd, d = _fp16(f32(1) / iscale)
+                    c[j] = min(max(nint(iscale * s_[j]), -32), 31) + 32
+                hd, d = fp16(f32(1) / iscale)
             for j in range(16):
                 D = d * f32(c[j] - 32)
                 if D == 0:
                     continue
                 for i in range(16 * j, 16 * j + 16):
-                    q[i] = min(max(_nint(xb[i] / D), -4), 3) + 4
+                    q[i] = min(max(nint(xb[i] / D), -4), 3) + 4
             for t in range(32):  # high bit of element 32m + t -> hmask[t], bit m
                 h = 0
                 for m in range(8):
@@ -364,7 +338,7 @@ def _q3_k(x, out):
             _put16(o, 108, hd)
 
 
-@_jit
+@kernel
 def _q45_k(x, out, nmax, rmin, nstep):
     """quantize_row_q4_K_ref (nmax 15) and quantize_row_q5_K_ref (nmax 31): shared up to the packing."""
     q = np.empty(QK_K, np.int64)
@@ -388,17 +362,17 @@ def _q45_k(x, out, nmax, rmin, nstep):
             inv_scale = f32(63) / max_scale if max_scale > 0 else f32(0)
             inv_min = f32(63) / max_min if max_min > 0 else f32(0)
             for j in range(8):
-                ls[j] = min(_nint(inv_scale * s_[j]) & 0xFF, 63)  # uint8 store, then MIN(63, .)
-                lm[j] = min(_nint(inv_min * mn_[j]) & 0xFF, 63)
-            hd, d = _fp16(max_scale / f32(63))
-            hm, dmin = _fp16(max_min / f32(63))
+                ls[j] = min(nint(inv_scale * s_[j]) & 0xFF, 63)  # uint8 store, then MIN(63, .)
+                lm[j] = min(nint(inv_min * mn_[j]) & 0xFF, 63)
+            hd, d = fp16(max_scale / f32(63))
+            hm, dmin = fp16(max_min / f32(63))
             for j in range(8):
                 D = d * f32(ls[j])
                 if D == 0:
                     continue
                 Dm = dmin * f32(lm[j])
                 for i in range(32 * j, 32 * j + 32):
-                    q[i] = min(max(_nint((xb[i] + Dm) / D), 0), nmax)
+                    q[i] = min(max(nint((xb[i] + Dm) / D), 0), nmax)
             _put16(o, 0, hd)
             _put16(o, 2, hm)
             for j in range(4):  # the 12-byte (scale, min) packing, the inverse of get_scale_min_k4
@@ -416,7 +390,7 @@ def _q45_k(x, out, nmax, rmin, nstep):
                         o[16 + t] |= (lo >> 4) << (2 * cc) | (hi >> 4) << (2 * cc + 1)
 
 
-@_jit
+@kernel
 def _q6_k(x, out):
     # ggml-quants.c quantize_row_q6_K_ref
     q = np.empty(QK_K, np.int64)
@@ -435,16 +409,16 @@ def _q6_k(x, out):
                 o[:] = 0  # the whole block is zero
                 continue
             iscale = f32(-128) / max_scale
-            hd, d = _fp16(f32(1) / iscale)
+            hd, d = fp16(f32(1) / iscale)
             for j in range(16):
-                sc = min(127, _nint(iscale * s_[j]))
+                sc = min(127, nint(iscale * s_[j]))
                 sc = ((sc + 128) & 0xFF) - 128  # int8 store
                 o[192 + j] = sc & 0xFF
                 D = d * f32(sc)
                 if D == 0:
                     continue
                 for i in range(16 * j, 16 * j + 16):
-                    q[i] = min(max(_nint(xb[i] / D), -32), 31) + 32
+                    q[i] = min(max(nint(xb[i] / D), -32), 31) + 32
             for a in range(2):  # element 128a + 32b + t: low nibbles to ql, top 2 bits to qh[32a + t]
                 for t in range(32):
                     e = 128 * a + t

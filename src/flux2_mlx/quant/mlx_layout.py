@@ -1,6 +1,7 @@
 """Repack raw ggml blocks into MLX's affine triplet (packed uint32 codes, scales, biases), in numpy.
 
-Exact where gguf-and-quantization.md §2 says it is; Q6_K and Q2_K are re-quantized (§3) with the error in `note`.
+Exact where gguf-and-quantization.md §2 says it is; Q6_K, Q2_K and by default Q3_K are re-quantized (§3), with
+the error in `note`, by the compiled kernel in quant/requant.py (bit for bit `requantize(dequantize(...))`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ggml import GGMLType, block_info, dequantize, row_bytes
+from .ggml import GGMLType, block_info, row_bytes
 
 __all__ = ["MLXQuant", "dequantize_mlx", "mlx_format", "pack_codes", "repack", "requantize", "unpack_codes"]
 
@@ -184,9 +185,11 @@ def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dt
 def _repack_rows(raw: np.ndarray, t: GGMLType, n: int, scales_dtype, exact: bool) -> MLXQuant:
     """repack() of a 2-D block of rows."""
     if t in REQUANT and not (exact and t == T.Q3_K):
+        from .requant import requantize_blocks  # lazy: compiled with numba, only GGUFs with these types need it
+
         bits, group = REQUANT[t]
-        q = requantize(dequantize(raw, t, (raw.shape[0], n)), bits, group, scales_dtype)
-        return MLXQuant(q.weight, q.scales, q.biases, group, bits, _LOSSY_NOTE[t])
+        codes, scales, biases = requantize_blocks(raw, t, n, bits, group, _dtype_name(scales_dtype))
+        return MLXQuant(pack_codes(codes, bits), scales, biases, group, bits, _LOSSY_NOTE[t])
     ts = block_info(t)[1]
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, row_bytes(t, n) // ts, ts)
     codes, scales, biases, bits, group = _codes(blocks, t)
