@@ -188,7 +188,7 @@ def test_lossy_on_gaussian_weights_matches_note(t, bound):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"], ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("t", [T.Q6_K, T.Q3_K, T.Q2_K], ids=lambda t: t.name)
 def test_compiled_requant_equals_numpy_dequantize_then_requantize(t, dtype):
-    """quant/requant.py fuses gguf-py's dequantize and requantize per super-block: the same bits."""
+    """quant/mlx_kernels.py fuses gguf-py's dequantize and requantize per super-block: the same bits."""
     raw = _random_raw(t, seed=9)
     raw[1, :block_info(t)[1]] = 0  # an all-zero block: constant groups (scale 0)
     bits, group = {T.Q6_K: (8, 64), T.Q3_K: (4, 32), T.Q2_K: (4, 32)}[t]

@@ -1,7 +1,8 @@
-"""Repack raw ggml blocks into MLX's affine triplet (packed uint32 codes, scales, biases), in numpy.
+"""Repack raw ggml blocks into MLX's affine triplet (packed uint32 codes, scales, biases).
 
 Exact where gguf-and-quantization.md §2 says it is; Q6_K, Q2_K and by default Q3_K are re-quantized (§3), with
-the error in `note`, by the compiled kernel in quant/requant.py (bit for bit `requantize(dequantize(...))`).
+the error in `note`. The per-block work runs in the compiled kernels of quant/mlx_kernels.py; this module keeps
+the layout, the reference `requantize` and the thread pool over row chunks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ggml import GGMLType, block_info, row_bytes
+from .ggml import GGMLType
 
 __all__ = ["MLXQuant", "dequantize_mlx", "mlx_format", "pack_codes", "repack", "requantize", "unpack_codes"]
 
@@ -23,7 +24,7 @@ T = GGMLType
 # Lossy targets (bits, group) for types MLX's 32/64/128 groups cannot hold (16-element sub-blocks), §3.
 # Q6_K → 8-bit g64: near-lossless at Q8_0's memory. Q2_K → 4-bit g32: 5–6 bpw, small error next to Q2_K's own.
 REQUANT = {T.Q6_K: (8, 64), T.Q2_K: (4, 32), T.Q3_K: (4, 32)}
-# Exact repacks (_codes): one MLX group per 32-element ggml (sub-)block.
+# Exact repacks (mlx_kernels.exact_blocks): one MLX group per 32-element ggml (sub-)block.
 EXACT = {T.Q4_0: (4, 32), T.Q4_1: (4, 32), T.Q5_0: (5, 32), T.Q5_1: (5, 32), T.Q8_0: (8, 32),
          T.Q4_K: (4, 32), T.Q5_K: (5, 32)}
 # Measured on N(0, 0.02) 256x4096 weights quantized by quant.kquants (rel-RMS; tests check looser bounds).
@@ -101,60 +102,6 @@ def _round_scales(a: np.ndarray, dtype) -> np.ndarray:
     return np.asarray(a).astype(name)
 
 
-def _f16(b: np.ndarray) -> np.ndarray:
-    """Two bytes per entry on the last axis → float32 of the fp16 value."""
-    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
-
-
-def _planes(b: np.ndarray, bits: int, width: int) -> np.ndarray:
-    """Split bytes into `bits`-wide fields, low field first: field k of byte i of each `width`-byte run is
-    element k*width + i. This is ggml's recurring layout (nibbles, Q3_K 2-bit crumbs, high-bit planes)."""
-    shifts = np.arange(0, 8, bits, dtype=np.uint8)[:, None]
-    f = (b.reshape(*b.shape[:-1], -1, 1, width) >> shifts) & np.uint8((1 << bits) - 1)
-    return f.reshape(*b.shape[:-1], -1)
-
-
-def _k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K 12 scale bytes → 8 six-bit scales and 8 six-bit mins (ggml get_scale_min_k4)."""
-    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
-    sc = np.concatenate([a & 63, (c & 15) | ((a >> 6) << 4)], axis=-1)
-    m = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=-1)
-    return sc.astype(np.float32), m.astype(np.float32)
-
-
-def _codes(blocks: np.ndarray, t: GGMLType):
-    """Blocks (rows, nb, type_size) → (codes (rows, n), scales, biases (rows, groups) float32, bits, group)."""
-    r = blocks.shape[0]
-    d = _f16(blocks[..., 0:2])
-    if t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
-        five, has_m = t in (T.Q5_0, T.Q5_1), t in (T.Q4_1, T.Q5_1)
-        off = 2 + 2 * has_m  # after d (and m): Q5's u32 qh, then the nibbles
-        q = _planes(blocks[..., off + 4 * five:], 4, 16)
-        if five:  # 5th bit of element j = bit j of the little-endian u32 qh
-            q = q | (np.unpackbits(blocks[..., off:off + 4], axis=-1, bitorder="little") << 4)
-        # x = d*q + m, or d*(q - 8) / d*(q - 16): bias -8d / -16d is exact (a power-of-two multiple)
-        bias = _f16(blocks[..., 2:4]) if has_m else -(8 << five) * d
-        return q.reshape(r, -1), d, bias, 4 + five, 32
-    if t == T.Q8_0:  # int8 + 128 = byte ^ 0x80; -128 d is exact
-        return (blocks[..., 2:] ^ np.uint8(0x80)).reshape(r, -1), d, -128 * d, 8, 32
-    if t in (T.Q4_K, T.Q5_K):  # one MLX group per 32-element sub-block: d*sc_j, -dmin*m_j (17-bit, exact in fp32)
-        sc, m = _k_scale_min(blocks[..., 4:16])
-        if t == T.Q4_K:
-            q, bits = _planes(blocks[..., 16:144], 4, 32), 4
-        else:
-            q, bits = _planes(blocks[..., 48:176], 4, 32) | (_planes(blocks[..., 16:48], 1, 32) << 4), 5
-        scale, bias = d[..., None] * sc, -(_f16(blocks[..., 2:4])[..., None] * m)
-        return q.reshape(r, -1), scale.reshape(r, -1), bias.reshape(r, -1), bits, 32
-    if t == T.Q3_K:  # sc*q is an integer in [-124, 128]: code 128 - sc*q, scale -d, bias 128d; exact at 8 bits
-        hmask, qs, s = blocks[..., 0:32], blocks[..., 32:96], blocks[..., 96:108]
-        d = _f16(blocks[..., 108:110])
-        sc = (_planes(s[..., 0:8], 4, 8) | (_planes(s[..., 8:12], 2, 4) << 4)).astype(np.int16) - 32
-        q = _planes(qs, 2, 32).astype(np.int16) - 4 * (1 - _planes(hmask, 1, 32).astype(np.int16))
-        k = 128 - sc.repeat(16, axis=-1) * q
-        return k.astype(np.uint8).reshape(r, -1), np.repeat(-d, 2, -1), np.repeat(128 * d, 2, -1), 8, 128
-    raise ValueError(f"{t.name} tensors cannot run on MLX quantized kernels; convert the file with flux2 convert")
-
-
 def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dtype=np.float32,
            exact: bool = False) -> MLXQuant:
     """Raw ggml blocks (rows, row_bytes) of a tensor of `shape` (*lead, in) → MLXQuant.
@@ -184,19 +131,19 @@ def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dt
 
 def _repack_rows(raw: np.ndarray, t: GGMLType, n: int, scales_dtype, exact: bool) -> MLXQuant:
     """repack() of a 2-D block of rows."""
-    if t in REQUANT and not (exact and t == T.Q3_K):
-        from .requant import requantize_blocks  # lazy: compiled with numba, only GGUFs with these types need it
+    from . import mlx_kernels  # lazy: compiled with numba, needed only for GGUF files
 
+    if t in REQUANT and not (exact and t == T.Q3_K):
         bits, group = REQUANT[t]
-        codes, scales, biases = requantize_blocks(raw, t, n, bits, group, _dtype_name(scales_dtype))
-        return MLXQuant(pack_codes(codes, bits), scales, biases, group, bits, _LOSSY_NOTE[t])
-    ts = block_info(t)[1]
-    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, row_bytes(t, n) // ts, ts)
-    codes, scales, biases, bits, group = _codes(blocks, t)
+        weight, scales, biases = mlx_kernels.requantize_blocks(raw, t, n, bits, group, _dtype_name(scales_dtype))
+        return MLXQuant(weight, scales, biases, group, bits, _LOSSY_NOTE[t])
+    if t not in mlx_kernels.EXACT_KINDS:
+        raise ValueError(f"{t.name} tensors cannot run on MLX quantized kernels; convert the file with flux2 convert")
+    bits, group = EXACT.get(t, (8, 128))  # Q3_K kept exact: 8-bit codes 128 - sc*q in 128-value groups
+    weight, scales, biases = mlx_kernels.exact_blocks(raw, t, n, bits, group)
     name = _dtype_name(scales_dtype)
     note = f"exact ({bits}-bit g{group})" if name == "float32" else f"{bits}-bit g{group}, scales rounded to {name}"
-    return MLXQuant(pack_codes(codes, bits), _round_scales(scales, scales_dtype),
-                    _round_scales(biases, scales_dtype), group, bits, note)
+    return MLXQuant(weight, _round_scales(scales, scales_dtype), _round_scales(biases, scales_dtype), group, bits, note)
 
 
 def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float32) -> MLXQuant:
