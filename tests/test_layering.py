@@ -9,7 +9,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "flux2_mlx"
 CORE = sorted(f.stem for f in PKG.glob("*.py"))  # every top-level module, new ones included
-CORE += sorted(f"quant/{f.stem}" for f in (PKG / "quant").glob("*.py"))  # the numpy-only quant/ package
+CORE += sorted(f"quant/{f.stem}" for f in (PKG / "quant").glob("*.py"))  # quant/: numpy and numba, no MLX or torch
 MODEL_MATH = ["layers", "transformer", "text_encoder", "vae"]
 CONTRACT = ["resolve_dtype", "peak_memory", "load_transformer", "load_text_encoder", "load_vae", "from_numpy",
             "to_numpy", "evaluate", "free", "device_memory"]

@@ -1,4 +1,4 @@
-"""ggml quantization codecs (gguf-py + our K-quants) and the repack to MLX's affine layout; numpy only."""
+"""ggml quantization codecs (gguf-py + our K-quants) and the repack to MLX's affine layout; numpy and numba, no MLX."""
 
 from .ggml import GGMLType, block_info, dequantize, quantize
 from .mlx_layout import MLXQuant, dequantize_mlx, repack, requantize

@@ -111,8 +111,7 @@ def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dt
     re-quantized (REQUANT).
     `scales_dtype` (np.float32, np.float16 or "bfloat16") trades exactness for memory (§5): fp16 is still exact
     for the legacy types and Q3_K (when |128 d| < 65504) but adds ~2e-4 rel-RMS to Q4_K/Q5_K; bf16 adds ~1.7e-3.
-    Rows go through in chunks of about 1 MB of blocks, on all cores: the numpy temporaries stay small and
-    in cache, and numpy releases the GIL inside its kernels.
+    Rows go through in chunks of about 1 MB of blocks, on all cores (the compiled kernels release the GIL).
     """
     t = T(t)
     *lead, n = shape
