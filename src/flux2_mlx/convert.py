@@ -2,9 +2,10 @@
 
 No MLX or torch (design.md §3); the K-quant quantizers are numba-compiled. Image models get BFL names and
 arch `flux` (gguf-and-quantization.md §11); text encoders get llama.cpp names, arch `qwen3` or `llama`
-(Mistral, Q/K rows permuted as llama.cpp's converter does, §12) and tokenizer metadata. One tensor at a time, in row chunks: peak memory is one
-quantized tensor plus one chunk's float32 bytes (with `jobs` worker threads, that chunk is split 2 × jobs
-ways, two pieces per worker; the bytes written do not depend on `jobs`). The file is written beside the
+(Mistral, Q/K rows permuted as llama.cpp's converter does, §12) and tokenizer metadata. One tensor at a
+time, in row chunks: peak memory is one quantized tensor plus one chunk's float32 bytes (with `jobs` worker
+threads, that chunk is split 2 × jobs ways, two pieces per worker; the bytes written do not depend on
+`jobs`). The file is written beside the
 destination as `.NAME.partial`, read back with gguf.GGUFReader and checked, and only then renamed; any
 failure or interrupt removes it and cancels the queued chunks.
 """
