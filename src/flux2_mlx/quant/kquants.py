@@ -52,12 +52,12 @@ def _lanes(x, n):
 
 
 @inline
-def _block_levels(L, b, n, offset, q):
-    """Search levels (float32 lanes) of super-block b -> q[256] int, minus offset."""
+def _block_levels(L, b, n, q):
+    """Search levels (float32 lanes) of super-block b -> q[256] int."""
     per = QK_K // n
     for j in range(per):
         for i in range(n):
-            q[n * j + i] = np.int64(L[i, per * b + j]) - offset
+            q[n * j + i] = np.int64(L[i, per * b + j])
 
 
 @inline
@@ -67,6 +67,17 @@ def _max0(v):
         if v[i] > m:
             m = v[i]
     return m
+
+
+@inline
+def _signed_max(v):
+    """The first value of largest |v|, with its sign (the C `if (ax > amax)` scan from 0), and |it|."""
+    vmax, amax = f32(0), f32(0)
+    for i in range(v.size):
+        if abs(v[i]) > amax:
+            amax = abs(v[i])
+            vmax = v[i]
+    return vmax, amax
 
 
 @kernel
@@ -260,7 +271,7 @@ def _q2_k(x, out):
         s, mn, L = _make_qkx2_quants(xs, np.abs(xs), 3, f32(-0.5), f32(0.1), 15, True)
         for b in range(xs.shape[1] // 16):
             o, xb, s_, mn_ = out[b0 + b], x[b0 + b], s[16 * b:16 * b + 16], mn[16 * b:16 * b + 16]
-            _block_levels(L, b, 16, 0, q)
+            _block_levels(L, b, 16, q)
             max_scale, max_min = _max0(s_), _max0(mn_)
             d = dmin = f32(0)
             hd = hm = 0
@@ -301,12 +312,8 @@ def _q3_k(x, out):
         s, L = _make_q3_quants(xs)
         for b in range(xs.shape[1] // 16):
             o, xb, s_ = out[b0 + b], x[b0 + b], s[16 * b:16 * b + 16]
-            _block_levels(L, b, 16, 0, q)
-            amax, max_scale = f32(0), f32(0)
-            for j in range(16):
-                if abs(s_[j]) > amax:
-                    amax = abs(s_[j])
-                    max_scale = s_[j]
+            _block_levels(L, b, 16, q)
+            max_scale = _signed_max(s_)[0]
             c[:] = 0
             d = f32(0)
             hd = 0
@@ -357,7 +364,7 @@ def _q45_k(x, out, nmax, rmin, nstep):
         s, mn, L = _make_qkx2_quants(xs, w, nmax, rmin, f32(0.1), nstep, False)
         for b in range(xs.shape[1] // 8):
             o, xb, s_, mn_ = out[b0 + b], x[b0 + b], s[8 * b:8 * b + 8], mn[8 * b:8 * b + 8]
-            _block_levels(L, b, 32, 0, q)
+            _block_levels(L, b, 32, q)
             max_scale, max_min = _max0(s_), _max0(mn_)
             inv_scale = f32(63) / max_scale if max_scale > 0 else f32(0)
             inv_min = f32(63) / max_min if max_min > 0 else f32(0)
@@ -399,12 +406,8 @@ def _q6_k(x, out):
         s, L = _make_qx_quants(xs, 32)
         for b in range(xs.shape[1] // 16):
             o, xb, s_ = out[b0 + b], x[b0 + b], s[16 * b:16 * b + 16]
-            _block_levels(L, b, 16, 0, q)
-            amax, max_scale = f32(0), f32(0)
-            for j in range(16):
-                if abs(s_[j]) > amax:
-                    amax = abs(s_[j])
-                    max_scale = s_[j]
+            _block_levels(L, b, 16, q)
+            max_scale, amax = _signed_max(s_)
             if amax < _EPS:
                 o[:] = 0  # the whole block is zero
                 continue
