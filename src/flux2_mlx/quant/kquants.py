@@ -20,6 +20,7 @@ __all__ = ["QK_K", "quantize_q2_k", "quantize_q3_k", "quantize_q4_k", "quantize_
 
 QK_K = 256
 _CHUNK = 4096  # super-blocks per kernel call between the finiteness checks (4 MB of float32)
+_GROUP = 60  # super-blocks searched in lockstep; their (n, sub-blocks) rows stay in L2, off 4 KB strides (L1 sets)
 _EPS = f32(1e-15)  # ggml-quants.c GROUP_MAX_EPS
 
 
@@ -27,9 +28,6 @@ _EPS = f32(1e-15)  # ggml-quants.c GROUP_MAX_EPS
 def _put16(out, k, h):
     out[k] = h & 0xFF
     out[k + 1] = h >> 8
-
-
-_GROUP = 60  # super-blocks searched in lockstep; their (n, sub-blocks) rows stay in L2, off 4 KB strides (L1 sets)
 
 
 @inline
