@@ -58,12 +58,12 @@ def main() -> None:
         exe = build_reference(ROOT / ".pytest_cache" / "d" / "kquants-c-reference")
 
     rows = []
-    pool = ThreadPoolExecutor(args.threads)
     parts = np.array_split(x, args.threads)
     for name, fn in OURS.items():
         q = fn(x)
         s = best_of(lambda fn=fn: fn(x), args.repeats)
-        s_threads = best_of(lambda fn=fn: list(pool.map(fn, parts)), args.repeats)
+        with ThreadPoolExecutor(args.threads) as pool:
+            s_threads = best_of(lambda fn=fn: list(pool.map(fn, parts)), args.repeats)
         c_cell, same = "–", "–"
         if exe:
             c_raw, c_s = run_reference(exe, name, x, repeats=args.repeats)

@@ -5,9 +5,8 @@ arch `flux` (gguf-and-quantization.md §11); text encoders get llama.cpp names, 
 (Mistral, Q/K rows permuted as llama.cpp's converter does, §12) and tokenizer metadata. One tensor at a
 time, in row chunks: peak memory is one quantized tensor plus one chunk's float32 bytes (with `jobs` worker
 threads, that chunk is split 2 × jobs ways, two pieces per worker; the bytes written do not depend on
-`jobs`). The file is written beside the
-destination as `.NAME.partial`, read back with gguf.GGUFReader and checked, and only then renamed; any
-failure or interrupt removes it and cancels the queued chunks.
+`jobs`). The file is written beside the destination as `.NAME.partial`, read back with gguf.GGUFReader and
+checked, and only then renamed; any failure or interrupt removes it and cancels the queued chunks.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from ..keymap import (Entry, block_key, check_keys, check_transformer, text_enco
 from ..quant.ggml import GGMLType
 from ..quant.mlx_layout import MLXQuant, repack
 from ..weights import BF16, GGMLTensor, WeightSource
-from .quant_layers import module_at, quantized_layer, replace_module
+from .quant_layers import cast, module_at, quantized_layer, replace_module
 from .stream import StreamedBlock, Streamer
 from .text_encoder import DecoderLayer, TextEncoder
 from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
@@ -28,11 +28,7 @@ from .vae import AutoEncoder
 def from_numpy(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
     """numpy → MLX in `dtype` (weights.BF16 arrives as its bits); no second copy when it already is."""
     x = mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == BF16 else mx.array(a)
-    return _cast(x, dtype)
-
-
-def _cast(x: mx.array, dtype: mx.Dtype | None) -> mx.array:
-    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+    return cast(x, dtype)
 
 
 def _host(raw: np.ndarray | GGMLTensor) -> np.ndarray | MLXQuant:
@@ -61,7 +57,7 @@ def _fill(module, tensors, dtype: mx.Dtype):
             replace_module(module, path, quantized_layer(module_at(module, path), _place(t), dtype))
             continue
         a = _place(t)
-        a = _cast(a.view(mx.bfloat16) if a.dtype == mx.uint16 else a, dtype)  # placed bf16 (see _place)
+        a = cast(a.view(mx.bfloat16) if a.dtype == mx.uint16 else a, dtype)  # placed bf16 (see _place)
         if a.ndim == 4:  # PyTorch conv [O, I, kh, kw] → MLX channels-last [O, kh, kw, I]
             a = a.transpose(0, 2, 3, 1)
         mx.eval(a)

@@ -1,6 +1,6 @@
 """MLX quantized layers made from raw ggml blocks: each tensor's ggml type picks its layer.
 
-GGUF weights are repacked (numpy, quant/mlx_layout.py) into MLX's affine layout and run on MLX's
+GGUF weights are repacked (quant/mlx_layout.py) into MLX's affine layout and run on MLX's
 quantized matmul; they are never expanded to a dense copy.
 """
 
@@ -26,10 +26,14 @@ def quantized_layer(old: nn.Module, q: MLXQuant, dtype: mx.Dtype) -> nn.Module:
         layer = nn.QuantizedLinear(cols, rows, bias=False, group_size=q.group_size, bits=q.bits)
     else:
         raise ValueError(f"a quantized tensor cannot stand in for {type(old).__name__}")
-    cast = lambda a: a if a.dtype == dtype else a.astype(dtype)  # noqa: E731
-    layer.weight, layer.scales, layer.biases = q.weight, cast(q.scales), cast(q.biases)
+    layer.weight, layer.scales, layer.biases = q.weight, cast(q.scales, dtype), cast(q.biases, dtype)
     mx.eval(layer.parameters())
     return layer
+
+
+def cast(x: mx.array, dtype: mx.Dtype | None) -> mx.array:
+    """x in `dtype` (None: as it is), without a second copy when it already is."""
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
 
 
 def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:

@@ -106,8 +106,10 @@ def _exact(blocks, kind, bits, codes, scales, biases):
                         q |= ((blk[16 + t] >> (2 * cc + h)) & 1) << 4
                     c[e] = q
             else:  # Q3_K: sc*q is an integer in [-124, 128], exact as code 128 - sc*q
-                for e in range(256):
-                    c[e] = 128 - _q3_k_sub(blk, e >> 4) * _q3_k_level(blk, e)
+                for j in range(16):
+                    sub = _q3_k_sub(blk, j)
+                    for e in range(16 * j, 16 * j + 16):
+                        c[e] = 128 - sub * _q3_k_level(blk, e)
                 scales[r, 2 * b] = scales[r, 2 * b + 1] = -d
                 biases[r, 2 * b] = biases[r, 2 * b + 1] = f32(128) * d
             _pack(c, per, bits, codes[r], b * per * bits // 8)
@@ -129,23 +131,27 @@ def _decode(blk, kind, buf):
     """One Q6_K/Q3_K/Q2_K super-block -> 256 float32 values, as gguf-py's dequantize_blocks computes them."""
     if kind == 0:  # Q6_K: ql[128] | qh[64] | int8 scales[16] | d; value (d * sc_j) * (q - 32)
         d = _f16(blk, 208)
-        for e in range(256):
-            a, r = e >> 7, e & 127
-            lo = (blk[64 * a + (r & 63)] >> (4 * (r >> 6))) & 15
-            hi = (blk[128 + 32 * a + (r & 31)] >> (2 * (r >> 5))) & 3
-            sc = np.int64(blk[192 + (e >> 4)])
-            buf[e] = (d * f32(sc - 256 if sc > 127 else sc)) * f32((lo | hi << 4) - 32)
+        for j in range(16):
+            sc = np.int64(blk[192 + j])
+            dl = d * f32(sc - 256 if sc > 127 else sc)
+            for e in range(16 * j, 16 * j + 16):
+                a, r = e >> 7, e & 127
+                lo = (blk[64 * a + (r & 63)] >> (4 * (r >> 6))) & 15
+                hi = (blk[128 + 32 * a + (r & 31)] >> (2 * (r >> 5))) & 3
+                buf[e] = dl * f32((lo | hi << 4) - 32)
     elif kind == 1:  # Q3_K: hmask[32] | qs[64] | 6-bit scales[12] | d; value (d * (sc_j - 32)) * q
         d = _f16(blk, 108)
-        for e in range(256):
-            buf[e] = (d * f32(_q3_k_sub(blk, e >> 4))) * f32(_q3_k_level(blk, e))
+        for j in range(16):
+            dl = d * f32(_q3_k_sub(blk, j))
+            for e in range(16 * j, 16 * j + 16):
+                buf[e] = dl * f32(_q3_k_level(blk, e))
     else:  # Q2_K: scales[16] | qs[64] | d | dmin; value (d * (sc_j & 15)) * q - dmin * (sc_j >> 4)
         d, dmin = _f16(blk, 80), _f16(blk, 82)
-        for e in range(256):
-            sc = blk[e >> 4]
-            a, r = e >> 7, e & 127
-            q = (blk[16 + 32 * a + (r & 31)] >> (2 * (r >> 5))) & 3
-            buf[e] = (d * f32(sc & 15)) * f32(q) - dmin * f32(sc >> 4)
+        for j in range(16):
+            dl, ml = d * f32(blk[j] & 15), dmin * f32(blk[j] >> 4)
+            for e in range(16 * j, 16 * j + 16):
+                a, r = e >> 7, e & 127
+                buf[e] = dl * f32((blk[16 + 32 * a + (r & 31)] >> (2 * (r >> 5))) & 3) - ml
 
 
 @inline
