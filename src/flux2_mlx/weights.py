@@ -135,6 +135,10 @@ class SafetensorsFile:
     def dtype(self, name: str) -> str:
         return _NAMES[self._info[name][0]]
 
+    def nbytes(self, name: str) -> int:
+        _dtype, _shape, start, end = self._info[name]
+        return end - start
+
     def get(self, name: str) -> np.ndarray:
         dtype, shape, start, end = self._info[name]
         data = _pread(self.path, start, end - start) if self.pread else self._mm[start:end]
@@ -288,6 +292,9 @@ class GGUFFile:
 
     def dtype(self, name: str) -> str:
         return self._tensors[name].ggml_type
+
+    def nbytes(self, name: str) -> int:
+        return self._tensors[name].n_bytes
 
     def get(self, name: str) -> np.ndarray | GGMLTensor:
         t = self._tensors[name]
