@@ -288,10 +288,24 @@ def text_encoder_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
 
 
 def transformer_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> TransformerConfig:
-    """The DiT config a set of canonical tensor shapes describes (every field but RoPE is in them)."""
+    """The DiT config a set of canonical tensor shapes describes (every field but RoPE is in them).
+    KeyError when a tensor it reads is absent; ValueError naming the tensor when a shape cannot be FLUX.2's."""
+    rank = {"img_in.weight": 2, "txt_in.weight": 2, "single_blocks.0.linear2.weight": 2,
+            "double_blocks.0.img_attn.norm.query_norm.scale": 1}
+    for name, n in rank.items():
+        shape = shapes[name]
+        if len(shape) != n or not all(d > 0 for d in shape):
+            raise ValueError(f"tensor {name} has shape {list(shape)}; FLUX.2 stores it with {n} non-zero dims")
     H, C = shapes["img_in.weight"]
     head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     M = shapes["single_blocks.0.linear2.weight"][1] - H
+    rope = sum(TransformerConfig.axes_dim)
+    if head_dim != rope or H % head_dim:
+        raise ValueError(f"tensor double_blocks.0.img_attn.norm.query_norm.scale says heads of {head_dim}; FLUX.2 "
+                         f"has heads of {rope} (its RoPE axes) and a hidden size that is a multiple of it (here {H})")
+    if M <= 0:
+        raise ValueError(f"tensor single_blocks.0.linear2.weight has {M + H} inputs, no more than the hidden "
+                         f"size {H}")
     count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix)})  # noqa: E731
     return dataclasses.replace(
         TransformerConfig(), in_channels=C, context_in_dim=shapes["txt_in.weight"][1], hidden_size=H,
@@ -299,29 +313,51 @@ def transformer_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Transf
         mlp_ratio=M / H, use_guidance_embed="guidance_in.in_layer.weight" in shapes)
 
 
+def _checked(values: dict, floats: tuple[str, ...] = ()) -> dict:
+    """Positive ints (finite positive numbers for `floats`): a config.json value of another type or sign
+    would fail later, far from the file that holds it."""
+    for k, v in values.items():
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not (number and v > 0 and v < float("inf") and (k in floats or isinstance(v, int))):
+            raise ValueError(f"{k} is {v!r}, not a positive {'number' if k in floats else 'integer'}")
+    return values
+
+
 def vae_config_from(diffusers_config: dict | None, base: VAEConfig) -> VAEConfig:
-    """A diffusers vae/config.json's architecture; BFL's ae.safetensors has none, so `base` stands."""
+    """A diffusers vae/config.json's architecture; BFL's ae.safetensors has none, so `base` stands.
+    ValueError naming the key when a value cannot be an architecture's."""
     if not diffusers_config:
         return base
     chans = diffusers_config.get("block_out_channels", [base.ch * m for m in base.ch_mult])
-    return dataclasses.replace(
-        base, ch=chans[0], ch_mult=tuple(c // chans[0] for c in chans),
-        num_res_blocks=diffusers_config.get("layers_per_block", base.num_res_blocks),
-        z_channels=diffusers_config.get("latent_channels", base.z_channels),
-        norm_groups=diffusers_config.get("norm_num_groups", base.norm_groups),
-        bn_eps=diffusers_config.get("batch_norm_eps", base.bn_eps))
+    if not isinstance(chans, list) or not chans:
+        raise ValueError(f"block_out_channels is {chans!r}, not a list of channel counts")
+    _checked({f"block_out_channels[{i}]": c for i, c in enumerate(chans)})
+    if any(c % chans[0] for c in chans):
+        raise ValueError(f"block_out_channels {chans} are not multiples of the first")
+    keys = dict(num_res_blocks="layers_per_block", z_channels="latent_channels", norm_groups="norm_num_groups",
+                bn_eps="batch_norm_eps")
+    values = _checked({k: diffusers_config[v] for k, v in keys.items() if v in diffusers_config}, ("bn_eps",))
+    return dataclasses.replace(base, ch=chans[0], ch_mult=tuple(c // chans[0] for c in chans), **values)
 
 
 def text_encoder_config_from(hf_config: dict | None, base: TextEncoderConfig) -> TextEncoderConfig:
-    """An HF config.json (Qwen3, or Mistral3's `text_config`) over `base`; unknown keys are ignored."""
+    """An HF config.json (Qwen3, or Mistral3's `text_config`) over `base`; unknown keys are ignored.
+    ValueError naming the key when a value cannot be an architecture's."""
     if not hf_config:
         return base
     cfg = hf_config.get("text_config", hf_config)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"text_config is {cfg!r}, not an object")
     rope = cfg.get("rope_parameters") or {}
     fields = {f.name for f in dataclasses.fields(TextEncoderConfig)} - {"kind", "output_layers", "repo_id"}
     values = {k: cfg[k] for k in fields if k in cfg and cfg[k] is not None}
-    if "rope_theta" in rope:
+    if isinstance(rope, dict) and "rope_theta" in rope:
         values.setdefault("rope_theta", rope["rope_theta"])
+    _checked(values, ("rms_norm_eps", "rope_theta"))
     if "head_dim" not in values and "hidden_size" in values:
         values["head_dim"] = values["hidden_size"] // values.get("num_attention_heads", base.num_attention_heads)
-    return dataclasses.replace(base, **values)
+    out = dataclasses.replace(base, **values)
+    if out.num_attention_heads % out.num_key_value_heads or not out.head_dim:
+        raise ValueError(f"{out.num_attention_heads} attention heads cannot share {out.num_key_value_heads} "
+                         f"key/value heads of {out.head_dim}")
+    return out

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MODELS, TextEncoderConfig, TransformerConfig, transformer_shapes
-from .weights import GGMLTensor, WeightsError, WeightSource, to_float32
+from .config import MODELS, TextEncoderConfig, TransformerConfig, transformer_config_from_shapes, transformer_shapes
+from .weights import GGML_QUANTIZED, GGMLTensor, WeightsError, WeightSource, to_float32
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,43 @@ class Entry:
 def _stored(source, key: str) -> str:
     dtype = getattr(source, "dtype", None)  # shape-only stand-ins have none
     return dtype(key) if dtype is not None else ""
+
+
+# What a FLUX.2 weight may be stored as; FP8 text-encoder weights reach here already decoded ("F32").
+_DENSE_WEIGHTS = ("F32", "F16", "BF16")
+
+
+def check_stored(entries: dict[str, Entry], where, quantized: bool = True) -> dict[str, Entry]:
+    """Refuse, naming the file and the tensor, what no layer can take: an empty tensor, a type flux2-mlx
+    does not run, a quantized type where the layer must be dense (a norm, a bias, a conv; `quantized`
+    False: anywhere). Runs before configs or layers are built from the shapes."""
+    for name, e in entries.items():
+        if 0 in e.shape:
+            raise WeightsError(f"{where}: tensor {name} has shape {list(e.shape)}, with no values; the file "
+                               f"is damaged")
+        if not e.stored or e.stored in _DENSE_WEIGHTS:
+            continue
+        if e.stored not in GGML_QUANTIZED:
+            raise WeightsError(f"{where}: tensor {name} is stored as {e.stored}, which flux2-mlx does not run "
+                               f"as a weight (it runs {', '.join(_DENSE_WEIGHTS + GGML_QUANTIZED)})")
+        if not quantized or len(e.shape) != 2 or not name.endswith(".weight"):
+            raise WeightsError(f"{where}: tensor {name} {list(e.shape)} is stored as {e.stored}, but only "
+                               f"the matrices of linear layers can be quantized; convert the file again")
+    return entries
+
+
+def transformer_config(entries: dict[str, Entry], where, fallback: TransformerConfig | None = None
+                       ) -> TransformerConfig:
+    """The DiT config these entries' shapes describe. fallback: returned when a tensor the config is read
+    from is absent, so that check_keys can name everything missing; without one, that is an error."""
+    try:
+        return transformer_config_from_shapes({k: tuple(e.shape) for k, e in entries.items()})
+    except KeyError as e:
+        if fallback is None:
+            raise WeightsError(f"{where}: no FLUX.2 transformer tensors found ({e.args[0]} is missing)") from None
+        return fallback
+    except ValueError as e:
+        raise WeightsError(f"{where}: {e}") from None
 
 
 def block_key(name: str, block_lists: tuple[str, ...]) -> tuple[int, int, str] | None:
@@ -93,9 +130,18 @@ def _pattern(p: str) -> re.Pattern:
     return re.compile(re.escape(p).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
 
 
-def _swap_halves(a: np.ndarray) -> np.ndarray:
+def _swap_halves(a: np.ndarray | GGMLTensor) -> np.ndarray | GGMLTensor:
+    if isinstance(a, GGMLTensor):  # whole rows of blocks move unchanged
+        return GGMLTensor(_swap_halves(a.data), a.ggml_type, a.shape)
     h = a.shape[0] // 2
     return np.concatenate([a[h:], a[:h]], axis=0)
+
+
+def _concat_rows(parts: list) -> np.ndarray | GGMLTensor:
+    if isinstance(parts[0], GGMLTensor):
+        shape = (sum(p.shape[0] for p in parts),) + parts[0].shape[1:]
+        return GGMLTensor(np.concatenate([p.data for p in parts]), parts[0].ggml_type, shape)
+    return np.concatenate(parts, axis=0)
 
 
 def _strip_prefix(keys: list[str]) -> str:
@@ -122,7 +168,8 @@ def transformer_entries(source: WeightSource) -> dict[str, Entry]:
     prefix = _strip_prefix(keys)
     names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
     if any(n.startswith(("double_blocks.", "single_blocks.", "img_in.")) for n in names):
-        return {n: Entry(source.shape(k), lambda k=k: source.get(k), _stored(source, k)) for n, k in names.items()}
+        return check_stored({n: Entry(source.shape(k), lambda k=k: source.get(k), _stored(source, k))
+                             for n, k in names.items()}, source.path)
     if not any(n.startswith(("transformer_blocks.", "x_embedder.")) for n in names):
         raise WeightsError(f"{source.path}: no FLUX.2 transformer tensors found (neither BFL nor "
                            f"diffusers names); is this the right file?")
@@ -144,8 +191,12 @@ def transformer_entries(source: WeightSource) -> dict[str, Entry]:
             keys_ = [names[s] for s in srcs]
             shape = source.shape(keys_[0])
             if how == "concat":
+                kinds = {(tuple(source.shape(k)[1:]), len(source.shape(k)), _stored(source, k)) for k in keys_}
+                if len(kinds) > 1 or not shape:
+                    raise WeightsError(f"{source.path}: {', '.join(keys_)} differ in shape or type, so they "
+                                       f"cannot be joined into {fill(bfl)}; the file is damaged")
                 shape = (sum(source.shape(k)[0] for k in keys_),) + shape[1:]
-                load = lambda ks=keys_: np.concatenate([source.get(k) for k in ks], axis=0)
+                load = lambda ks=keys_: _concat_rows([source.get(k) for k in ks])
             elif how == "swap":
                 load = lambda k=keys_[0]: _swap_halves(source.get(k))
             else:
@@ -154,7 +205,7 @@ def transformer_entries(source: WeightSource) -> dict[str, Entry]:
     for n in names:  # unknown diffusers names stay visible to check_keys as "unexpected"
         if n not in used:
             out[n] = Entry(source.shape(names[n]), lambda k=names[n]: source.get(k), _stored(source, names[n]))
-    return out
+    return check_stored(out, source.path)
 
 
 def transformer_to_diffusers(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -235,7 +286,7 @@ def vae_entries(source: WeightSource) -> dict[str, Entry]:
            for k in keys):
         raise WeightsError(f"{source.path} holds a transformer, not an autoencoder")
     if "decoder.conv_in.weight" in keys and "bn.running_mean" not in keys \
-            and source.shape("decoder.conv_in.weight")[1] == 16:
+            and source.shape("decoder.conv_in.weight")[1:2] == (16,):
         raise WeightsError(f"{source.path} is a FLUX.1 autoencoder (16 latent channels); FLUX.2 "
                            f"needs its own ae.safetensors from black-forest-labs/FLUX.2-dev")
     diffusers = any(".down_blocks." in k or ".mid_block." in k for k in keys)
@@ -248,10 +299,10 @@ def vae_entries(source: WeightSource) -> dict[str, Entry]:
         shape = source.shape(k)
         if diffusers and _ATTN_1X1.search(name) and len(shape) == 2:
             shape = shape + (1, 1)  # diffusers stores the attention 1x1 convs as Linear
-            out[name] = Entry(shape, lambda k=k, s=shape: source.get(k).reshape(s))
+            out[name] = Entry(shape, lambda k=k, s=shape: source.get(k).reshape(s), _stored(source, k))
         else:
-            out[name] = Entry(shape, lambda k=k: source.get(k))
-    return out
+            out[name] = Entry(shape, lambda k=k: source.get(k), _stored(source, k))
+    return check_stored(out, source.path, quantized=False)
 
 
 def vae_to_diffusers(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -433,7 +484,7 @@ def _llama_cpp_text_encoder(source, cfg: TextEncoderConfig) -> dict[str, Entry]:
         else:
             load = lambda k=k: source.get(k)
         out[hf] = Entry(shape, load, _stored(source, k))
-    return out
+    return check_stored(out, source.path)
 
 
 def text_encoder_entries(source: WeightSource, cfg: TextEncoderConfig) -> dict[str, Entry]:
@@ -489,7 +540,7 @@ def text_encoder_entries(source: WeightSource, cfg: TextEncoderConfig) -> dict[s
         else:
             load = lambda k=k: source.get(k)
         out[name] = Entry(source.shape(k), load, "F32" if k in pairs else _stored(source, k))
-    return out
+    return check_stored(out, source.path)
 
 
 def _listing(names, limit=6) -> str:

@@ -21,9 +21,9 @@ from . import hub, sampling
 from . import images as edit_images
 from . import memory as memory_plan
 from .config import (DEFAULT_STRENGTH, MODELS, ModelSpec, TextEncoderConfig, TransformerConfig, get_spec,
-                     text_encoder_config_from, text_encoder_shapes, transformer_config_from_shapes,
-                     transformer_shapes, vae_config_from, vae_shapes)
-from .keymap import Entry, check_transformer, text_encoder_entries, transformer_entries, vae_entries
+                     text_encoder_config_from, text_encoder_shapes, transformer_shapes, vae_config_from, vae_shapes)
+from .keymap import (Entry, check_transformer, text_encoder_entries, transformer_config, transformer_entries,
+                     vae_entries)
 from .tokenizer import PromptTokenizer, tokenizer_from_gguf
 from .weights import WeightsError, WeightSource
 
@@ -44,34 +44,52 @@ def check_size(width: int, height: int) -> None:
 def _config_json(path: Path) -> dict | None:
     """A diffusers/HF component folder's config.json, if it has one."""
     f = path / "config.json"
-    return json.loads(f.read_text()) if path.is_dir() and f.exists() else None
+    if not (path.is_dir() and f.exists()):
+        return None
+    try:
+        conf = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):
+        raise WeightsError(f"{f}: not valid JSON; download it again") from None
+    if not isinstance(conf, dict):
+        raise WeightsError(f"{f}: a JSON {type(conf).__name__}, not an object; download it again")
+    return conf
+
+
+def _component_config(make, path: Path, base):
+    """vae_config_from / text_encoder_config_from on a folder's config.json, its errors naming the file."""
+    try:
+        return make(_config_json(path), base)
+    except ValueError as e:
+        raise WeightsError(f"{path / 'config.json'}: {e}") from None
 
 
 def _encoder_config(source: WeightSource, base: TextEncoderConfig) -> TextEncoderConfig:
     """The encoder's hyper-parameters from its config.json, or from a llama.cpp GGUF's metadata (read from
     the already opened file: parsing a GGUF's tokenizer metadata takes seconds)."""
     if source.path.suffix != ".gguf":
-        return text_encoder_config_from(_config_json(source.path), base)
+        return _component_config(text_encoder_config_from, source.path, base)
     f = source.files[0]
-    arch = f.field("general.architecture")
+    arch = f.field("general.architecture", kind=str)
     keys = dict(hidden_size="embedding_length", num_attention_heads="attention.head_count",
                 num_key_value_heads="attention.head_count_kv", head_dim="attention.key_length",
                 intermediate_size="feed_forward_length", rope_theta="rope.freq_base",
                 rms_norm_eps="attention.layer_norm_rms_epsilon")
-    values = {k: f.field(f"{arch}.{v}") for k, v in keys.items()}
-    values["vocab_size"] = f.shape("token_embd.weight")[0] if "token_embd.weight" in f.keys() else None
-    return text_encoder_config_from({k: v for k, v in values.items() if v is not None}, base)
-
-
-def _transformer_config(spec: ModelSpec, entries) -> TransformerConfig:
-    """The config the file's shapes describe; another registered variant's shapes are an error."""
+    values = {k: f.field(f"{arch}.{v}", kind=float if k in ("rope_theta", "rms_norm_eps") else int)
+              for k, v in keys.items()}
+    emb = f.shape("token_embd.weight") if "token_embd.weight" in f.keys() else ()
+    values["vocab_size"] = emb[0] if len(emb) == 2 else None
     try:
-        cfg = transformer_config_from_shapes({k: tuple(e.shape) for k, e in entries.items()})
-    except (KeyError, IndexError):
-        return spec.transformer  # too broken to read: check_keys will name what is missing
+        return text_encoder_config_from({k: v for k, v in values.items() if v is not None}, base)
+    except ValueError as e:
+        raise WeightsError(f"{source.path}: metadata {e}") from None
+
+
+def _transformer_config(spec: ModelSpec, entries, where) -> TransformerConfig:
+    """The config the file's shapes describe; another registered variant's shapes are an error."""
+    cfg = transformer_config(entries, where, fallback=spec.transformer)
     other = next((n for n, s in MODELS.items() if s.transformer == cfg), None)
     if cfg != spec.transformer and other is not None:
-        raise WeightsError(f"these transformer weights have the shapes of {other}, not {spec.name}: "
+        raise WeightsError(f"{where}: these transformer weights have the shapes of {other}, not {spec.name}: "
                            f"choose --model {other}")
     return cfg
 
@@ -104,9 +122,9 @@ def plan_memory(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: 
     tpath, vpath = files.get("transformer"), files.get("vae")
     t_entries = (transformer_entries(WeightSource(tpath)) if tpath is not None
                  else _shape_entries(transformer_shapes(spec.transformer)))
-    tcfg = _transformer_config(spec, t_entries) if tpath is not None else spec.transformer
+    tcfg = _transformer_config(spec, t_entries, tpath) if tpath is not None else spec.transformer
     t = memory_plan.component_weights("transformer", t_entries, ("double_blocks", "single_blocks"), dtype_bytes)
-    vae_cfg = vae_config_from(_config_json(Path(vpath)), spec.vae) if vpath is not None else spec.vae
+    vae_cfg = _component_config(vae_config_from, Path(vpath), spec.vae) if vpath is not None else spec.vae
     v = memory_plan.component_weights("vae", vae_entries(WeightSource(vpath)) if vpath is not None
                                       else _shape_entries(vae_shapes(vae_cfg)), (), 4)
     te_cfg, te_path = spec.text_encoder, files.get("text_encoder")
@@ -234,9 +252,13 @@ class Pipeline:
         # The architecture comes from the files (tensor shapes, config.json); the name gives defaults.
         # Shapes are read from headers now, so a wrong file fails before minutes of prompt encoding.
         entries = transformer_entries(WeightSource(self._path("transformer", spec)))
-        cfg = _transformer_config(spec, entries)
+        cfg = _transformer_config(spec, entries, self.files["transformer"])
         check_transformer(entries, cfg, self.files["transformer"])
-        vae = vae_config_from(_config_json(self._path("vae", spec)), spec.vae)
+        vae = _component_config(vae_config_from, self._path("vae", spec), spec.vae)
+        if cfg.in_channels != 4 * vae.z_channels:  # latents are 2×2 patches of the VAE's channels
+            raise WeightsError(f"{self.files['transformer']}: the transformer takes {cfg.in_channels} latent "
+                               f"channels but the autoencoder {self.files['vae']} gives {4 * vae.z_channels}; "
+                               f"use FLUX.2's own ae.safetensors")
         self.spec = dataclasses.replace(spec, transformer=cfg, vae=vae)
         self.vae = backend.load_vae(vae, WeightSource(self.files["vae"]), dtype=backend.resolve_dtype("float32"))
         self._transformer = self._text_encoder = self._tokenizer = None

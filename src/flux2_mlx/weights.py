@@ -10,6 +10,7 @@ GGUF files are memory-mapped (the header parsed here); quantized tensors come ba
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -94,37 +95,96 @@ def _pread(path: Path, offset: int, nbytes: int) -> np.ndarray:
     return out
 
 
+def _fail(path, what: str) -> WeightsError:
+    return WeightsError(f"{path}: {what}; the file is damaged or not what it claims to be (download it again)")
+
+
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers
+
+
+def _unique_pairs(pairs: list) -> dict:
+    """json object hook: a name given twice is an error (json.loads would keep the last silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 class SafetensorsFile:
-    """One .safetensors file: a JSON header parsed up front, tensors as views of one np.memmap."""
+    """One .safetensors file: a JSON header parsed and checked up front, tensors as views of one np.memmap.
+
+    Checked as the safetensors library does before anything is mapped: a JSON object of entries with a
+    known dtype, a shape of non-negative ints and [start, end] offsets whose length is dtype × shape
+    (counted in Python ints, so no count can wrap), laid end to end over the whole data section with no
+    gap or overlap; no name twice; `__metadata__` a str → str map."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
+        self.path = path = Path(path)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
             head = f.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if n < 2 or 8 + n > size:
-                raise WeightsError(f"{self.path}: not a safetensors file, or truncated (bad header length)")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise WeightsError(f"{self.path}: not a safetensors file (header is not JSON)") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+            if n < 2 or 8 + n > size or n > _SAFETENSORS_MAX_HEADER:
+                raise WeightsError(f"{path}: not a safetensors file, or truncated (bad header length)")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
+        except _Duplicate as e:
+            raise _fail(path, f"the header names {e.args[0]!r} twice") from None
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nesting too deep to be a header
+            raise WeightsError(f"{path}: not a safetensors file (header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise _fail(path, f"the header is a JSON {type(header).__name__}, not an object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise _fail(path, "__metadata__ is not a map of strings")
+        self.metadata = meta
         data_len = size - 8 - n
         self._info: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, t in header.items():
-            try:
-                dtype, shape, (start, end) = _DTYPES[t["dtype"]], tuple(t["shape"]), t["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise WeightsError(
-                    f"{self.path}: tensor {name!r} has an unsupported dtype or a malformed entry "
-                    f"({t!r})") from None
-            if end > data_len or end - start != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-                raise WeightsError(f"{self.path}: truncated or corrupt (tensor {name!r} lies outside "
-                                   f"the file); download it again")
-            self._info[name] = (dtype, shape, 8 + n + start, 8 + n + end)
-        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+            self._info[name] = self._entry(name, t, 8 + n)
+        end = 8 + n
+        for name, (_dt, _shape, start, stop) in sorted(self._info.items(), key=lambda kv: kv[1][2:]):
+            if start != end:
+                raise _fail(path, f"tensor {name!r} starts at data byte {start - 8 - n}, expected {end - 8 - n} "
+                                  f"(tensors overlap or leave a gap)")
+            end = stop
+        if end > size:
+            raise WeightsError(f"{path}: truncated (its tensors need {end - 8 - n} data bytes, the file has "
+                               f"{data_len}); download it again")
+        if end < size:
+            raise _fail(path, f"{size - end} bytes follow the last tensor")
+        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
         self.pread = False  # True: get() copies with read calls instead of returning memmap views
+
+    def _entry(self, name: str, t, base: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        if not isinstance(t, dict):
+            raise _fail(self.path, f"tensor {name!r} is described by a JSON {type(t).__name__}, not an object")
+        dtype, shape, offsets = t.get("dtype"), t.get("shape"), t.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise WeightsError(f"{self.path}: tensor {name!r} has dtype {dtype!r}, which flux2-mlx does not read "
+                               f"({', '.join(_DTYPES)})")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise _fail(self.path, f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise _fail(self.path, f"tensor {name!r} has data_offsets {offsets!r}, not [start, end] with "
+                                   f"0 <= start <= end")
+        start, end = offsets
+        want = _DTYPES[dtype].itemsize * math.prod(shape)
+        if end - start != want:
+            raise _fail(self.path, f"tensor {name!r} ({dtype} {shape}) needs {want} bytes but its offsets "
+                                   f"span {end - start}")
+        return _DTYPES[dtype], tuple(shape), base + start, base + end
 
     def keys(self) -> list[str]:
         return list(self._info)
@@ -145,8 +205,8 @@ class SafetensorsFile:
         return data.view(dtype).reshape(shape)
 
 
-# ggml block types flux2-mlx runs (gguf-and-quantization.md §2, §3); F32/F16/BF16 (and the integer types)
-# come back as plain arrays. Anything else gguf-py knows (IQ*, TQ*, MXFP4, ...) is refused when read.
+# ggml block types flux2-mlx runs; F32/F16/BF16 (and the integer types) come back as plain arrays. Anything
+# else gguf-py knows (IQ*, TQ*, MXFP4, ...) is refused when read.
 GGML_QUANTIZED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 _GGML_DENSE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"), "BF16": BF16,
                "I8": np.dtype("i1"), "I16": np.dtype("<i2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
@@ -174,37 +234,60 @@ class GGMLTensor:
 _GGUF_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
                  11: "<i8", 12: "<f8"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_UINT32 = 4
+_GGML_MAX_DIMS = 4  # ggml's limit; llama.cpp refuses tensors with more
 
 
-class _Truncated(Exception):
-    pass
+class _Corrupt(Exception):
+    """A GGUF header field that is out of range; the message says which."""
 
 
-def _gguf_value(buf, off: int, vtype: int, decode: bool = True):
-    """(value, offset after it) of one GGUF metadata value at `off`; decode=False only skips over it."""
+def _gguf_string(buf, off: int, what: str, decode: bool = True) -> tuple[str | None, int]:
+    if off + 8 > len(buf):
+        raise _Corrupt(f"the file ends inside {what}")
+    (n,) = struct.unpack_from("<Q", buf, off)
+    if n > len(buf) - off - 8:
+        raise _Corrupt(f"{what} is {n} bytes long, past the end of the file")
+    if not decode:
+        return None, off + 8 + n
+    try:
+        return bytes(buf[off + 8:off + 8 + n]).decode("utf-8"), off + 8 + n
+    except UnicodeDecodeError:
+        raise _Corrupt(f"{what} is not valid UTF-8") from None
+
+
+def _gguf_value(buf, off: int, vtype: int, what: str, decode: bool = True):
+    """(value, offset after it) of one GGUF metadata value at `off`; decode=False only skips over it.
+    Every count is checked against the bytes left before anything is allocated; arrays of arrays, which
+    llama.cpp refuses too, are refused."""
     if vtype == _GGUF_STRING:
-        (n,) = struct.unpack_from("<Q", buf, off)
-        if off + 8 + n > len(buf):
-            raise _Truncated
-        return (bytes(buf[off + 8:off + 8 + n]).decode("utf-8", errors="replace") if decode else None), off + 8 + n
+        return _gguf_string(buf, off, what, decode)
     if vtype == _GGUF_ARRAY:
+        if off + 12 > len(buf):
+            raise _Corrupt(f"the file ends inside {what}")
         etype, count = struct.unpack_from("<IQ", buf, off)
         off += 12
         if etype in _GGUF_SCALARS:
-            end = off + np.dtype(_GGUF_SCALARS[etype]).itemsize * count
-            if end > len(buf):
-                raise _Truncated
-            return (np.frombuffer(buf, _GGUF_SCALARS[etype], count, off).tolist() if decode else None), end
-        out = []
-        for _ in range(count):
-            v, off = _gguf_value(buf, off, etype, decode)
-            out.append(v)
-        return (out if decode else None), off
+            size = np.dtype(_GGUF_SCALARS[etype]).itemsize
+            if count > (len(buf) - off) // size:
+                raise _Corrupt(f"{what} claims {count} values, more than the file holds")
+            values = np.frombuffer(buf, _GGUF_SCALARS[etype], count, off).tolist() if decode else None
+            return values, off + size * count
+        if etype != _GGUF_STRING:
+            raise _Corrupt(f"{what} is an array of value type {etype}, which GGUF does not allow")
+        if count > (len(buf) - off) // 8:
+            raise _Corrupt(f"{what} claims {count} strings, more than the file holds")
+        out = [] if decode else None
+        for i in range(count):
+            v, off = _gguf_string(buf, off, f"{what}[{i}]", decode)
+            if decode:
+                out.append(v)
+        return out, off
     if vtype not in _GGUF_SCALARS:
-        raise _Truncated
+        raise _Corrupt(f"{what} has value type {vtype}, which GGUF does not define")
     dt = np.dtype(_GGUF_SCALARS[vtype])
     if off + dt.itemsize > len(buf):
-        raise _Truncated
+        raise _Corrupt(f"the file ends inside {what}")
     return (np.frombuffer(buf, dt, 1, off)[0].item() if decode else None), off + dt.itemsize
 
 
@@ -216,17 +299,28 @@ class _GGUFTensor:
     n_bytes: int
 
 
+def _field_ok(value, kind) -> bool:
+    if kind is int:
+        return _is_int(value)
+    if kind is float:
+        return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if isinstance(kind, tuple):  # (list, element kind)
+        return isinstance(value, list) and all(_field_ok(v, kind[1]) for v in value)
+    return isinstance(value, kind)
+
+
 class GGUFFile:
     """One .gguf file (versions 2 and 3), same interface as SafetensorsFile; tensors are memmap views.
 
     The header is parsed here rather than by gguf-py's GGUFReader, which makes a numpy view per array
-    element: ~10 s to open a Mistral GGUF for its 131k-token vocabulary (0.1 s here). `metadata` holds every scalar
-    and short array; `field(key)` decodes any key on request, long arrays (tokenizer tokens, merges)
-    included."""
+    element (~10 s to open a Mistral GGUF for its 131k-token vocabulary; 0.1 s here) and trusts counts
+    (an array length of 2^64 - 1 makes it loop until memory runs out). Checked as llama.cpp's loader does:
+    every count and length against the bytes left, UTF-8 names, no key or tensor name twice, a power-of-two
+    `general.alignment`, 1-4 dims whose rows are whole ggml blocks, tensor data aligned, in order, not
+    overlapping and inside the file. `metadata` holds every scalar and short array; `field(key)` decodes
+    any key on request, long arrays (tokenizer tokens, merges) included."""
 
     def __init__(self, path: str | os.PathLike):
-        from .quant.ggml import GGMLType, block_info
-
         self.path = Path(path)
         with open(self.path, "rb") as f:
             magic = f.read(4)
@@ -235,54 +329,95 @@ class GGUFFile:
         self._mm = buf = np.memmap(self.path, np.uint8, "r")
         self.pread = False
         self.metadata, self._fields, self._tensors = {}, {}, {}
+        if buf.size < 24:
+            raise WeightsError(f"{self.path}: truncated GGUF header ({buf.size} bytes); download it again")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version in (2 << 24, 3 << 24):
+            raise WeightsError(f"{self.path}: a big-endian GGUF file; flux2-mlx reads little-endian files only")
+        if version not in (2, 3):
+            raise WeightsError(f"{self.path}: GGUF version {version}; flux2-mlx reads versions 2 and 3")
         try:
-            version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-            if version in (2 << 24, 3 << 24):
-                raise WeightsError(f"{self.path}: a big-endian GGUF file; flux2-mlx reads little-endian files only")
-            if version not in (2, 3):
-                raise WeightsError(f"{self.path}: GGUF version {version}; flux2-mlx reads versions 2 and 3")
-            off = 24
-            for _ in range(n_kv):
-                key, off = _gguf_value(buf, off, _GGUF_STRING)
-                (vtype,) = struct.unpack_from("<I", buf, off)
-                self._fields[key] = (vtype, off + 4)
-                long = vtype == _GGUF_ARRAY and struct.unpack_from("<Q", buf, off + 8)[0] > _METADATA_ARRAY_MAX
-                value, off = _gguf_value(buf, off + 4, vtype, decode=not long)
-                if not long:
-                    self.metadata[key] = value
-            infos = []
-            for _ in range(n_tensors):
-                name, off = _gguf_value(buf, off, _GGUF_STRING)
-                (n_dims,) = struct.unpack_from("<I", buf, off)
-                dims = struct.unpack_from(f"<{n_dims}Q", buf, off + 4)
-                kind, rel = struct.unpack_from("<IQ", buf, off + 4 + 8 * n_dims)
-                off += 16 + 8 * n_dims
-                infos.append((name, dims, kind, rel))
-        except (struct.error, _Truncated, OverflowError, MemoryError) as e:
-            raise WeightsError(f"{self.path}: truncated or corrupt GGUF header ({type(e).__name__}); "
-                               f"download it again") from None
-        align = int(self.metadata.get("general.alignment", 32))
+            self._parse(buf, n_tensors, n_kv)
+        except _Corrupt as e:
+            raise _fail(self.path, str(e)) from None
+
+    def _parse(self, buf, n_tensors: int, n_kv: int) -> None:
+        from .quant.ggml import GGMLType, block_info
+
+        # The smallest key-value pair takes 13 bytes and the smallest tensor record 32.
+        if n_kv > (buf.size - 24) // 13 or n_tensors > (buf.size - 24) // 32:
+            raise _Corrupt(f"the header counts {n_kv} metadata keys and {n_tensors} tensors, more than the "
+                           f"file can hold")
+        off = 24
+        for i in range(n_kv):
+            key, off = _gguf_string(buf, off, f"metadata key {i}")
+            if key in self._fields:
+                raise _Corrupt(f"metadata key {key!r} appears twice")
+            if off + 4 > buf.size:
+                raise _Corrupt(f"the file ends inside metadata key {key!r}")
+            (vtype,) = struct.unpack_from("<I", buf, off)
+            self._fields[key] = (vtype, off + 4)
+            long = vtype == _GGUF_ARRAY and off + 16 <= buf.size and \
+                struct.unpack_from("<Q", buf, off + 8)[0] > _METADATA_ARRAY_MAX
+            value, off = _gguf_value(buf, off + 4, vtype, f"metadata key {key!r}", decode=not long)
+            if not long:
+                self.metadata[key] = value
+        align = 32
+        if "general.alignment" in self._fields:
+            align = self.metadata["general.alignment"]
+            if self._fields["general.alignment"][0] != _GGUF_UINT32 or align <= 0 or align & (align - 1):
+                raise _Corrupt(f"general.alignment is {align!r}, not a power of two stored as uint32")
+        infos = []
+        for i in range(n_tensors):
+            name, off = _gguf_string(buf, off, f"the name of tensor {i}")
+            if off + 4 > buf.size:
+                raise _Corrupt(f"the file ends inside tensor {name!r}")
+            (n_dims,) = struct.unpack_from("<I", buf, off)
+            if not 1 <= n_dims <= _GGML_MAX_DIMS:
+                raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions (1 to {_GGML_MAX_DIMS} allowed)")
+            if off + 16 + 8 * n_dims > buf.size:
+                raise _Corrupt(f"the file ends inside tensor {name!r}")
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, off + 4)
+            kind, rel = struct.unpack_from("<IQ", buf, off + 4 + 8 * n_dims)
+            off += 16 + 8 * n_dims
+            infos.append((name, dims, kind, rel))
         start = off + (-off) % align
+        end = start
         for name, dims, kind, rel in infos:
+            if name in self._tensors:
+                raise _Corrupt(f"tensor {name!r} appears twice")
             try:
                 t = GGMLType(kind)
-            except ValueError:
+                bs, ts = block_info(t)
+            except (ValueError, KeyError):
                 raise WeightsError(f"{self.path}: tensor {name!r} has ggml type id {kind}, which gguf-py does not "
                                    f"know; flux2-mlx reads {_GGML_SUPPORTED}") from None
-            bs, ts = block_info(t)
-            n = int(np.prod(dims, dtype=np.int64))
-            info = _GGUFTensor(t.name, tuple(int(d) for d in reversed(dims)), start + rel, n // bs * ts)
-            if info.offset + info.n_bytes > buf.size:
+            if dims[0] % bs:
+                raise _Corrupt(f"tensor {name!r} has rows of {dims[0]} values, not whole {t.name} blocks of {bs}")
+            n_bytes = math.prod(dims) // bs * ts  # Python ints: a huge dim cannot wrap the count
+            if rel % align or start + rel < end:
+                raise _Corrupt(f"tensor {name!r} starts at data byte {rel}, which is not aligned to {align} or "
+                               f"overlaps the tensor before it")
+            end = start + rel + n_bytes
+            if end > buf.size:
                 raise WeightsError(f"{self.path}: truncated (tensor {name!r} lies outside the file); "
                                    f"download it again")
-            self._tensors[name] = info
+            self._tensors[name] = _GGUFTensor(t.name, tuple(int(d) for d in reversed(dims)), start + rel, n_bytes)
 
-    def field(self, key: str, default=None):
-        """Any metadata value, decoded now (lists of str for tokenizer vocabularies and merges)."""
+    def field(self, key: str, default=None, kind=None):
+        """Any metadata value, decoded now (lists of str for tokenizer vocabularies and merges). kind: the
+        Python type the value must have (int, float, str, or (list, element type)); another is an error."""
         if key not in self._fields:
             return default
         vtype, off = self._fields[key]
-        return _gguf_value(self._mm, off, vtype)[0]
+        try:
+            value = _gguf_value(self._mm, off, vtype, f"metadata key {key!r}")[0]
+        except _Corrupt as e:
+            raise _fail(self.path, str(e)) from None
+        if kind is not None and not _field_ok(value, kind):
+            name = f"a list of {kind[1].__name__}" if isinstance(kind, tuple) else kind.__name__
+            raise _fail(self.path, f"metadata key {key!r} should be {name}")
+        return value
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -306,7 +441,7 @@ class GGUFFile:
                 else self._mm[t.offset:t.offset + t.n_bytes])
         if kind in _GGML_DENSE:
             return data.view(_GGML_DENSE[kind]).reshape(shape)
-        return GGMLTensor(data.reshape(int(np.prod(shape[:-1], dtype=np.int64)), -1), kind, shape)  # rows of blocks
+        return GGMLTensor(data.reshape(math.prod(shape[:-1]), -1), kind, shape)  # rows of blocks
 
 
 class WeightSource:
@@ -331,6 +466,9 @@ class WeightSource:
         self._where: dict[str, SafetensorsFile | GGUFFile] = {}
         for f in self.files:
             for k in f.keys():
+                if k in self._where:
+                    raise WeightsError(f"tensor {k!r} is in both {self._where[k].path} and {f.path}; the "
+                                       f"shards are from different downloads")
                 self._where[k] = f
 
     def keys(self) -> list[str]:
@@ -357,8 +495,10 @@ def _shards(path: Path, partial: bool = False) -> list[Path]:
         if index.exists():
             try:
                 names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 raise WeightsError(f"{index}: malformed shard index") from None
+            if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+                raise WeightsError(f"{index}: the shard index names files outside its folder")  # no ../ escapes
             missing = [n for n in names if not (path / n).exists()]
             if partial and len(missing) < len(names):
                 return [path / n for n in names if n not in missing]
