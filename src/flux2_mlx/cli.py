@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shlex
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -20,16 +22,52 @@ DTYPES = ("bfloat16", "float16", "float32")
 META_KEY = "flux2"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _fail(message: str, code: int = 2):
+    """One line on stderr and exit code 2: bad input is the user's to fix, not a crash."""
+    lines = (line.strip() for line in str(message).splitlines())
+    click.echo(f"error: {'; '.join(line for line in lines if line)}", err=True)
+    sys.exit(code)
+
+
+def _usage_message(e: click.ClickException) -> str:
+    """click's message without its usage block, naming the option first (`--steps: 0 is not in …`)."""
+    if isinstance(e, click.BadParameter) and not isinstance(e, click.MissingParameter):
+        if e.param_hint is not None:
+            return f"{e.param_hint}: {e.message}"
+        if e.param is not None:
+            name = max(e.param.opts, key=len) if isinstance(e.param, click.Option) else e.param.human_readable_name
+            return f"{name}: {e.message}"
+    message = e.format_message().rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    return f"{message}; see '{ctx.command_path} --help'" if ctx is not None else message
+
+
+class _Group(click.Group):
+    """Every command's errors in the project's style: one `error: …` line on stderr, exit 2 for bad input
+    and 130 for Ctrl-C; never click's usage block or a traceback."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra["standalone_mode"] = False  # click then raises its errors here instead of printing them
+        try:
+            code = super().main(args, prog_name, **extra)
+        except click.ClickException as e:
+            _fail(_usage_message(e), e.exit_code)
+        except click.Abort:  # click's form of a Ctrl-C while it parses the command line
+            _fail("interrupted", 130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # here, before click turns it into an Abort that prints a blank line first
+            _fail("interrupted", 130)
+
+
+# No help block for a bare `flux2` either: "Missing command" in one line, like every other usage error.
+@click.group(cls=_Group, no_args_is_help=False, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="flux2")
 def main():
     """FLUX.2 image generation and editing on MLX."""
-
-
-def _fail(message: str):
-    """One line on stderr and exit code 2: bad input is the user's to fix, not a crash."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
 
 
 def _outputs(output: Path, seeds: list[int], overwrite: bool) -> list[Path]:
@@ -42,21 +80,31 @@ def _outputs(output: Path, seeds: list[int], overwrite: bool) -> list[Path]:
     if taken and not overwrite:
         raise click.BadParameter(f"{', '.join(taken)} already exists; pass --overwrite or choose another "
                                  f"name", param_hint="--output")
+    _check_writable(output.parent, "--output")
     return paths
+
+
+def _check_writable(folder: Path, hint: str) -> None:
+    """Fail before any loading if no file can be made in `folder`. A real (anonymous, self-deleting)
+    temporary file, since root passes os.access whatever the permission bits say."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise click.BadParameter(f"cannot write in folder {folder} ({e.strerror}); choose another folder",
+                                 param_hint=hint) from None
 
 
 def _save_png(image, path: Path, meta: dict) -> None:
     """Write via a temporary name and rename, so an interrupted run leaves no half-written PNG."""
     from PIL.PngImagePlugin import PngInfo
 
+    from .atomic import atomic_write
+
     info = PngInfo()
     info.add_text(META_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_write(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @main.command()
@@ -69,16 +117,18 @@ def _save_png(image, path: Path, meta: dict) -> None:
 @click.option("--vae", type=click.Path(exists=True, path_type=Path), help="ae.safetensors or a vae/ folder.")
 @click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), help="A text_encoder/ folder.")
 @click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), help="tokenizer.json or its folder.")
-@click.option("-W", "--width", type=int, help="A multiple of 16. Default: the --image's or first --ref's size, "
-                                               "else 1024.")
-@click.option("-H", "--height", type=int, help="A multiple of 16 (default as for --width).")
+@click.option("-W", "--width", type=click.IntRange(min=16), help="A multiple of 16; width x height at most 4 MP. "
+              "Default: the --image's or first --ref's size, else 1024.")
+@click.option("-H", "--height", type=click.IntRange(min=16), help="A multiple of 16; width x height at most 4 MP "
+              "(default as for --width).")
 @click.option("--ref", "refs", type=click.Path(dir_okay=False, path_type=Path), multiple=True, metavar="IMAGE",
               help="A reference image to edit from or draw on; repeat for up to 10 (BFL recommends at most 6 "
                    "for dev, 4 for klein).")
 @click.option("--image", "init", type=click.Path(dir_okay=False, path_type=Path),
               help="Image-to-image: start from this picture instead of pure noise.")
-@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_STRENGTH, show_default=True,
-              help="With --image: how much of the schedule runs; 1 ignores the image's content.")
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True),
+              help=f"With --image: how much of the schedule runs (default {DEFAULT_STRENGTH:g}); 1 ignores the "
+                   f"image's content.")
 @click.option("--steps", type=click.IntRange(min=1), help="Default: the model's (klein 4, base and dev 50).")
 @click.option("--guidance", type=click.FloatRange(min=0), help="Default: the model's (4 for dev and base).")
 @click.option("--negative-prompt", help="Base variants only (true CFG); default the empty prompt.")
@@ -106,6 +156,10 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
     from .weights import WeightsError
 
     spec = MODELS[model]
+    if strength is not None and init is None:
+        raise click.BadParameter("works only with --image PICTURE; add one or drop --strength",
+                                 param_hint="--strength")
+    strength = DEFAULT_STRENGTH if strength is None else strength
     try:
         check_size(width or 1024, height or 1024)
     except ValueError as e:
@@ -219,7 +273,42 @@ def read_metadata(path: Path) -> dict:
         raise ValueError(f"{path} is not an image") from None
     if raw is None:
         raise ValueError(f"{path} has no flux2 settings (it was not made by flux2 generate)")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: a deeply nested `[[[[…`
+        raise ValueError(f"{path}: its flux2 settings are not valid JSON") from None
+    _check_metadata(meta, path)
+    return meta
+
+
+# What `flux2 generate` stores and `regenerate_command` reads; float means any finite number.
+_META_TYPES = {"prompt": str, "model": str, "seed": int, "steps": int, "guidance": float, "width": int,
+               "height": int, "dtype": str, "negative_prompt": str, "refs": list, "image": str, "strength": float}
+_META_REQUIRED = ("prompt", "model", "seed", "steps", "guidance", "width", "height", "dtype")
+_META_KINDS = {str: "text", int: "a whole number", float: "a number", list: "a list of paths"}
+
+
+def _is(value, kind) -> bool:
+    if isinstance(value, bool):  # JSON true/false are Python ints
+        return False
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
+
+
+def _check_metadata(meta, path: Path) -> None:
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its flux2 settings are not a JSON object")
+    missing = [k for k in _META_REQUIRED if k not in meta] + (["strength"] if "image" in meta and "strength"
+                                                              not in meta else [])
+    if missing:
+        raise ValueError(f"{path}: its flux2 settings lack {', '.join(missing)}")
+    for key, kind in _META_TYPES.items():
+        if key in meta and not _is(meta[key], kind):
+            raise ValueError(f"{path}: its flux2 setting {key!r} should be {_META_KINDS[kind]}, not "
+                             f"{json.dumps(meta[key])[:40]}")
 
 
 def regenerate_command(meta: dict) -> str:
@@ -242,8 +331,10 @@ def regenerate_command(meta: dict) -> str:
               help="Also print the memory plan for generating with PATH (a model folder or transformer file).")
 @click.option("-m", "--model", type=click.Choice(list(MODELS)), default="klein-4b", show_default=True,
               help="With --plan: the variant the files belong to.")
-@click.option("-W", "--width", type=int, default=1024, show_default=True, help="With --plan.")
-@click.option("-H", "--height", type=int, default=1024, show_default=True, help="With --plan.")
+@click.option("-W", "--width", type=click.IntRange(min=16), default=1024, show_default=True,
+              help="With --plan: a multiple of 16; width x height at most 4 MP.")
+@click.option("-H", "--height", type=click.IntRange(min=16), default=1024, show_default=True,
+              help="With --plan: a multiple of 16; width x height at most 4 MP.")
 @click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), metavar="GB", help="With --plan.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="With --plan.")
 def info(path, show_plan, model, width, height, memory_budget, dtype):
@@ -270,7 +361,7 @@ def info(path, show_plan, model, width, height, memory_budget, dtype):
         return
     try:
         meta = read_metadata(path)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         _fail(str(e))
     for key in sorted(meta):
         click.echo(f"{key}: {meta[key]}")
@@ -298,6 +389,8 @@ def models():
 def convert(src, dst, qtype, force, all_layers, jobs):
     """Convert SRC (a model name, a BFL .safetensors file, a diffusers transformer folder or a text-encoder
     folder) to a GGUF file DST that ComfyUI-GGUF, stable-diffusion.cpp and llama.cpp read."""
+    if dst.parent.is_dir():  # a missing folder is convert()'s to report
+        _check_writable(dst.parent, "DST")
     from .convert import convert as run_convert
     from .weights import WeightsError
 
@@ -308,5 +401,5 @@ def convert(src, dst, qtype, force, all_layers, jobs):
     except (WeightsError, ValueError, OSError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        _fail(f"interrupted; {dst} was not written")
+        _fail(f"interrupted; {dst} was not written", 130)
     click.echo(f"wrote {out} ({out.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s")
