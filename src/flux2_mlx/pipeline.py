@@ -357,11 +357,11 @@ class Pipeline:
         if self._tokenizer is None:
             te = self.files.get("text_encoder")
             if self.files.get("tokenizer") is None and te is not None and Path(te).suffix == ".gguf":
-                source = tokenizer_from_gguf(te)  # a GGUF encoder carries its own vocabulary
+                source, where = tokenizer_from_gguf(te), te  # a GGUF encoder carries its own vocabulary
             else:
                 path = self._path("tokenizer")
-                source = path / "tokenizer.json" if path.is_dir() else path
-            self._tokenizer = PromptTokenizer.from_config(source, cfg)
+                source = where = path / "tokenizer.json" if path.is_dir() else path
+            self._tokenizer = PromptTokenizer.from_config(source, cfg, where)
         encoder = self._load("text_encoder", self._phase_streaming("encode", plan))
         ids, mask = self._tokenizer.encode(todo)
         embeds = be.to_numpy(encoder(be.from_numpy(ids), be.from_numpy(mask)))

@@ -38,22 +38,33 @@ _TEMPLATES = {"mistral": mistral_prompt, "qwen3": qwen3_prompt}
 class PromptTokenizer:
     """Renders prompts with the encoder's chat template and tokenizes them to fixed-length id/mask arrays."""
 
-    def __init__(self, path: str | Tokenizer, kind: str, max_length: int = 512):
-        """path: a tokenizer.json, or an already built `tokenizers.Tokenizer` (e.g. from a GGUF)."""
+    def __init__(self, path: str | Tokenizer, kind: str, max_length: int = 512, where=None):
+        """path: a tokenizer.json, or an already built `tokenizers.Tokenizer` (e.g. from a GGUF, whose
+        file `where` names in errors)."""
+        from .weights import WeightsError
+
         if kind not in _PADDING:
             raise ValueError(f"unknown text encoder kind {kind!r}; expected one of {sorted(_PADDING)}")
         self.kind = kind
         self.max_length = max_length
-        self.tokenizer = path if isinstance(path, Tokenizer) else Tokenizer.from_file(str(path))
+        where = where or path
+        if isinstance(path, Tokenizer):
+            self.tokenizer = path
+        else:
+            try:
+                self.tokenizer = Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises bare Exceptions for files it cannot parse
+                raise WeightsError(f"{path}: not a tokenizer.json that the tokenizers library reads ({e}); "
+                                   f"download it again") from None
         pad_token, self.padding_side = _PADDING[kind]
         self.pad_id = self.tokenizer.token_to_id(pad_token)
         if self.pad_id is None:
-            raise ValueError(f"{path}: pad token {pad_token!r} is not in the vocabulary; "
-                             f"is this the {kind} tokenizer.json?")
+            raise WeightsError(f"{where}: pad token {pad_token!r} is not in the vocabulary; "
+                               f"is this the {kind} tokenizer?")
 
     @classmethod
-    def from_config(cls, path: str | Tokenizer, cfg: TextEncoderConfig) -> PromptTokenizer:
-        return cls(path, cfg.kind, cfg.max_length)
+    def from_config(cls, path: str | Tokenizer, cfg: TextEncoderConfig, where=None) -> PromptTokenizer:
+        return cls(path, cfg.kind, cfg.max_length, where)
 
     def render(self, prompt: str) -> str:
         return _TEMPLATES[self.kind](prompt)
@@ -100,18 +111,28 @@ def tokenizer_from_gguf(path) -> Tokenizer:
     from .weights import GGUFFile, WeightsError
 
     f = GGUFFile(path)
-    kind, pre = f.field("tokenizer.ggml.model"), f.field("tokenizer.ggml.pre", "default")
+    kind, pre = f.field("tokenizer.ggml.model", kind=str), f.field("tokenizer.ggml.pre", "default", kind=str)
     if kind != "gpt2":
         raise WeightsError(f"{path}: tokenizer model {kind!r} is not a byte-level BPE ('gpt2'); pass the "
                            f"model's tokenizer.json instead")
     if pre not in _GGUF_PRE:
         raise WeightsError(f"{path}: pre-tokenizer {pre!r} is not one flux2-mlx knows ({', '.join(_GGUF_PRE)}); "
                            f"pass the model's tokenizer.json instead")
-    tokens, merges = f.field("tokenizer.ggml.tokens"), f.field("tokenizer.ggml.merges", [])
-    types = f.field("tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokens = f.field("tokenizer.ggml.tokens", [], kind=(list, str))
+    merges = f.field("tokenizer.ggml.merges", [], kind=(list, str))
+    types = f.field("tokenizer.ggml.token_type", kind=(list, int)) or [1] * len(tokens)
+    bad = next((m for m in merges if len(m.split(" ")) != 2), None)
+    if not tokens or len(types) != len(tokens) or bad is not None:
+        what = (f"merge {bad!r} is not two tokens" if bad is not None else
+                f"{len(tokens)} tokens with {len(types)} token types")
+        raise WeightsError(f"{path}: the tokenizer metadata is damaged ({what}); pass the model's tokenizer.json")
     regex, ignore_merges = _GGUF_PRE[pre]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
-                               ignore_merges=ignore_merges))
+    try:
+        tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ")) for m in merges],
+                                   ignore_merges=ignore_merges))
+    except Exception as e:  # tokenizers raises bare Exceptions (a merge of tokens not in the vocabulary)
+        raise WeightsError(f"{path}: the tokenizer metadata is damaged ({e}); pass the model's "
+                           f"tokenizer.json") from None
     if regex is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
