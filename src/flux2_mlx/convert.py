@@ -5,8 +5,10 @@ arch `flux` (gguf-and-quantization.md §11); text encoders get llama.cpp names, 
 (Mistral, Q/K rows permuted as llama.cpp's converter does, §12) and tokenizer metadata. One tensor at a
 time, in row chunks: peak memory is one quantized tensor plus one chunk's float32 bytes (with `jobs` worker
 threads, that chunk is split 2 × jobs ways, two pieces per worker; the bytes written do not depend on
-`jobs`). The file is written beside the destination as `.NAME.partial`, read back with gguf.GGUFReader and
-checked, and only then renamed; any failure or interrupt removes it and cancels the queued chunks.
+`jobs`). The file is written beside the destination as `.NAME.PID.partial`, read back and checked, and only
+then renamed; any failure or interrupt (Ctrl-C, SIGTERM, SIGHUP) removes it and cancels the queued chunks,
+and the next conversion into that folder removes partials whose writer was killed outright.
+A quantized GGUF source is decoded exactly; tensors planned as their source's ggml type are copied unchanged.
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ import json
 import math
 import os
 import re
+import signal
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
 import numpy as np
 
+from .atomic import atomic_write
 from .config import (
     MISTRAL_SMALL_3_2,
     MODELS,
@@ -37,7 +43,7 @@ from .config import (
 from .keymap import check_keys, hf_to_llama_cpp, permute_qk, text_encoder_entries, transformer_entries
 from .quant import recipes
 from .quant.ggml import GGMLType, quantize, row_bytes
-from .weights import WeightsError, WeightSource, to_float32
+from .weights import GGML_QUANTIZED, GGMLTensor, GGUFFile, WeightsError, WeightSource, to_float32
 
 __all__ = ["Plan", "convert", "plan"]
 
@@ -52,8 +58,13 @@ class Tensor:
     name: str  # as written
     shape: tuple[int, ...]  # numpy order
     type: GGMLType
-    load: Callable[[], np.ndarray]
+    load: Callable[[], np.ndarray | GGMLTensor]
     note: str = ""
+    src_type: str = ""  # as stored in the source ("BF16", "Q4_K"); quantized types load as raw ggml blocks
+
+    @property
+    def copy(self) -> bool:  # planned as the source's own quantized type: its blocks are copied unchanged
+        return self.src_type in GGML_QUANTIZED and self.src_type == self.type.name
 
     @property
     def src_bytes(self) -> int:  # as float32: the progress bar's MB/s is the quantizers' throughput unit
@@ -96,7 +107,8 @@ def _transformer_plan(source: WeightSource, target: str, model: str | None) -> P
     tensors = []
     for name in expected:  # canonical (BFL) order
         e = entries[name]
-        tensors.append(Tensor(name, tuple(e.shape), recipes.tensor_type(name, e.shape, target), e.load))
+        tensors.append(Tensor(name, tuple(e.shape), recipes.tensor_type(name, e.shape, target), e.load,
+                              src_type=e.stored))
     kv = [("general.name", model or source.path.stem, gguf.GGUFValueType.STRING)]
     if model:
         kv.append(("flux2.model", model, gguf.GGUFValueType.STRING))  # distilled/base/kv is not in the tensors
@@ -112,9 +124,10 @@ def _read_json(path: Path) -> dict | None:
 
 def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
     folder = source.path if source.path.is_dir() else source.path.parent
-    hf = _read_json(folder / "config.json") or {}
+    gguf_file = source.files[0] if isinstance(source.files[0], GGUFFile) else None
+    hf = _gguf_hf_config(gguf_file) if gguf_file else _read_json(folder / "config.json") or {}
     hf_text = hf.get("text_config", hf)
-    qwen = any(k.endswith("self_attn.q_norm.weight") for k in source.keys())
+    qwen = any(k.endswith(("self_attn.q_norm.weight", "attn_q_norm.weight")) for k in source.keys())
     cfg = text_encoder_config_from(hf, QWEN3_4B if qwen else MISTRAL_SMALL_3_2)
     n_layers = cfg.num_hidden_layers if all_layers else min(max(cfg.output_layers), cfg.num_hidden_layers)
     entries = text_encoder_entries(source, replace(cfg, output_layers=(n_layers,)))
@@ -131,14 +144,16 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
         load = e.load
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_attention_heads if name.endswith("attn_q.weight") else cfg.num_key_value_heads
-            load = lambda f=e.load, h=heads: permute_qk(np.asarray(f()), h)
+            load = lambda f=e.load, h=heads: _permute_qk(f(), h)
         names[name] = (hf_name, load)
     # text_encoder_entries drops the final norm and the LM head. The norm (a few KB) is always written:
-    # without it llama.cpp refuses the file; the head only in a full model.
-    prefix = next(k[: -len("embed_tokens.weight")] for k in source.keys() if k.endswith("embed_tokens.weight"))
+    # without it llama.cpp refuses the file; the head only in a full model. A llama.cpp GGUF source has
+    # no embed_tokens and names them as written.
+    prefix = next((k[: -len("embed_tokens.weight")] for k in source.keys() if k.endswith("embed_tokens.weight")),
+                  "model.")
     for hf_name, name in ((prefix + "norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")):
         if all_layers or name == "output_norm.weight":
-            for k in (hf_name, hf_name.replace("model.", "", 1), "language_model." + hf_name):
+            for k in (hf_name, hf_name.replace("model.", "", 1), "language_model." + hf_name, name):
                 if k in source:
                     names[name] = (k, lambda k=k: source.get(k))
                     break
@@ -146,10 +161,11 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
     tensors = []
     for name in sorted(names, key=order):
         key, load = names[name]
-        shape = tuple(entries[key].shape) if key in entries else tuple(source.shape(key))
+        shape, stored = (entries[key].shape, entries[key].stored) if key in entries else (
+            source.shape(key), source.dtype(key))
         t = recipes.text_tensor_type(name, shape, target, n_layers,
                                      cfg.num_attention_heads // cfg.num_key_value_heads)
-        tensors.append(Tensor(name, shape, t, load))
+        tensors.append(Tensor(name, tuple(shape), t, load, src_type=stored))
     U, F = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
     ctx = hf_text.get("max_position_embeddings") or _CONTEXT[cfg.kind]
     kv = [("general.name", hf.get("_name_or_path") or folder.name, gguf.GGUFValueType.STRING),
@@ -163,10 +179,47 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
           (f"{arch}.vocab_size", cfg.vocab_size, U)]
     if arch == "llama":
         kv.append((f"{arch}.rope.dimension_count", cfg.head_dim, U))
-    tok = _find_tokenizer(folder)
-    if tok is not None:
+    if gguf_file:
+        kv += _gguf_tokenizer_kv(gguf_file)
+    elif (tok := _find_tokenizer(folder)) is not None:
         kv += tokenizer_kv(tok, cfg.vocab_size, "qwen2" if qwen else "tekken")
     return Plan("text_encoder", arch, tensors, kv)
+
+
+def _permute_qk(a: np.ndarray | GGMLTensor, n_head: int) -> np.ndarray | GGMLTensor:
+    """permute_qk, also on a GGMLTensor's raw block rows (exact: a row's blocks encode that row alone)."""
+    if isinstance(a, GGMLTensor):
+        return GGMLTensor(permute_qk(a.data, n_head), a.ggml_type, a.shape)
+    return permute_qk(np.asarray(a), n_head)
+
+
+# config.json's names for a llama.cpp encoder GGUF's `{arch}.…` metadata
+_GGUF_HF = {"hidden_size": "embedding_length", "num_hidden_layers": "block_count",
+            "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
+            "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+            "rope_theta": "rope.freq_base", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+            "max_position_embeddings": "context_length"}
+_GGUF_TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+
+
+def _gguf_hf_config(f: GGUFFile) -> dict:
+    """A llama.cpp text-encoder GGUF's hyper-parameters as a config.json would give them."""
+    arch = f.metadata.get("general.architecture")
+    hf = {k: f.metadata[f"{arch}.{v}"] for k, v in _GGUF_HF.items() if f"{arch}.{v}" in f.metadata}
+    if "token_embd.weight" in f.keys():
+        hf["vocab_size"] = f.shape("token_embd.weight")[0]
+    hf["_name_or_path"] = f.metadata.get("general.name")
+    return hf
+
+
+def _gguf_tokenizer_kv(f: GGUFFile) -> list[tuple[str, object, gguf.GGUFValueType]]:
+    """The tokenizer a GGUF source embeds, copied key by key (the long arrays are decoded only here)."""
+    V = gguf.GGUFValueType
+    kv = [(k, v, V.STRING if isinstance(v, str) else V.BOOL if isinstance(v, bool) else
+           V.FLOAT32 if isinstance(v, float) else V.ARRAY if isinstance(v, list) else V.UINT32)
+          for k, v in f.metadata.items() if k.startswith("tokenizer.")]
+    return kv + [(k, f.field(k), V.ARRAY) for k in _GGUF_TOKENIZER_ARRAYS
+                 if k not in f.metadata and f.field(k) is not None]
 
 
 def _find_tokenizer(folder: Path) -> Path | None:
@@ -226,10 +279,16 @@ def plan(src, target: str, *, all_layers: bool = False) -> tuple[Plan, WeightSou
 
 
 def _chunks(t: Tensor, parts: int = 1):
-    """float32 row chunks of at most _CHUNK_BYTES / parts bytes (at least one row each)."""
+    """float32 row chunks of at most _CHUNK_BYTES / parts bytes (at least one row each). Raw ggml blocks
+    are decoded a chunk at a time by gguf-py's reference codec: exactly the values the source holds."""
     a = t.load()
+    step = max(1, _CHUNK_BYTES // (4 * t.shape[-1] * parts))
+    if isinstance(a, GGMLTensor):
+        kind = gguf.GGMLQuantizationType[a.ggml_type]
+        for r in range(0, len(a.data), step):
+            yield gguf.quants.dequantize(a.data[r:r + step], kind)
+        return
     rows = a.reshape(-1, t.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
-    step = max(1, _CHUNK_BYTES // (4 * rows.shape[1] * parts))
     for r in range(0, rows.shape[0], step):
         yield to_float32(rows[r:r + step])
 
@@ -260,7 +319,7 @@ def _settle_types(p: Plan) -> list[str]:
     """Move tensors whose fp16 block scales would underflow to a safer type (a pre-pass over the data)."""
     notes = []
     for t in p.tensors:
-        if t.type in (T.F32, T.BF16):
+        if t.type in (T.F32, T.BF16) or t.copy:
             continue
         while True:
             bad = max((recipes.scale_underflow(c, t.type) for c in _chunks(t)), default=0.0)
@@ -276,28 +335,89 @@ def _settle_types(p: Plan) -> list[str]:
 
 
 def _verify(path: Path, p: Plan) -> None:
-    r = gguf.GGUFReader(path)
-    got = [(t.name, T(t.tensor_type), tuple(int(x) for x in reversed(t.shape)), int(t.n_bytes))
-           for t in r.tensors]
-    want = [(t.name, t.type, t.shape, t.nbytes) for t in p.tensors]
+    """Read the file back with the project's own GGUF reader (gguf-py's can loop on a corrupt file)."""
+    f = GGUFFile(path)
+    got = [(n, f.dtype(n), f.shape(n), f.nbytes(n)) for n in f.keys()]
+    want = [(t.name, t.type.name, t.shape, t.nbytes) for t in p.tensors]
     if got != want:
         bad = next((w, g) for w, g in zip(want, got + [None] * len(want)) if w != g)
         raise WeightsError(f"{path}: the written file does not read back as planned (expected {bad[0]}, "
                            f"read {bad[1]}); nothing was written to the destination")
-    arch = r.get_field("general.architecture")
-    if arch is None or arch.contents() != p.arch:
+    if f.metadata.get("general.architecture") != p.arch:
         raise WeightsError(f"{path}: general.architecture did not read back as {p.arch!r}")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _signals_as_interrupt():
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, so that the same cleanup runs. Handlers
+    can only be set on the main thread; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _write(path: Path, p: Plan, target: str, jobs: int, progress: bool) -> None:
+    writer = gguf.GGUFWriter(None, p.arch)
+    pool = None
+    try:
+        if jobs > 1 and any(t.type not in (T.F32, T.BF16, T.F16) and not t.copy for t in p.tensors):
+            pool = ThreadPoolExecutor(jobs, thread_name_prefix="quantize")
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(recipes.target(target)[1])
+        for key, value, vtype in p.kv:
+            sub = None
+            if vtype == gguf.GGUFValueType.ARRAY:
+                sub = gguf.GGUFValueType.STRING if value and isinstance(value[0], str) else gguf.GGUFValueType.INT32
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+        for t in p.tensors:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        from tqdm import tqdm
+
+        with tqdm(total=sum(t.src_bytes for t in p.tensors), unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=f"convert {target}", disable=not progress) as bar:
+            for t in p.tensors:
+                if t.copy:
+                    writer.write_tensor_data(t.load().data)
+                    bar.update(t.src_bytes)
+                    continue
+                out = np.empty((math.prod(t.shape[:-1]), row_bytes(t.type, t.shape[-1])), np.uint8)
+                r = 0
+                dense = t.type in (T.F32, T.BF16, T.F16)  # a copy, not worth a worker
+                for n, q in _quantized_chunks(t, None if dense else pool, jobs):
+                    out[r:r + n] = q
+                    r += n
+                    bar.update(t.src_bytes * n // len(out))
+                writer.write_tensor_data(out)
+                bar.set_postfix_str(t.name, refresh=False)
+    finally:
+        if pool is not None:  # after a failure, queued chunks are dropped; a running one ends within its chunk
+            pool.shutdown(wait=False, cancel_futures=True)
+        writer.close()
 
 
 def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = False,
             progress: bool = True, jobs: int | None = None) -> Path:
-    """Convert `src` (a model name, a BFL .safetensors file, a diffusers transformer folder or a
-    text-encoder folder) to a GGUF at `dst` with target type `qtype` (see recipes.TARGETS).
+    """Convert `src` (a model name, a BFL .safetensors file, a diffusers transformer folder, a text-encoder
+    folder, or a GGUF of either) to a GGUF at `dst` with target type `qtype` (see recipes.TARGETS).
 
     `jobs` worker threads quantize row chunks of each tensor (default: one per CPU core; 1: in this
     thread). The output bytes do not depend on `jobs`.
 
-    Tensors whose scales would underflow fp16 are moved to a safer type, each with a warning.
+    Tensors whose scales would underflow fp16 are moved to a safer type, each with a warning; re-quantizing
+    an already quantized source into other types warns once.
     """
     dst = Path(dst)
     if dst.is_dir():
@@ -309,54 +429,20 @@ def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = Fal
     jobs = (os.cpu_count() or 1) if jobs is None else int(jobs)
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, not {jobs}")
-    p, _source = plan(src, qtype, all_layers=all_layers)
-    target = qtype.upper()
-    for note in _settle_types(p):
-        warnings.warn(note, stacklevel=2)
-    tmp = dst.with_name(f".{dst.name}.partial")
-    writer = gguf.GGUFWriter(None, p.arch)
-    pool = None
-    try:
-        if jobs > 1 and any(t.type not in (T.F32, T.BF16, T.F16) for t in p.tensors):
-            pool = ThreadPoolExecutor(jobs, thread_name_prefix="quantize")
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_file_type(recipes.target(target)[1])
-        for key, value, vtype in p.kv:
-            sub = None
-            if vtype == gguf.GGUFValueType.ARRAY:
-                sub = gguf.GGUFValueType.STRING if value and isinstance(value[0], str) else gguf.GGUFValueType.INT32
-            writer.add_key_value(key, value, vtype, sub_type=sub)
-        for t in p.tensors:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        from tqdm import tqdm
-
-        with tqdm(total=sum(t.src_bytes for t in p.tensors), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=f"convert {target}", disable=not progress) as bar:
-            for t in p.tensors:
-                out = np.empty((math.prod(t.shape[:-1]), row_bytes(t.type, t.shape[-1])), np.uint8)
-                r = 0
-                dense = t.type in (T.F32, T.BF16, T.F16)  # a copy, not worth a worker
-                for n, q in _quantized_chunks(t, None if dense else pool, jobs):
-                    out[r:r + n] = q
-                    r += n
-                    bar.update(t.src_bytes * n // len(out))
-                writer.write_tensor_data(out)
-                bar.set_postfix_str(t.name, refresh=False)
-        if pool is not None:
-            pool.shutdown()
-            pool = None
-        writer.close()
-        _verify(tmp, p)
-        os.replace(tmp, dst)
-    except BaseException:
-        if pool is not None:  # queued chunks are dropped; a running one ends within its chunk and is discarded
-            pool.shutdown(wait=False, cancel_futures=True)
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with _signals_as_interrupt():
+        p, source = plan(src, qtype, all_layers=all_layers)
+        # decoded into float32 is exact; encoded into any other type than its own loses precision again
+        requant = [t for t in p.tensors if t.src_type in GGML_QUANTIZED and t.type != T.F32 and not t.copy]
+        if requant:
+            t = requant[0]
+            warnings.warn(f"{source.path} is already quantized: {len(requant)} tensors are re-encoded as other "
+                          f"types (e.g. {t.name}, {t.src_type} → {t.type.name}) and lose quality a second "
+                          f"time; convert from the original weights where you can", stacklevel=2)
+        for note in _settle_types(p):
+            warnings.warn(note, stacklevel=2)
+        with atomic_write(dst) as tmp:
+            _write(tmp, p, qtype.upper(), jobs, progress)
+            _verify(tmp, p)
     return dst
 
 

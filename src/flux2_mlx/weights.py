@@ -527,9 +527,9 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
+    from .atomic import atomic_write
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # closed before atomic_write renames it
         f.write(struct.pack("<Q", len(raw)) + raw)
         for a in tensors.values():
             f.write(np.ascontiguousarray(a).tobytes())
-    os.replace(tmp, path)
