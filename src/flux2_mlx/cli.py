@@ -345,7 +345,7 @@ def info(path, show_plan, model, width, height, memory_budget, dtype):
         from .weights import WeightsError
 
         try:
-            from .convert import describe
+            from .info import describe
 
             for line in describe(path):
                 click.echo(line)

@@ -55,7 +55,7 @@ def _config_json(path: Path) -> dict | None:
     return conf
 
 
-def _component_config(make, path: Path, base):
+def component_config(make, path: Path, base):
     """vae_config_from / text_encoder_config_from on a folder's config.json, its errors naming the file."""
     try:
         return make(_config_json(path), base)
@@ -63,11 +63,11 @@ def _component_config(make, path: Path, base):
         raise WeightsError(f"{path / 'config.json'}: {e}") from None
 
 
-def _encoder_config(source: WeightSource, base: TextEncoderConfig) -> TextEncoderConfig:
+def encoder_config(source: WeightSource, base: TextEncoderConfig) -> TextEncoderConfig:
     """The encoder's hyper-parameters from its config.json, or from a llama.cpp GGUF's metadata (read from
     the already opened file: parsing a GGUF's tokenizer metadata takes seconds)."""
     if source.path.suffix != ".gguf":
-        return _component_config(text_encoder_config_from, source.path, base)
+        return component_config(text_encoder_config_from, source.path, base)
     f = source.files[0]
     arch = f.field("general.architecture", kind=str)
     keys = dict(hidden_size="embedding_length", num_attention_heads="attention.head_count",
@@ -124,13 +124,13 @@ def plan_memory(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: 
                  else _shape_entries(transformer_shapes(spec.transformer)))
     tcfg = _transformer_config(spec, t_entries, tpath) if tpath is not None else spec.transformer
     t = memory_plan.component_weights("transformer", t_entries, ("double_blocks", "single_blocks"), dtype_bytes)
-    vae_cfg = _component_config(vae_config_from, Path(vpath), spec.vae) if vpath is not None else spec.vae
+    vae_cfg = component_config(vae_config_from, Path(vpath), spec.vae) if vpath is not None else spec.vae
     v = memory_plan.component_weights("vae", vae_entries(WeightSource(vpath)) if vpath is not None
                                       else _shape_entries(vae_shapes(vae_cfg)), (), 4)
     te_cfg, te_path = spec.text_encoder, files.get("text_encoder")
     if te_path is not None:
         te_source = WeightSource(te_path, partial=True)
-        te_cfg = _encoder_config(te_source, te_cfg)
+        te_cfg = encoder_config(te_source, te_cfg)
         te_entries = text_encoder_entries(te_source, te_cfg)
     else:
         te_entries = _shape_entries(text_encoder_shapes(te_cfg))
@@ -254,7 +254,7 @@ class Pipeline:
         entries = transformer_entries(WeightSource(self._path("transformer", spec)))
         cfg = _transformer_config(spec, entries, self.files["transformer"])
         check_transformer(entries, cfg, self.files["transformer"])
-        vae = _component_config(vae_config_from, self._path("vae", spec), spec.vae)
+        vae = component_config(vae_config_from, self._path("vae", spec), spec.vae)
         if cfg.in_channels != 4 * vae.z_channels:  # latents are 2×2 patches of the VAE's channels
             raise WeightsError(f"{self.files['transformer']}: the transformer takes {cfg.in_channels} latent "
                                f"channels but the autoencoder {self.files['vae']} gives {4 * vae.z_channels}; "
@@ -327,7 +327,7 @@ class Pipeline:
                                                   streaming=streaming)
         else:
             source = WeightSource(path, partial=True, pread=streaming is not None)
-            cfg = _encoder_config(source, self.spec.text_encoder)
+            cfg = encoder_config(source, self.spec.text_encoder)
             width = len(cfg.output_layers) * cfg.hidden_size
             if width != self.spec.transformer.context_in_dim:
                 raise WeightsError(f"{path}: this text encoder gives {width} features per token but the "

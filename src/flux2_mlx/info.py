@@ -1,0 +1,101 @@
+"""`flux2 info` on model files: what a .gguf / .safetensors file or a folder of shards holds, checked as
+`flux2 generate` checks it before loading (so a file info describes is one generate accepts).
+
+Reads headers only, through the project's own readers: gguf-py's GGUFReader trusts the counts in a file
+and can loop until memory runs out on a damaged one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .config import (MISTRAL_SMALL_3_2, MODELS, QWEN3_4B, VAEConfig, text_encoder_shapes, transformer_shapes,
+                     vae_config_from, vae_shapes)
+from .keymap import check_keys, text_encoder_entries, transformer_config, transformer_entries, vae_entries
+from .pipeline import component_config, encoder_config
+from .weights import GGUFFile, WeightsError, WeightSource
+
+__all__ = ["describe"]
+
+# Bytes per weight once loaded on MLX: quantized types as repacked (16-bit scales and biases, i.e. bits +
+# 32/group), dense tensors in a 16-bit compute dtype.
+MLX_BITS = {"Q4_0": 5, "Q4_1": 5, "Q5_0": 6, "Q5_1": 6, "Q8_0": 9, "Q4_K": 5, "Q5_K": 6, "Q3_K": 8.25,
+            "Q6_K": 8.5, "Q2_K": 5}
+_TEXT_MARKERS = ("token_embd.weight", "embed_tokens.weight")
+_DIT_MARKERS = ("double_blocks.", "transformer_blocks.", "single_blocks.")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def _transformer(source: WeightSource) -> str:
+    entries = transformer_entries(source)
+    cfg = transformer_config(entries, source.path)
+    check_keys(entries, transformer_shapes(cfg), f"transformer {source.path}")
+    same = [n for n, s in MODELS.items() if s.transformer == cfg]
+    if same:
+        return f"FLUX.2 transformer: {' / '.join(same)} (tensors cannot tell distilled, base and kv apart)"
+    return (f"FLUX.2 transformer: no registered variant (hidden {cfg.hidden_size}, {cfg.depth} double + "
+            f"{cfg.depth_single_blocks} single blocks)")
+
+
+def _text_encoder(source: WeightSource) -> str:
+    qwen = any(k.endswith(("attn_q_norm.weight", "self_attn.q_norm.weight")) for k in source.keys())
+    cfg = encoder_config(source, QWEN3_4B if qwen else MISTRAL_SMALL_3_2)
+    entries = text_encoder_entries(source, cfg)
+    check_keys(entries, text_encoder_shapes(cfg), f"text encoder {source.path}")
+    f = source.files[0]
+    if isinstance(f, GGUFFile) and f.field("tokenizer.ggml.model") is not None:
+        from .tokenizer import PromptTokenizer, tokenizer_from_gguf
+
+        PromptTokenizer.from_config(tokenizer_from_gguf(f.path), cfg, f.path)  # generate builds the same
+    return (f"text encoder: {'Qwen3' if qwen else 'Mistral (llama)'}, {max(cfg.output_layers)} layers used, "
+            f"hidden {cfg.hidden_size}")
+
+
+def _vae(source: WeightSource) -> str:
+    entries = vae_entries(source)
+    folder = source.path if source.path.is_dir() else source.path.parent
+    cfg = component_config(vae_config_from, folder, VAEConfig()) if source.path.is_dir() else VAEConfig()
+    check_keys(entries, vae_shapes(cfg), f"autoencoder {source.path}")
+    return "autoencoder (VAE)"
+
+
+def describe(path) -> list[str]:
+    """Lines for `flux2 info`: what the file holds, tensors and bytes per type, estimated MLX memory.
+    WeightsError with generate's own message when generate would refuse the file."""
+    path = Path(path)
+    source = WeightSource(path, partial=True)
+    keys = source.keys()
+    if not keys:
+        raise WeightsError(f"{path}: holds no tensors")
+    dit = any(m in k for k in keys for m in _DIT_MARKERS)
+    if any(k.endswith(_TEXT_MARKERS) for k in keys) and not dit:
+        model = _text_encoder(source)
+    elif not dit and any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        model = _vae(source)
+    else:
+        model = _transformer(source)
+    f = source.files[0]
+    if isinstance(f, GGUFFile):
+        arch = f.metadata.get("general.architecture")
+        head = f"{path}: GGUF, architecture {arch if isinstance(arch, str) else '(none)'}"
+    else:
+        head = f"{path}: safetensors, {len(source.files)} file(s)"
+    per_type: dict[str, list[int]] = {}  # type → [tensors, bytes, elements]
+    for f in source.files:
+        for k in f.keys():
+            acc = per_type.setdefault(f.dtype(k), [0, 0, 0])
+            acc[0] += 1
+            acc[1] += f.nbytes(k)
+            acc[2] += math.prod(f.shape(k))
+    lines = [head, f"model: {model}", f"tensors: {len(keys)}"]
+    for name, (count, nbytes, _) in sorted(per_type.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"  {name:8} {count:5} tensors  {_gib(nbytes)}")
+    mlx = sum(elems * MLX_BITS.get(name, 16) / 8 for name, (_, _, elems) in per_type.items())
+    total = sum(v[1] for v in per_type.values())
+    lines.append(f"size: {_gib(total)}; on MLX about {_gib(mlx)} (quantized weights as repacked with 16-bit "
+                 f"scales, dense weights in bfloat16)")
+    return lines
