@@ -73,7 +73,8 @@ def _outputs(output: Path, seeds: list[int], overwrite: bool) -> list[Path]:
     if output.suffix.lower() != ".png":
         raise click.BadParameter("the output must be a .png file", param_hint="--output")
     if not output.parent.is_dir():
-        raise click.BadParameter(f"folder {output.parent} does not exist", param_hint="--output")
+        what = "is a file, not a folder" if output.parent.exists() else "does not exist"
+        raise click.BadParameter(f"folder {output.parent} {what}", param_hint="--output")
     paths = [output] if len(seeds) == 1 else [output.with_name(f"{output.stem}-{s}.png") for s in seeds]
     taken = [str(p) for p in paths if p.exists()]
     if taken and not overwrite:
