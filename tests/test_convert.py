@@ -1,7 +1,12 @@
 """`flux2 convert` / `convert()`: every target type on a tiny random transformer, read back with gguf-py;
-text encoders with llama.cpp names and Q/K permutation; refusal, interruption, CLI."""
+text encoders with llama.cpp names and Q/K permutation; quantized GGUF sources; refusal, interruption
+(SIGTERM, SIGHUP), CLI."""
 
 import json
+import os
+import signal
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import gguf
 import numpy as np
@@ -169,6 +174,123 @@ def test_verification_failure_removes_partial(tiny_dit, tmp_path, monkeypatch):
     with pytest.raises(WeightsError):
         conv.convert(src, tmp_path / "out.gguf", "Q8_0", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_reads_back_with_the_projects_reader(tiny_dit, tmp_path):
+    src, *_ = tiny_dit
+    out = conv.convert(src, tmp_path / "out.gguf", "Q8_0", progress=False)
+    p, _ = conv.plan(src, "Q8_0")
+    conv._verify(out, p)
+    p.tensors[3].type = T.Q4_0
+    with pytest.raises(WeightsError, match="does not read back as planned"):
+        conv._verify(out, p)
+    p, _ = conv.plan(src, "Q8_0")
+    p.arch = "llama"
+    with pytest.raises(WeightsError, match="general.architecture"):
+        conv._verify(out, p)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_interrupt_like_ctrl_c(tiny_dit, tmp_path, monkeypatch, sig):
+    src, *_ = tiny_dit
+    calls, real = [], conv.quantize
+
+    def signalled(a, t):
+        calls.append(t)
+        if len(calls) == 5:
+            os.kill(os.getpid(), sig)
+        return real(a, t)
+
+    monkeypatch.setattr(conv, "quantize", signalled)
+    before = signal.getsignal(sig)
+    with pytest.raises(KeyboardInterrupt):
+        conv.convert(src, tmp_path / "out.gguf", "Q4_K_M", progress=False, jobs=1)
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(sig) is before
+
+
+def test_convert_off_the_main_thread_leaves_signals_alone(tiny_dit, tmp_path):
+    src, *_ = tiny_dit
+    before = signal.getsignal(signal.SIGTERM)
+    with ThreadPoolExecutor(1) as ex:  # signal.signal would raise ValueError here
+        out = ex.submit(conv.convert, src, tmp_path / "out.gguf", "Q8_0", progress=False).result()
+    assert out.exists() and signal.getsignal(signal.SIGTERM) is before
+
+
+def _tensors(path) -> dict:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def _values(t) -> np.ndarray:
+    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(
+        tuple(reversed([int(x) for x in t.shape])))
+
+
+def _assert_holds(out, ref: dict) -> None:
+    """Every tensor of `out` holds the values of `ref`'s (gguf-py's readings of the source): the same
+    blocks where the type is unchanged, the exact values in F32, rounded ones in BF16, and within the
+    type's tolerance where re-quantized."""
+    for name, t in _tensors(out).items():
+        src, kind = ref[name], T(t.tensor_type)
+        want, got = _values(src), _values(t)
+        if kind == T(src.tensor_type):
+            np.testing.assert_array_equal(t.data, src.data)
+        elif kind == T.F32:
+            np.testing.assert_array_equal(got, want)
+        elif kind == T.BF16:
+            np.testing.assert_array_equal(got, bf16_to_f32(f32_to_bf16(want)))
+        else:
+            err = np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean())
+            assert err <= TOL[kind], (name, kind, err)
+
+
+def test_quantized_gguf_transformer_source(tiny_dit, tmp_path):
+    src, *_ = tiny_dit
+    q4 = conv.convert(src, tmp_path / "m-Q4_K_M.gguf", "Q4_K_M", progress=False)
+    ref = _tensors(q4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same types: blocks copied, nothing re-quantized, no warning
+        same = conv.convert(q4, tmp_path / "same.gguf", "Q4_K_M", progress=False)
+    assert list(_tensors(same)) == list(ref)
+    _assert_holds(same, ref)
+
+    with pytest.warns(UserWarning, match="already quantized"):
+        dense = conv.convert(q4, tmp_path / "bf16.gguf", "BF16", progress=False)
+    assert {T(t.tensor_type) for t in _tensors(dense).values()} == {T.BF16, T.F32}
+    _assert_holds(dense, ref)  # decoded exactly: BF16 holds the rounded source values
+
+    r = run("convert", q4, tmp_path / "out-Q8_0.gguf", "--type", "Q8_0")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("already quantized") == 1 and "a second time" in r.stderr
+    assert T.Q8_0 in {T(t.tensor_type) for t in _tensors(tmp_path / "out-Q8_0.gguf").values()}
+    _assert_holds(tmp_path / "out-Q8_0.gguf", ref)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16.gguf", "m-Q4_K_M.gguf", "out-Q8_0.gguf",
+                                                          "same.gguf"]
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "mistral"])
+def test_quantized_gguf_text_encoder_source(tmp_path, kind):
+    _tiny_text_encoder(tmp_path, kind)
+    q8 = conv.convert(tmp_path / "text_encoder", tmp_path / "te-Q8_0.gguf", "Q8_0", progress=False)
+    ref = _tensors(q8)
+
+    def fields(path):
+        return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = conv.convert(q8, tmp_path / "same.gguf", "Q8_0", progress=False)
+    assert fields(same) == fields(q8)  # architecture, hyper-parameters and tokenizer carried over
+    assert list(_tensors(same)) == list(ref)
+    _assert_holds(same, ref)  # Mistral's permuted Q/K rows too: un-permuted on load, permuted back
+
+    with pytest.warns(UserWarning, match="already quantized"):
+        q4 = conv.convert(q8, tmp_path / "te-Q4_K_M.gguf", "Q4_K_M", progress=False)
+    assert T.Q5_0 in {T(t.tensor_type) for t in _tensors(q4).values()}  # Q4_K's fallback at these widths
+    _assert_holds(q4, ref)
+    meta = fields(q4)
+    assert meta["tokenizer.ggml.tokens"] == fields(q8)["tokenizer.ggml.tokens"]
+    assert meta["general.file_type"] == recipes.TARGETS["Q4_K_M"][1]
 
 
 def test_tiny_weights_fall_back_to_a_safer_type(tiny_dit, tmp_path):
