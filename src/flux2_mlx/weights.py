@@ -419,6 +419,10 @@ class GGUFFile:
             raise _fail(self.path, f"metadata key {key!r} should be {name}")
         return value
 
+    def metadata_keys(self) -> list[str]:
+        """Every metadata key, long arrays included (decode one with `field`)."""
+        return list(self._fields)
+
     def keys(self) -> list[str]:
         return list(self._tensors)
 
@@ -441,7 +445,8 @@ class GGUFFile:
                 else self._mm[t.offset:t.offset + t.n_bytes])
         if kind in _GGML_DENSE:
             return data.view(_GGML_DENSE[kind]).reshape(shape)
-        return GGMLTensor(data.reshape(math.prod(shape[:-1]), -1), kind, shape)  # rows of blocks
+        rows = math.prod(shape[:-1])  # rows of whole blocks (a tensor may have none)
+        return GGMLTensor(data.reshape(rows, t.n_bytes // rows if rows else 0), kind, shape)
 
 
 class WeightSource:
