@@ -159,7 +159,7 @@ def _tree(*roots):
 @pytest.mark.parametrize("args,message", CASES)
 def test_bad_input_is_one_error_line(files, tiny_repo, monkeypatch, args, message):
     if "readonly" in " ".join(args) and _can_write(files / "readonly"):
-        pytest.skip("this user (root) writes in a read-only folder; notes.txt/out.png is the unwritable case")
+        pytest.skip("this user (root) writes in a read-only folder; the sysfs cases probe an unwritable one")
     monkeypatch.chdir(files)  # a default output (flux2.png) would land here, inside the snapshot
     argv = [a.format(tmp=files, repo=tiny_repo) for a in args]
     before = _tree(files, tiny_repo)

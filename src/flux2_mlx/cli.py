@@ -22,7 +22,8 @@ META_KEY = "flux2"
 
 
 def _fail(message: str, code: int = 2):
-    """One line on stderr and exit code 2: bad input is the user's to fix, not a crash."""
+    """One line on stderr (a message's own line breaks become "; ") and exit `code`; 2 says bad input is
+    the user's to fix, not a crash."""
     lines = (line.strip() for line in str(message).splitlines())
     click.echo(f"error: {'; '.join(line for line in lines if line)}", err=True)
     sys.exit(code)
@@ -301,8 +302,9 @@ def _is(value, kind) -> bool:
 def _check_metadata(meta, path: Path) -> None:
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: its flux2 settings are not a JSON object")
-    missing = [k for k in _META_REQUIRED if k not in meta] + (["strength"] if "image" in meta and "strength"
-                                                              not in meta else [])
+    missing = [k for k in _META_REQUIRED if k not in meta]
+    if "image" in meta and "strength" not in meta:
+        missing.append("strength")
     if missing:
         raise ValueError(f"{path}: its flux2 settings lack {', '.join(missing)}")
     for key, kind in _META_TYPES.items():
