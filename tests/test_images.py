@@ -107,3 +107,16 @@ def test_init_image_size():
     assert prepare_init(img, 64, 64).shape == (64, 64, 3)  # covered and centre-cropped
     assert prepare_init(img, None, 48).shape == (48, 192, 3)
     assert prepare_init(Image.fromarray(_gradient(2000, 1500))).shape[:2] == (880, 1168)  # ≤ 1024² px
+
+
+def test_decompression_bombs_and_broken_chunks_are_refused_in_one_line(tmp_path):
+    Image.new("1", (14000, 14000)).save(tmp_path / "bomb.png")  # 196 MP: Pillow refuses to decode it
+    good = tmp_path / "ok.png"
+    Image.new("RGB", (64, 64), "red").save(good)
+    raw = bytearray(good.read_bytes())
+    raw[raw.index(b"IDAT")] = 0x0F  # a chunk type that is not letters: Pillow raises SyntaxError
+    (tmp_path / "broken.png").write_bytes(bytes(raw))
+    for name in ("bomb.png", "broken.png"):
+        with pytest.raises(ValueError, match="not a readable image") as e:
+            prepare_references([tmp_path / name], "klein-4b")
+        assert "\n" not in str(e.value)

@@ -45,7 +45,8 @@ def open_image(source, what: str = "image") -> Image.Image:
         try:
             img = Image.open(path)
             img.load()
-        except (UnidentifiedImageError, OSError) as e:
+        # Pillow reports some damaged files as SyntaxError, and refuses decompression bombs (> 179 MP).
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
             raise ValueError(f"{what} {path} is not a readable image ({e}); use a PNG, JPEG or WebP") from None
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I"):
