@@ -103,7 +103,7 @@ def prepare_references(images, model: str = "") -> list[np.ndarray]:
     cap = reference_pixels(len(images))
     for k, source in enumerate(images):
         what = f"reference image {k + 1}" + (f" ({source})" if isinstance(source, (str, Path)) else "")
-        img = open_image(source, what)
+        img = open_image(source, f"reference image {k + 1}")  # open_image adds the path itself
         check_reference(img, what)
         out.append(to_array(crop_to_16(cap_pixels(img, cap))))
     return out
