@@ -73,7 +73,8 @@ SAFETENSORS_CASES = {
     "shape null": (lambda s: _edit_header(s, _set("img_in.weight", "shape", None)), "shape"),
     "shape floats": (lambda s: _edit_header(s, _set("img_in.weight", "shape", [1.5, 2])), "shape"),
     "shape that wraps int64": (lambda s: _edit_header(s, _set("img_in.weight", "shape", [2**32, 2**32])),
-                               "needs 36893488147419103232 bytes"),
+                               "too large"),
+    "empty but huge": (lambda s: _edit_header(s, _set("img_in.weight", "shape", [2**62, 0])), "too large"),
     "metadata true": (lambda s: _edit_header(s, lambda h: h.update(__metadata__=True)), "__metadata__"),
     "metadata of ints": (lambda s: _edit_header(s, lambda h: h.update(__metadata__={"a": 1})), "__metadata__"),
     "unknown dtype": (lambda s: _edit_header(s, _set("img_in.weight", "dtype", "F7")), "dtype 'F7'"),
@@ -124,13 +125,20 @@ def _field_bytes(spec, kind, index, value, width=8):
     return data[:at] + int(value).to_bytes(width, "little") + data[at + width:]
 
 
+def _field_spec(spec):
+    """The spec with its first tensor made empty (0 rows), so that its other axis costs no bytes."""
+    name, shape, kind, _ = spec["tensors"][0]
+    return {**spec, "tensors": [(name, (0, shape[1]), kind, b"")] + spec["tensors"][1:]}
+
+
 GGUF_CASES = {
     "alignment 0": (lambda s: _retyped(s, "general.alignment", UINT32, 0), "general.alignment"),
     "alignment 3": (lambda s: _retyped(s, "general.alignment", UINT32, 3), "general.alignment"),
     "alignment inf": (lambda s: _retyped(s, "general.alignment", FLOAT32, float("inf")), "general.alignment"),
     "alignment string": (lambda s: _retyped(s, "general.alignment", STRING, ""), "general.alignment"),
     "alignment uint64": (lambda s: _retyped(s, "general.alignment", UINT64, 64), "general.alignment"),
-    "dim 2^64-2": (lambda s: _field_bytes(s, "tensor.dim", 0, 2**64 - 2), "whole .* blocks|outside the file"),
+    "empty but huge": (lambda s: _field_bytes(_field_spec(s), "tensor.dim", 1, 2**62), "too large"),
+    "dim 2^64-2": (lambda s: _field_bytes(s, "tensor.dim", 0, 2**64 - 2), "too large"),
     "array of 2^64-1": (lambda s: _field_bytes(s, "kv.count", 0, 2**64 - 1), "claims"),
     "value type 99": (lambda s: _field_bytes(s, "kv.type", 0, 99, 4), "value type 99"),
     "string past the end": (lambda s: _field_bytes(s, "kv.str.len", 0, 2**40), "past the end"),

@@ -119,6 +119,12 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _too_large(shape) -> bool:
+    """A shape numpy cannot even describe: its size must fit an index, zero-length axes aside (an empty
+    tensor takes no bytes, so the file size alone does not bound its other axes)."""
+    return math.prod(max(int(d), 1) for d in shape) > 2**59
+
+
 class SafetensorsFile:
     """One .safetensors file: a JSON header parsed and checked up front, tensors as views of one np.memmap.
 
@@ -179,6 +185,8 @@ class SafetensorsFile:
                 and 0 <= offsets[0] <= offsets[1]):
             raise _fail(self.path, f"tensor {name!r} has data_offsets {offsets!r}, not [start, end] with "
                                    f"0 <= start <= end")
+        if _too_large(shape):
+            raise _fail(self.path, f"tensor {name!r} has shape {shape}, too large for any array")
         start, end = offsets
         want = _DTYPES[dtype].itemsize * math.prod(shape)
         if end - start != want:
@@ -392,6 +400,8 @@ class GGUFFile:
             except (ValueError, KeyError):
                 raise WeightsError(f"{self.path}: tensor {name!r} has ggml type id {kind}, which gguf-py does not "
                                    f"know; flux2-mlx reads {_GGML_SUPPORTED}") from None
+            if _too_large(dims):
+                raise _Corrupt(f"tensor {name!r} has dims {list(dims)}, too large for any array")
             if dims[0] % bs:
                 raise _Corrupt(f"tensor {name!r} has rows of {dims[0]} values, not whole {t.name} blocks of {bs}")
             n_bytes = math.prod(dims) // bs * ts  # Python ints: a huge dim cannot wrap the count
