@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import threading
 import warnings
@@ -215,8 +214,8 @@ def _gguf_hf_config(f: GGUFFile) -> dict:
 def _gguf_tokenizer_kv(f: GGUFFile) -> list[tuple[str, object, gguf.GGUFValueType]]:
     """The tokenizer a GGUF source embeds, copied key by key (the long arrays are decoded only here)."""
     V = gguf.GGUFValueType
-    kv = [(k, v, V.STRING if isinstance(v, str) else V.BOOL if isinstance(v, bool) else
-           V.FLOAT32 if isinstance(v, float) else V.ARRAY if isinstance(v, list) else V.UINT32)
+    kinds = ((bool, V.BOOL), (int, V.UINT32), (float, V.FLOAT32), (str, V.STRING), (list, V.ARRAY))  # bool first
+    kv = [(k, v, next(t for cls, t in kinds if isinstance(v, cls)))
           for k, v in f.metadata.items() if k.startswith("tokenizer.")]
     return kv + [(k, f.field(k), V.ARRAY) for k in _GGUF_TOKENIZER_ARRAYS
                  if k not in f.metadata and f.field(k) is not None]
@@ -367,6 +366,7 @@ def _signals_as_interrupt():
 
 
 def _write(path: Path, p: Plan, target: str, jobs: int, progress: bool) -> None:
+    """The GGUF file at `path`, one tensor at a time; closed (and the workers stopped) however it ends."""
     writer = gguf.GGUFWriter(None, p.arch)
     pool = None
     try:
