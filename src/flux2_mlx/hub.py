@@ -101,7 +101,7 @@ def _complete(spec: ModelSpec, component: str, path: Path) -> bool:
         index_json = json.loads(index.read_text())
         shards = (text_encoder_shards(index_json, spec) if component == "text_encoder"
                   else set(index_json["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # damaged: download again
         return False
     return all((path / s).exists() for s in shards)
 
@@ -211,7 +211,10 @@ def _download(spec: ModelSpec, component: str, cache_dir) -> Path:
             snap = Path(hf.snapshot_download(repo_id, allow_patterns=["text_encoder/*.json"],
                                              cache_dir=cache))
             index = snap / "text_encoder" / "model.safetensors.index.json"
-            shards = text_encoder_shards(json.loads(index.read_text()), spec) if index.exists() else None
+            try:
+                shards = text_encoder_shards(json.loads(index.read_text()), spec) if index.exists() else None
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                shards = None  # a damaged index: fetch every shard rather than guess
             patterns = [f"text_encoder/{s}" for s in shards] if shards else ["text_encoder/*.safetensors"]
         snap = Path(hf.snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache))
     if not _complete(spec, component, snap / rel):
