@@ -3,7 +3,7 @@ and loading (tests/fuzzing.py). A longer run: scripts/fuzz.py --mutations N."""
 
 import fuzzing
 
-MUTATIONS = 2000
+MUTATIONS = 1500
 
 
 def test_mutated_files_are_refused_cleanly_never_crash_hang_or_blow_up(tmp_path):
