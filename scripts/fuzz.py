@@ -1,9 +1,10 @@
 """Fuzz the weight-file readers: `python scripts/fuzz.py --mutations 100000 --jobs 2`.
 
 Seeded mutations of tiny real-layout model files (safetensors BFL and diffusers, GGUF transformer, GGUF Qwen3
-encoder with its vocabulary) through parsing, `flux2 info` and loading; see tests/fuzzing.py. Exits 1 when any
-mutation raised an undocumented exception, refused with an error not naming the file, ran past --time-cap,
-grew memory past --mem-cap or crashed the process. `--only I` replays one mutation and prints its traceback.
+encoder with its vocabulary) through parsing, `flux2 info`, loading and `flux2 convert` planning; see
+tests/fuzzing.py. Exits 1 when any mutation raised an undocumented exception, refused with an error not
+naming the file, ran past --time-cap, grew memory past --mem-cap or crashed the process. `--only I` replays
+one mutation and prints its traceback.
 """
 
 from __future__ import annotations
@@ -49,10 +50,9 @@ def replay(corpus: Path, seed: int, i: int) -> int:
     path = corpus / f"m{i}{Path(base).suffix}"
     path.write_bytes(data)
     print(f"mutation {i}: {base}: {desc}")
-    for target, fn in (("parse", lambda: fuzzing._parse(path)), ("info", lambda: fuzzing._info(path)),
-                       ("load", lambda: fuzzing._load(path, specs[base][1]))):
+    for target, fn in fuzzing.TARGETS.items():
         try:
-            fn()
+            fn(path, specs[base][1])
             print(f"{target}: accepted")
         except Exception:
             print(f"{target}: " + traceback.format_exc())

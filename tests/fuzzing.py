@@ -1,7 +1,8 @@
 """Fuzzing the weight-file readers: seeded mutations of tiny model files in the real layouts (a BFL and a
 diffusers safetensors transformer, a quantized GGUF transformer, a llama.cpp Qwen3 GGUF with its vocabulary),
-each run through the three places a file is read: parsing (every tensor and metadata key), `flux2 info`'s
-description, and loading as the pipeline does (transformer, or text encoder and tokenizer).
+each run through the places a file is read: parsing (every tensor and metadata key), `flux2 info`'s
+description, loading as the pipeline does (transformer, or text encoder and tokenizer), and planning a
+`flux2 convert`.
 
 A file may be refused, but only with the documented WeightsError / ValueError / OSError naming the file.
 Mutations run in a worker process that a supervisor kills and restarts when one runs past the time cap, the
@@ -403,7 +404,7 @@ def mutate(seed: int, i: int, specs: dict) -> tuple[str, bytes, str]:
     return base, data, desc
 
 
-# ---------------------------------------------------------------- the three targets
+# ---------------------------------------------------------------- the targets
 
 def _parse(path: Path) -> None:
     from flux2_mlx.weights import GGUFFile, SafetensorsFile
@@ -444,6 +445,16 @@ def _load(path: Path, role: str) -> None:
         be.load_text_encoder(encoder_config(source, QWEN3_4B), source, dtype=dtype)
 
 
+def _convert_plan(path: Path) -> None:
+    from flux2_mlx.convert import plan
+
+    plan(path, "Q4_K_M")
+
+
+TARGETS = {"parse": lambda path, role: _parse(path), "info": lambda path, role: _info(path),
+           "load": _load, "convert plan": lambda path, role: _convert_plan(path)}
+
+
 def _where(e: BaseException) -> str:
     frames = traceback.extract_tb(e.__traceback__)
     ours = [f for f in frames if "flux2_mlx" in f.filename] or frames
@@ -452,15 +463,14 @@ def _where(e: BaseException) -> str:
 
 
 def run_targets(path: Path, role: str) -> list[dict]:
-    """(problems, refused) reading `path` in the three targets: problems are undocumented exceptions and
+    """(problems, refused) reading `path` in every target: problems are undocumented exceptions and
     documented ones whose message does not name the file; refused: some target refused the file."""
     from flux2_mlx.weights import WeightsError
 
     bad, refused = [], False
-    for target, fn in (("parse", lambda: _parse(path)), ("info", lambda: _info(path)),
-                       ("load", lambda: _load(path, role))):
+    for target, fn in TARGETS.items():
         try:
-            fn()
+            fn(path, role)
         except (WeightsError, ValueError, OSError) as e:
             refused = True
             if path.name not in str(e):

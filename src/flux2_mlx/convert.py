@@ -36,10 +36,10 @@ from .config import (
     QWEN3_4B,
     get_spec,
     text_encoder_config_from,
-    transformer_config_from_shapes,
     transformer_shapes,
 )
-from .keymap import check_keys, hf_to_llama_cpp, permute_qk, text_encoder_entries, transformer_entries
+from .keymap import (check_keys, hf_to_llama_cpp, permute_qk, text_encoder_entries, transformer_config,
+                     transformer_entries)
 from .quant import recipes
 from .quant.ggml import GGMLType, quantize, row_bytes
 from .weights import GGML_QUANTIZED, GGMLTensor, GGUFFile, WeightsError, WeightSource, to_float32
@@ -98,9 +98,7 @@ def _resolve(src) -> tuple[Path, str | None]:
 
 def _transformer_plan(source: WeightSource, target: str, model: str | None) -> Plan:
     entries = transformer_entries(source)
-    if "img_in.weight" not in entries or "single_blocks.0.linear2.weight" not in entries:
-        raise WeightsError(f"{source.path}: no FLUX.2 transformer tensors found")
-    cfg = transformer_config_from_shapes({k: e.shape for k, e in entries.items()})
+    cfg = transformer_config(entries, source.path)
     expected = transformer_shapes(cfg)
     check_keys(entries, expected, f"transformer {source.path}")
     tensors = []
@@ -115,10 +113,12 @@ def _transformer_plan(source: WeightSource, target: str, model: str | None) -> P
 
 
 def _read_json(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when there is none (missing, unreadable or not an object)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    return value if isinstance(value, dict) else None
 
 
 def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
@@ -127,7 +127,13 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
     hf = _gguf_hf_config(gguf_file) if gguf_file else _read_json(folder / "config.json") or {}
     hf_text = hf.get("text_config", hf)
     qwen = any(k.endswith(("self_attn.q_norm.weight", "attn_q_norm.weight")) for k in source.keys())
-    cfg = text_encoder_config_from(hf, QWEN3_4B if qwen else MISTRAL_SMALL_3_2)
+    try:
+        cfg = text_encoder_config_from(hf, QWEN3_4B if qwen else MISTRAL_SMALL_3_2)
+        ctx = int(hf_text.get("max_position_embeddings") or _CONTEXT[cfg.kind])
+    except (ValueError, TypeError, AttributeError) as e:
+        where = source.path if gguf_file else folder / "config.json"
+        raise WeightsError(f"{where}: {e}" if isinstance(e, ValueError) else f"{where}: a malformed config") \
+            from None
     n_layers = cfg.num_hidden_layers if all_layers else min(max(cfg.output_layers), cfg.num_hidden_layers)
     entries = text_encoder_entries(source, replace(cfg, output_layers=(n_layers,)))
     unexpected = [k for k in entries if not k.startswith("model.")]
@@ -166,9 +172,9 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
                                      cfg.num_attention_heads // cfg.num_key_value_heads)
         tensors.append(Tensor(name, tuple(shape), t, load, src_type=stored))
     U, F = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
-    ctx = hf_text.get("max_position_embeddings") or _CONTEXT[cfg.kind]
-    kv = [("general.name", hf.get("_name_or_path") or folder.name, gguf.GGUFValueType.STRING),
-          (f"{arch}.context_length", int(ctx), U), (f"{arch}.embedding_length", cfg.hidden_size, U),
+    name = hf.get("_name_or_path")
+    kv = [("general.name", name if isinstance(name, str) and name else folder.name, gguf.GGUFValueType.STRING),
+          (f"{arch}.context_length", ctx, U), (f"{arch}.embedding_length", cfg.hidden_size, U),
           (f"{arch}.block_count", n_layers, U), (f"{arch}.feed_forward_length", cfg.intermediate_size, U),
           (f"{arch}.attention.head_count", cfg.num_attention_heads, U),
           (f"{arch}.attention.head_count_kv", cfg.num_key_value_heads, U),
@@ -232,6 +238,16 @@ def _find_tokenizer(folder: Path) -> Path | None:
 def tokenizer_kv(path: Path, vocab_size: int, pre: str) -> list[tuple[str, object, gguf.GGUFValueType]]:
     """gpt2-style BPE metadata from a tokenizer.json, as llama.cpp's converter writes it: tokens by id
     (padded with [PADn] to the embedding's rows), token types, merges, bos/eos/pad ids."""
+    try:
+        return _tokenizer_kv(path, vocab_size, pre)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        if isinstance(e, WeightsError):
+            raise
+        raise WeightsError(f"{path}: not a tokenizer.json flux2 can embed ({type(e).__name__}: {e}); download it "
+                           f"again") from None
+
+
+def _tokenizer_kv(path: Path, vocab_size: int, pre: str) -> list[tuple[str, object, gguf.GGUFValueType]]:
     tj = json.loads(path.read_text())
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
