@@ -14,11 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ModelSpec
-from .weights import SafetensorsFile, WeightsError
+from .weights import INDEX_NAMES, SafetensorsFile, WeightsError
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 LOCAL_HINT = "pass local files with --model-path DIR or --transformer/--vae/--text-encoder/--tokenizer"
-_INDEXES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -94,7 +93,7 @@ def _complete(spec: ModelSpec, component: str, path: Path) -> bool:
     """Whether a cached component is whole: a partial download must be finished, not loaded."""
     if not path.is_dir():
         return path.is_file()
-    index = next((path / n for n in _INDEXES if (path / n).exists()), None)
+    index = next((path / n for n in INDEX_NAMES if (path / n).exists()), None)
     if index is None:
         return any(path.glob("*.safetensors"))
     try:

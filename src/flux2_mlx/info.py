@@ -14,7 +14,7 @@ from .config import (MISTRAL_SMALL_3_2, MODELS, QWEN3_4B, VAEConfig, text_encode
                      vae_config_from, vae_shapes)
 from .keymap import check_keys, text_encoder_entries, transformer_config, transformer_entries, vae_entries
 from .pipeline import component_config, encoder_config
-from .weights import GGUFFile, WeightsError, WeightSource
+from .weights import INDEX_NAMES, GGUFFile, WeightsError, WeightSource
 
 __all__ = ["describe"]
 
@@ -63,10 +63,25 @@ def _vae(source: WeightSource) -> str:
     return "autoencoder (VAE)"
 
 
+def _parts(folder: Path) -> list[Path]:
+    """What a folder holds: itself when it is one sharded component (it has an index), else each weight file
+    at its root and each diffusers component folder (a repo such as FLUX.2-dev holds both layouts)."""
+    if any((folder / n).exists() for n in INDEX_NAMES):
+        return [folder]
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".gguf") and p.is_file())
+    return files + [folder / c for c in ("transformer", "text_encoder", "vae") if (folder / c).is_dir()] or [folder]
+
+
 def describe(path) -> list[str]:
-    """Lines for `flux2 info`: what the file holds, tensors and bytes per type, estimated MLX memory.
-    WeightsError with generate's own message when generate would refuse the file."""
+    """Lines for `flux2 info`: what the file (or each component in a folder) holds, tensors and bytes per
+    type, estimated MLX memory. WeightsError with generate's own message when generate would refuse it."""
     path = Path(path)
+    if path.is_dir():
+        return [line for part in _parts(path) for line in _describe(part)]
+    return _describe(path)
+
+
+def _describe(path: Path) -> list[str]:
     source = WeightSource(path, partial=True)
     keys = source.keys()
     if not keys:

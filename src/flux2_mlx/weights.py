@@ -29,7 +29,7 @@ _DTYPES = {
     "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-_INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 
 
 class WeightsError(ValueError):
@@ -505,7 +505,7 @@ class WeightSource:
 def _shards(path: Path, partial: bool = False) -> list[Path]:
     if path.is_file():
         return [path]
-    for index_name in _INDEX_NAMES:
+    for index_name in INDEX_NAMES:
         index = path / index_name
         if index.exists():
             try:
