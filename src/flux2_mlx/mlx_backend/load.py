@@ -19,7 +19,8 @@ from ..quant.ggml import GGMLType
 from ..quant.mlx_layout import MLXQuant, repack
 from ..weights import BF16, GGMLTensor, WeightSource
 from .quant_layers import cast, module_at, quantized_layer, replace_module
-from .stream import StreamedBlock, Streamer
+from ..streaming import Streamer
+from .stream import StreamedBlock
 from .text_encoder import DecoderLayer, TextEncoder
 from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
 from .vae import AutoEncoder
