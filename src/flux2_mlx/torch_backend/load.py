@@ -1,0 +1,140 @@
+"""Build PyTorch modules from configs and fill them from canonical weight entries, strictly.
+
+The only torch files that touch weights are this one and stream.py. Modules are built on the meta
+device (no memory, no random init) and each parameter is put in place as its tensor arrives, one
+tensor at a time, so no second full copy of a model is ever held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import MODELS, TextEncoderConfig, TransformerConfig, VAEConfig, text_encoder_shapes, vae_shapes
+from ..keymap import (Entry, block_key, check_keys, check_transformer, text_encoder_entries,
+                      transformer_entries, vae_entries)
+from ..quant.ggml import GGMLType
+from ..quant.mlx_layout import MLXQuant, repack
+from ..weights import BF16, GGMLTensor, WeightSource
+from .quant_layers import quantized_layer, replace_module
+from .stream import StreamedBlock, Streamer
+from .text_encoder import DecoderLayer, TextEncoder
+from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
+from .vae import AutoEncoder
+
+
+def host_tensor(a: np.ndarray, pin: bool = False) -> torch.Tensor:
+    """A private copy of `a` as a CPU tensor (page-locked with `pin`, so a CUDA copy can run async).
+    weights.BF16 arrives as its bits; copying never aliases a memory-mapped file."""
+    bits = a.view(np.int16) if a.dtype == BF16 else a
+    t = torch.empty(bits.shape, dtype=torch.from_numpy(np.empty(0, bits.dtype)).dtype, pin_memory=pin)
+    t.numpy()[...] = bits
+    return t.view(torch.bfloat16) if a.dtype == BF16 else t
+
+
+def from_numpy(a: np.ndarray, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """numpy → torch on `device` in `dtype` (None: as it is)."""
+    return _device_tensor(host_tensor(a, pin=device.type == "cuda"), device, dtype)
+
+
+def _device_tensor(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    # Copy first, then cast on the device: a bf16 file crosses the bus at 2 bytes a value.
+    return t.to(device, non_blocking=True).to(dtype or t.dtype)
+
+
+def _host(raw: np.ndarray | GGMLTensor, pin: bool) -> torch.Tensor | MLXQuant:
+    """The host half of loading a tensor: a CPU tensor, or GGUF blocks repacked to the affine layout with
+    the packed codes as bytes."""
+    if isinstance(raw, GGMLTensor):
+        q = repack(raw.data, GGMLType[raw.ggml_type], raw.shape)
+        return dataclasses.replace(q, weight=host_tensor(q.weight.view(np.uint8), pin),
+                                   scales=host_tensor(q.scales, pin), biases=host_tensor(q.biases, pin))
+    return host_tensor(raw, pin)
+
+
+def _place(host: torch.Tensor | MLXQuant, device: torch.device, dtype: torch.dtype):
+    """The host form on the device, dense tensors and scales in `dtype` (codes stay bytes). Idempotent."""
+    if isinstance(host, MLXQuant):
+        return dataclasses.replace(host, weight=_device_tensor(host.weight, device, None),
+                                   scales=_device_tensor(host.scales, device, dtype),
+                                   biases=_device_tensor(host.biases, device, dtype))
+    return _device_tensor(host, device, dtype)
+
+
+def _empty(make):
+    """make() built on the meta device: shapes only, no memory, no random initialisation."""
+    with torch.device("meta"):
+        return make()
+
+
+def _fill(module: nn.Module, tensors, place) -> nn.Module:
+    """Put (name, host or placed form) pairs into `module`, one tensor at a time."""
+    for name, t in tensors:
+        path, _, leaf = name.rpartition(".")
+        t = place(t)
+        if isinstance(t, MLXQuant):  # quantized: the layer type follows the tensor's ggml type
+            replace_module(module, path, quantized_layer(module.get_submodule(path), t))
+            continue
+        owner = module.get_submodule(path)
+        if leaf in owner._buffers:
+            owner._buffers[leaf] = t
+        else:
+            owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    return module.eval()
+
+
+def _assign(module, entries: dict[str, Entry], dtype: torch.dtype, device: torch.device, streaming=None,
+            groups=(), where="weights"):
+    """Fill `module`. With `streaming` (a memory.Streaming), the blocks of `groups` ((block list attribute,
+    block factory), in execution order) past the first `streaming.resident` become StreamedBlocks."""
+    host, place = partial(_host, pin=device.type == "cuda"), partial(_place, device=device, dtype=dtype)
+    streamed: dict[tuple[str, int], dict[str, Entry]] = {}
+    if streaming is not None:
+        attrs = tuple(attr for attr, _ in groups)
+        order = [(attr, i) for attr in attrs for i in range(len(module.get_submodule(attr)))]
+        streamed = {key: {} for key in order[streaming.resident:]}
+        for name, entry in entries.items():
+            k = block_key(name, attrs)
+            if k and (attrs[k[0]], k[1]) in streamed:
+                streamed[attrs[k[0]], k[1]][k[2]] = entry
+    if streamed:
+        make = dict(groups)
+        blocks = [(f"{attr}.{i}", partial(_empty, make[attr]), block) for (attr, i), block in streamed.items()]
+        streamer = Streamer(blocks, lambda m, t: _fill(m, t, place), host, place, streaming.keep_host, where,
+                            device)
+        for k, (attr, i) in enumerate(streamed):
+            module.get_submodule(attr)[i] = StreamedBlock(streamer, k)
+    skip = {f"{attr}.{i}.{rest}" for (attr, i), block in streamed.items() for rest in block}
+    return _fill(module, ((n, host(e.load())) for n, e in entries.items() if n not in skip), place)
+
+
+def load_transformer(cfg: TransformerConfig, source: WeightSource | dict, *, dtype: torch.dtype,
+                     device: torch.device, streaming=None):
+    entries = source if isinstance(source, dict) else transformer_entries(source)
+    where = getattr(source, "path", "weights")
+    check_transformer(entries, cfg, where)
+    groups = (("double_blocks", lambda: DoubleStreamBlock(cfg)), ("single_blocks", lambda: SingleStreamBlock(cfg)))
+    return _assign(_empty(lambda: Flux2(cfg, dtype)), entries, dtype, device, streaming, groups, where)
+
+
+def load_vae(cfg: VAEConfig, source: WeightSource | dict, *, dtype: torch.dtype, device: torch.device):
+    entries = source if isinstance(source, dict) else vae_entries(source)
+    check_keys(entries, vae_shapes(cfg), f"autoencoder {getattr(source, 'path', 'weights')}")
+    return _assign(_empty(lambda: AutoEncoder(cfg)), entries, dtype, device)
+
+
+def load_text_encoder(cfg: TextEncoderConfig, source: WeightSource | dict, *, dtype: torch.dtype,
+                      device: torch.device, streaming=None):
+    entries = source if isinstance(source, dict) else text_encoder_entries(source, cfg)
+    shapes = {k: tuple(e.shape) for k, e in entries.items()}
+    repo = next((s.text_encoder.repo_id for s in MODELS.values()
+                 if s.text_encoder != cfg and text_encoder_shapes(s.text_encoder) == shapes), None)
+    hint = f"These weights have the shapes of {repo}: choose a model that uses it." if repo else ""
+    where = getattr(source, "path", "weights")
+    check_keys(entries, text_encoder_shapes(cfg), f"text encoder {where}", hint)
+    groups = (("model.layers", lambda: DecoderLayer(cfg)),)
+    return _assign(_empty(lambda: TextEncoder(cfg)), entries, dtype, device, streaming, groups, where)

@@ -1,0 +1,210 @@
+"""The PyTorch backend: the MLX backend's contract, diffusers' / transformers' numbers, MLX's numbers on the
+same files, streamed == resident bit for bit (float32, tiny random models, on this machine's device)."""
+
+import dataclasses
+import inspect
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import diffusers_vae, random_transformer, random_vae, rel_err
+from test_streaming import CFG as DEEP
+from test_text_encoder_parity import Reference, _assert_close
+from test_transformer_parity import _inputs, _reference, _refs
+from test_vae_parity import ref_decode, ref_encode
+
+import flux2_mlx.mlx_backend as mb
+import flux2_mlx.torch_backend as tb
+from flux2_mlx import memory
+from flux2_mlx.config import tiny_spec
+from flux2_mlx.keymap import Entry
+from flux2_mlx.sampling import prc_img, prc_txt
+from flux2_mlx.weights import WeightSource, save_safetensors
+
+CONTRACT = ["resolve_dtype", "load_transformer", "load_text_encoder", "load_vae", "from_numpy", "to_numpy",
+            "evaluate", "free", "peak_memory", "device_memory", "use_device"]
+F32 = torch.float32
+
+
+def _entries(tensors: dict) -> dict[str, Entry]:
+    return {k: Entry(a.shape, lambda a=a: a) for k, a in tensors.items()}
+
+
+def _call(be, model, i, **kw):
+    """One transformer forward on backend `be` from numpy inputs → numpy."""
+    args = [be.from_numpy(i[k]) for k in ("x", "x_ids", "t", "ctx", "ctx_ids", "g")]
+    kw = {k: be.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    return be.to_numpy(model(*args, **kw))
+
+
+# ---- the contract ------------------------------------------------------------------------------------------
+
+def test_same_names_and_signatures_as_mlx():
+    for name in CONTRACT:
+        assert callable(getattr(tb, name, None)), name
+        if hasattr(mb, name):  # use_device arrives in the MLX backend separately
+            assert inspect.signature(getattr(tb, name)) == inspect.signature(getattr(mb, name)), name
+    assert str(inspect.signature(tb.use_device)) == "(name: 'str | None' = None) -> 'str'"
+
+
+def test_device_choice_and_dtypes():
+    assert tb.use_device("cpu") == "cpu"
+    assert tb.resolve_dtype(None) == F32 and tb.resolve_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        tb.resolve_dtype("fp8")
+    for bad in ("tpu", "cuda:99", "cpu:1") + (() if torch.cuda.is_available() else ("cuda",)):
+        with pytest.raises(ValueError, match=f"device '{bad}' is not available here; available: cpu"):
+            tb.use_device(bad)
+    assert tb.use_device() == ("cuda:0" if torch.cuda.is_available() else "mps" if tb._has_mps() else "cpu")
+    mem = tb.device_memory()
+    assert set(mem) == set(mb.device_memory()) and 0 < mem["limit"] <= mem["total"]
+    assert tb.peak_memory() > 0
+    x = tb.from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3), torch.bfloat16)
+    assert x.dtype == torch.bfloat16 and tb.to_numpy(x).dtype == np.float32
+
+
+# ---- the transformer ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["dev", "klein-4b"])
+@pytest.mark.parametrize("layout", ["bfl", "diffusers"])
+def test_transformer_matches_diffusers_and_mlx(tiny_models, variant, layout):
+    m = tiny_models(variant)
+    cfg = m.spec.transformer
+    path = m.bfl_dir / m.spec.transformer_file if layout == "bfl" else m.diffusers_dir / "transformer"
+    ours = tb.load_transformer(cfg, WeightSource(path), dtype=F32)
+    i = _inputs(cfg, L=128)
+    got = _call(tb, ours, i)
+    assert rel_err(got, _reference(m.ref_transformer, cfg, i)) <= 1e-5
+    assert rel_err(got, _call(mb, mb.load_transformer(cfg, WeightSource(path), dtype=mx.float32), i)) <= 1e-5
+
+
+def test_reference_tokens_match_diffusers(tiny_models):
+    m = tiny_models("dev")
+    cfg = m.spec.transformer
+    ours = tb.load_transformer(cfg, WeightSource(m.bfl_dir / m.spec.transformer_file), dtype=F32)
+    i = _inputs(cfg, L=64)
+    ref, ref_ids = _refs(cfg, [(2, 4), (5, 3)])
+    got = _call(tb, ours, i, ref=ref, ref_ids=ref_ids)
+    joint = dict(i, x=np.concatenate([i["x"], ref], 1), x_ids=np.concatenate([i["x_ids"], ref_ids], 1))
+    want = _reference(m.ref_transformer, cfg, joint)[:, : i["x"].shape[1]]
+    assert rel_err(got, want) <= 1e-5 and rel_err(got, _call(tb, ours, i)) > 1e-3
+
+
+def test_kv_extract_and_cached_steps_match_mlx(tiny_models):
+    m = tiny_models("klein-9b-kv")
+    cfg = m.spec.transformer
+    path = m.bfl_dir / m.spec.transformer_file
+    models = {tb: tb.load_transformer(cfg, WeightSource(path), dtype=F32),
+              mb: mb.load_transformer(cfg, WeightSource(path), dtype=mx.float32)}
+    ref, ref_ids = _refs(cfg, [(4, 2), (3, 5)])
+    caches = {tb: [], mb: []}
+    for step, t in enumerate([0.9, 0.4]):
+        i = dict(_inputs(cfg, L=64, seed=step), t=np.array([t], np.float32))
+        kw = dict(ref=ref, ref_ids=ref_ids) if step == 0 else {}
+        got, want = (_call(be, models[be], i, kv_cache=caches[be], **kw) for be in (tb, mb))
+        assert rel_err(got, want) <= 1e-5
+        assert len(caches[tb]) == cfg.depth + cfg.depth_single_blocks
+    assert rel_err(tb.to_numpy(caches[tb][-1][1]), np.array(caches[mb][-1][1])) <= 1e-5
+
+
+def test_bf16_transformer_tracks_float32(tiny_models):
+    m = tiny_models("klein-4b")
+    cfg, path = m.spec.transformer, WeightSource(m.bfl_dir / m.spec.transformer_file)
+    i = dict(_inputs(cfg, L=64), t=np.array([0.5], np.float32))  # 1000·t is exact in bf16
+    model = tb.load_transformer(cfg, path, dtype=torch.bfloat16)
+    out = model(*(tb.from_numpy(i[k]) for k in ("x", "x_ids", "t", "ctx", "ctx_ids")))
+    assert out.dtype == torch.bfloat16
+    assert rel_err(tb.to_numpy(out), _call(tb, tb.load_transformer(cfg, path, dtype=F32), i)) < 3e-2
+
+
+# ---- the autoencoder ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory):
+    cfg = tiny_spec("klein-4b").vae
+    tmp = tmp_path_factory.mktemp("vae")
+    bfl = random_vae(cfg, seed=3)
+    save_safetensors(tmp / "ae.safetensors", bfl)
+    ref = diffusers_vae(cfg, bfl)
+    ref.save_pretrained(tmp / "vae")
+    rng = np.random.default_rng(7)
+    img = rng.uniform(-1, 1, (1, 64, 48, 3)).astype(np.float32)  # NHWC, not square
+    z = rng.standard_normal((1, 4, 3, 4 * cfg.z_channels)).astype(np.float32)
+    return cfg, tmp, ref, img, z
+
+
+@pytest.mark.parametrize("layout", ["ae.safetensors", "vae"])
+def test_vae_matches_diffusers_and_mlx(vae, layout):
+    cfg, tmp, ref, img, z = vae
+    ours = tb.load_vae(cfg, WeightSource(tmp / layout), dtype=F32)
+    theirs = mb.load_vae(cfg, WeightSource(tmp / layout), dtype=mx.float32)
+    enc = tb.to_numpy(ours.encode(tb.from_numpy(img)))
+    dec = tb.to_numpy(ours.decode(tb.from_numpy(z)))
+    assert enc.shape == (1, 4, 3, 4 * cfg.z_channels) and dec.shape == img.shape  # NHWC in and out
+    assert rel_err(enc, ref_encode(ref, img.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)) <= 1e-5
+    assert rel_err(dec, ref_decode(ref, z.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)) <= 1e-5
+    assert rel_err(enc, np.array(theirs.encode(mx.array(img)))) <= 1e-5
+    assert rel_err(dec, np.array(theirs.decode(mx.array(z)))) <= 1e-5
+
+
+# ---- the text encoders -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["qwen3", "mistral"])
+def test_text_encoder_matches_transformers_and_mlx(tmp_path, kind):
+    ref = Reference(kind, tmp_path)
+    ours = tb.load_text_encoder(ref.te, WeightSource(ref.dir), dtype=F32)
+    got = tb.to_numpy(ours(tb.from_numpy(ref.ids), tb.from_numpy(ref.mask)))
+    _assert_close(got, ref)  # real and pad rows, each ≤ 1e-5
+    theirs = mb.load_text_encoder(ref.te, WeightSource(ref.dir), dtype=mx.float32)
+    assert rel_err(got, np.array(theirs(mx.array(ref.ids), mx.array(ref.mask)))) <= 1e-5
+
+
+# ---- streaming ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    path = tmp_path_factory.mktemp("deep") / "t.safetensors"
+    save_safetensors(path, random_transformer(DEEP, seed=5))
+    return path
+
+
+def _deep_args():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16, DEEP.in_channels), dtype=np.float32)
+    ctx = rng.standard_normal((1, 32, DEEP.context_in_dim), dtype=np.float32)
+    return [tb.from_numpy(a) for a in (x, prc_img(4, 4), np.array([0.5], np.float32), ctx, prc_txt(32))]
+
+
+@pytest.mark.parametrize("resident, keep_host", [(0, False), (0, True), (5, True), (5, False), (12, False)])
+def test_streamed_equals_resident_bit_for_bit(deep, resident, keep_host):
+    args = _deep_args()
+    want = tb.to_numpy(tb.load_transformer(DEEP, WeightSource(deep), dtype=F32)(*args))
+    model = tb.load_transformer(DEEP, WeightSource(deep, pread=True), dtype=F32,
+                                streaming=memory.Streaming(resident, keep_host))
+    blocks = list(model.double_blocks) + list(model.single_blocks)
+    assert sum(type(b).__name__ == "StreamedBlock" for b in blocks) == 12 - resident
+    for _ in range(2):  # the second step reads again (disk) or reuses host copies (ram)
+        assert np.array_equal(tb.to_numpy(model(*args)), want)
+
+
+def test_streamed_kv_path_equals_resident(deep):
+    args = _deep_args()
+    ref = tb.from_numpy(np.random.default_rng(4).standard_normal((1, 12, DEEP.in_channels), dtype=np.float32))
+    ref_ids = tb.from_numpy(_refs(DEEP, [(3, 4)])[1])
+    outs = []
+    for streaming in (None, memory.Streaming(3, True)):
+        model = tb.load_transformer(DEEP, WeightSource(deep, pread=streaming is not None), dtype=F32,
+                                    streaming=streaming)
+        cache = []
+        outs.append([tb.to_numpy(model(*args, ref=ref, ref_ids=ref_ids, kv_cache=cache)),
+                     tb.to_numpy(model(*args, kv_cache=cache))])
+    assert all(np.array_equal(a, b) for a, b in zip(*outs))
+
+
+def test_loading_allocates_no_second_copy(deep):
+    """Modules are built on the meta device: every parameter is a loaded tensor, none left behind."""
+    model = tb.load_transformer(DEEP, _entries(random_transformer(DEEP, seed=5)), dtype=F32)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert tensors and not any(t.is_meta or t.requires_grad for t in tensors)
+    assert dataclasses.is_dataclass(memory.Streaming)
