@@ -51,7 +51,8 @@ def test_generate_writes_png_with_metadata_and_reproduces(tiny_repo, tmp_path):
     assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 50
     meta = json.loads(image.info["flux2"])
     assert meta == {"prompt": "a red fox in snow", "model": "klein-4b", "seed": 7, "steps": 4, "guidance": 1.0,
-                    "width": 64, "height": 48, "dtype": "float32", "version": __version__}
+                    "width": 64, "height": 48, "dtype": "float32", "backend": "mlx", "device": "cpu",
+                    "version": __version__}
 
     r = run("info", out)
     assert r.exit_code == 0 and "seed: 7" in r.output

@@ -18,6 +18,14 @@ from . import __version__
 from .config import DEFAULT_STRENGTH, MODELS
 
 DTYPES = ("bfloat16", "float16", "float32")
+BACKENDS = ("auto", "mlx", "torch")
+
+
+def _backend_options(f):
+    f = click.option("--device", metavar="NAME",
+                     help="mlx: gpu or cpu; torch: cuda, cuda:N, mps or cpu. Default: the GPU when there is one.")(f)
+    return click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                        help="auto: MLX on Apple silicon, PyTorch when CUDA is there, else the one installed.")(f)
 META_KEY = "flux2"
 
 
@@ -141,6 +149,7 @@ def _save_png(image, path: Path, meta: dict) -> None:
               show_default=True, help="PNG path; several images get -SEED suffixes.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Default: bfloat16 on a GPU, float32 on CPU.")
+@_backend_options
 @click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), metavar="GB",
               help="Memory the model may use; components that do not fit are streamed block by block. "
                    "Default: the GPU's recommended working set (80 % of RAM on CPU).")
@@ -149,8 +158,8 @@ def _save_png(image, path: Path, meta: dict) -> None:
                    "Default: ram when it fits beside the budget.")
 @click.option("--dry-run", is_flag=True, help="Show the files and the memory plan; load nothing.")
 def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenizer, width, height, refs, init,
-             strength, steps, guidance, negative_prompt, seed, num_images, output, overwrite, dtype, memory_budget,
-             stream_from, dry_run):
+             strength, steps, guidance, negative_prompt, seed, num_images, output, overwrite, dtype, backend, device,
+             memory_budget, stream_from, dry_run):
     """Generate images from PROMPT and save them as PNGs with their settings embedded. With --ref: edit
     or combine reference images; with --image: image-to-image."""
     from .pipeline import check_size
@@ -185,7 +194,7 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
     warnings.showwarning = lambda message, *_args, **_kw: click.echo(f"warning: {message}", err=True)
     edit = dict(width=width, height=height, images=list(refs) or None, image=init)
     try:
-        budget = dict(memory_budget=memory_budget, stream_from=stream_from)
+        budget = dict(memory_budget=memory_budget, stream_from=stream_from, backend=backend, device=device)
         if dry_run:
             _dry_run(spec, paths_kw, dtype, edit, guidance, budget)
             return
@@ -202,7 +211,10 @@ def _dry_run(spec, paths_kw, dtype, edit, guidance, budget):
     located = hub.locate(spec, **paths_kw)
     for line in hub.describe(spec, located):
         click.echo(line)
-    click.echo(f"dtype: {dtype or 'bfloat16 on a GPU, float32 on CPU'} (VAE float32)")
+    from .pipeline import dtype_name, open_backend
+
+    be, name, device = open_backend(budget["backend"], budget["device"])
+    click.echo(f"backend: {name} on {device}, dtype {dtype_name(be, be.resolve_dtype(dtype))} (VAE float32)")
     inputs = prepare_inputs(spec.name, **edit)
     if inputs.refs or inputs.init is not None:
         sizes = ", ".join(f"{r.shape[1]}x{r.shape[0]}" for r in inputs.refs)
@@ -213,10 +225,11 @@ def _dry_run(spec, paths_kw, dtype, edit, guidance, budget):
 
 def _plan(spec, files, dtype, inputs, guidance, budget):
     """The memory plan from file headers only (components not downloaded are sized from their shapes)."""
-    from .pipeline import backend_module, plan_memory, uses_cfg
+    from .pipeline import DTYPE_BYTES, dtype_name, open_backend, plan_memory, uses_cfg
 
-    be = backend_module()
-    return plan_memory(spec, files, be, be.resolve_dtype(dtype).size, inputs.width, inputs.height,
+    be, _, _ = open_backend(budget["backend"], budget["device"])
+    size = DTYPE_BYTES[dtype_name(be, be.resolve_dtype(dtype))]
+    return plan_memory(spec, files, be, size, inputs.width, inputs.height,
                        budget_gb=budget["memory_budget"], stream_from=budget["stream_from"],
                        cfg=uses_cfg(spec, guidance), ref_tokens=inputs.ref_tokens, image_size=inputs.image_size)
 
@@ -251,7 +264,8 @@ def _generate(spec, prompt, paths_kw, edit, strength, steps, guidance, negative_
             image = pipe.decode(latents, width, height)
             bar.update()
         meta = dict(prompt=prompt, model=spec.name, seed=seed, steps=steps_, guidance=guidance_,
-                    width=width, height=height, dtype=str(pipe.dtype).split(".")[-1], version=__version__)
+                    width=width, height=height, dtype=pipe.dtype_name, backend=pipe.backend_name,
+                    device=pipe.device, version=__version__)
         if negative_prompt is not None:
             meta["negative_prompt"] = negative_prompt
         if edit["images"]:
@@ -284,7 +298,8 @@ def read_metadata(path: Path) -> dict:
 
 # What `flux2 generate` stores and `regenerate_command` reads; float means any finite number.
 _META_TYPES = {"prompt": str, "model": str, "seed": int, "steps": int, "guidance": float, "width": int,
-               "height": int, "dtype": str, "negative_prompt": str, "refs": list, "image": str, "strength": float}
+               "height": int, "dtype": str, "negative_prompt": str, "refs": list, "image": str, "strength": float,
+               "backend": str, "device": str}
 _META_REQUIRED = ("prompt", "model", "seed", "steps", "guidance", "width", "height", "dtype")
 _META_KINDS = {str: "text", int: "a whole number", float: "a number", list: "a list of paths"}
 
@@ -318,6 +333,9 @@ def regenerate_command(meta: dict) -> str:
     args = ["flux2", "generate", meta["prompt"], "--model", meta["model"], "--width", str(meta["width"]),
             "--height", str(meta["height"]), "--steps", str(meta["steps"]), "--guidance", f"{meta['guidance']:g}",
             "--seed", str(meta["seed"]), "--dtype", meta["dtype"]]
+    for key in ("backend", "device"):  # absent from PNGs made before there were two backends
+        if key in meta:
+            args += [f"--{key}", meta[key]]
     if "negative_prompt" in meta:
         args += ["--negative-prompt", meta["negative_prompt"]]
     for ref in meta.get("refs", []):
@@ -339,7 +357,8 @@ def regenerate_command(meta: dict) -> str:
               help="With --plan: a multiple of 16; width x height at most 4 MP.")
 @click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), metavar="GB", help="With --plan.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="With --plan.")
-def info(path, show_plan, model, width, height, memory_budget, dtype):
+@_backend_options
+def info(path, show_plan, model, width, height, memory_budget, dtype, backend, device):
     """Show the settings stored in a PNG made by `flux2 generate` and how to make it again; or, for a
     .gguf, .safetensors or model folder: the model, tensor count, bytes per type and memory on MLX."""
     if path.is_dir() or path.suffix.lower() in (".gguf", ".safetensors"):
@@ -356,7 +375,7 @@ def info(path, show_plan, model, width, height, memory_budget, dtype):
                 check_size(width, height)
                 spec = MODELS[model]
                 files = hub.locate(spec, **({"model_path": path} if path.is_dir() else {"transformer": path}))
-                budget = dict(memory_budget=memory_budget, stream_from=None)
+                budget = dict(memory_budget=memory_budget, stream_from=None, backend=backend, device=device)
                 click.echo(_plan(spec, files, dtype, Inputs(width, height), None, budget).describe())
         except (WeightsError, ValueError, OSError) as e:
             _fail(str(e))

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
+import platform
 import secrets
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +31,10 @@ from .tokenizer import PromptTokenizer, tokenizer_from_gguf
 from .weights import WeightsError, WeightSource
 
 MAX_PIXELS = 2048 * 2048
-BACKENDS = ("mlx",)
+BACKENDS = ("mlx", "torch")
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+_FRAMEWORKS = {"mlx": ("MLX", "pip install mlx (macOS) or 'mlx[cpu]' (Linux)"),
+               "torch": ("PyTorch", "pip install 'flux2-mlx[torch]'")}
 
 
 def check_size(width: int, height: int) -> None:
@@ -245,6 +251,8 @@ class Pipeline:
     def __init__(self, spec: ModelSpec, backend, files: dict, dtype, memory: str = "phase",
                  budget_gb: float | None = None, stream_from: str | None = None):
         self.backend, self.files, self.dtype, self.memory = backend, files, dtype, memory
+        self.dtype_name = dtype_name(backend, dtype)
+        self.backend_name = self.device = None  # set by load_pipeline
         self.budget_gb, self.stream_from = budget_gb, stream_from
         self._plans: dict[tuple, memory_plan.Plan] = {}
         self._prompts: dict[str, np.ndarray] = {}  # prompt → embeddings: several seeds encode once
@@ -276,7 +284,8 @@ class Pipeline:
         refs, size = (inputs.ref_tokens, inputs.image_size) if inputs is not None else (0, None)
         key = (width, height, cfg, refs, size)
         if key not in self._plans:
-            self._plans[key] = plan_memory(self.spec, self.files, self.backend, self.dtype.size, width, height,
+            self._plans[key] = plan_memory(self.spec, self.files, self.backend, DTYPE_BYTES[self.dtype_name],
+                                           width, height,
                                            budget_gb=self.budget_gb, stream_from=self.stream_from, cfg=cfg,
                                            ref_tokens=refs, image_size=size)
         return self._plans[key]
@@ -525,16 +534,53 @@ class Pipeline:
         return out
 
 
+def choose_backend(name: str = "auto") -> str:
+    """A backend name; "auto": MLX on Apple silicon, torch when CUDA is there, else whichever is installed
+    (MLX first)."""
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose auto or one of: {', '.join(BACKENDS)}")
+        return name
+    have = [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
+    if "mlx" in have and sys.platform == "darwin" and platform.machine() == "arm64":
+        return "mlx"
+    if "torch" in have:
+        import torch
+
+        if torch.cuda.is_available():
+            return "torch"
+    if not have:
+        raise ValueError(f"no backend is installed: {_FRAMEWORKS['mlx'][1]}, or {_FRAMEWORKS['torch'][1]}")
+    return have[0]
+
+
 def backend_module(name: str = "mlx"):
-    """The backend package (design.md §4) by name."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
-    return importlib.import_module(f"flux2_mlx.{name}_backend")
+    """The backend package by name (each exports the same functions; tests/test_layering.py checks)."""
+    name = choose_backend(name)
+    try:
+        return importlib.import_module(f"flux2_mlx.{name}_backend")
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] != name:
+            raise
+        framework, how = _FRAMEWORKS[name]
+        raise ValueError(f"the {name} backend needs {framework}, which is not installed: {how}") from None
+
+
+def open_backend(name: str = "auto", device: str | None = None) -> tuple:
+    """(backend module, its name, the device it now runs on) for `name` and `device` (None: the best one)."""
+    name = choose_backend(name)
+    be = backend_module(name)
+    return be, name, be.use_device(device)
+
+
+def dtype_name(backend, dtype) -> str:
+    """The name ("bfloat16", ...) of one of a backend's dtypes, asked through the contract alone."""
+    return next(n for n in DTYPE_BYTES if backend.resolve_dtype(n) == dtype)
 
 
 def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, transformer=None, vae=None,
-                  text_encoder=None, tokenizer=None, backend: str = "mlx", dtype: str | None = None,
-                  memory: str = "phase", memory_budget: float | None = None,
+                  text_encoder=None, tokenizer=None, backend: str = "auto", device: str | None = None,
+                  dtype: str | None = None, memory: str = "phase", memory_budget: float | None = None,
                   stream_from: str | None = None) -> Pipeline:
     """Load a FLUX.2 model.
 
@@ -546,12 +592,16 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
     dtype: "bfloat16" | "float16" | "float32"; default bf16 on a GPU, float32 on CPU. The VAE always
     runs in float32. memory: "phase" | "resident" (see `Pipeline`). memory_budget: GB the backend may
     hold (default: Metal's recommended working set, or 80 % of RAM); stream_from: "ram" | "disk" for
-    streamed blocks (default: RAM when a host copy fits beside the budget).
+    streamed blocks (default: RAM when a host copy fits beside the budget). backend: "auto" | "mlx" |
+    "torch" (see `choose_backend`); device: "gpu" / "cpu" on MLX, "cuda", "cuda:N", "mps" or "cpu" on
+    torch (default: the GPU when there is one).
     """
     spec = get_spec(model)
-    be = backend_module(backend)
     if memory not in ("phase", "resident"):
         raise ValueError(f"unknown memory mode {memory!r}; choose phase or resident")
+    be, name, device = open_backend(backend, device)
     files = hub.locate(spec, model_path=model_path, transformer=transformer, vae=vae,
                        text_encoder=text_encoder, tokenizer=tokenizer)
-    return Pipeline(spec, be, files, be.resolve_dtype(dtype), memory, memory_budget, stream_from)
+    pipe = Pipeline(spec, be, files, be.resolve_dtype(dtype), memory, memory_budget, stream_from)
+    pipe.backend_name, pipe.device = name, device
+    return pipe

@@ -16,6 +16,19 @@ from .load import load_vae as _load_vae
 _DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
+def use_device(name: str | None = None) -> str:
+    """Run everything next on `name`: "gpu" (Metal, or MLX's CUDA build) or "cpu"; None: the GPU when
+    there is one. Returns the device's name."""
+    gpu = mx.is_available(mx.gpu)
+    name = name or ("gpu" if gpu else "cpu")
+    if name not in ("gpu", "cpu"):
+        raise ValueError(f"the mlx backend runs on 'gpu' or 'cpu', not {name!r}")
+    if name == "gpu" and not gpu:
+        raise ValueError("this MLX build has no GPU here (no Metal, no CUDA); use --device cpu")
+    mx.set_default_device(mx.gpu if name == "gpu" else mx.cpu)
+    return name
+
+
 def resolve_dtype(name: str | None):
     """None → bf16 on a GPU (Metal or CUDA), float32 on CPU, where MLX has no fast bf16 matmul."""
     if name is None:
