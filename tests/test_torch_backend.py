@@ -176,7 +176,7 @@ def _deep_args():
     return [tb.from_numpy(a) for a in (x, prc_img(4, 4), np.array([0.5], np.float32), ctx, prc_txt(32))]
 
 
-@pytest.mark.parametrize("resident, keep_host", [(0, False), (0, True), (5, True), (5, False), (12, False)])
+@pytest.mark.parametrize("resident, keep_host", [(0, False), (5, True), (11, False)])
 def test_streamed_equals_resident_bit_for_bit(deep, resident, keep_host):
     args = _deep_args()
     want = tb.to_numpy(tb.load_transformer(DEEP, WeightSource(deep), dtype=F32)(*args))
@@ -208,3 +208,72 @@ def test_loading_allocates_no_second_copy(deep):
     tensors = list(model.parameters()) + list(model.buffers())
     assert tensors and not any(t.is_meta or t.requires_grad for t in tensors)
     assert dataclasses.is_dataclass(memory.Streaming)
+
+
+# ---- GGUF: packed on the device, unpacked per layer ---------------------------------------------------------
+
+GGML_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("name", GGML_TYPES)
+def test_unpacked_weight_equals_mlx_dequantize_bit_for_bit(name):
+    from test_quant_repack import _random_raw
+
+    from flux2_mlx.quant import GGMLType, repack
+    from flux2_mlx.torch_backend.quant_layers import dequantize
+
+    shape = (16, 512)
+    for exact in (False, True) if name == "Q3_K" else (False,):  # Q3_K: 4-bit g32 by default, 8-bit exact
+        q = repack(_random_raw(GGMLType[name], shape, seed=3), GGMLType[name], shape, exact=exact)
+        want = np.array(mx.dequantize(mx.array(q.weight), mx.array(q.scales), mx.array(q.biases),
+                                      group_size=q.group_size, bits=q.bits))
+        got = dequantize(torch.from_numpy(q.weight.view(np.uint8)), torch.from_numpy(q.scales),
+                         torch.from_numpy(q.biases), q.bits, q.group_size).numpy()
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
+def test_gguf_transformer_equals_dense_model_of_the_same_values(tmp_path, qtype):
+    from test_gguf_load import _dense, _write
+
+    from flux2_mlx.torch_backend.quant_layers import QuantLinear
+
+    cfg = tiny_spec("dev").transformer
+    tensors = random_transformer(cfg, seed=4)
+    types = {k: qtype for k, a in tensors.items() if a.ndim == 2 and a.shape[1] % 256 == 0}  # whole K-blocks
+    _write(tmp_path / "t.gguf", tensors, types)
+    model = tb.load_transformer(cfg, WeightSource(tmp_path / "t.gguf"), dtype=F32)
+    layer = model.double_blocks[0].img_attn.qkv
+    assert isinstance(layer, QuantLinear) and layer.weight.dtype == torch.uint8  # packed, no dense copy
+    i = _inputs(cfg, L=32)
+    dense = tb.load_transformer(cfg, _entries(_dense(tensors, types)), dtype=F32)
+    assert rel_err(_call(tb, model, i), _call(tb, dense, i)) <= 1e-5
+
+
+def test_streamed_gguf_equals_resident(deep, tmp_path):
+    from flux2_mlx.convert import convert
+
+    gguf = convert(str(deep), tmp_path / "t.gguf", "Q4_K_S", jobs=1, progress=False)
+    args = _deep_args()
+    want = tb.to_numpy(tb.load_transformer(DEEP, WeightSource(gguf), dtype=F32)(*args))
+    for keep_host in (False, True):
+        model = tb.load_transformer(DEEP, WeightSource(gguf, pread=True), dtype=F32,
+                                    streaming=memory.Streaming(1, keep_host))
+        assert np.array_equal(tb.to_numpy(model(*args)), want)
+
+
+def test_gguf_text_encoder_embeds_quantized(tmp_path):
+    from test_convert import _tiny_text_encoder
+
+    from flux2_mlx.convert import convert
+    from flux2_mlx.torch_backend.quant_layers import QuantEmbedding
+
+    te, _, _ = _tiny_text_encoder(tmp_path, "qwen3")
+    te = dataclasses.replace(te, max_length=16)
+    dst = convert(tmp_path / "text_encoder", tmp_path / "te-Q8_0.gguf", "Q8_0", progress=False)
+    ours = tb.load_text_encoder(te, WeightSource(dst), dtype=F32)
+    theirs = mb.load_text_encoder(te, WeightSource(dst), dtype=mx.float32)
+    assert isinstance(ours.model.embed_tokens, QuantEmbedding)
+    ids, mask = np.random.default_rng(0).integers(0, te.vocab_size, (1, 16)), np.ones((1, 16), np.int32)
+    got = tb.to_numpy(ours(tb.from_numpy(ids), tb.from_numpy(mask)))
+    assert rel_err(got, np.array(theirs(mx.array(ids), mx.array(mask)))) <= 1e-5

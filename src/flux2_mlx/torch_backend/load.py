@@ -19,9 +19,10 @@ from ..keymap import (Entry, block_key, check_keys, check_transformer, text_enco
                       transformer_entries, vae_entries)
 from ..quant.ggml import GGMLType
 from ..quant.mlx_layout import MLXQuant, repack
+from ..streaming import Streamer
 from ..weights import BF16, GGMLTensor, WeightSource
 from .quant_layers import quantized_layer, replace_module
-from .stream import StreamedBlock, Streamer
+from .stream import StreamedBlock, copy_stream
 from .text_encoder import DecoderLayer, TextEncoder
 from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
 from .vae import AutoEncoder
@@ -104,8 +105,8 @@ def _assign(module, entries: dict[str, Entry], dtype: torch.dtype, device: torch
     if streamed:
         make = dict(groups)
         blocks = [(f"{attr}.{i}", partial(_empty, make[attr]), block) for (attr, i), block in streamed.items()]
-        streamer = Streamer(blocks, lambda m, t: _fill(m, t, place), host, place, streaming.keep_host, where,
-                            device)
+        place_async, fill = copy_stream(place, lambda m, t: _fill(m, t, place), device)
+        streamer = Streamer(blocks, fill, host, place_async, streaming.keep_host, where)
         for k, (attr, i) in enumerate(streamed):
             module.get_submodule(attr)[i] = StreamedBlock(streamer, k)
     skip = {f"{attr}.{i}.{rest}" for (attr, i), block in streamed.items() for rest in block}
