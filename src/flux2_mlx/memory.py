@@ -1,11 +1,11 @@
 """Memory planner: what each phase (encode, denoise, decode) needs, from the files' real tensor types, and
 how it fits a budget: resident, or streamed with as many blocks kept as fit.
 
-Device bytes follow what the MLX backend allocates: dense tensors in the compute dtype, GGUF tensors as
-MLX affine triplets (quant/mlx_layout.py). Activation peaks are fitted to MLX measurements (CPU backend,
-float32; BENCHMARKS.md "Memory planner"): the transformer holds ~30 hidden-sized rows per token while a
-block runs, the text encoder ~6.2 rows of (hidden + MLP width), the VAE decoder ~77 and encoder ~46
-float32 maps of 128 channels per pixel. Attention scores count only where attention is not fused.
+Device bytes follow what the backends allocate: dense tensors in the compute dtype, GGUF tensors as
+affine triplets (quant/mlx_layout.py, which both backends keep quantized). Activation peaks are linear in
+the tokens or pixels; each backend measures its own coefficients (`Activations`, from its
+`device_memory()`; BENCHMARKS.md "Memory planner"). Attention scores count only where attention is not
+fused.
 """
 
 from __future__ import annotations
@@ -18,10 +18,6 @@ from .quant.ggml import GGMLType
 from .quant.mlx_layout import mlx_format
 
 GB = 1e9
-TRANSFORMER_ROWS_PER_TOKEN = (19.0, 30.1)  # while a double / a single block runs
-TEXT_ROWS_PER_TOKEN = 6.2
-VAE_DECODE_MAPS_PER_PIXEL = 77.2
-VAE_ENCODE_MAPS_PER_PIXEL = 46.3
 TEXT_TOKENS = 512
 TILE_OVERLAP = 64  # pixels of context each side of a decoded tile, cross-faded with the neighbour
 # Plans fill the budget less this share: room for what the estimate leaves out (the interpreter, a host
@@ -31,6 +27,18 @@ HEADROOM = 0.05
 
 class MemoryPlanError(ValueError):
     """The model cannot run within the budget, even streamed; the message has the numbers."""
+
+
+@dataclass(frozen=True)
+class Activations:
+    """A backend's activation peaks: hidden-sized rows per token while a double / a single transformer
+    block runs, rows of (hidden + MLP width) per token in a text-encoder layer, float32 maps of 128
+    channels per pixel in the VAE decoder / encoder. The defaults were measured on MLX's CPU backend."""
+
+    transformer_rows: tuple[float, float] = (19.0, 30.1)
+    text_rows: float = 6.2
+    vae_decode_maps: float = 77.2
+    vae_encode_maps: float = 46.3
 
 
 @dataclass(frozen=True)
@@ -81,16 +89,17 @@ def component_weights(name: str, entries: dict, block_lists: tuple[str, ...], co
 
 
 def transformer_activations(hidden: int, heads: int, tokens: int, compute_bytes: int, fused: bool,
-                            batch: int = 1) -> tuple[int, int]:
+                            batch: int = 1, act: Activations = Activations()) -> tuple[int, int]:
     """Peak activation bytes while a double and while a single block runs."""
     scores = 0 if fused else heads * tokens * tokens * compute_bytes
-    return tuple(int(batch * (rows * tokens * hidden * compute_bytes + scores)) for rows in TRANSFORMER_ROWS_PER_TOKEN)
+    return tuple(int(batch * (rows * tokens * hidden * compute_bytes + scores)) for rows in act.transformer_rows)
 
 
-def text_activations(hidden: int, mlp: int, heads: int, batch: int, compute_bytes: int, fused: bool) -> tuple[int]:
+def text_activations(hidden: int, mlp: int, heads: int, batch: int, compute_bytes: int, fused: bool,
+                     act: Activations = Activations()) -> tuple[int]:
     L = TEXT_TOKENS
     scores = 0 if fused else heads * L * L * compute_bytes
-    return (int(batch * (TEXT_ROWS_PER_TOKEN * L * (hidden + mlp) * compute_bytes + scores)),)
+    return (int(batch * (act.text_rows * L * (hidden + mlp) * compute_bytes + scores)),)
 
 
 def vae_activations(maps_per_pixel: float, width: int, height: int, ch: int = 128) -> int:
@@ -204,7 +213,8 @@ def _fit(name: str, c: Weights, acts: tuple[int, ...], others: int, budget: int)
 def plan(budget: int, *, transformer: Weights, vae: Weights, text_encoder: Weights | None, hidden: int,
          heads: int, te_hidden: int = 0, te_mlp: int = 0, te_heads: int = 0, width: int, height: int,
          compute_bytes: int, fused_attention: bool, cfg_batch: int = 1, source: str = "ram",
-         vae_ch: int = 128, ref_tokens: int = 0, image_size: tuple[int, int] | None = None) -> Plan:
+         vae_ch: int = 128, ref_tokens: int = 0, image_size: tuple[int, int] | None = None,
+         activations: Activations = Activations()) -> Plan:
     """One plan for a run: the VAE stays resident throughout (it is small next to the others); the encoder
     and the transformer each get the whole budget less the VAE in their own phase.
 
@@ -214,13 +224,13 @@ def plan(budget: int, *, transformer: Weights, vae: Weights, text_encoder: Weigh
     out = Plan(budget, source)
     budget = usable(budget)
     if text_encoder is not None:
-        act = text_activations(te_hidden, te_mlp, te_heads, cfg_batch, compute_bytes, fused_attention)
+        act = text_activations(te_hidden, te_mlp, te_heads, cfg_batch, compute_bytes, fused_attention, activations)
         out.phases.append(_fit("encode", text_encoder, act, vae.total, budget))
     if image_size is not None:
-        out.phases.append(_vae_phase("images", VAE_ENCODE_MAPS_PER_PIXEL, vae, *image_size, budget, vae_ch))
-    act = transformer_activations(hidden, heads, tokens, compute_bytes, fused_attention)
+        out.phases.append(_vae_phase("images", activations.vae_encode_maps, vae, *image_size, budget, vae_ch))
+    act = transformer_activations(hidden, heads, tokens, compute_bytes, fused_attention, act=activations)
     out.phases.append(_fit("denoise", transformer, act, vae.total, budget))
-    out.phases.append(_vae_phase("decode", VAE_DECODE_MAPS_PER_PIXEL, vae, width, height, budget, vae_ch))
+    out.phases.append(_vae_phase("decode", activations.vae_decode_maps, vae, width, height, budget, vae_ch))
     return out
 
 

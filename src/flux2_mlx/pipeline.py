@@ -149,6 +149,7 @@ def plan_memory(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: 
                             heads=tcfg.num_heads, te_hidden=te_cfg.hidden_size, te_mlp=te_cfg.intermediate_size,
                             te_heads=te_cfg.num_attention_heads, width=width, height=height,
                             compute_bytes=dtype_bytes, fused_attention=dev["fused_attention"],
+                            activations=dev["activations"],
                             cfg_batch=2 if cfg else 1, source=source, vae_ch=vae_cfg.ch,
                             ref_tokens=ref_tokens, image_size=image_size)
 

@@ -8,6 +8,8 @@ import os
 import mlx.core as mx
 import numpy as np
 
+from ..memory import Activations
+
 from .load import from_numpy as _from_numpy
 from .load import load_text_encoder as _load_text_encoder
 from .load import load_transformer as _load_transformer
@@ -77,8 +79,10 @@ def peak_memory() -> int:
 
 def device_memory() -> dict:
     """What the memory planner needs: `total` bytes of RAM, `limit` the bytes MLX should stay under
-    (Metal's recommended working set; on CPU most of RAM), and whether attention is fused (no L² scores)."""
+    (Metal's recommended working set; on CPU most of RAM), whether attention is fused (no L² scores), and
+    MLX's measured activation coefficients (memory.Activations: its defaults were measured here)."""
     info = mx.device_info()
     total = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = info.get("max_recommended_working_set_size") or int(0.8 * total)
-    return {"total": int(total), "limit": int(limit), "fused_attention": mx.default_device() == mx.gpu}
+    return {"total": int(total), "limit": int(limit), "fused_attention": mx.default_device() == mx.gpu,
+            "activations": Activations()}
