@@ -27,6 +27,15 @@ CONTRACT = ["resolve_dtype", "load_transformer", "load_text_encoder", "load_vae"
 F32 = torch.float32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: torch's CPU thread pool costs more than it gives, and on a busy machine far more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _entries(tensors: dict) -> dict[str, Entry]:
     return {k: Entry(a.shape, lambda a=a: a) for k, a in tensors.items()}
 
@@ -277,3 +286,25 @@ def test_gguf_text_encoder_embeds_quantized(tmp_path):
     ids, mask = np.random.default_rng(0).integers(0, te.vocab_size, (1, 16)), np.ones((1, 16), np.int32)
     got = tb.to_numpy(ours(tb.from_numpy(ids), tb.from_numpy(mask)))
     assert rel_err(got, np.array(theirs(mx.array(ids), mx.array(mask)))) <= 1e-5
+
+
+# ---- the whole pipeline ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant, edit", [("klein-9b-kv", "images"), ("dev", "image")])
+def test_pipeline_on_torch_equals_mlx(tiny_models, variant, edit):
+    """Text + a reference (klein KV) or img2img (dev): same files, same noise → same latents and PNG."""
+    from PIL import Image
+
+    from flux2_mlx import load_pipeline
+
+    m = tiny_models(variant)
+    embeds = np.random.default_rng(1).standard_normal((1, 16, m.spec.transformer.context_in_dim)).astype(np.float32)
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (96, 80, 3), dtype=np.uint8))
+    kw = dict(prompt_embeds=embeds, width=32, height=48, steps=3, seed=3, **{edit: [img] if edit == "images" else img})
+    out = {}
+    for be in ("torch", "mlx"):
+        pipe = load_pipeline(m.spec, model_path=m.bfl_dir, backend=be, dtype="float32")
+        latents = pipe.sample(**kw)
+        out[be] = latents, np.asarray(pipe.decode(latents, 32, 48), np.int16)
+    assert rel_err(out["torch"][0], out["mlx"][0]) <= 1e-4
+    assert np.abs(out["torch"][1] - out["mlx"][1]).max() <= 1

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import torch
 
+from ..memory import Activations
 from .load import from_numpy as _from_numpy
 from .load import load_text_encoder as _load_text_encoder
 from .load import load_transformer as _load_transformer
@@ -117,11 +118,14 @@ def peak_memory() -> int:
 def device_memory() -> dict:
     """What the memory planner needs: `total` bytes (the GPU's, or RAM), `limit` the bytes torch should
     stay under (free GPU memory on CUDA; most of RAM otherwise), and whether attention is fused (SDPA's
-    flash / memory-efficient kernels on a GPU: no L² scores)."""
+    flash / memory-efficient kernels on a GPU: no L² scores), and the activation coefficients. Torch's are
+    not measured yet: MLX's stand in (memory.Activations' defaults)."""
     if _device.type == "cuda":
         free_bytes, total = torch.cuda.mem_get_info(_device)
-        return {"total": int(total), "limit": int(free_bytes), "fused_attention": True}
+        return {"total": int(total), "limit": int(free_bytes), "fused_attention": True, "activations": Activations()}
     total = _ram()
     if _device.type == "mps":
-        return {"total": total, "limit": int(torch.mps.recommended_max_memory()), "fused_attention": True}
-    return {"total": total, "limit": int(0.8 * total), "fused_attention": False}
+        limit, fused = int(torch.mps.recommended_max_memory()), True
+    else:
+        limit, fused = int(0.8 * total), False
+    return {"total": total, "limit": limit, "fused_attention": fused, "activations": Activations()}
