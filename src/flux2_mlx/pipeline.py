@@ -545,11 +545,8 @@ def choose_backend(name: str = "auto") -> str:
     have = [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
     if "mlx" in have and sys.platform == "darwin" and platform.machine() == "arm64":
         return "mlx"
-    if "torch" in have:
-        import torch
-
-        if torch.cuda.is_available():
-            return "torch"
+    if "torch" in have and backend_module("torch").use_device().startswith("cuda"):  # its default: CUDA if any
+        return "torch"
     if not have:
         raise ValueError(f"no backend is installed: {_FRAMEWORKS['mlx'][1]}, or {_FRAMEWORKS['torch'][1]}")
     return have[0]
