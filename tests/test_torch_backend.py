@@ -211,12 +211,18 @@ def test_streamed_kv_path_equals_resident(deep):
     assert all(np.array_equal(a, b) for a, b in zip(*outs))
 
 
-def test_loading_allocates_no_second_copy(deep):
-    """Modules are built on the meta device: every parameter is a loaded tensor, none left behind."""
-    model = tb.load_transformer(DEEP, _entries(random_transformer(DEEP, seed=5)), dtype=F32)
-    tensors = list(model.parameters()) + list(model.buffers())
-    assert tensors and not any(t.is_meta or t.requires_grad for t in tensors)
-    assert dataclasses.is_dataclass(memory.Streaming)
+def test_loading_allocates_no_second_copy_and_is_strict():
+    """Modules are built on the meta device: every parameter is a loaded tensor, none left behind; a
+    missing tensor is refused by name, as on MLX."""
+    from flux2_mlx.weights import WeightsError
+
+    tensors = random_transformer(DEEP, seed=5)
+    model = tb.load_transformer(DEEP, _entries(tensors), dtype=F32)
+    loaded = list(model.parameters()) + list(model.buffers())
+    assert loaded and not any(t.is_meta or t.requires_grad for t in loaded)
+    gone = "single_blocks.3.linear2.weight"
+    with pytest.raises(WeightsError, match=gone):
+        tb.load_transformer(DEEP, _entries({k: v for k, v in tensors.items() if k != gone}), dtype=F32)
 
 
 # ---- GGUF: packed on the device, unpacked per layer ---------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The PyTorch backend: the functions every backend exports (design.md §4), nothing else.
+"""The PyTorch backend: the functions every backend exports (the same as mlx_backend's), nothing else.
 
 Everything runs on one device, chosen by `use_device` (by default CUDA, else MPS, else the CPU).
 """

@@ -1,6 +1,6 @@
 """The FLUX.2 autoencoder in PyTorch, attribute names as in BFL's `ae.safetensors`.
 
-Imports only torch and config (flux2 src/flux2/autoencoder.py; flux2-architecture.md §4). The convolutions
+Imports only torch and config (flux2 src/flux2/autoencoder.py). The convolutions
 run channels-first as PyTorch's do; `encode` and `decode` take and return channels-last (NHWC) tensors,
 the layout the MLX backend and the pipeline use.
 """
@@ -185,7 +185,7 @@ class AutoEncoder(nn.Module):
         x = x.to(self.bn.running_mean.dtype).permute(0, 3, 1, 2)
         z = self.encoder(x)[:, : self.z_channels]  # the mean
         B, C, H, W = z.shape
-        # 2x2 patchify to channels-last, new channel index c·4 + pi·2 + pj (§4.3).
+        # 2x2 patchify to channels-last, new channel index c·4 + pi·2 + pj, as diffusers' _patchify_latents.
         z = z.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5)
         return (z.reshape(B, H // 2, W // 2, 4 * C) - self.bn.running_mean) / self.bn.std()
 
