@@ -11,8 +11,9 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "flux2_mlx"
 CORE = sorted(f.stem for f in PKG.glob("*.py"))  # every top-level module, new ones included
 CORE += sorted(f"quant/{f.stem}" for f in (PKG / "quant").glob("*.py"))  # quant/: numpy and numba, no MLX or torch
 MODEL_MATH = ["layers", "transformer", "text_encoder", "vae"]
-CONTRACT = ["resolve_dtype", "peak_memory", "load_transformer", "load_text_encoder", "load_vae", "from_numpy",
-            "to_numpy", "evaluate", "free", "device_memory"]
+BACKENDS = {"mlx": ("mlx",), "torch": ("torch",)}  # backend → the only framework its model math may import
+CONTRACT = ["use_device", "resolve_dtype", "peak_memory", "load_transformer", "load_text_encoder", "load_vae",
+            "from_numpy", "to_numpy", "evaluate", "free", "device_memory"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -38,30 +39,48 @@ def test_core_imports_neither_mlx_nor_torch(name):
     assert not any(n.startswith("flux2_mlx.mlx_backend") for n in _imports(PKG / f"{name}.py"))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", MODEL_MATH)
-def test_model_math_imports_only_framework_and_config(name):
-    allowed = {"mlx.core", "mlx.nn", "math", "functools", "__future__", "flux2_mlx.config",
-               "flux2_mlx.mlx_backend.layers"}
-    assert _imports(PKG / "mlx_backend" / f"{name}.py") <= allowed
+def test_model_math_imports_only_framework_and_config(backend, name):
+    framework = BACKENDS[backend][0]
+    pkg = f"flux2_mlx.{backend}_backend"
+    names = _imports(PKG / f"{backend}_backend" / f"{name}.py")
+    foreign = {n for n in names if n.split(".")[0] not in (framework, "flux2_mlx")} - {
+        "math", "functools", "__future__"}
+    ours = {n for n in names if n.startswith("flux2_mlx")} - {"flux2_mlx.config", f"{pkg}.layers"}
+    assert not foreign and not ours, (foreign, ours)
 
 
-def test_backend_never_imports_pipeline_cli_or_torch():
-    for f in (PKG / "mlx_backend").glob("*.py"):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_never_imports_another_backend_pipeline_or_cli(backend):
+    others = {b for b in BACKENDS if b != backend}
+    for f in (PKG / f"{backend}_backend").glob("*.py"):
         names = _imports(f)
-        assert "torch" not in _top(names)
+        assert not _top(names) & {BACKENDS[o][0] for o in others}, f
+        assert not {n for n in names if any(n.startswith(f"flux2_mlx.{o}_backend") for o in others)}, f
         assert not names & {"flux2_mlx.pipeline", "flux2_mlx.cli"}, f
 
 
-def test_backend_contract():
+def _contract(backend: str) -> dict:
+    """The functions a backend package defines itself: its whole public interface."""
+    import importlib
+
+    mod = importlib.import_module(f"flux2_mlx.{backend}_backend")
+    return {n: v for n, v in vars(mod).items()
+            if callable(v) and not n.startswith("_") and getattr(v, "__module__", "") == mod.__name__}
+
+
+def test_backends_export_the_same_functions_with_the_same_signatures():
     import inspect
 
-    import flux2_mlx.mlx_backend as be
-
-    missing = [n for n in CONTRACT if not callable(getattr(be, n, None))]
-    assert not missing
-    assert list(inspect.signature(be.load_transformer).parameters) == ["cfg", "source", "dtype", "streaming"]
-    assert list(inspect.signature(be.load_vae).parameters) == ["cfg", "source", "dtype"]
-    assert list(inspect.signature(be.load_text_encoder).parameters) == ["cfg", "source", "dtype", "streaming"]
+    found = {b: _contract(b) for b in BACKENDS}
+    assert sorted(found["mlx"]) == sorted(CONTRACT)
+    for b, funcs in found.items():
+        assert sorted(funcs) == sorted(CONTRACT), b
+        for name, fn in funcs.items():
+            assert inspect.signature(fn) == inspect.signature(found["mlx"][name]), (b, name)
+    assert list(inspect.signature(found["mlx"]["load_transformer"]).parameters) == [
+        "cfg", "source", "dtype", "streaming"]
 
 
 def test_help_and_api_import_load_no_framework():
