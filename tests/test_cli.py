@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -205,3 +206,55 @@ def test_generate_with_references_and_image(tiny_repo, tmp_path):
     assert json.loads(Image.open(tmp_path / "d.png").info["flux2"])["strength"] == 0.6
     r = run("generate", "a fox", "--model-path", tiny_repo, "--ref", a, "--dry-run")
     assert r.exit_code == 0 and "references 96x64 (24 tokens)" in r.output and "images" in r.output
+
+
+def test_torch_backend_writes_the_same_png_and_its_regenerate_line_reproduces_it(tiny_repo, tmp_path):
+    a, b = tmp_path / "mlx.png", tmp_path / "torch.png"
+    for backend, out in (("mlx", a), ("torch", b)):
+        r = run("generate", "a red fox", "--model-path", tiny_repo, *SMALL, "--seed", 3, "--steps", 2,
+                "--backend", backend, "-o", out)
+        assert r.exit_code == 0, r.output
+    pa, pb = (np.asarray(Image.open(p), np.int16) for p in (a, b))
+    assert np.abs(pa - pb).max() <= 1
+    meta = json.loads(Image.open(b).info["flux2"])
+    assert meta["backend"] == "torch" and meta["device"] == "cpu"
+    r = run("info", b)
+    command = r.output.strip().splitlines()[-1].removeprefix("regenerate: ")
+    assert "--backend torch --device cpu" in command
+    again = tmp_path / "again.png"
+    assert run(*shlex.split(command)[1:], "--model-path", tiny_repo, "-o", again).exit_code == 0
+    assert again.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--backend", "torch", "--device", "cuda"], "not available here; available: cpu"),
+    (["--backend", "torch", "--device", "cuda:7"], "not available here"),
+    (["--backend", "torch", "--device", "gpu"], "not available here"),
+    (["--backend", "mlx", "--device", "cuda"], "runs on 'gpu' or 'cpu'"),
+    (["--backend", "mlx", "--device", "gpu"], "no GPU here"),
+    (["--backend", "tpu"], "'tpu' is not one of"),
+])
+def test_devices_that_are_not_there(tiny_repo, tmp_path, args, message):
+    r = run("generate", "x", "--model-path", tiny_repo, *SMALL, *args, "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_missing_framework_names_its_pip_extra(tiny_repo, tmp_path, monkeypatch):
+    import importlib
+
+    from flux2_mlx import pipeline
+
+    real = importlib.import_module
+
+    def without_torch(name, *args):
+        if name == "flux2_mlx.torch_backend":
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return real(name, *args)
+
+    monkeypatch.setattr(pipeline.importlib, "import_module", without_torch)
+    r = run("generate", "x", "--model-path", tiny_repo, "--backend", "torch", "-o", tmp_path / "x.png")
+    assert r.exit_code == 2 and "pip install 'flux2-mlx[torch]'" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = run("generate", "x", "--model-path", tiny_repo, *SMALL, "--backend", "auto", "--dry-run",
+            "-o", tmp_path / "x.png")
+    assert r.exit_code == 0 and "backend: mlx on cpu" in r.stdout  # auto passes over what is not installed

@@ -545,8 +545,12 @@ def choose_backend(name: str = "auto") -> str:
     have = [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
     if "mlx" in have and sys.platform == "darwin" and platform.machine() == "arm64":
         return "mlx"
-    if "torch" in have and backend_module("torch").use_device().startswith("cuda"):  # its default: CUDA if any
-        return "torch"
+    if "torch" in have:
+        try:
+            if backend_module("torch").use_device().startswith("cuda"):  # its default: CUDA when there is one
+                return "torch"
+        except ValueError:  # torch is there but does not import: pass over it
+            have.remove("torch")
     if not have:
         raise ValueError(f"no backend is installed: {_FRAMEWORKS['mlx'][1]}, or {_FRAMEWORKS['torch'][1]}")
     return have[0]
@@ -573,7 +577,13 @@ def open_backend(name: str = "auto", device: str | None = None) -> tuple:
 
 def dtype_name(backend, dtype) -> str:
     """The name ("bfloat16", ...) of one of a backend's dtypes, asked through the contract alone."""
-    return next(n for n in DTYPE_BYTES if backend.resolve_dtype(n) == dtype)
+    for name in DTYPE_BYTES:
+        try:
+            if backend.resolve_dtype(name) == dtype:
+                return name
+        except ValueError:  # a dtype this device cannot run (bf16 on an old GPU) is not the one
+            continue
+    raise ValueError(f"{dtype} is not a dtype flux2 runs ({', '.join(DTYPE_BYTES)})")
 
 
 def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, transformer=None, vae=None,
