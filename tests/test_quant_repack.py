@@ -5,7 +5,7 @@ import pytest
 
 from flux2_mlx.quant import GGMLType as T
 from flux2_mlx.quant import block_info, dequantize, dequantize_mlx, quantize, repack, requantize
-from flux2_mlx.quant.mlx_layout import pack_codes, unpack_codes
+from flux2_mlx.quant.affine import pack_codes, unpack_codes
 
 EXACT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q3_K]
 # Byte offsets of the fp16 fields (d, m, dmin) in each block; random bytes there could be NaN/inf.
@@ -135,7 +135,7 @@ def test_random_blocks_through_mlx(t):
 @pytest.mark.parametrize("t", [T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_large_tensor_repacked_in_row_chunks_equals_one_piece(t):
     """repack() splits tensors over ~1 MB row chunks on a thread pool; the pieces must join in order."""
-    from flux2_mlx.quant.mlx_layout import _repack_rows
+    from flux2_mlx.quant.affine import _repack_rows
     shape = (3, 700, 1024)  # 3-D lead, 2100 rows: a few MB of blocks, several uneven chunks
     raw = _random_raw(t, (2100, 1024), seed=3).reshape(3, 700, -1)
     whole = repack(raw, t, shape, exact=True)
@@ -188,7 +188,7 @@ def test_lossy_on_gaussian_weights_matches_note(t, bound):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"], ids=["f32", "f16", "bf16"])
 @pytest.mark.parametrize("t", [T.Q6_K, T.Q3_K, T.Q2_K], ids=lambda t: t.name)
 def test_compiled_requant_equals_numpy_dequantize_then_requantize(t, dtype):
-    """quant/mlx_kernels.py fuses gguf-py's dequantize and requantize per super-block: the same bits."""
+    """quant/affine_kernels.py fuses gguf-py's dequantize and requantize per super-block: the same bits."""
     raw = _random_raw(t, seed=9)
     raw[1, :block_info(t)[1]] = 0  # an all-zero block: constant groups (scale 0)
     bits, group = {T.Q6_K: (8, 64), T.Q3_K: (4, 32), T.Q2_K: (4, 32)}[t]

@@ -2,7 +2,7 @@
 how it fits a budget: resident, or streamed with as many blocks kept as fit.
 
 Device bytes follow what the backends allocate: dense tensors in the compute dtype, GGUF tensors as
-affine triplets (quant/mlx_layout.py, which both backends keep quantized). Activation peaks are linear in
+affine triplets (quant/affine.py, which both backends keep quantized). Activation peaks are linear in
 the tokens or pixels; each backend measures its own coefficients (`Activations`, from its
 `device_memory()`; BENCHMARKS.md "Memory planner"). Attention scores count only where attention is not
 fused.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .keymap import block_key
 from .quant.ggml import GGMLType
-from .quant.mlx_layout import mlx_format
+from .quant.affine import affine_format
 
 GB = 1e9
 TEXT_TOKENS = 512
@@ -53,7 +53,7 @@ class Streaming:
 def tensor_bytes(stored: str, shape: tuple[int, ...], compute_bytes: int) -> int:
     """Device bytes of one tensor once loaded."""
     n = math.prod(shape)
-    fmt = mlx_format(GGMLType[stored]) if stored in GGMLType.__members__ else None
+    fmt = affine_format(GGMLType[stored]) if stored in GGMLType.__members__ else None
     if fmt is None:
         return n * compute_bytes
     bits, group = fmt

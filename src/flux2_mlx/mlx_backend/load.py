@@ -16,7 +16,7 @@ from ..config import MODELS, TextEncoderConfig, TransformerConfig, VAEConfig, te
 from ..keymap import (Entry, block_key, check_keys, check_transformer, text_encoder_entries,
                       transformer_entries, vae_entries)
 from ..quant.ggml import GGMLType
-from ..quant.mlx_layout import MLXQuant, repack
+from ..quant.affine import AffineQuant, repack
 from ..weights import BF16, GGMLTensor, WeightSource
 from .quant_layers import cast, module_at, quantized_layer, replace_module
 from ..streaming import Streamer
@@ -32,16 +32,16 @@ def from_numpy(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
     return cast(x, dtype)
 
 
-def _host(raw: np.ndarray | GGMLTensor) -> np.ndarray | MLXQuant:
+def _host(raw: np.ndarray | GGMLTensor) -> np.ndarray | AffineQuant:
     """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout)."""
     return repack(raw.data, GGMLType[raw.ggml_type], raw.shape) if isinstance(raw, GGMLTensor) else raw
 
 
-def _place(host: np.ndarray | MLXQuant):
+def _place(host: np.ndarray | AffineQuant):
     """The same bits copied into MLX memory: the costly part of loading (allocation, page faults, copy)
     with no lazy op, so the prefetch thread may run it (a lazy array cannot cross threads). bf16 travels
-    as uint16: no model weight is uint16. An MLXQuant keeps its fields, as MLX arrays. Idempotent."""
-    if isinstance(host, MLXQuant):
+    as uint16: no model weight is uint16. An AffineQuant keeps its fields, as MLX arrays. Idempotent."""
+    if isinstance(host, AffineQuant):
         return dataclasses.replace(host, weight=_place(host.weight), scales=_place(host.scales),
                                    biases=_place(host.biases))
     if isinstance(host, mx.array):
@@ -53,7 +53,7 @@ def _fill(module, tensors, dtype: mx.Dtype):
     """Put (name, host or placed form) pairs into `module`, one tensor at a time."""
     params = []
     for name, t in tensors:
-        if isinstance(t, MLXQuant):  # quantized: the layer type follows the tensor's ggml type
+        if isinstance(t, AffineQuant):  # quantized: the layer type follows the tensor's ggml type
             path = name.removesuffix(".weight")
             replace_module(module, path, quantized_layer(module_at(module, path), _place(t), dtype))
             continue

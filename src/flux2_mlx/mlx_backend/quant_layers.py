@@ -1,6 +1,6 @@
 """MLX quantized layers made from raw ggml blocks: each tensor's ggml type picks its layer.
 
-GGUF weights are repacked (quant/mlx_layout.py) into MLX's affine layout and run on MLX's
+GGUF weights are repacked (quant/affine.py) into MLX's affine layout and run on MLX's
 quantized matmul; they are never expanded to a dense copy.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..quant.mlx_layout import MLXQuant
+from ..quant.affine import AffineQuant
 
 
-def quantized_layer(old: nn.Module, q: MLXQuant, dtype: mx.Dtype) -> nn.Module:
+def quantized_layer(old: nn.Module, q: AffineQuant, dtype: mx.Dtype) -> nn.Module:
     """A QuantizedLinear / QuantizedEmbedding standing in for `old`, holding the repacked values `q`
     (its fields already MLX arrays: load._place).
 

@@ -1,4 +1,4 @@
-"""numba pieces shared by the compiled quantization kernels (kquants.py, mlx_kernels.py): the compile settings,
+"""numba pieces shared by the compiled quantization kernels (kquants.py, affine_kernels.py): the compile settings,
 llama.cpp's nearest_int, and fp32 -> fp16 rounding written out, since numba has no float16 scalar."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from ..config import MODELS, TextEncoderConfig, TransformerConfig, VAEConfig, te
 from ..keymap import (Entry, block_key, check_keys, check_transformer, text_encoder_entries,
                       transformer_entries, vae_entries)
 from ..quant.ggml import GGMLType
-from ..quant.mlx_layout import MLXQuant, repack
+from ..quant.affine import AffineQuant, repack
 from ..streaming import Streamer
 from ..weights import BF16, GGMLTensor, WeightSource
 from .quant_layers import quantized_layer, replace_module
@@ -47,7 +47,7 @@ def _device_tensor(t: torch.Tensor, device: torch.device, dtype: torch.dtype | N
     return t.to(device, non_blocking=True).to(dtype or t.dtype)
 
 
-def _host(raw: np.ndarray | GGMLTensor, pin: bool) -> torch.Tensor | MLXQuant:
+def _host(raw: np.ndarray | GGMLTensor, pin: bool) -> torch.Tensor | AffineQuant:
     """The host half of loading a tensor: a CPU tensor, or GGUF blocks repacked to the affine layout with
     the packed codes as bytes."""
     if isinstance(raw, GGMLTensor):
@@ -57,9 +57,9 @@ def _host(raw: np.ndarray | GGMLTensor, pin: bool) -> torch.Tensor | MLXQuant:
     return host_tensor(raw, pin)
 
 
-def _place(host: torch.Tensor | MLXQuant, device: torch.device, dtype: torch.dtype):
+def _place(host: torch.Tensor | AffineQuant, device: torch.device, dtype: torch.dtype):
     """The host form on the device, dense tensors and scales in `dtype` (codes stay bytes). Idempotent."""
-    if isinstance(host, MLXQuant):
+    if isinstance(host, AffineQuant):
         return dataclasses.replace(host, weight=_device_tensor(host.weight, device, None),
                                    scales=_device_tensor(host.scales, device, dtype),
                                    biases=_device_tensor(host.biases, device, dtype))
@@ -77,7 +77,7 @@ def _fill(module: nn.Module, tensors, place) -> nn.Module:
     for name, t in tensors:
         path, _, leaf = name.rpartition(".")
         t = place(t)
-        if isinstance(t, MLXQuant):  # quantized: the layer type follows the tensor's ggml type
+        if isinstance(t, AffineQuant):  # quantized: the layer type follows the tensor's ggml type
             replace_module(module, path, quantized_layer(module.get_submodule(path), t))
             continue
         owner = module.get_submodule(path)

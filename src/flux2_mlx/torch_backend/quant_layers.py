@@ -1,6 +1,6 @@
 """PyTorch quantized layers made from raw ggml blocks: each tensor's ggml type picks its layer.
 
-GGUF weights are repacked (quant/mlx_layout.py) into the affine layout MLX runs: per group of
+GGUF weights are repacked (quant/affine.py) into the affine layout MLX runs: per group of
 `group_size` values w = scale · q + bias, the codes q a little-endian bit stream. They stay packed in
 device memory; each call unpacks one layer's weight into the compute dtype, right before its matmul.
 """
@@ -62,7 +62,7 @@ class QuantEmbedding(QuantLinear):
 
 
 def quantized_layer(old: nn.Module, q) -> nn.Module:
-    """A QuantLinear / QuantEmbedding standing in for `old`, from q: an MLXQuant whose weight, scales and
+    """A QuantLinear / QuantEmbedding standing in for `old`, from q: an AffineQuant whose weight, scales and
     biases are already device tensors (weight as uint8 bytes, scales and biases in the compute dtype)."""
     if isinstance(old, nn.Embedding):
         return QuantEmbedding(q.weight, q.scales, q.biases, q.bits, q.group_size)

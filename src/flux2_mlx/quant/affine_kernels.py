@@ -4,7 +4,7 @@ Two kinds of kernel, both checked bit for bit against numpy and gguf-py in tests
 - exact repacks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q3_K as 8-bit codes): the codes are the file's
   codes; the scales and biases are exact float32 products of its fp16 fields;
 - re-quantization of Q6_K, Q3_K and Q2_K, whose 16-value sub-blocks do not fit MLX's groups: each 256-value
-  super-block is decoded as gguf-py's dequantize computes it, then quantized as mlx_layout.requantize does,
+  super-block is decoded as gguf-py's dequantize computes it, then quantized as affine.requantize does,
   with the same float32 operations in the same order.
 numpy needs a dozen passes over full-size temporaries for either; these kernels read each block once.
 """
@@ -156,7 +156,7 @@ def _decode(blk, kind, buf):
 
 @inline
 def _round(v, sdt):
-    """mlx_layout._round_scales of one value: float32, float16 or bfloat16 (nearest even), as float32."""
+    """affine._round_scales of one value: float32, float16 or bfloat16 (nearest even), as float32."""
     if sdt == 1:
         return fp16(v)[1]
     if sdt == 2:

@@ -1,8 +1,9 @@
-"""Repack raw ggml blocks into MLX's affine triplet (packed uint32 codes, scales, biases).
+"""Repack raw ggml blocks into the affine triplet both backends run: MLX's quantized layout (packed uint32
+codes, scales, biases per group), which MLX multiplies by directly and torch unpacks per layer.
 
-Exact where gguf-and-quantization.md §2 says it is; Q6_K, Q2_K and by default Q3_K are re-quantized (§3), with
-the error in `note`. The per-block work runs in the compiled kernels of quant/mlx_kernels.py; this module keeps
-the layout, the reference `requantize` and the thread pool over row chunks.
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K map exactly; Q6_K, Q2_K and by default Q3_K are re-quantized,
+with the error in `note`. The per-block work runs in the compiled kernels of quant/affine_kernels.py; this
+module keeps the layout, the reference `requantize` and the thread pool over row chunks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from .ggml import GGMLType
 
-__all__ = ["MLXQuant", "dequantize_mlx", "mlx_format", "pack_codes", "repack", "requantize", "unpack_codes"]
+__all__ = ["AffineQuant", "dequantize_mlx", "affine_format", "pack_codes", "repack", "requantize", "unpack_codes"]
 
 assert sys.byteorder == "little", "the uint32/uint64 views below assume a little-endian host"
 
@@ -24,7 +25,7 @@ T = GGMLType
 # Lossy targets (bits, group) for types MLX's 32/64/128 groups cannot hold (16-element sub-blocks), §3.
 # Q6_K → 8-bit g64: near-lossless at Q8_0's memory. Q2_K → 4-bit g32: 5–6 bpw, small error next to Q2_K's own.
 REQUANT = {T.Q6_K: (8, 64), T.Q2_K: (4, 32), T.Q3_K: (4, 32)}
-# Exact repacks (mlx_kernels.exact_blocks): one MLX group per 32-element ggml (sub-)block.
+# Exact repacks (affine_kernels.exact_blocks): one MLX group per 32-element ggml (sub-)block.
 EXACT = {T.Q4_0: (4, 32), T.Q4_1: (4, 32), T.Q5_0: (5, 32), T.Q5_1: (5, 32), T.Q8_0: (8, 32),
          T.Q4_K: (4, 32), T.Q5_K: (5, 32)}
 # Measured on N(0, 0.02) 256x4096 weights quantized by quant.kquants (rel-RMS; tests check looser bounds).
@@ -38,13 +39,13 @@ _LOSSY_NOTE = {T.Q6_K: "re-quantized to 8-bit g64: adds 5.3e-3 rel-RMS vs the Q6
                        "weights 0.151 -> 0.173, +15%); repack(..., exact=True) keeps it exact as 8-bit codes"}
 
 
-def mlx_format(t: GGMLType) -> tuple[int, int] | None:
+def affine_format(t: GGMLType) -> tuple[int, int] | None:
     """(bits, group size) a ggml type loads as by default; None for the dense and unsupported types."""
     return EXACT.get(t) or REQUANT.get(t)
 
 
 @dataclass(frozen=True)
-class MLXQuant:
+class AffineQuant:
     """Arguments of mx.dequantize / mx.quantized_matmul (mode "affine"), as numpy arrays."""
 
     weight: np.ndarray  # uint32 (*lead, in * bits / 32): little-endian bit stream, element 0 in the low bits
@@ -103,8 +104,8 @@ def _round_scales(a: np.ndarray, dtype) -> np.ndarray:
 
 
 def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dtype=np.float32,
-           exact: bool = False) -> MLXQuant:
-    """Raw ggml blocks (rows, row_bytes) of a tensor of `shape` (*lead, in) → MLXQuant.
+           exact: bool = False) -> AffineQuant:
+    """Raw ggml blocks (rows, row_bytes) of a tensor of `shape` (*lead, in) → AffineQuant.
 
     Exact (bit for bit vs gguf.quants.dequantize, ±0 aside) with float32 scales for Q4_0, Q4_1, Q5_0, Q5_1,
     Q8_0, Q4_K, Q5_K, and Q3_K with `exact=True` (8-bit codes); Q6_K, Q2_K and by default Q3_K are
@@ -124,28 +125,28 @@ def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dt
     first = parts[0]
     cat = (lambda name: getattr(first, name) if len(parts) == 1
            else np.concatenate([getattr(p, name) for p in parts]))
-    return MLXQuant(cat("weight").reshape(*lead, -1), cat("scales").reshape(*lead, -1),
+    return AffineQuant(cat("weight").reshape(*lead, -1), cat("scales").reshape(*lead, -1),
                     cat("biases").reshape(*lead, -1), first.group_size, first.bits, first.note)
 
 
-def _repack_rows(raw: np.ndarray, t: GGMLType, n: int, scales_dtype, exact: bool) -> MLXQuant:
+def _repack_rows(raw: np.ndarray, t: GGMLType, n: int, scales_dtype, exact: bool) -> AffineQuant:
     """repack() of a 2-D block of rows."""
-    from . import mlx_kernels  # lazy: compiled with numba, needed only for GGUF files
+    from . import affine_kernels  # lazy: compiled with numba, needed only for GGUF files
 
     if t in REQUANT and not (exact and t == T.Q3_K):
         bits, group = REQUANT[t]
-        weight, scales, biases = mlx_kernels.requantize_blocks(raw, t, n, bits, group, _dtype_name(scales_dtype))
-        return MLXQuant(weight, scales, biases, group, bits, _LOSSY_NOTE[t])
-    if t not in mlx_kernels.EXACT_KINDS:
+        weight, scales, biases = affine_kernels.requantize_blocks(raw, t, n, bits, group, _dtype_name(scales_dtype))
+        return AffineQuant(weight, scales, biases, group, bits, _LOSSY_NOTE[t])
+    if t not in affine_kernels.EXACT_KINDS:
         raise ValueError(f"{t.name} tensors cannot run on MLX quantized kernels; convert the file with flux2 convert")
     bits, group = EXACT.get(t, (8, 128))  # Q3_K kept exact: 8-bit codes 128 - sc*q in 128-value groups
-    weight, scales, biases = mlx_kernels.exact_blocks(raw, t, n, bits, group)
+    weight, scales, biases = affine_kernels.exact_blocks(raw, t, n, bits, group)
     name = _dtype_name(scales_dtype)
     note = f"exact ({bits}-bit g{group})" if name == "float32" else f"{bits}-bit g{group}, scales rounded to {name}"
-    return MLXQuant(weight, _round_scales(scales, scales_dtype), _round_scales(biases, scales_dtype), group, bits, note)
+    return AffineQuant(weight, _round_scales(scales, scales_dtype), _round_scales(biases, scales_dtype), group, bits, note)
 
 
-def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float32) -> MLXQuant:
+def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float32) -> AffineQuant:
     """Min/max affine quantization of float weights (last axis) into MLX's layout, like mx.quantize."""
     *lead, n = w.shape
     g = np.asarray(w, np.float32).reshape(-1, n // group_size, group_size)
@@ -159,11 +160,11 @@ def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float3
     np.rint(q, out=q)
     np.clip(q, 0, 2**bits - 1, out=q)
     codes = q.astype(np.uint8).reshape(-1, n)
-    return MLXQuant(pack_codes(codes, bits).reshape(*lead, n * bits // 32), scale.reshape(*lead, -1),
+    return AffineQuant(pack_codes(codes, bits).reshape(*lead, n * bits // 32), scale.reshape(*lead, -1),
                     bias.reshape(*lead, -1), group_size, bits, f"re-quantized to {bits}-bit g{group_size}")
 
 
-def dequantize_mlx(q: MLXQuant) -> np.ndarray:
+def dequantize_mlx(q: AffineQuant) -> np.ndarray:
     """w = scale * code + bias in float32, as mx.dequantize computes it with float32 scales."""
     codes = unpack_codes(q.weight, q.bits).astype(np.float32)
     *lead, n = codes.shape
