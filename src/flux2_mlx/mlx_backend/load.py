@@ -95,7 +95,7 @@ def load_transformer(cfg: TransformerConfig, source: WeightSource | dict, *, dty
     where = getattr(source, "path", "weights")
     check_transformer(entries, cfg, where)
     groups = (("double_blocks", lambda: DoubleStreamBlock(cfg)), ("single_blocks", lambda: SingleStreamBlock(cfg)))
-    return _assign(Flux2(cfg), entries, dtype, streaming, groups, where)
+    return _assign(Flux2(cfg, dtype), entries, dtype, streaming, groups, where)
 
 
 def load_vae(cfg: VAEConfig, source: WeightSource | dict, *, dtype: mx.Dtype = mx.float32):

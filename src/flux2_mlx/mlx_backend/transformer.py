@@ -114,9 +114,12 @@ class LastLayer(nn.Module):
 
 
 class Flux2(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    """dtype: the compute dtype the loader fills the parameters in (a quantized layer holds packed codes,
+    so the dtype cannot be read off a weight)."""
+
+    def __init__(self, cfg: TransformerConfig, dtype: mx.Dtype = mx.float32):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.dtype = cfg, dtype
         H = cfg.hidden_size
         self.img_in = nn.Linear(cfg.in_channels, H, bias=False)
         self.txt_in = nn.Linear(cfg.context_in_dim, H, bias=False)
@@ -151,8 +154,7 @@ class Flux2(nn.Module):
         themselves, and every block's reference K/V is appended to it; once filled, later calls attend to
         those K/V and take no `ref`.
         """
-        # A quantized layer's weight holds packed uint32 codes; its scales carry the compute dtype.
-        dtype = getattr(self.img_in, "scales", self.img_in.weight).dtype
+        dtype = self.dtype
         n = x.shape[1]
         extract = kv_cache is not None and not kv_cache and ref is not None
         if ref is not None and kv_cache is None:
