@@ -258,3 +258,27 @@ def test_a_missing_framework_names_its_pip_extra(tiny_repo, tmp_path, monkeypatc
     r = run("generate", "x", "--model-path", tiny_repo, *SMALL, "--backend", "auto", "--dry-run",
             "-o", tmp_path / "x.png")
     assert r.exit_code == 0 and "backend: mlx on cpu" in r.stdout  # auto passes over what is not installed
+
+
+@pytest.mark.parametrize("error", ["torch", "mlx", "python"])
+def test_running_out_of_device_memory_is_one_line_with_a_budget_that_fits(tiny_repo, tmp_path, monkeypatch, error):
+    import torch
+
+    from flux2_mlx.pipeline import Pipeline
+
+    raised = {"torch": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+              "mlx": RuntimeError("[metal::malloc] Attempting to allocate 9000000000 bytes"),
+              "python": MemoryError()}[error]
+
+    def decode(*_a, **_k):
+        raise raised
+
+    monkeypatch.setattr(Pipeline, "decode", decode)
+    out = tmp_path / "x.png"
+    r = run("generate", "x", "--model-path", tiny_repo, *SMALL, "--steps", 1, "--memory-budget", 2, "-o", out)
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]  # beside the progress bars
+    assert r.exit_code == 2 and len(errors) == 1 and errors[0].startswith("error: "), r.output
+    assert "ran out of memory" in errors[0] and "--memory-budget 0.0" in errors[0] and not out.exists()
+    monkeypatch.setattr(Pipeline, "decode", lambda *_a, **_k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    r = run("generate", "x", "--model-path", tiny_repo, *SMALL, "--steps", 1, "-o", out)
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)  # other errors are not dressed up as OOM

@@ -236,19 +236,61 @@ def _plan(spec, files, dtype, inputs, guidance, budget):
 
 def _generate(spec, prompt, paths_kw, edit, strength, steps, guidance, negative_prompt, seeds, paths, dtype,
               budget):
-    from tqdm import tqdm
-
     from .pipeline import load_pipeline
-    from .sampling import img2img_start
 
     start = time.perf_counter()
     pipe = load_pipeline(spec, dtype=dtype, **paths_kw, **budget)
-    steps_, guidance_ = pipe.settings(steps, guidance)
+    pipe.settings(steps, guidance)  # bad steps fail here, before any model loads
     inputs = pipe.prepare_inputs(**edit)  # a bad image fails here, before any model loads
     width, height = inputs.width, inputs.height
     plan = pipe.plan(width, height, guidance, inputs)  # refuses an impossible budget before any loading
     if any(p.streamed or p.tile for p in plan.phases):
         click.echo(plan.describe())
+    try:
+        _run(pipe, prompt, inputs, plan, strength, steps, guidance, negative_prompt, seeds, paths, spec, edit)
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        _fail(_oom_message(e, pipe, inputs, plan, guidance))
+    click.echo(f"done in {time.perf_counter() - start:.1f} s, peak memory "
+               f"{pipe.backend.peak_memory() / 2**30:.2f} GiB")
+
+
+def _out_of_memory(e: Exception) -> bool:
+    """torch's OutOfMemoryError, MLX's allocation failures (RuntimeErrors saying so), Python's MemoryError."""
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("out of memory" in text or "malloc" in text))
+
+
+def _oom_message(e: Exception, pipe, inputs, plan, guidance) -> str:
+    """What ran out, what the plan expected, and the smallest budget the planner can meet by streaming."""
+    from .memory import GB, MemoryPlanError
+
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    head = (f"{pipe.device} ran out of memory ({first}); the plan expected a peak of {plan.peak / GB:.2f} GB "
+            f"within a {plan.budget / GB:.2f} GB budget, more than was free")
+    lo, hi = 0.0, plan.budget / GB  # bisect for the smallest budget that still plans (headers only: cheap)
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        try:
+            pipe.plan(inputs.width, inputs.height, guidance, inputs, budget_gb=mid)
+            hi = mid
+        except MemoryPlanError:
+            lo = mid
+    if hi * GB >= 0.9 * plan.peak:
+        return f"{head}; streaming would not make it much smaller: close other programs or use a smaller " \
+               f"quantization"
+    return f"{head}: pass --memory-budget {float(f'{hi * 1.05:.2g}'):g} (or lower) to stream more of the model"
+
+
+def _run(pipe, prompt, inputs, plan, strength, steps, guidance, negative_prompt, seeds, paths, spec, edit):
+    from tqdm import tqdm
+
+    from .sampling import img2img_start
+
+    width, height = inputs.width, inputs.height
+    steps_, guidance_ = pipe.settings(steps, guidance)
     with tqdm(total=1, desc="encode", unit="prompt") as bar:
         ctx, neg = pipe.conditioning(prompt, negative_prompt=negative_prompt, guidance=guidance, plan=plan)
         bar.update()
@@ -274,8 +316,6 @@ def _generate(spec, prompt, paths_kw, edit, strength, steps, guidance, negative_
             meta.update(image=str(edit["image"]), strength=strength)
         _save_png(image, path, meta)
         click.echo(f"saved {path}")
-    click.echo(f"done in {time.perf_counter() - start:.1f} s, peak memory "
-               f"{pipe.backend.peak_memory() / 2**30:.2f} GiB")
 
 
 def read_metadata(path: Path) -> dict:

@@ -278,17 +278,18 @@ class Pipeline:
         return self.files[component]
 
     def plan(self, width: int = 1024, height: int = 1024, guidance=None,
-             inputs: Inputs | None = None) -> memory_plan.Plan:
+             inputs: Inputs | None = None, budget_gb: float | None = None) -> memory_plan.Plan:
         """The memory plan for an image of this size, with the reference tokens and input images of
-        `inputs` (memory_plan.MemoryPlanError if it cannot fit)."""
+        `inputs` (memory_plan.MemoryPlanError if it cannot fit); budget_gb: another budget than the
+        pipeline's, to ask what it would do."""
         cfg = uses_cfg(self.spec, guidance)
         refs, size = (inputs.ref_tokens, inputs.image_size) if inputs is not None else (0, None)
-        key = (width, height, cfg, refs, size)
+        budget_gb = self.budget_gb if budget_gb is None else budget_gb
+        key = (width, height, cfg, refs, size, budget_gb)
         if key not in self._plans:
             self._plans[key] = plan_memory(self.spec, self.files, self.backend, DTYPE_BYTES[self.dtype_name],
-                                           width, height,
-                                           budget_gb=self.budget_gb, stream_from=self.stream_from, cfg=cfg,
-                                           ref_tokens=refs, image_size=size)
+                                           width, height, budget_gb=budget_gb, stream_from=self.stream_from,
+                                           cfg=cfg, ref_tokens=refs, image_size=size)
         return self._plans[key]
 
     def prepare_inputs(self, width: int | None = None, height: int | None = None, images=None,
