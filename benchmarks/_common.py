@@ -66,18 +66,19 @@ def run_info() -> dict:
             "openblas": OPENBLAS}
 
 
-def time_forward(forward, warmup: int, repeats: int) -> tuple[float, list[float], bool]:
-    """Median seconds of `repeats` calls of forward() (each evaluated), after `warmup` untimed ones;
-    also every time and whether the last output was finite."""
+def time_forward(forward, warmup: int, repeats: int, evaluate=mx.eval,
+                 is_finite=lambda out: bool(mx.isfinite(out).all())) -> tuple[float, list[float], bool]:
+    """Median seconds of `repeats` calls of forward() (each evaluated: `evaluate`, MLX's by default), after
+    `warmup` untimed ones; also every time and whether the last output was finite."""
     finite = True
 
     def step() -> float:
         nonlocal finite
         start = time.perf_counter()
         out = forward()
-        mx.eval(out)
+        evaluate(out)
         elapsed = time.perf_counter() - start
-        finite = bool(mx.isfinite(out).all())
+        finite = is_finite(out)
         return elapsed
 
     for i in range(warmup):

@@ -1,21 +1,26 @@
-"""Time one FLUX.2 transformer forward (one denoising step, no CFG) at real dimensions, random weights.
+"""Time one FLUX.2 transformer forward (one denoising step, no CFG) at real dimensions, random weights, on
+the MLX backend, the torch backend and diffusers' Flux2Transformer2DModel side by side in one process.
 
-Prints a markdown row for BENCHMARKS.md. Linux CPU: FLUX2_OPENBLAS=1 preloads OpenBLAS for fast f32 matmul.
+Prints a markdown row per backend for BENCHMARKS.md. Linux CPU: FLUX2_OPENBLAS=1 preloads OpenBLAS for fast
+f32 matmul in MLX; torch and diffusers get the same thread count (--threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 
 from _common import OPENBLAS, random_entries, run_info, time_forward, write_json  # first: preloads OpenBLAS
 
 import mlx.core as mx
+import numpy as np
 
 from flux2_mlx.config import MODELS, TransformerConfig, transformer_shapes
-from flux2_mlx.mlx_backend import load_transformer, resolve_dtype
+from flux2_mlx.keymap import Entry
 from flux2_mlx.sampling import prc_img, prc_txt
+from flux2_mlx.weights import f32_to_bf16
 
 
 def forward_flops(cfg: TransformerConfig, n_img: int, n_txt: int) -> float:
@@ -32,15 +37,95 @@ def forward_flops(cfg: TransformerConfig, n_img: int, n_txt: int) -> float:
     return float(embed + vec + final + cfg.depth * double + cfg.depth_single_blocks * single)
 
 
+def _numpy_entries(shapes: dict, dtype_name: str) -> dict[str, Entry]:
+    """N(0, 1/fan_in) weights (norm scales 1) drawn one tensor at a time, bf16 as the project's BF16 bits."""
+    rng = np.random.default_rng(0)
+
+    def loader(shape):
+        def load():
+            a = np.ones(shape, np.float32) if len(shape) == 1 else (
+                rng.standard_normal(shape, np.float32) * np.float32(shape[-1] ** -0.5))
+            return f32_to_bf16(a) if dtype_name == "bfloat16" else a.astype(dtype_name)
+        return load
+
+    return {name: Entry(shape, loader(shape)) for name, shape in shapes.items()}
+
+
+def _mlx(cfg, dtype_name, inp):
+    from flux2_mlx import mlx_backend as be
+
+    dtype = be.resolve_dtype(dtype_name)
+    mx.random.seed(0)
+    model = be.load_transformer(cfg, random_entries(transformer_shapes(cfg), dtype), dtype=dtype)
+    a = {k: mx.array(v) for k, v in inp.items()}
+    x, ctx = a["x"].astype(dtype), a["ctx"].astype(dtype)
+    g = a["g"] if cfg.use_guidance_embed else None
+    return (lambda: model(x, a["x_ids"], a["t"], ctx, a["ctx_ids"], g)), mx.eval, \
+        lambda out: bool(mx.isfinite(out).all()), f"mlx {mx.__version__}"
+
+
+def _torch_common(threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    sync = (lambda out: torch.cuda.synchronize()) if torch.cuda.is_available() else (lambda out: None)
+    return torch, sync, lambda out: bool(torch.isfinite(out).all())
+
+
+def _torch(cfg, dtype_name, inp, threads):
+    from flux2_mlx import torch_backend as be
+
+    torch, sync, finite = _torch_common(threads)
+    dtype = be.resolve_dtype(dtype_name)
+    model = be.load_transformer(cfg, _numpy_entries(transformer_shapes(cfg), dtype_name), dtype=dtype)
+    a = {k: be.from_numpy(v) for k, v in inp.items()}
+    x, ctx = a["x"].to(dtype), a["ctx"].to(dtype)
+    g = a["g"] if cfg.use_guidance_embed else None
+
+    def forward():
+        with torch.inference_mode():
+            return model(x, a["x_ids"], a["t"], ctx, a["ctx_ids"], g)
+
+    return forward, sync, finite, f"torch {torch.__version__}"
+
+
+def _diffusers(cfg, dtype_name, inp, threads):
+    import diffusers
+    from diffusers import Flux2Transformer2DModel
+
+    torch, sync, finite = _torch_common(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, dtype_name)
+    with torch.device(device):
+        model = Flux2Transformer2DModel(
+            in_channels=cfg.in_channels, num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
+            attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+            mlp_ratio=cfg.mlp_ratio, axes_dims_rope=tuple(cfg.axes_dim), rope_theta=cfg.theta,
+            guidance_embeds=cfg.use_guidance_embed).to(dtype).eval()
+    a = {k: torch.from_numpy(v).to(device) for k, v in inp.items()}
+    kw = dict(hidden_states=a["x"].to(dtype), encoder_hidden_states=a["ctx"].to(dtype), timestep=a["t"].to(dtype),
+              img_ids=a["x_ids"][0].long(), txt_ids=a["ctx_ids"][0].long(),
+              guidance=a["g"].to(dtype) if cfg.use_guidance_embed else None, return_dict=False)
+
+    def forward():
+        with torch.inference_mode():
+            return model(**kw)[0]
+
+    return forward, sync, finite, f"diffusers {diffusers.__version__}, torch {torch.__version__}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--backend", action="append", choices=["mlx", "torch", "diffusers"],
+                   help="repeat to run several side by side (default: mlx)")
     p.add_argument("--model", default="klein-4b", choices=["dev", "klein-4b", "klein-9b"])
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--double-blocks", type=int, default=None, help="default: the model's full depth")
     p.add_argument("--single-blocks", type=int, default=None, help="default: the model's full depth")
-    p.add_argument("--dtype", default=None,
-                   help="bfloat16 | float16 | float32 (default: bf16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default: bf16 on a GPU, float32 on CPU")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and diffusers CPU threads")
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -53,40 +138,42 @@ def main() -> None:
     d = full.depth if args.double_blocks is None else args.double_blocks
     s = full.depth_single_blocks if args.single_blocks is None else args.single_blocks
     cfg = dataclasses.replace(full, depth=d, depth_single_blocks=s)
-    dtype = resolve_dtype(args.dtype)
-    dtype_name = str(dtype).rsplit(".", 1)[-1]
     h, w, n_txt = args.height // 16, args.width // 16, args.text_tokens
-    print(f"OpenBLAS preload: {OPENBLAS}; device {mx.default_device()}; mlx {mx.__version__}")
-
-    mx.random.seed(0)
-    t0 = time.perf_counter()
-    model = load_transformer(cfg, random_entries(transformer_shapes(cfg), dtype), dtype=dtype)
-    print(f"built {args.model} {d}+{s} blocks in {dtype_name}: {time.perf_counter() - t0:.1f} s")
-
-    x = mx.random.normal((1, h * w, cfg.in_channels), dtype=dtype)
-    ctx = mx.random.normal((1, n_txt, cfg.context_in_dim), dtype=dtype)
-    x_ids, ctx_ids = mx.array(prc_img(h, w)), mx.array(prc_txt(n_txt))
-    t = mx.array([0.5], dtype=dtype)
-    guidance = mx.array([4.0], dtype=dtype) if cfg.use_guidance_embed else None
-    mx.eval(x, ctx, x_ids, ctx_ids, t)
-
-    sec, times, finite = time_forward(lambda: model(x, x_ids, t, ctx, ctx_ids, guidance), args.warmup, args.repeats)
+    rng = np.random.default_rng(1)
+    inp = dict(x=rng.standard_normal((1, h * w, cfg.in_channels), np.float32),
+               ctx=rng.standard_normal((1, n_txt, cfg.context_in_dim), np.float32),
+               x_ids=prc_img(h, w), ctx_ids=prc_txt(n_txt), t=np.array([0.5], np.float32),
+               g=np.array([4.0], np.float32))
+    print(f"OpenBLAS preload: {OPENBLAS}; threads for torch/diffusers: {args.threads}")
     flops, flops_full = forward_flops(cfg, h * w, n_txt), forward_flops(full, h * w, n_txt)
-    res = {
-        **run_info(), "model": args.model, "double_blocks": d, "single_blocks": s,
-        "full_double_blocks": full.depth, "full_single_blocks": full.depth_single_blocks,
-        "width": args.width, "height": args.height, "image_tokens": h * w, "text_tokens": n_txt,
-        "dtype": dtype_name, "seconds_per_step": sec, "times": times, "tflop": flops / 1e12,
-        "tflop_full": flops_full / 1e12, "tflops_per_s": flops / sec / 1e12,
-        "extrapolated_full_seconds_per_step": sec * flops_full / flops,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9, "output_finite": finite,
-    }
-    print(f"{res['tflop']:.2f} TFLOP per step at {d}+{s} blocks, {res['tflop_full']:.2f} at full depth; "
-          f"peak memory {res['peak_memory_gb']:.1f} GB; output finite: {finite}")
-    print(f"| {res['date']} | {res['machine']} | {res['mlx']} | {args.model} | "
-          f"{d}+{s} of {full.depth}+{full.depth_single_blocks} | {args.width}x{args.height} | {dtype_name} | "
-          f"{sec:.2f} | {res['tflops_per_s']:.3g} | {res['extrapolated_full_seconds_per_step']:.1f} |")
-    write_json(args.json, res)
+    results = []
+    for name in args.backend or ["mlx"]:
+        gpu = mx.default_device() == mx.gpu
+        dtype_name = args.dtype or ("bfloat16" if gpu and name == "mlx" else "float32")
+        if name != "mlx":
+            import torch
+
+            dtype_name = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+        t0 = time.perf_counter()
+        make = {"mlx": lambda: _mlx(cfg, dtype_name, inp), "torch": lambda: _torch(cfg, dtype_name, inp, args.threads),
+                "diffusers": lambda: _diffusers(cfg, dtype_name, inp, args.threads)}[name]
+        forward, evaluate, finite, versions = make()
+        print(f"{name}: built {args.model} {d}+{s} blocks in {dtype_name}: {time.perf_counter() - t0:.1f} s")
+        sec, times, ok = time_forward(forward, args.warmup, args.repeats, evaluate, finite)
+        res = {**run_info(), "backend": name, "versions": versions, "model": args.model, "double_blocks": d,
+               "single_blocks": s, "full_double_blocks": full.depth, "full_single_blocks": full.depth_single_blocks,
+               "width": args.width, "height": args.height, "text_tokens": n_txt, "dtype": dtype_name,
+               "threads": args.threads, "seconds_per_step": sec, "times": times, "tflop": flops / 1e12,
+               "tflops_per_s": flops / sec / 1e12, "extrapolated_full_seconds_per_step": sec * flops_full / flops,
+               "output_finite": ok}
+        results.append(res)
+        del forward
+    for res in results:
+        print(f"| {res['date']} | {res['machine']} | {res['backend']} ({res['versions']}) | {args.model} | "
+              f"{d}+{s} of {full.depth}+{full.depth_single_blocks} | {args.width}x{args.height} | {res['dtype']} | "
+              f"{res['seconds_per_step']:.2f} | {res['tflops_per_s']:.3g} | "
+              f"{res['extrapolated_full_seconds_per_step']:.1f} |")
+    write_json(args.json, results if len(results) > 1 else results[0])
 
 
 if __name__ == "__main__":
