@@ -52,7 +52,7 @@ def test_generate_writes_png_with_metadata_and_reproduces(tiny_repo, tmp_path):
     assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 50
     meta = json.loads(image.info["flux2"])
     assert meta == {"prompt": "a red fox in snow", "model": "klein-4b", "seed": 7, "steps": 4, "guidance": 1.0,
-                    "width": 64, "height": 48, "dtype": "float32", "backend": "mlx", "device": "cpu",
+                    "width": 64, "height": 48, "dtype": "float32", "backend": "torch", "device": "cpu",
                     "version": __version__}
 
     r = run("info", out)
@@ -257,7 +257,7 @@ def test_a_missing_framework_names_its_pip_extra(tiny_repo, tmp_path, monkeypatc
     assert r.exit_code == 2 and "pip install 'flux2-mlx[torch]'" in r.stderr and len(r.stderr.splitlines()) == 1
     r = run("generate", "x", "--model-path", tiny_repo, *SMALL, "--backend", "auto", "--dry-run",
             "-o", tmp_path / "x.png")
-    assert r.exit_code == 0 and "backend: mlx on cpu" in r.stdout  # auto passes over what is not installed
+    assert r.exit_code == 0 and "backend: mlx on cpu" in r.stdout  # auto passes over what does not import
 
 
 @pytest.mark.parametrize("error", ["torch", "mlx", "python"])

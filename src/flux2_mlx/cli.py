@@ -25,7 +25,8 @@ def _backend_options(f):
     f = click.option("--device", metavar="NAME",
                      help="mlx: gpu or cpu; torch: cuda, cuda:N, mps or cpu. Default: the GPU when there is one.")(f)
     return click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-                        help="auto: MLX on Apple silicon, PyTorch when CUDA is there, else the one installed.")(f)
+                        help="auto: MLX on Apple silicon, else PyTorch when installed (on CUDA, or on a CPU, "
+                             "where it is the faster), else MLX.")(f)
 META_KEY = "flux2"
 
 

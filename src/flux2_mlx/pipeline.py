@@ -537,8 +537,8 @@ class Pipeline:
 
 
 def choose_backend(name: str = "auto") -> str:
-    """A backend name; "auto": MLX on Apple silicon, torch when CUDA is there, else whichever is installed
-    (MLX first)."""
+    """A backend name; "auto": MLX on Apple silicon, else torch (CUDA when there is one; on a CPU, torch's
+    float32 step is about 20x MLX's CPU build's: BENCHMARKS.md "Transformer step"), else MLX."""
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; choose auto or one of: {', '.join(BACKENDS)}")
@@ -548,8 +548,8 @@ def choose_backend(name: str = "auto") -> str:
         return "mlx"
     if "torch" in have:
         try:
-            if backend_module("torch").use_device().startswith("cuda"):  # its default: CUDA when there is one
-                return "torch"
+            backend_module("torch")
+            return "torch"
         except ValueError:  # torch is there but does not import: pass over it
             have.remove("torch")
     if not have:
