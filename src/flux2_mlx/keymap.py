@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MODELS, TextEncoderConfig, TransformerConfig, transformer_config_from_shapes, transformer_shapes
+from .config import (MODELS, TextEncoderConfig, TransformerConfig, text_encoder_shapes, transformer_config_from_shapes,
+                     transformer_shapes, vae_shapes)
 from .weights import GGML_QUANTIZED, GGMLTensor, WeightsError, WeightSource, to_float32
 
 
@@ -576,6 +577,27 @@ def guess_transformer(entries: dict[str, Entry], candidates: dict[str, Transform
         if transformer_shapes(cfg) == shapes:
             return name
     return None
+
+
+def checked_entries(component: str, source, cfg) -> tuple[dict[str, Entry], object]:
+    """(canonical entries, where they come from) of a "transformer", "vae" or "text_encoder" in `source`
+    (a WeightSource, or canonical entries already built), checked strictly against `cfg`: what both
+    backends' loaders start from."""
+    where = getattr(source, "path", "weights")
+    if component == "transformer":
+        entries = source if isinstance(source, dict) else transformer_entries(source)
+        check_transformer(entries, cfg, where)
+    elif component == "vae":
+        entries = source if isinstance(source, dict) else vae_entries(source)
+        check_keys(entries, vae_shapes(cfg), f"autoencoder {where}")
+    else:
+        entries = source if isinstance(source, dict) else text_encoder_entries(source, cfg)
+        shapes = {k: tuple(e.shape) for k, e in entries.items()}
+        repo = next((s.text_encoder.repo_id for s in MODELS.values()
+                     if s.text_encoder != cfg and text_encoder_shapes(s.text_encoder) == shapes), None)
+        hint = f"These weights have the shapes of {repo}: choose a model that uses it." if repo else ""
+        check_keys(entries, text_encoder_shapes(cfg), f"text encoder {where}", hint)
+    return entries, where
 
 
 def check_transformer(entries: dict[str, Entry], cfg: TransformerConfig, where) -> None:

@@ -12,9 +12,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from ..config import MODELS, TextEncoderConfig, TransformerConfig, VAEConfig, text_encoder_shapes, vae_shapes
-from ..keymap import (Entry, block_key, check_keys, check_transformer, text_encoder_entries,
-                      transformer_entries, vae_entries)
+from ..config import TextEncoderConfig, TransformerConfig, VAEConfig
+from ..keymap import Entry, block_key, checked_entries
 from ..quant.ggml import GGMLType
 from ..quant.affine import AffineQuant, repack
 from ..weights import BF16, GGMLTensor, WeightSource
@@ -91,26 +90,17 @@ def _assign(module, entries: dict[str, Entry], dtype: mx.Dtype, streaming=None, 
 
 
 def load_transformer(cfg: TransformerConfig, source: WeightSource | dict, *, dtype: mx.Dtype, streaming=None):
-    entries = source if isinstance(source, dict) else transformer_entries(source)
-    where = getattr(source, "path", "weights")
-    check_transformer(entries, cfg, where)
+    entries, where = checked_entries("transformer", source, cfg)
     groups = (("double_blocks", lambda: DoubleStreamBlock(cfg)), ("single_blocks", lambda: SingleStreamBlock(cfg)))
     return _assign(Flux2(cfg, dtype), entries, dtype, streaming, groups, where)
 
 
 def load_vae(cfg: VAEConfig, source: WeightSource | dict, *, dtype: mx.Dtype = mx.float32):
-    entries = source if isinstance(source, dict) else vae_entries(source)
-    check_keys(entries, vae_shapes(cfg), f"autoencoder {getattr(source, 'path', 'weights')}")
+    entries, _ = checked_entries("vae", source, cfg)
     return _assign(AutoEncoder(cfg), entries, dtype)
 
 
 def load_text_encoder(cfg: TextEncoderConfig, source: WeightSource | dict, *, dtype: mx.Dtype, streaming=None):
-    entries = source if isinstance(source, dict) else text_encoder_entries(source, cfg)
-    shapes = {k: tuple(e.shape) for k, e in entries.items()}
-    repo = next((s.text_encoder.repo_id for s in MODELS.values()
-                 if s.text_encoder != cfg and text_encoder_shapes(s.text_encoder) == shapes), None)
-    hint = f"These weights have the shapes of {repo}: choose a model that uses it." if repo else ""
-    where = getattr(source, "path", "weights")
-    check_keys(entries, text_encoder_shapes(cfg), f"text encoder {where}", hint)
+    entries, where = checked_entries("text_encoder", source, cfg)
     groups = (("model.layers", lambda: DecoderLayer(cfg)),)
     return _assign(TextEncoder(cfg), entries, dtype, streaming, groups, where)
