@@ -20,6 +20,9 @@ from .load import load_transformer as _load_transformer
 from .load import load_vae as _load_vae
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# benchmarks/activations.py on the CPU, the largest of three runs (BENCHMARKS.md, "Memory planner"). CUDA
+# uses them too until they are measured on a GPU.
+ACTIVATIONS = Activations(transformer_rows=(19.8, 28.8), text_rows=6.6, vae_decode_maps=9.6, vae_encode_maps=5.1)
 
 
 def _has_mps() -> bool:
@@ -117,15 +120,12 @@ def peak_memory() -> int:
 
 def device_memory() -> dict:
     """What the memory planner needs: `total` bytes (the GPU's, or RAM), `limit` the bytes torch should
-    stay under (free GPU memory on CUDA; most of RAM otherwise), and whether attention is fused (SDPA's
-    flash / memory-efficient kernels on a GPU: no L² scores), and the activation coefficients. Torch's are
-    not measured yet: MLX's stand in (memory.Activations' defaults)."""
+    stay under (free GPU memory on CUDA; most of RAM otherwise), whether attention is fused (no L² scores:
+    SDPA's flash / memory-efficient kernels on a GPU, its flash kernel on the CPU too), and the activation
+    coefficients (benchmarks/activations.py)."""
     if _device.type == "cuda":
         free_bytes, total = torch.cuda.mem_get_info(_device)
-        return {"total": int(total), "limit": int(free_bytes), "fused_attention": True, "activations": Activations()}
+        return {"total": int(total), "limit": int(free_bytes), "fused_attention": True, "activations": ACTIVATIONS}
     total = _ram()
-    if _device.type == "mps":
-        limit, fused = int(torch.mps.recommended_max_memory()), True
-    else:
-        limit, fused = int(0.8 * total), False
-    return {"total": total, "limit": limit, "fused_attention": fused, "activations": Activations()}
+    limit = int(torch.mps.recommended_max_memory()) if _device.type == "mps" else int(0.8 * total)
+    return {"total": total, "limit": limit, "fused_attention": True, "activations": ACTIVATIONS}
