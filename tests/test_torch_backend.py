@@ -17,7 +17,7 @@ from test_vae_parity import ref_decode, ref_encode
 import flux2_mlx.mlx_backend as mb
 import flux2_mlx.torch_backend as tb
 from flux2_mlx import memory
-from flux2_mlx.config import tiny_spec
+from flux2_mlx.config import tiny_spec, transformer_shapes
 from flux2_mlx.keymap import Entry
 from flux2_mlx.sampling import prc_img, prc_txt
 from flux2_mlx.weights import WeightSource, save_safetensors
@@ -314,3 +314,87 @@ def test_pipeline_on_torch_equals_mlx(tiny_models, variant, edit):
         out[be] = latents, np.asarray(pipe.decode(latents, 32, 48), np.int16)
     assert rel_err(out["torch"][0], out["mlx"][0]) <= 1e-4
     assert np.abs(out["torch"][1] - out["mlx"][1]).max() <= 1
+
+
+# ---- the memory planner on torch's CPU ---------------------------------------------------------------------
+
+# Wide enough that weights and activations, not the interpreter or the constant part of torch's workspaces,
+# make the peak: 0.62 GB in 2 + 6 blocks.
+PLANNED = dict(hidden_size=1024, num_heads=8, depth=2, depth_single_blocks=6)
+PLANNED_IMAGE, PLANNED_TEXT = (8, 16), 64  # latent rows x columns, text tokens
+MEASURE_PEAK = """
+import ctypes, dataclasses, gc, sys
+import numpy as np, torch
+torch.set_num_threads(1)
+import flux2_mlx.torch_backend as tb
+from flux2_mlx import memory
+from flux2_mlx.config import tiny_spec, transformer_shapes
+from flux2_mlx.sampling import prc_img, prc_txt
+from flux2_mlx.weights import WeightSource
+
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+cfg = dataclasses.replace(tiny_spec("klein-4b").transformer, **{planned})
+(h, w), L = {image}, {text}
+rng = np.random.default_rng(0)
+args = [tb.from_numpy(a) for a in (rng.standard_normal((1, h * w, cfg.in_channels), dtype=np.float32),
+        prc_img(h, w), np.array([0.5], np.float32), rng.standard_normal((1, L, cfg.context_in_dim),
+        dtype=np.float32), prc_txt(L))]
+resident = int(sys.argv[2])
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+base = hwm()
+model = tb.load_transformer(cfg, WeightSource(sys.argv[1], pread=True), dtype=torch.float32,
+                            streaming=None if resident < 0 else memory.Streaming(resident, False))
+for _ in range(2):
+    model(*args)
+print(hwm() - base)
+"""
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    cfg = dataclasses.replace(tiny_spec("klein-4b").transformer, **PLANNED)
+    path = tmp_path_factory.mktemp("planned") / "t.safetensors"
+    rng = np.random.default_rng(6)  # drawn in float32: 155M values
+    save_safetensors(path, {k: np.ones(s, np.float32) if len(s) == 1 else
+                            rng.standard_normal(s, dtype=np.float32) * np.float32(s[1] ** -0.5)
+                            for k, s in transformer_shapes(cfg).items()})
+    return cfg, path
+
+
+@pytest.mark.parametrize("fraction", [None, pytest.param(0.6, marks=pytest.mark.xfail(strict=False, reason=(
+    "measured 1.10-1.12x the plan: torch's CPU activation peaks have a constant part (workspaces, tens of MB) "
+    "that memory.Activations' linear model cannot express, and here every block's runs add it")))],
+    ids=["resident", "streamed"])
+def test_planned_peak_matches_the_measured_host_peak(planned, fraction):
+    """The plan's peak for the denoise phase within 10 % of the process's peak RSS above where it stood
+    before loading (a fresh process; streamed blocks read from disk: kept in RAM, their host copies would be
+    the same memory on a CPU)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flux2_mlx.keymap import transformer_entries
+
+    cfg, path = planned
+    dev = tb.device_memory()
+    w = memory.component_weights("transformer", transformer_entries(WeightSource(path)),
+                                 ("double_blocks", "single_blocks"), 4)
+    tokens = PLANNED_TEXT + PLANNED_IMAGE[0] * PLANNED_IMAGE[1]
+    acts = memory.transformer_activations(cfg.hidden_size, cfg.num_heads, tokens, 4, dev["fused_attention"],
+                                          act=dev["activations"])
+    budget = 10**12 if fraction is None else int(fraction * w.total)
+    phase = memory._fit("denoise", w, acts, 0, memory.usable(budget))
+    assert phase.streamed == (fraction is not None)
+    code = MEASURE_PEAK.format(planned=PLANNED, image=PLANNED_IMAGE, text=PLANNED_TEXT)
+    resident = phase.resident_blocks if phase.streamed else -1
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(resident)], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    measured = int(out.stdout)
+    assert abs(measured / phase.peak - 1) < 0.1, (measured, phase.peak, phase.resident_blocks)
