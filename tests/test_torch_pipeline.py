@@ -78,8 +78,8 @@ def _tiling_budget(be: str, maps: str, m, height: int) -> float:
     """GB that fit the VAE and one 256 px tile of a 512 px wide image (1 % to spare), not the whole image:
     each backend's own activation coefficients, so both tile the same way."""
     weights = sum(a.nbytes for a in m.vae.values())  # float32, as the VAE runs
-    act = memory.vae_activations(getattr(backend_module(be).device_memory()["activations"], maps), TILE, height,
-                                 m.spec.vae.ch)
+    coefficients = backend_module(be).device_memory()["activations"]
+    act = memory.vae_activations(getattr(coefficients, maps), TILE, height, m.spec.vae.ch, coefficients.fixed)
     return (weights + act) / (1 - memory.HEADROOM) * 1.01 / memory.GB
 
 

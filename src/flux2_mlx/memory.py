@@ -39,6 +39,7 @@ class Activations:
     text_rows: float = 6.2
     vae_decode_maps: float = 77.2
     vae_encode_maps: float = 46.3
+    fixed: int = 0  # bytes every peak has beyond the linear part (a framework's GEMM and conv workspaces)
 
 
 @dataclass(frozen=True)
@@ -92,19 +93,20 @@ def transformer_activations(hidden: int, heads: int, tokens: int, compute_bytes:
                             batch: int = 1, act: Activations = Activations()) -> tuple[int, int]:
     """Peak activation bytes while a double and while a single block runs."""
     scores = 0 if fused else heads * tokens * tokens * compute_bytes
-    return tuple(int(batch * (rows * tokens * hidden * compute_bytes + scores)) for rows in act.transformer_rows)
+    return tuple(int(batch * (rows * tokens * hidden * compute_bytes + scores)) + act.fixed
+                 for rows in act.transformer_rows)
 
 
 def text_activations(hidden: int, mlp: int, heads: int, batch: int, compute_bytes: int, fused: bool,
                      act: Activations = Activations()) -> tuple[int]:
     L = TEXT_TOKENS
     scores = 0 if fused else heads * L * L * compute_bytes
-    return (int(batch * (act.text_rows * L * (hidden + mlp) * compute_bytes + scores)),)
+    return (int(batch * (act.text_rows * L * (hidden + mlp) * compute_bytes + scores)) + act.fixed,)
 
 
-def vae_activations(maps_per_pixel: float, width: int, height: int, ch: int = 128) -> int:
+def vae_activations(maps_per_pixel: float, width: int, height: int, ch: int = 128, fixed: int = 0) -> int:
     """float32 (the VAE always runs in float32)."""
-    return int(maps_per_pixel * width * height * ch * 4)
+    return int(maps_per_pixel * width * height * ch * 4) + fixed
 
 
 @dataclass
@@ -227,10 +229,12 @@ def plan(budget: int, *, transformer: Weights, vae: Weights, text_encoder: Weigh
         act = text_activations(te_hidden, te_mlp, te_heads, cfg_batch, compute_bytes, fused_attention, activations)
         out.phases.append(_fit("encode", text_encoder, act, vae.total, budget))
     if image_size is not None:
-        out.phases.append(_vae_phase("images", activations.vae_encode_maps, vae, *image_size, budget, vae_ch))
+        out.phases.append(_vae_phase("images", activations.vae_encode_maps, vae, *image_size, budget, vae_ch,
+                                     activations.fixed))
     act = transformer_activations(hidden, heads, tokens, compute_bytes, fused_attention, act=activations)
     out.phases.append(_fit("denoise", transformer, act, vae.total, budget))
-    out.phases.append(_vae_phase("decode", activations.vae_decode_maps, vae, width, height, budget, vae_ch))
+    out.phases.append(_vae_phase("decode", activations.vae_decode_maps, vae, width, height, budget, vae_ch,
+                                 activations.fixed))
     return out
 
 
@@ -239,14 +243,15 @@ def usable(budget: int) -> int:
     return int(budget * (1 - HEADROOM))
 
 
-def _vae_phase(name: str, maps: float, vae: Weights, width: int, height: int, budget: int, ch: int) -> Phase:
+def _vae_phase(name: str, maps: float, vae: Weights, width: int, height: int, budget: int, ch: int,
+               fixed: int = 0) -> Phase:
     """Untiled when it fits; else the largest square tile (a multiple of 256 px, with its blending margin)
     that does. The VAE's activations grow with pixels, so tiles bound them."""
-    p = Phase(name, vae.name, vae.total, vae_activations(maps, width, height, ch), 0, 0, 0, 0, vae.total)
+    p = Phase(name, vae.name, vae.total, vae_activations(maps, width, height, ch, fixed), 0, 0, 0, 0, vae.total)
     tile = 2048
     while p.peak > budget and tile >= 256:
         side = tile + 2 * TILE_OVERLAP
-        p.tile, p.activations = tile, vae_activations(maps, min(side, width), min(side, height), ch)
+        p.tile, p.activations = tile, vae_activations(maps, min(side, width), min(side, height), ch, fixed)
         tile -= 256
     if p.peak > budget:
         what = "decoding" if name == "decode" else "encoding the input images"
