@@ -146,8 +146,8 @@ def test_dev_prompt_to_png_with_mistral_and_tekken(tmp_path_factory, tmp_path):
 
 
 def test_memory_budget_below_the_model_gives_the_same_image(tiny_repo, tmp_path):
-    """The tiny transformer's weights (0.03 GB) do not fit 0.045 GB beside its activations: it streams."""
-    base = ["generate", "a fox", "--model-path", tiny_repo, *SMALL, "--seed", "7", "--steps", "2"]
+    """The tiny transformer's weights (0.03 GB) do not fit 0.045 GB beside MLX's activations: it streams."""
+    base = ["generate", "a fox", "--model-path", tiny_repo, *SMALL, "--seed", "7", "--steps", "2", "--backend", "mlx"]
     r = run(*base, "-o", tmp_path / "plain.png")
     assert r.exit_code == 0, r.output
     for source in ("ram", "disk"):
@@ -168,9 +168,9 @@ def test_impossible_memory_budget_is_refused_up_front(tiny_repo, tmp_path):
 
 def test_dry_run_and_info_print_the_plan(tiny_repo, tmp_path):
     r = run("generate", "x", "--model-path", tiny_repo, "--dry-run", "--memory-budget", "0.045", *SMALL,
-            "-o", tmp_path / "x.png")
+            "--backend", "mlx", "-o", tmp_path / "x.png")
     assert r.exit_code == 0 and "memory budget 0.04 GB" in r.output and "denoise  transformer   streamed" in r.output
-    r = run("info", tiny_repo, "--plan", "--memory-budget", "0.045", *SMALL)
+    r = run("info", tiny_repo, "--plan", "--memory-budget", "0.045", *SMALL, "--backend", "mlx")
     assert r.exit_code == 0 and "predicted peak" in r.output
 
 
@@ -275,7 +275,8 @@ def test_running_out_of_device_memory_is_one_line_with_a_budget_that_fits(tiny_r
 
     monkeypatch.setattr(Pipeline, "decode", decode)
     out = tmp_path / "x.png"
-    r = run("generate", "x", "--model-path", tiny_repo, *SMALL, "--steps", 1, "--memory-budget", 2, "-o", out)
+    r = run("generate", "x", "--model-path", tiny_repo, *SMALL, "--steps", 1, "--memory-budget", 2, "--backend", "mlx",
+            "-o", out)
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]  # beside the progress bars
     assert r.exit_code == 2 and len(errors) == 1 and errors[0].startswith("error: "), r.output
     assert "ran out of memory" in errors[0] and "--memory-budget 0.0" in errors[0] and not out.exists()
