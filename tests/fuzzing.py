@@ -523,7 +523,7 @@ def worker(corpus: Path, seed: int) -> None:
         for b in bad:
             b.update(base=base, mutation=desc)
         out.write(json.dumps({"i": i, "secs": secs, "grew": grew, "base": base, "bad": bad,
-                              "refused": refused}) + "\n")
+                              "refused": refused, "rss": _status("VmRSS")}) + "\n")
         out.flush()
 
 
@@ -595,7 +595,8 @@ def _supervise(corpus: Path, seed: int, indices: list[int], report: Report, lock
                 msg = json.loads(line)
                 if msg.get("ready"):
                     ready, base_rss = True, _status("VmRSS", str(proc.pid))
-                else:
+                else:  # the next mutation's growth counts from where this one left the worker
+                    base_rss = msg["rss"]
                     todo.remove(msg["i"])
                     with lock:
                         _record(report, msg, time_cap, mem_cap)
