@@ -269,3 +269,14 @@ def tiny_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("FLUX.2-klein-4B")
     write_tiny_repo(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny forwards: torch's CPU thread pool costs more than it gives, and on a busy machine far more."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

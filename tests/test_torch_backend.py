@@ -27,13 +27,7 @@ CONTRACT = ["resolve_dtype", "load_transformer", "load_text_encoder", "load_vae"
 F32 = torch.float32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: torch's CPU thread pool costs more than it gives, and on a busy machine far more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _entries(tensors: dict) -> dict[str, Entry]:

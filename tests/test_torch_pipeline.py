@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from conftest import rel_err, write_tiny_repo
 from test_edit import REFS, _photo
 from test_fp8 import _fp8_checkpoint
@@ -19,13 +18,7 @@ BACKENDS = ("torch", "mlx")
 TILE = 256 + 2 * memory.TILE_OVERLAP  # the pixels a 256 px tile decodes or encodes, its margins included
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forwards: torch's CPU thread pool costs more than it gives, and on a busy machine far more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _pipes(model, **kw) -> dict:
