@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .keymap import Entry
+from .keymap import Entry, block_key
 from .weights import WeightsError
 
 
@@ -60,3 +60,17 @@ class Streamer:
         del tensors, future  # the next block is placed beside this one and no other
         self._submit((i + 1) % len(self.blocks))
         return block
+
+
+def streamed_entries(entries: dict[str, Entry], lists: list[tuple[str, int]], resident: int
+                     ) -> dict[tuple[str, int], dict[str, Entry]]:
+    """The entries of every block past the first `resident` in execution order, by (block list, index), named
+    inside their block. lists: (block list attribute, its length), in execution order."""
+    order = [(attr, i) for attr, n in lists for i in range(n)]
+    streamed: dict[tuple[str, int], dict[str, Entry]] = {key: {} for key in order[resident:]}
+    attrs = tuple(attr for attr, _ in lists)
+    for name, entry in entries.items():
+        k = block_key(name, attrs)
+        if k and (attrs[k[0]], k[1]) in streamed:
+            streamed[attrs[k[0]], k[1]][k[2]] = entry
+    return streamed

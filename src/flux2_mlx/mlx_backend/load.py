@@ -13,12 +13,12 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from ..config import TextEncoderConfig, TransformerConfig, VAEConfig
-from ..keymap import Entry, block_key, checked_entries
+from ..keymap import Entry, checked_entries
 from ..quant.ggml import GGMLType
 from ..quant.affine import AffineQuant, repack
 from ..weights import BF16, GGMLTensor, WeightSource
 from .quant_layers import cast, module_at, quantized_layer, replace_module
-from ..streaming import Streamer
+from ..streaming import Streamer, streamed_entries
 from .stream import StreamedBlock
 from .text_encoder import DecoderLayer, TextEncoder
 from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
@@ -72,13 +72,8 @@ def _assign(module, entries: dict[str, Entry], dtype: mx.Dtype, streaming=None, 
     block factory), in execution order) past the first `streaming.resident` become StreamedBlocks."""
     streamed: dict[tuple[str, int], dict[str, Entry]] = {}
     if streaming is not None:
-        attrs = tuple(attr for attr, _ in groups)
-        order = [(attr, i) for attr in attrs for i in range(len(module_at(module, attr)))]
-        streamed = {key: {} for key in order[streaming.resident:]}
-        for name, entry in entries.items():
-            k = block_key(name, attrs)
-            if k and (attrs[k[0]], k[1]) in streamed:
-                streamed[attrs[k[0]], k[1]][k[2]] = entry
+        lists = [(attr, len(module_at(module, attr))) for attr, _ in groups]
+        streamed = streamed_entries(entries, lists, streaming.resident)
     if streamed:
         make = dict(groups)
         blocks = [(f"{attr}.{i}", make[attr], block) for (attr, i), block in streamed.items()]

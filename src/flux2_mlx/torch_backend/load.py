@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from ..config import TextEncoderConfig, TransformerConfig, VAEConfig
-from ..keymap import Entry, block_key, checked_entries
+from ..keymap import Entry, checked_entries
 from ..quant.ggml import GGMLType
 from ..quant.affine import AffineQuant, repack
-from ..streaming import Streamer
+from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, GGMLTensor, WeightSource
 from .quant_layers import quantized_layer, replace_module
 from .stream import StreamedBlock, copy_stream
@@ -106,13 +106,8 @@ def _assign(module, entries: dict[str, Entry], dtype: torch.dtype, device: torch
     host, place = partial(_host, pin=device.type == "cuda"), partial(_place, device=device, dtype=dtype)
     streamed: dict[tuple[str, int], dict[str, Entry]] = {}
     if streaming is not None:
-        attrs = tuple(attr for attr, _ in groups)
-        order = [(attr, i) for attr in attrs for i in range(len(module.get_submodule(attr)))]
-        streamed = {key: {} for key in order[streaming.resident:]}
-        for name, entry in entries.items():
-            k = block_key(name, attrs)
-            if k and (attrs[k[0]], k[1]) in streamed:
-                streamed[attrs[k[0]], k[1]][k[2]] = entry
+        lists = [(attr, len(module.get_submodule(attr))) for attr, _ in groups]
+        streamed = streamed_entries(entries, lists, streaming.resident)
     if streamed:
         make = dict(groups)
         blocks = [(f"{attr}.{i}", partial(_empty, make[attr]), block) for (attr, i), block in streamed.items()]
