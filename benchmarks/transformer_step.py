@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import time
 
-from _common import OPENBLAS, random_entries, run_info, time_forward, write_json  # first: preloads OpenBLAS
+from _common import OPENBLAS, random_entries, run_info, write_json  # first: preloads OpenBLAS
 
 import mlx.core as mx
 import numpy as np
@@ -146,7 +147,7 @@ def main() -> None:
                g=np.array([4.0], np.float32))
     print(f"OpenBLAS preload: {OPENBLAS}; threads for torch/diffusers: {args.threads}")
     flops, flops_full = forward_flops(cfg, h * w, n_txt), forward_flops(full, h * w, n_txt)
-    results = []
+    built = []
     for name in args.backend or ["mlx"]:
         gpu = mx.default_device() == mx.gpu
         dtype_name = args.dtype or ("bfloat16" if gpu and name == "mlx" else "float32")
@@ -157,22 +158,40 @@ def main() -> None:
         t0 = time.perf_counter()
         make = {"mlx": lambda: _mlx(cfg, dtype_name, inp), "torch": lambda: _torch(cfg, dtype_name, inp, args.threads),
                 "diffusers": lambda: _diffusers(cfg, dtype_name, inp, args.threads)}[name]
-        forward, evaluate, finite, versions = make()
+        built.append((name, dtype_name, *make()))
         print(f"{name}: built {args.model} {d}+{s} blocks in {dtype_name}: {time.perf_counter() - t0:.1f} s")
-        sec, times, ok = time_forward(forward, args.warmup, args.repeats, evaluate, finite)
-        res = {**run_info(), "backend": name, "versions": versions, "model": args.model, "double_blocks": d,
-               "single_blocks": s, "full_double_blocks": full.depth, "full_single_blocks": full.depth_single_blocks,
-               "width": args.width, "height": args.height, "text_tokens": n_txt, "dtype": dtype_name,
-               "threads": args.threads, "seconds_per_step": sec, "times": times, "tflop": flops / 1e12,
-               "tflops_per_s": flops / sec / 1e12, "extrapolated_full_seconds_per_step": sec * flops_full / flops,
-               "output_finite": ok}
-        results.append(res)
-        del forward
+    # Round-robin: every round times each backend once, so a machine that drifts (turbo, a neighbour's load)
+    # shifts all of them alike and the ratios between them hold.
+    timed = {name: [] for name, *_ in built}
+    for i in range(args.warmup + args.repeats):
+        for name, _, forward, evaluate, _, _ in built:
+            start = time.perf_counter()
+            evaluate(forward())
+            elapsed = time.perf_counter() - start
+            if i >= args.warmup:
+                timed[name].append(elapsed)
+            print(f"{name} {'warmup' if i < args.warmup else 'run'} {i + 1}: {elapsed:.2f} s")
+    results = []
+    for name, dtype_name, forward, evaluate, finite, versions in built:
+        sec, times = statistics.median(timed[name]), timed[name]
+        results.append({**run_info(), "backend": name, "versions": versions, "model": args.model, "double_blocks": d,
+                        "single_blocks": s, "full_double_blocks": full.depth,
+                        "full_single_blocks": full.depth_single_blocks, "width": args.width, "height": args.height,
+                        "text_tokens": n_txt, "dtype": dtype_name, "threads": args.threads, "seconds_per_step": sec,
+                        "times": times, "tflop": flops / 1e12, "tflops_per_s": flops / sec / 1e12,
+                        "extrapolated_full_seconds_per_step": sec * flops_full / flops,
+                        "output_finite": finite(forward())})
+    del built
     for res in results:
         print(f"| {res['date']} | {res['machine']} | {res['backend']} ({res['versions']}) | {args.model} | "
               f"{d}+{s} of {full.depth}+{full.depth_single_blocks} | {args.width}x{args.height} | {res['dtype']} | "
               f"{res['seconds_per_step']:.2f} | {res['tflops_per_s']:.3g} | "
               f"{res['extrapolated_full_seconds_per_step']:.1f} |")
+    by = {res["backend"]: res for res in results}
+    if "torch" in by and "diffusers" in by:
+        ratios = [a / b for a, b in zip(by["torch"]["times"], by["diffusers"]["times"])]
+        print(f"torch backend / diffusers: {by['torch']['seconds_per_step'] / by['diffusers']['seconds_per_step']:.3f} "
+              f"(per round: {', '.join(f'{r:.3f}' for r in ratios)})")
     write_json(args.json, results if len(results) > 1 else results[0])
 
 

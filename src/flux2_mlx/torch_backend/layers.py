@@ -30,25 +30,24 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10000,
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
 
 
-def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (B, 1, L, head_dim/2) for 4-axis positions (t, h, w, l), angles in float32."""
+def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tensor:
+    """Unit rotations e^{i·angle} (B, 1, L, head_dim/2), complex64, for 4-axis positions (t, h, w, l);
+    angles in float32."""
     pos = (ids[None] if ids.ndim == 2 else ids).float()
     angles = []
     for i, d in enumerate(axes_dim):
         omega = torch.tensor([theta ** (-k / d) for k in range(0, d, 2)], dtype=torch.float32, device=ids.device)
         angles.append(pos[..., i : i + 1] * omega)
     a = torch.cat(angles, dim=-1)[:, None]
-    return torch.cos(a), torch.sin(a)
+    return torch.polar(torch.ones_like(a), a)
 
 
-def apply_rope(x: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate adjacent feature pairs (2k, 2k+1), BFL's interleaved convention, in float32."""
-    cos, sin = pe
+def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent feature pairs (2k, 2k+1), BFL's interleaved convention, in float32: the pair as one
+    complex number times the rotation is the same cos/sin arithmetic in one pass instead of seven."""
     B, H, L, D = x.shape
-    xf = x.float().reshape(B, H, L, D // 2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
-    return out.reshape(B, H, L, D).to(x.dtype)
+    xc = torch.view_as_complex(x.float().reshape(B, H, L, D // 2, 2))
+    return torch.view_as_real(xc * pe).reshape(B, H, L, D).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -63,7 +62,8 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (1 + scale) * layer_norm(x) + shift
+    # One fused multiply-add over the (L, H) tensor instead of a product and a sum.
+    return torch.addcmul(shift, layer_norm(x), 1 + scale)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +85,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x):
-        # BFL: normalize in float32, back to x's dtype, then scale.
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.scale
+        # BFL: normalize in float32, back to x's dtype, then scale (torch's fused kernel, no weight).
+        return F.rms_norm(x.float(), x.shape[-1:], eps=1e-6).to(x.dtype) * self.scale
 
 
 class QKNorm(nn.Module):

@@ -44,8 +44,8 @@ class DoubleStreamBlock(nn.Module):
 
     def _out(self, stream: str, x, attn, mod):
         (_, _, gate1), (shift2, scale2, gate2) = mod
-        x = x + gate1 * getattr(self, f"{stream}_attn").proj(attn)
-        return x + gate2 * getattr(self, f"{stream}_mlp")(modulate(x, shift2, scale2))
+        x = torch.addcmul(x, gate1, getattr(self, f"{stream}_attn").proj(attn))
+        return torch.addcmul(x, gate2, getattr(self, f"{stream}_mlp")(modulate(x, shift2, scale2)))
 
     def forward(self, img, txt, pe, mod_img, mod_txt, ref=None, kv=None):
         """pe: (txt, img) RoPE tables. ref (klein KV, first step): (tokens, pe, modulation) of the
@@ -90,7 +90,7 @@ class SingleStreamBlock(nn.Module):
         return apply_rope(q, pe), apply_rope(k, pe), v, mlp
 
     def _out(self, x, attn, mlp, mod):
-        return x + mod[2] * self.linear2(torch.cat([attn, swiglu(mlp)], dim=-1))
+        return torch.addcmul(x, mod[2], self.linear2(torch.cat([attn, swiglu(mlp)], dim=-1)))
 
     def forward(self, x, pe, mod, ref=None, kv=None):
         """As DoubleStreamBlock, on the joint [txt ; img] sequence; returns x and, with ref, (ref, k, v)."""
@@ -172,7 +172,7 @@ class Flux2(nn.Module):
 
         img, txt = self.img_in(x.to(dtype)), self.txt_in(ctx.to(dtype))
         pe = (self._rope(ctx_ids), self._rope(x_ids))
-        pe_joint = tuple(torch.cat(p, dim=2) for p in zip(*pe))
+        pe_joint = torch.cat(pe, dim=2)
         r = cached = None
         if extract:
             ref_vec = self._vec(torch.zeros_like(t), guidance, dtype)
