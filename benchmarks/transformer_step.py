@@ -73,12 +73,13 @@ def _torch_common(threads):
     return torch, sync, lambda out: bool(torch.isfinite(out).all())
 
 
-def _torch(cfg, dtype_name, inp, threads):
+def _torch(cfg, dtype_name, inp, threads, compile=False):
     from flux2_mlx import torch_backend as be
 
     torch, sync, finite = _torch_common(threads)
     dtype = be.resolve_dtype(dtype_name)
-    model = be.load_transformer(cfg, _numpy_entries(transformer_shapes(cfg), dtype_name), dtype=dtype)
+    model = be.load_transformer(cfg, _numpy_entries(transformer_shapes(cfg), dtype_name), dtype=dtype,
+                                compile=compile)
     a = {k: be.from_numpy(v) for k, v in inp.items()}
     x, ctx = a["x"].to(dtype), a["ctx"].to(dtype)
     g = a["g"] if cfg.use_guidance_embed else None
@@ -117,8 +118,9 @@ def _diffusers(cfg, dtype_name, inp, threads):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--backend", action="append", choices=["mlx", "torch", "diffusers"],
-                   help="repeat to run several side by side (default: mlx)")
+    p.add_argument("--backend", action="append", choices=["mlx", "torch", "torch-compile", "diffusers"],
+                   help="repeat to run several side by side (default: mlx); torch-compile: the torch backend "
+                        "with --compile (its warm-up run compiles)")
     p.add_argument("--model", default="klein-4b", choices=["dev", "klein-4b", "klein-9b"])
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
@@ -157,6 +159,7 @@ def main() -> None:
             dtype_name = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
         t0 = time.perf_counter()
         make = {"mlx": lambda: _mlx(cfg, dtype_name, inp), "torch": lambda: _torch(cfg, dtype_name, inp, args.threads),
+                "torch-compile": lambda: _torch(cfg, dtype_name, inp, args.threads, compile=True),
                 "diffusers": lambda: _diffusers(cfg, dtype_name, inp, args.threads)}[name]
         built.append((name, dtype_name, *make()))
         print(f"{name}: built {args.model} {d}+{s} blocks in {dtype_name}: {time.perf_counter() - t0:.1f} s")
@@ -188,10 +191,11 @@ def main() -> None:
               f"{res['seconds_per_step']:.2f} | {res['tflops_per_s']:.3g} | "
               f"{res['extrapolated_full_seconds_per_step']:.1f} |")
     by = {res["backend"]: res for res in results}
-    if "torch" in by and "diffusers" in by:
-        ratios = [a / b for a, b in zip(by["torch"]["times"], by["diffusers"]["times"])]
-        print(f"torch backend / diffusers: {by['torch']['seconds_per_step'] / by['diffusers']['seconds_per_step']:.3f} "
-              f"(per round: {', '.join(f'{r:.3f}' for r in ratios)})")
+    for ours in ("torch", "torch-compile"):
+        if ours in by and "diffusers" in by:
+            ratios = [a / b for a, b in zip(by[ours]["times"], by["diffusers"]["times"])]
+            print(f"{ours} / diffusers: {by[ours]['seconds_per_step'] / by['diffusers']['seconds_per_step']:.3f} "
+                  f"(per round: {', '.join(f'{r:.3f}' for r in ratios)})")
     write_json(args.json, results if len(results) > 1 else results[0])
 
 

@@ -209,21 +209,23 @@ def test_generate_with_references_and_image(tiny_repo, tmp_path):
 
 
 def test_torch_backend_writes_the_same_png_and_its_regenerate_line_reproduces_it(tiny_repo, tmp_path):
-    a, b = tmp_path / "mlx.png", tmp_path / "torch.png"
-    for backend, out in (("mlx", a), ("torch", b)):
-        r = run("generate", "a red fox", "--model-path", tiny_repo, *SMALL, "--seed", 3, "--steps", 2,
-                "--backend", backend, "-o", out)
+    """--backend torch (also with --compile) draws the MLX picture within one step per pixel; the PNG
+    records how it was made and the regenerate line reproduces it byte for byte."""
+    a, b, c = tmp_path / "mlx.png", tmp_path / "torch.png", tmp_path / "compiled.png"
+    for args, out in ((["--backend", "mlx"], a), (["--backend", "torch"], b), (["--backend", "torch", "--compile"], c)):
+        r = run("generate", "a red fox", "--model-path", tiny_repo, *SMALL, "--seed", 3, "--steps", 2, *args, "-o", out)
         assert r.exit_code == 0, r.output
-    pa, pb = (np.asarray(Image.open(p), np.int16) for p in (a, b))
-    assert np.abs(pa - pb).max() <= 1
+    pa, pb, pc = (np.asarray(Image.open(p), np.int16) for p in (a, b, c))
+    assert np.abs(pa - pb).max() <= 1 and np.abs(pa - pc).max() <= 1
     meta = json.loads(Image.open(b).info["flux2"])
-    assert meta["backend"] == "torch" and meta["device"] == "cpu"
-    r = run("info", b)
-    command = r.output.strip().splitlines()[-1].removeprefix("regenerate: ")
-    assert "--backend torch --device cpu" in command
-    again = tmp_path / "again.png"
-    assert run(*shlex.split(command)[1:], "--model-path", tiny_repo, "-o", again).exit_code == 0
-    assert again.read_bytes() == b.read_bytes()
+    assert meta["backend"] == "torch" and meta["device"] == "cpu" and "compile" not in meta
+    assert json.loads(Image.open(c).info["flux2"])["compile"] is True
+    for out, flags in ((b, "--backend torch --device cpu"), (c, "--backend torch --device cpu --compile")):
+        command = run("info", out).output.strip().splitlines()[-1].removeprefix("regenerate: ")
+        assert flags in command
+        again = tmp_path / "again.png"
+        assert run(*shlex.split(command)[1:], "--model-path", tiny_repo, "-o", again, "--overwrite").exit_code == 0
+        assert again.read_bytes() == out.read_bytes()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -233,6 +235,7 @@ def test_torch_backend_writes_the_same_png_and_its_regenerate_line_reproduces_it
     (["--backend", "mlx", "--device", "cuda"], "runs on 'gpu' or 'cpu'"),
     (["--backend", "mlx", "--device", "gpu"], "no GPU here"),
     (["--backend", "tpu"], "'tpu' is not one of"),
+    (["--backend", "mlx", "--compile"], "compiling the transformer is a torch-backend option"),
 ])
 def test_devices_that_are_not_there(tiny_repo, tmp_path, args, message):
     r = run("generate", "x", "--model-path", tiny_repo, *SMALL, *args, "-o", tmp_path / "x.png")

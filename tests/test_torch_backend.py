@@ -389,3 +389,21 @@ def test_planned_peak_matches_the_measured_host_peak(planned, fraction):
     assert out.returncode == 0, out.stderr
     measured = int(out.stdout)
     assert abs(measured / phase.peak - 1) < 0.1, (measured, phase.peak, phase.resident_blocks)
+
+
+# ---- compiled blocks ---------------------------------------------------------------------------------------
+
+def test_compiled_blocks_equal_eager_beside_streamed_ones(deep):
+    """compile=True: resident blocks run inductor's fused kernels (their own rounding), streamed ones stay
+    eager; the output tracks the eager model's, and the MLX backend refuses the option by name."""
+    args = _deep_args()
+    want = tb.to_numpy(tb.load_transformer(DEEP, WeightSource(deep), dtype=F32)(*args))
+    model = tb.load_transformer(DEEP, WeightSource(deep, pread=True), dtype=F32,
+                                streaming=memory.Streaming(8, True), compile=True)
+    blocks = list(model.double_blocks) + list(model.single_blocks)
+    assert [type(b).__name__ for b in blocks].count("StreamedBlock") == 4
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks[:8])
+    for _ in range(2):  # the second call reuses the compiled graphs
+        assert rel_err(tb.to_numpy(model(*args)), want) <= 1e-5
+    with pytest.raises(ValueError, match="compiling the transformer is a torch-backend option"):
+        mb.load_transformer(DEEP, WeightSource(deep), dtype=mx.float32, compile=True)

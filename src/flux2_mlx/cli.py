@@ -157,10 +157,13 @@ def _save_png(image, path: Path, meta: dict) -> None:
 @click.option("--stream-from", type=click.Choice(["ram", "disk"]),
               help="Where streamed blocks come from: a host copy (ram) or the file each step (disk). "
                    "Default: ram when it fits beside the budget.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch: compile the transformer blocks (the first step of a size compiles; later ones run "
+                   "faster).")
 @click.option("--dry-run", is_flag=True, help="Show the files and the memory plan; load nothing.")
 def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenizer, width, height, refs, init,
              strength, steps, guidance, negative_prompt, seed, num_images, output, overwrite, dtype, backend, device,
-             memory_budget, stream_from, dry_run):
+             memory_budget, stream_from, compile_, dry_run):
     """Generate images from PROMPT and save them as PNGs with their settings embedded. With --ref: edit
     or combine reference images; with --image: image-to-image."""
     from .pipeline import check_size
@@ -200,7 +203,7 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
             _dry_run(spec, paths_kw, dtype, edit, guidance, budget)
             return
         _generate(spec, prompt, paths_kw, edit, strength, steps, guidance, negative_prompt, seeds, paths, dtype,
-                  budget)
+                  budget, compile_)
     except (WeightsError, ValueError, OSError) as e:
         _fail(str(e))
 
@@ -236,11 +239,11 @@ def _plan(spec, files, dtype, inputs, guidance, budget):
 
 
 def _generate(spec, prompt, paths_kw, edit, strength, steps, guidance, negative_prompt, seeds, paths, dtype,
-              budget):
+              budget, compile_):
     from .pipeline import load_pipeline
 
     start = time.perf_counter()
-    pipe = load_pipeline(spec, dtype=dtype, **paths_kw, **budget)
+    pipe = load_pipeline(spec, dtype=dtype, **paths_kw, **budget, compile=compile_)
     pipe.settings(steps, guidance)  # bad steps fail here, before any model loads
     inputs = pipe.prepare_inputs(**edit)  # a bad image fails here, before any model loads
     width, height = inputs.width, inputs.height
@@ -315,6 +318,8 @@ def _run(pipe, prompt, inputs, plan, strength, steps, guidance, negative_prompt,
             meta["refs"] = [str(r) for r in edit["images"]]
         if edit["image"] is not None:
             meta.update(image=str(edit["image"]), strength=strength)
+        if pipe.compile:  # fused kernels round differently: the same flag reproduces the same bytes
+            meta["compile"] = True
         _save_png(image, path, meta)
         click.echo(f"saved {path}")
 
@@ -340,14 +345,14 @@ def read_metadata(path: Path) -> dict:
 # What `flux2 generate` stores and `regenerate_command` reads; float means any finite number.
 _META_TYPES = {"prompt": str, "model": str, "seed": int, "steps": int, "guidance": float, "width": int,
                "height": int, "dtype": str, "negative_prompt": str, "refs": list, "image": str, "strength": float,
-               "backend": str, "device": str}
+               "backend": str, "device": str, "compile": bool}
 _META_REQUIRED = ("prompt", "model", "seed", "steps", "guidance", "width", "height", "dtype")
-_META_KINDS = {str: "text", int: "a whole number", float: "a number", list: "a list of paths"}
+_META_KINDS = {str: "text", int: "a whole number", float: "a number", list: "a list of paths", bool: "true or false"}
 
 
 def _is(value, kind) -> bool:
-    if isinstance(value, bool):  # JSON true/false are Python ints
-        return False
+    if isinstance(value, bool) or kind is bool:  # JSON true/false are Python ints
+        return isinstance(value, bool) and kind is bool
     if kind is float:
         return isinstance(value, (int, float)) and math.isfinite(value)
     if kind is list:
@@ -377,6 +382,8 @@ def regenerate_command(meta: dict) -> str:
     for key in ("backend", "device"):  # absent from PNGs made before there were two backends
         if key in meta:
             args += [f"--{key}", meta[key]]
+    if meta.get("compile"):
+        args.append("--compile")
     if "negative_prompt" in meta:
         args += ["--negative-prompt", meta["negative_prompt"]]
     for ref in meta.get("refs", []):

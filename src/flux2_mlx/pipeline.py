@@ -250,8 +250,8 @@ class Pipeline:
     """
 
     def __init__(self, spec: ModelSpec, backend, files: dict, dtype, memory: str = "phase",
-                 budget_gb: float | None = None, stream_from: str | None = None):
-        self.backend, self.files, self.dtype, self.memory = backend, files, dtype, memory
+                 budget_gb: float | None = None, stream_from: str | None = None, compile: bool = False):
+        self.backend, self.files, self.dtype, self.memory, self.compile = backend, files, dtype, memory, compile
         self.dtype_name = dtype_name(backend, dtype)
         self.backend_name = self.device = None  # set by load_pipeline
         self.budget_gb, self.stream_from = budget_gb, stream_from
@@ -335,7 +335,7 @@ class Pipeline:
         if component == "transformer":
             source = WeightSource(path, pread=streaming is not None)
             model = self.backend.load_transformer(self.spec.transformer, source, dtype=self.dtype,
-                                                  streaming=streaming)
+                                                  streaming=streaming, compile=self.compile)
         else:
             source = WeightSource(path, partial=True, pread=streaming is not None)
             cfg = encoder_config(source, self.spec.text_encoder)
@@ -590,7 +590,7 @@ def dtype_name(backend, dtype) -> str:
 def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, transformer=None, vae=None,
                   text_encoder=None, tokenizer=None, backend: str = "auto", device: str | None = None,
                   dtype: str | None = None, memory: str = "phase", memory_budget: float | None = None,
-                  stream_from: str | None = None) -> Pipeline:
+                  stream_from: str | None = None, compile: bool = False) -> Pipeline:
     """Load a FLUX.2 model.
 
     Files come from the explicit paths, else `model_path` (a downloaded repo folder, BFL or diffusers
@@ -603,14 +603,18 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
     hold (default: Metal's recommended working set, or 80 % of RAM); stream_from: "ram" | "disk" for
     streamed blocks (default: RAM when a host copy fits beside the budget). backend: "auto" | "mlx" |
     "torch" (see `choose_backend`); device: "gpu" / "cpu" on MLX, "cuda", "cuda:N", "mps" or "cpu" on
-    torch (default: the GPU when there is one).
+    torch (default: the GPU when there is one). compile: torch.compile the transformer's resident blocks
+    (torch only; the first step of each image size compiles, later ones run the fused kernels).
     """
     spec = get_spec(model)
     if memory not in ("phase", "resident"):
         raise ValueError(f"unknown memory mode {memory!r}; choose phase or resident")
     be, name, device = open_backend(backend, device)
+    if compile and name != "torch":
+        raise ValueError(f"compiling the transformer is a torch-backend option, not {name}'s; use backend='torch'"
+                         f" or leave compile off")
     files = hub.locate(spec, model_path=model_path, transformer=transformer, vae=vae,
                        text_encoder=text_encoder, tokenizer=tokenizer)
-    pipe = Pipeline(spec, be, files, be.resolve_dtype(dtype), memory, memory_budget, stream_from)
+    pipe = Pipeline(spec, be, files, be.resolve_dtype(dtype), memory, memory_budget, stream_from, compile)
     pipe.backend_name, pipe.device = name, device
     return pipe

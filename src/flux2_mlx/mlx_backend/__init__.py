@@ -40,8 +40,11 @@ def resolve_dtype(name: str | None):
     return _DTYPES[name]
 
 
-def load_transformer(cfg, source, *, dtype, streaming=None):
-    """streaming: a memory.Streaming (blocks past `resident` read just in time), or None (all resident)."""
+def load_transformer(cfg, source, *, dtype, streaming=None, compile=False):
+    """streaming: a memory.Streaming (blocks past `resident` read just in time), or None (all resident).
+    compile: torch's option; MLX has none to offer here."""
+    if compile:
+        raise ValueError("compiling the transformer is a torch-backend option; use --backend torch or drop --compile")
     return _load_transformer(cfg, source, dtype=dtype, streaming=streaming)
 
 

@@ -69,9 +69,10 @@ def resolve_dtype(name: str | None):
     return _DTYPES[name]
 
 
-def load_transformer(cfg, source, *, dtype, streaming=None):
-    """streaming: a memory.Streaming (blocks past `resident` read just in time), or None (all resident)."""
-    return _load_transformer(cfg, source, dtype=dtype, device=_device, streaming=streaming)
+def load_transformer(cfg, source, *, dtype, streaming=None, compile=False):
+    """streaming: a memory.Streaming (blocks past `resident` read just in time), or None (all resident).
+    compile: torch.compile the resident blocks (the first call of each shape compiles)."""
+    return _load_transformer(cfg, source, dtype=dtype, device=_device, streaming=streaming, compile=compile)
 
 
 def load_text_encoder(cfg, source, *, dtype, streaming=None):

@@ -31,23 +31,28 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10000,
 
 
 def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tensor:
-    """Unit rotations e^{i·angle} (B, 1, L, head_dim/2), complex64, for 4-axis positions (t, h, w, l);
-    angles in float32."""
+    """(cos, sin) pairs (B, 1, L, head_dim/2, 2) for 4-axis positions (t, h, w, l), angles in float32."""
     pos = (ids[None] if ids.ndim == 2 else ids).float()
     angles = []
     for i, d in enumerate(axes_dim):
         omega = torch.tensor([theta ** (-k / d) for k in range(0, d, 2)], dtype=torch.float32, device=ids.device)
         angles.append(pos[..., i : i + 1] * omega)
     a = torch.cat(angles, dim=-1)[:, None]
-    return torch.polar(torch.ones_like(a), a)
+    return torch.stack([torch.cos(a), torch.sin(a)], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent feature pairs (2k, 2k+1), BFL's interleaved convention, in float32: the pair as one
-    complex number times the rotation is the same cos/sin arithmetic in one pass instead of seven."""
+    """Rotate adjacent feature pairs (2k, 2k+1), BFL's interleaved convention, in float32. Eager: the pair
+    as one complex number times cos + i·sin, the same arithmetic in one pass instead of seven; compiled:
+    written out, as inductor fuses real arithmetic but not complex."""
     B, H, L, D = x.shape
-    xc = torch.view_as_complex(x.float().reshape(B, H, L, D // 2, 2))
-    return torch.view_as_real(xc * pe).reshape(B, H, L, D).to(x.dtype)
+    xf = x.float().reshape(B, H, L, D // 2, 2)
+    if torch.compiler.is_compiling():
+        cos, sin, x0, x1 = pe[..., 0], pe[..., 1], xf[..., 0], xf[..., 1]
+        out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(xf) * torch.view_as_complex(pe))
+    return out.reshape(B, H, L, D).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

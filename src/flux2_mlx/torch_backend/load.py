@@ -120,10 +120,17 @@ def _assign(module, entries: dict[str, Entry], dtype: torch.dtype, device: torch
 
 
 def load_transformer(cfg: TransformerConfig, source: WeightSource | dict, *, dtype: torch.dtype,
-                     device: torch.device, streaming=None):
+                     device: torch.device, streaming=None, compile: bool = False):
     entries, where = checked_entries("transformer", source, cfg)
     groups = (("double_blocks", lambda: DoubleStreamBlock(cfg)), ("single_blocks", lambda: SingleStreamBlock(cfg)))
-    return _assign(_empty(lambda: Flux2(cfg, dtype)), entries, dtype, device, streaming, groups, where)
+    model = _assign(_empty(lambda: Flux2(cfg, dtype)), entries, dtype, device, streaming, groups, where)
+    if compile:
+        # Every block of a kind shares one compiled graph (torch treats module parameters as inputs); a
+        # streamed block is rebuilt on each call, so it stays eager: its time is the weight copy anyway.
+        for block in [*model.double_blocks, *model.single_blocks]:
+            if not isinstance(block, StreamedBlock):
+                block.compile()
+    return model
 
 
 def load_vae(cfg: VAEConfig, source: WeightSource | dict, *, dtype: torch.dtype, device: torch.device):
