@@ -15,7 +15,8 @@ import time
 
 
 def _preload_openblas() -> str:
-    """Linux CPU: MLX's wheel links netlib BLAS; FLUX2_OPENBLAS=1 (or a path) swaps in OpenBLAS (§8.3)."""
+    """Linux CPU: MLX's wheel links netlib BLAS; FLUX2_OPENBLAS=1 (or a path) swaps in OpenBLAS
+    (BENCHMARKS.md says why and when it works)."""
     path = os.environ.get("FLUX2_OPENBLAS")
     if not path:
         return "not requested"

@@ -384,7 +384,7 @@ def test_text_encoder_llama_cpp_names_and_qk_permutation(tmp_path, kind):
 
 
 def test_permutation_matches_llama_cpp_formula():
-    # llama.cpp: HF row h·d + i·(d/2) + j is stored as GGUF row h·d + 2j + i (gguf-and-quantization.md §12)
+    # llama.cpp: HF row h·d + i·(d/2) + j is stored as GGUF row h·d + 2j + i (LlamaModel.permute)
     n_head, d = 3, 8
     w = np.arange(n_head * d, dtype=np.float32)[:, None]
     p = permute_qk(w, n_head)

@@ -179,7 +179,7 @@ def test_unsupported_type_named_on_read(tmp_path):
 
 # ---- text encoders with llama.cpp names ----
 
-# HF → llama.cpp, written out independently of keymap's table (gguf-and-quantization.md §12).
+# HF → llama.cpp, written out independently of keymap's table (from gguf-py's TENSOR_NAMES).
 HF_TO_LCPP = {
     "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",

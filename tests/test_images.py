@@ -1,4 +1,5 @@
-"""Reference and start-image preprocessing (flux2-architecture.md §6.1): modes, EXIF, limits, caps."""
+"""Reference and start-image preprocessing (docs/architecture.md, 'Reference images'): modes, EXIF, limits,
+caps."""
 
 import math
 

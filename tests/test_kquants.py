@@ -158,7 +158,7 @@ def reference(pytestconfig) -> Path:
 
 
 def datasets() -> dict[str, np.ndarray]:
-    """Random and edge-case float32 data, 4096-wide rows (kquants.md §10.1)."""
+    """Random and edge-case float32 data (ties; zero, constant, outlier, tiny blocks), 4096-wide rows."""
     rng = np.random.default_rng(1234)
     gauss = (0.02 * rng.standard_normal((96, 4096))).astype(np.float32)
     edge = (0.02 * rng.standard_normal((64, 4096))).astype(np.float32)
@@ -253,7 +253,8 @@ def test_edge_cases_decode_sanely(name):
     y = _decode(name, fn(neg))
     # the fitted min may overshoot 0 slightly (Q2_K by ~0.5 on |N(0,1)|), never to the data's scale
     assert y.max() < 0.2 * np.abs(neg).max() and _rel_rms(neg, y) < 1.5 * bound
-    # near fp16 underflow of d: stays finite and below the signal (a format limit, kquants.md §10.5)
+    # near fp16 underflow of d: stays finite and below the signal (a limit of the format that llama.cpp
+    # shares: docs/quantization.md, 'Small weights and fp16 scales')
     tiny = (1e-6 * rng.standard_normal((4, 1024))).astype(np.float32)
     y = _decode(name, fn(tiny))
     assert np.isfinite(y).all() and np.abs(y).max() < 1e-3

@@ -1,4 +1,9 @@
-"""Structural guards (design.md §3, §4): who may import what, and the backend contract."""
+"""Structural guards: who may import what, and the backend contract.
+
+The numpy core never imports MLX or torch (conversion and its tests run without them), model-math files
+import only their framework and config, backends never import each other, and both backends export the
+same functions with the same signatures.
+"""
 
 import ast
 import subprocess

@@ -1,4 +1,4 @@
-"""Schedule (the spec's worked values), position ids, the noise convention and the Euler loop."""
+"""Schedule (values worked out from BFL's formulas), position ids, the noise convention and the Euler loop."""
 
 import math
 
@@ -8,7 +8,8 @@ import pytest
 from flux2_mlx.sampling import (cfg_velocity, compute_empirical_mu, denoise, get_schedule, make_noise,
                                 prc_img, prc_txt)
 
-# flux2-architecture.md §5.1: (width, height, steps, mu, first sigmas, last sigmas before 0)
+# (width, height, steps, mu, first sigmas, last sigmas before 0), worked out from BFL's mu fit and time shift
+# (docs/architecture.md, 'Sampling schedule')
 TABLE = [
     (1024, 1024, 4, 2.291180, [1.0, 0.967384, 0.908144, 0.767200], []),
     (1024, 1024, 28, 2.151443, [1.0, 0.995710, 0.991132], [0.398072, 0.241515]),

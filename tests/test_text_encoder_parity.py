@@ -52,7 +52,7 @@ def _randomize(model, seed):
 
 
 def _inputs(kind, vocab, seed=0):
-    """Qwen3 pads on the right, Mistral on the left (flux2-architecture.md §3.2, §3.3)."""
+    """Qwen3 pads on the right, Mistral on the left, as the reference's HF tokenizers do."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, (len(LENGTHS), L))
     mask = np.zeros((len(LENGTHS), L), np.int64)

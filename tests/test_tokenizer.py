@@ -1,4 +1,5 @@
-"""Prompt templates and tokenization (architecture §3.2-3.4) against transformers and mistral-common."""
+"""Prompt templates and tokenization (docs/architecture.md, 'Text encoders') against transformers and
+mistral-common."""
 
 
 import numpy as np

@@ -80,7 +80,7 @@ def test_half_precision_sources(tiny_models, store, tmp_path):
 
 
 def test_timestep_rounds_like_bfl_in_bf16():
-    """BFL makes t bf16, then takes 1000·t in bf16: t = 0.9973 → 0.99609375 → 996.0 (spec §2.3)."""
+    """BFL makes t bf16, then takes 1000·t in bf16: t = 0.9973 → 0.99609375 → 996.0."""
     from flux2_mlx.mlx_backend.layers import timestep_embedding
 
     got = timestep_embedding(mx.array([0.9973], dtype=mx.bfloat16))
@@ -122,7 +122,7 @@ def _refs(cfg, sizes, seed=1):
 
 @pytest.mark.parametrize("variant", ["dev", "klein-4b"])
 def test_reference_tokens_match_diffusers(tiny_models, variant):
-    """§6.2: references join the image tokens with t = 10, 20, … and their outputs are dropped."""
+    """References join the image tokens with t = 10, 20, … and their outputs are dropped."""
     m = tiny_models(variant)
     cfg = m.spec.transformer
     ours = load_transformer(cfg, WeightSource(m.bfl_dir / m.spec.transformer_file), dtype=mx.float32)
@@ -138,7 +138,7 @@ def test_reference_tokens_match_diffusers(tiny_models, variant):
 
 
 def test_kv_extract_and_cached_match_diffusers(tiny_models):
-    """§2.11: the first step runs the references at t = 0, attending only to themselves, and caches
+    """klein 9B KV: the first step runs the references at t = 0, attending only to themselves, and caches
     their K/V per block; later steps attend to the cache. Both equal diffusers' KV transformer."""
     from diffusers.models.transformers.transformer_flux2 import (Flux2KVAttnProcessor,
                                                                  Flux2KVParallelSelfAttnProcessor)

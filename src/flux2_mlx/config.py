@@ -173,7 +173,7 @@ def tiny_spec(name: str = "klein-4b") -> ModelSpec:
 
 
 def transformer_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a BFL FLUX.2 DiT checkpoint and its shape (flux2-architecture.md §7.2)."""
+    """Every tensor of a BFL FLUX.2 DiT checkpoint (BFL's model.py module names, no biases) and its shape."""
     H, M, C, hd = cfg.hidden_size, cfg.mlp_hidden, cfg.in_channels, cfg.head_dim
     s = {
         "img_in.weight": (H, C),
@@ -225,7 +225,7 @@ def _mid(s, p, c):
 
 
 def vae_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a BFL `ae.safetensors` and its shape (flux2-architecture.md §7.4)."""
+    """Every tensor of a BFL `ae.safetensors` (BFL's autoencoder.py module names) and its shape."""
     s: dict[str, tuple[int, ...]] = {}
     chans = [cfg.ch * m for m in cfg.ch_mult]
     z, top = cfg.z_channels, chans[-1]
@@ -265,7 +265,7 @@ def text_encoder_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
     """HF-named tensors the encoder needs: embeddings and decoder layers 0..max(output_layers)-1.
 
     hidden_states[k] is the output of decoder layer k (1-based), so deeper layers, the final norm
-    and the LM head are never used (flux2-architecture.md §3.1, §7.5).
+    and the LM head are never used (docs/architecture.md, 'Text encoders').
     """
     D, hd, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd

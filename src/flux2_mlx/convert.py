@@ -1,8 +1,9 @@
 """`flux2 convert`: a FLUX.2 transformer or text encoder → a GGUF that llama.cpp-family tools read.
 
-No MLX or torch (design.md §3); the K-quant quantizers are numba-compiled. Image models get BFL names and
-arch `flux` (gguf-and-quantization.md §11); text encoders get llama.cpp names, arch `qwen3` or `llama`
-(Mistral, Q/K rows permuted as llama.cpp's converter does, §12) and tokenizer metadata. One tensor at a
+No MLX or torch, so conversion runs (and is tested) where neither is installed; the K-quant quantizers are
+numba-compiled. Image models get BFL names and arch `flux`; text encoders get llama.cpp names, arch `qwen3`
+or `llama` (Mistral, Q/K rows permuted as llama.cpp's converter does) and tokenizer metadata (details:
+docs/file-formats.md, 'GGUF files written by flux2 convert'). One tensor at a
 time, in row chunks: peak memory is one quantized tensor plus one chunk's float32 bytes (with `jobs` worker
 threads, that chunk is split 2 × jobs ways, two pieces per worker; the bytes written do not depend on
 `jobs`). The file is written beside the destination as `.NAME.PID.partial`, read back and checked, and only

@@ -1,5 +1,6 @@
 """Input images for editing: reading any common file as upright 8-bit RGB, and preparing reference images
-(flux2-architecture.md §6.1) and the img2img start image as float arrays in [-1, 1].
+(BFL's checks, pixel cap and centre crop: docs/architecture.md, 'Reference images') and the img2img start
+image as float arrays in [-1, 1].
 
 Numpy and Pillow only.
 """
@@ -92,7 +93,7 @@ def to_array(img: Image.Image) -> np.ndarray:
 
 
 def prepare_references(images, model: str = "") -> list[np.ndarray]:
-    """Paths or PIL images → one (H_k, W_k, 3) array per reference, sizes multiples of 16 (§6.1)."""
+    """Paths or PIL images → one (H_k, W_k, 3) array per reference, sizes multiples of 16."""
     images = list(images)
     if len(images) > MAX_REFERENCES:
         raise ValueError(f"{len(images)} reference images; at most {MAX_REFERENCES} are supported")

@@ -85,7 +85,8 @@ def block_key(name: str, block_lists: tuple[str, ...]) -> tuple[int, int, str] |
     return None
 
 
-# (BFL name, diffusers names, transform); "{i}" is a block index (flux2-architecture.md §7.3).
+# (BFL name, diffusers names, transform); "{i}" is a block index. All rules but "concat" and "swap" are
+# renames (docs/file-formats.md, 'BFL and diffusers names').
 _DIT_RULES = [
     ("img_in.weight", ["x_embedder.weight"], None),
     ("txt_in.weight", ["context_embedder.weight"], None),
@@ -229,7 +230,7 @@ def transformer_to_diffusers(tensors: dict[str, np.ndarray]) -> dict[str, np.nda
     return out
 
 
-# VAE: diffusers → BFL renames as (regex, replacement) pairs, applied in order (§7.4). The decoder
+# VAE: diffusers → BFL renames as (regex, replacement) pairs, applied in order. The decoder
 # up-block index is reversed separately because it needs the level count.
 _VAE_TO_BFL = [
     (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
@@ -318,7 +319,7 @@ def vae_to_diffusers(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # Where the decoder stack sits: Mistral3ForConditionalGeneration (transformers >= 4.52, then legacy),
-# Qwen3ForCausalLM and ComfyUI's bare packs (flux2-architecture.md §7.5).
+# Qwen3ForCausalLM and ComfyUI's bare packs.
 _TE_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 _TE_UNUSED = ("lm_head.", "language_model.lm_head.", "vision_tower.", "model.vision_tower.",
               "multi_modal_projector.", "model.multi_modal_projector.")
@@ -328,7 +329,8 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 # FP8 checkpoints (Qwen/Qwen3-*-FP8, what BFL's klein reference loads; transformers' fine-grained FP8):
 # a Linear's `X.weight` is F8_E4M3 and `X.weight_scale_inv` holds one float per block of rows × columns
 # (128 × 128 in every Qwen3 release); the weight is fp8 value × its block's scale_inv.
-# Activations are not quantized: we run W-dequantized bf16/f32, unlike the reference's W8A8 (spec §3.3).
+# Activations are not quantized: we run W-dequantized bf16/f32, unlike the reference's W8A8 (transformers'
+# FP8 Linear also quantizes activations), so embeddings differ slightly from BFL's klein reference.
 _FP8_SCALE = ".weight_scale_inv"
 _FP8_BOOKKEEPING = (_FP8_SCALE, ".input_scale", ".activation_scale")
 _FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -393,8 +395,8 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, 
     return out
 
 
-# llama.cpp tensor names → HF (gguf-and-quantization.md §12). Whole-name lookups, so `attn_q_norm` can
-# never be mistaken for `attn_q`.
+# llama.cpp tensor names → HF (docs/file-formats.md, 'llama.cpp tensor names'). Whole-name lookups, so
+# `attn_q_norm` can never be mistaken for `attn_q`.
 _LCPP_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LCPP_BLOCK = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",

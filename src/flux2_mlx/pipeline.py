@@ -299,7 +299,7 @@ class Pipeline:
 
     def _encode_images(self, inputs: Inputs, plan) -> tuple:
         """(reference tokens (1, R, C) or None, their ids, start-image tokens (1, N, C) or None), encoded
-        once per Inputs: each image alone at its own size, as the VAE's mean (§6.1)."""
+        once per Inputs: each image alone at its own size, as the VAE encoder's mean (BFL does not sample)."""
         if not inputs.refs and inputs.init is None:
             return None, None, None
         if inputs.latents is None:
@@ -449,7 +449,8 @@ class Pipeline:
 
         def velocity_for(context):
             context = be.from_numpy(context, self.dtype)
-            # klein KV: this generation's reference K/V, filled by the first step and dropped with it (§2.11).
+            # klein KV: this generation's reference K/V, filled by the first step and dropped with it (a
+            # reused cache would carry the previous references; docs/architecture.md, 'Klein 9B KV').
             cache = [] if spec.kv_cache and refs else None
 
             def velocity(x, t):

@@ -1,6 +1,7 @@
-"""Prompt templates and 512-token padded tokenization for the FLUX.2 text encoders (architecture §3.2-3.4).
+"""Prompt templates and 512-token padded tokenization for the FLUX.2 text encoders.
 
 Uses only the `tokenizers` package on the encoder's `tokenizer.json`; transformers is a test-time reference.
+Templates, padding sides and truncation: docs/architecture.md, 'Text encoders'.
 """
 
 from __future__ import annotations

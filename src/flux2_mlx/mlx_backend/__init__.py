@@ -1,4 +1,4 @@
-"""The MLX backend: the functions every backend exports (design.md §4), nothing else."""
+"""The MLX backend: the functions every backend exports (tests/test_layering.py checks), nothing else."""
 
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ class DecoderModel(nn.Module):
 
 class TextEncoder(nn.Module):
     """(ids, mask) → (B, L, len(output_layers)·D): hidden_states[k] for k in output_layers, layer slot
-    outer (flux2-architecture.md §3.1). mask is 1 for real tokens, 0 for padding."""
+    outer (docs/architecture.md, 'Text encoders'). mask is 1 for real tokens, 0 for padding."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()

@@ -148,11 +148,11 @@ class Flux2(nn.Module):
         """x (B, N, C) tokens, x_ids (B|1, N, 4), t (B,) in [0, 1], ctx (B, L, D), ctx_ids (B|1, L, 4),
         guidance (B,) or None → velocity (B, N, C) in the parameters' dtype.
 
-        ref (B, R, C), ref_ids (1, R, 4): reference-image tokens (§6.2): they join the image tokens and
-        their outputs are dropped. kv_cache (klein KV, §2.11): a list that belongs to one generation. While
+        ref (B, R, C), ref_ids (1, R, 4): reference-image tokens: they join the image tokens and their
+        outputs are dropped. kv_cache (klein 9B KV): a list that belongs to one generation. While
         it is empty, the references run as their own stream, modulated at t = 0 and attending only to
         themselves, and every block's reference K/V is appended to it; once filled, later calls attend to
-        those K/V and take no `ref`.
+        those K/V and take no `ref`. See docs/architecture.md, 'Reference images' and 'Klein 9B KV'.
         """
         dtype = self.dtype
         n = x.shape[1]

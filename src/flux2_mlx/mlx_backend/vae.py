@@ -1,6 +1,7 @@
 """The FLUX.2 autoencoder in MLX (channels-last), attribute names as in BFL's `ae.safetensors`.
 
-Imports only mlx and config (flux2 src/flux2/autoencoder.py; flux2-architecture.md §4).
+Imports only mlx and config (flux2 src/flux2/autoencoder.py). Patchify order and the batch-norm latent
+statistics: docs/architecture.md, 'VAE and latents'.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class AutoEncoder(nn.Module):
         latents (B, H/16, W/16, 4z)."""
         z = self.encoder(x.astype(self.bn.running_mean.dtype))[..., : self.z_channels]  # the mean
         B, H, W, C = z.shape
-        # 2x2 patchify, new channel index c·4 + pi·2 + pj (§4.3).
+        # 2x2 patchify, new channel index c·4 + pi·2 + pj, (pi, pj) the offset inside the cell (BFL's order).
         z = z.reshape(B, H // 2, 2, W // 2, 2, C).transpose(0, 1, 3, 5, 2, 4)
         return (z.reshape(B, H // 2, W // 2, 4 * C) - self.bn.running_mean) / self.bn.std()
 

@@ -22,7 +22,8 @@ __all__ = ["AffineQuant", "dequantize_mlx", "affine_format", "pack_codes", "repa
 assert sys.byteorder == "little", "the uint32/uint64 views below assume a little-endian host"
 
 T = GGMLType
-# Lossy targets (bits, group) for types MLX's 32/64/128 groups cannot hold (16-element sub-blocks), §3.
+# Lossy targets (bits, group) for types MLX's 32/64/128 groups cannot hold: each 16-element sub-block has
+# its own scale (docs/quantization.md, 'Types without an exact affine form').
 # Q6_K → 8-bit g64: near-lossless at Q8_0's memory. Q2_K → 4-bit g32: 5–6 bpw, small error next to Q2_K's own.
 REQUANT = {T.Q6_K: (8, 64), T.Q2_K: (4, 32), T.Q3_K: (4, 32)}
 # Exact repacks (affine_kernels.exact_blocks): one MLX group per 32-element ggml (sub-)block.
@@ -110,7 +111,7 @@ def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dt
     Exact (bit for bit vs gguf.quants.dequantize, ±0 aside) with float32 scales for Q4_0, Q4_1, Q5_0, Q5_1,
     Q8_0, Q4_K, Q5_K, and Q3_K with `exact=True` (8-bit codes); Q6_K, Q2_K and by default Q3_K are
     re-quantized (REQUANT).
-    `scales_dtype` (np.float32, np.float16 or "bfloat16") trades exactness for memory (§5): fp16 is still exact
+    `scales_dtype` (np.float32, np.float16 or "bfloat16") trades exactness for memory: fp16 is still exact
     for the legacy types and Q3_K (when |128 d| < 65504) but adds ~2e-4 rel-RMS to Q4_K/Q5_K; bf16 adds ~1.7e-3.
     Rows go through in chunks of about 1 MB of blocks, on all cores (the compiled kernels release the GIL).
     """

@@ -3,10 +3,10 @@
 
 Hand-written because gguf-py has no K-quant quantizer; compiled with numba because the scale searches are
 data-dependent scalar loops (Q3_K's descent exits early per sub-block) that numpy runs at a fraction of C's
-speed. Exactness rules (shared/docs/kquants.md §0, §1): every operation is float32 in the C evaluation
-order with no FMA (numba, like gcc -O3 without -ffast-math, neither contracts nor reorders); sums are
-sequential; nearest_int is the C bit trick; re-quantization uses the fp16-rounded d/dmin. Integers and
-float64 literals would promote float32 to float64 in numba, hence the f32() casts.
+speed. Exactness rules (why: docs/quantization.md, 'Byte-exact K-quant quantizers'): every operation is
+float32 in the C evaluation order with no FMA (numba, like gcc -O3 without -ffast-math, neither contracts
+nor reorders); sums are sequential; nearest_int is the C bit trick; re-quantization uses the fp16-rounded
+d/dmin. Integers and float64 literals would promote float32 to float64 in numba, hence the f32() casts.
 The kernels release the GIL, so threads quantize row ranges in parallel (quant/jit.py: compile settings).
 """
 

@@ -1,4 +1,5 @@
-"""Per-tensor ggml type policy for `flux2 convert` (gguf-and-quantization.md §9.3, §10). Numpy only.
+"""Per-tensor ggml type policy for `flux2 convert` (docs/quantization.md, 'Type policy of flux2 convert').
+Numpy only.
 
 A target name (`Q4_K_M`, `Q8_0`, `BF16`, …) is a default type plus upgrades, as llama.cpp's ftypes are.
 Image models follow city96's ComfyUI-GGUF (`tools/convert.py` + `lcpp.patch`), so files match the
@@ -27,7 +28,7 @@ HIGH_PRECISION = ("img_in.", "txt_in.", "time_in.", "guidance_in.", "vector_in."
 # single blocks' fused qkv+mlp) is not upgraded there either, so neither is it here: the sizes then match
 # the published city96/orabazes files. _S mixes, Q2_K, Q6_K, Q8_0 and the legacy types are uniform.
 IMAGE_QKV_UPGRADE = {"Q5_K_M": T.Q6_K, "Q4_K_M": T.Q5_K, "Q3_K_M": T.Q4_K}
-# llama.cpp's fallback when a row is not a whole number of 256-element super-blocks (§10).
+# llama.cpp's fallback when a row is not a whole number of 256-element super-blocks.
 SHAPE_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 # Element range over which one fp16 scale `d` spans a block: d ≈ max|w| / DIVISOR (K-quants: sub-block
 # scale times the 6-/8-bit super-block code). Used only for the cheap underflow check below.
@@ -75,7 +76,7 @@ def _more_bits(i: int, n: int) -> bool:
 
 
 def text_tensor_type(name: str, shape, target_name: str, n_layers: int, n_gqa: int = 1) -> GGMLType:
-    """ggml type of one text-encoder tensor (llama.cpp name) under a target: llama.cpp's LLM mixes (§10).
+    """ggml type of one text-encoder tensor (llama.cpp name) under a target: llama.cpp's LLM mixes.
 
     Only `*.weight` matrices are quantized; norms stay F32. The layer-position rules use `n_layers`, the
     layers written (llama.cpp counts the layers of the file it quantizes, too).
