@@ -151,6 +151,22 @@ def test_vae_matches_diffusers_and_mlx(vae, layout):
     assert rel_err(dec, np.array(theirs.decode(mx.array(z)))) <= 1e-5
 
 
+def test_nchw_vae_matches_diffusers(vae):
+    """The layout MPS keeps (CUDA and the CPU run channels-last): the same numbers."""
+    from flux2_mlx.torch_backend.load import load_vae
+
+    cfg, tmp, ref, img, z = vae
+    ours = load_vae(cfg, WeightSource(tmp / "ae.safetensors"), dtype=F32, device=torch.device("cpu"),
+                    channels_last=False)
+    assert not ours.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert tb.load_vae(cfg, WeightSource(tmp / "ae.safetensors"), dtype=F32).decoder.conv_in.weight \
+        .is_contiguous(memory_format=torch.channels_last)  # the default here
+    enc = tb.to_numpy(ours.encode(tb.from_numpy(img)))
+    dec = tb.to_numpy(ours.decode(tb.from_numpy(z)))
+    assert rel_err(enc, ref_encode(ref, img.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)) <= 1e-5
+    assert rel_err(dec, ref_decode(ref, z.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)) <= 1e-5
+
+
 # ---- the text encoders -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["qwen3", "mistral"])
