@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--single-blocks", type=int, default=None)
     p.add_argument("--layers", type=int, default=None, help="text-encoder layers (default: the deepest used)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch: compile the transformer blocks (the untimed "
+                                                          "warm-up image compiles)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -49,7 +51,8 @@ def main() -> None:
     te = dataclasses.replace(spec.text_encoder, output_layers=tuple(min(k, layers) for k in
                                                                        spec.text_encoder.output_layers))
     t0 = time.perf_counter()
-    transformer = be.load_transformer(t, _numpy_entries(transformer_shapes(t), name), dtype=dtype)
+    transformer = be.load_transformer(t, _numpy_entries(transformer_shapes(t), name), dtype=dtype,
+                                      compile=args.compile)
     encoder = be.load_text_encoder(te, _numpy_entries(text_encoder_shapes(te), name), dtype=dtype)
     vae = be.load_vae(spec.vae, _numpy_entries(vae_shapes(spec.vae), "float32"), dtype=be.resolve_dtype("float32"))
     print(f"{args.backend} on {device}: built {args.model} ({t.depth}+{t.depth_single_blocks} blocks, {layers} "
