@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 from _common import run_info, write_json
 from transformer_step import _numpy_entries
@@ -38,7 +39,7 @@ def main() -> None:
         vae = load_vae(cfg, _numpy_entries(vae_shapes(cfg), "float32"), dtype=torch.float32, device=device,
                        channels_last=layout == "channels_last")
         times = {}
-        for part, run in (("decode", lambda: vae.decode(z)), ("encode", lambda: vae.encode(image))):
+        for part, run in (("decode", partial(vae.decode, z)), ("encode", partial(vae.encode, image))):
             outputs[layout, part] = be.to_numpy(run())  # warm-up
             runs = []
             for _ in range(args.repeats):
@@ -49,7 +50,7 @@ def main() -> None:
             times[part] = min(runs)
         results.append({**run_info(), "device": str(device), "torch": torch.__version__, "layout": layout,
                         "size": args.size, "decode_s": times["decode"], "encode_s": times["encode"]})
-        del vae
+        del vae, run
         be.free()
     for r in results:
         print(f"| {r['date']} | {r['device']} | torch {r['torch']} | {r['layout']} | {r['size']}² | "
