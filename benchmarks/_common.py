@@ -37,7 +37,8 @@ from flux2_mlx.keymap import Entry  # noqa: E402
 from flux2_mlx.weights import BF16  # noqa: E402
 
 
-def random_entries(shapes: dict[str, tuple[int, ...]], dtype, embeddings: tuple[str, ...] = ()) -> dict[str, Entry]:
+def random_entries(shapes: dict[str, tuple[int, ...]], dtype,
+                   embeddings: tuple[str, ...] = ()) -> dict[str, Entry]:
     """Each tensor drawn directly in `dtype`, one at a time: N(0, 1/fan_in), N(0, 1) for names ending in
     one of `embeddings`, 1-D tensors (norm weights) 1."""
 

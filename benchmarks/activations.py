@@ -108,7 +108,8 @@ def setup(kind: str, size: int, be, dtype):
         rng = np.random.default_rng(1)
         args = [be.from_numpy(a) for a in (rng.standard_normal((1, h * w, cfg.in_channels), dtype=np.float32),
                                            prc_img(h, w), np.array([0.5], np.float32),
-                                           rng.standard_normal((1, TEXT, cfg.context_in_dim), dtype=np.float32),
+                                           rng.standard_normal((1, TEXT, cfg.context_in_dim),
+                                                               dtype=np.float32),
                                            prc_txt(TEXT))]
         tokens = TEXT + size
         return (lambda: model(*args)), tokens * cfg.hidden_size, cfg.num_heads * tokens**2
@@ -122,7 +123,8 @@ def setup(kind: str, size: int, be, dtype):
     vae = be.load_vae(KLEIN.vae, random_entries(vae_shapes(KLEIN.vae)), dtype=be.resolve_dtype("float32"))
     rng = np.random.default_rng(1)
     if kind == "decode":
-        z = be.from_numpy(rng.standard_normal((1, size // 16, size // 16, 4 * KLEIN.vae.z_channels), dtype=np.float32))
+        z = be.from_numpy(rng.standard_normal((1, size // 16, size // 16, 4 * KLEIN.vae.z_channels),
+                                              dtype=np.float32))
         forward = lambda: vae.decode(z)  # noqa: E731
     else:
         img = be.from_numpy(rng.uniform(-1, 1, (1, size, size, 3)).astype(np.float32))
@@ -144,7 +146,8 @@ def measure(args) -> dict:
     out = forward()
     be.evaluate(out)
     vae = kind in ("decode", "encode")
-    return {"peak": peak(), "unit": unit, "scores": scores, "bytes": 4 if vae else DTYPE_BYTES[dtype_name(be, dtype)],
+    return {"peak": peak(), "unit": unit, "scores": scores,
+            "bytes": 4 if vae else DTYPE_BYTES[dtype_name(be, dtype)],
             "fused": be.device_memory()["fused_attention"], "device": device, "dtype": dtype_name(be, dtype)}
 
 
@@ -168,7 +171,8 @@ def versions(backend: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=["mlx", "torch"], required=True)
-    p.add_argument("--device", default=None, help="torch: cpu, cuda, cuda:N; mlx: cpu, gpu (default: the best)")
+    p.add_argument("--device", default=None,
+                   help="torch: cpu, cuda, cuda:N; mlx: cpu, gpu (default: the best)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, bfloat16 on a GPU)")
     p.add_argument("--only", nargs="*", help="kinds to measure (double single text decode encode)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child process's one measurement, kind:size
@@ -182,18 +186,21 @@ def main() -> None:
         if args.only and kind not in args.only:
             continue
         cmd = [sys.executable, __file__, "--backend", args.backend, "--one", f"{kind}:{size}"]
-        cmd += [a for flag in ("device", "dtype") if getattr(args, flag) for a in (f"--{flag}", getattr(args, flag))]
+        cmd += [a for flag in ("device", "dtype") if getattr(args, flag)
+                for a in (f"--{flag}", getattr(args, flag))]
         out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if out.returncode:
             sys.exit(f"{kind} {size} failed:\n{out.stderr}")
         r = rows[kind, size] = json.loads(out.stdout.split("RESULT ", 1)[1])
-        print(f"{kind:6s} {size:4d}: peak {r['peak'] / 1e6:8.1f} MB, scores {r['scores'] * r['bytes'] / 1e6:7.1f} MB "
-              f"({'fused, not counted' if r['fused'] else 'counted'}), {coefficient(r):.2f} per unit", flush=True)
+        print(f"{kind:6s} {size:4d}: peak {r['peak'] / 1e6:8.1f} MB, "
+              f"scores {r['scores'] * r['bytes'] / 1e6:7.1f} MB "
+              f"({'fused, not counted' if r['fused'] else 'counted'}), {coefficient(r):.2f} per unit",
+              flush=True)
 
     r = next(iter(rows.values()))
     print(f"{datetime.date.today()} | {platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
-          f"{platform.processor() or '?'} | {versions(args.backend)} | {args.backend} on {r['device']}, {r['dtype']}, "
-          f"attention {'fused' if r['fused'] else 'with scores'}")
+          f"{platform.processor() or '?'} | {versions(args.backend)} | {args.backend} on {r['device']}, "
+          f"{r['dtype']}, attention {'fused' if r['fused'] else 'with scores'}")
     fit = {}
     for kind in dict.fromkeys(k for k, _ in rows):
         values = [coefficient(r) for (k, _), r in rows.items() if k == kind]

@@ -4,7 +4,7 @@ path (first step extracts the references' K/V, later steps reuse them), klein-9B
 Prints markdown rows for BENCHMARKS.md. Linux CPU: FLUX2_OPENBLAS=1 preloads OpenBLAS for fast f32 matmul.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 -- _common first (preloads OpenBLAS before mlx)
 
 import argparse
 import dataclasses

@@ -7,7 +7,7 @@ CUDA (bf16), or `--backend mlx` on Metal; on a CPU use `--double-blocks/--single
 the depth. Prints a markdown row for BENCHMARKS.md.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 -- _common first (preloads OpenBLAS before mlx)
 
 import argparse
 import dataclasses
@@ -35,8 +35,8 @@ def main() -> None:
     p.add_argument("--single-blocks", type=int, default=None)
     p.add_argument("--layers", type=int, default=None, help="text-encoder layers (default: the deepest used)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="torch: compile the transformer blocks (the untimed "
-                                                          "warm-up image compiles)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch: compile the transformer blocks (the untimed warm-up image compiles)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -54,9 +54,10 @@ def main() -> None:
     transformer = be.load_transformer(t, _numpy_entries(transformer_shapes(t), name), dtype=dtype,
                                       compile=args.compile)
     encoder = be.load_text_encoder(te, _numpy_entries(text_encoder_shapes(te), name), dtype=dtype)
-    vae = be.load_vae(spec.vae, _numpy_entries(vae_shapes(spec.vae), "float32"), dtype=be.resolve_dtype("float32"))
-    print(f"{args.backend} on {device}: built {args.model} ({t.depth}+{t.depth_single_blocks} blocks, {layers} "
-          f"encoder layers) in {name}: {time.perf_counter() - t0:.1f} s")
+    vae = be.load_vae(spec.vae, _numpy_entries(vae_shapes(spec.vae), "float32"),
+                      dtype=be.resolve_dtype("float32"))
+    print(f"{args.backend} on {device}: built {args.model} ({t.depth}+{t.depth_single_blocks} blocks, "
+          f"{layers} encoder layers) in {name}: {time.perf_counter() - t0:.1f} s")
 
     h = w = args.size // 16
     ids = np.zeros((1, 512), np.int32)
@@ -91,12 +92,12 @@ def main() -> None:
     runs = [run() for _ in range(args.repeats)]
     best = {k: min(r[k] for r in runs) for k in runs[0]}
     res = {**run_info(), "backend": args.backend, "device": device, "model": args.model, "size": args.size,
-           "steps": args.steps, "dtype": name, "blocks": [t.depth, t.depth_single_blocks], "encoder_layers": layers,
-           "best": best, "runs": runs, "peak_memory_gb": be.peak_memory() / 1e9}
+           "steps": args.steps, "dtype": name, "blocks": [t.depth, t.depth_single_blocks],
+           "encoder_layers": layers, "best": best, "runs": runs, "peak_memory_gb": be.peak_memory() / 1e9}
     print(" ".join(f"{k} {v:.3f} s" for k, v in best.items()) + f"; peak {res['peak_memory_gb']:.1f} GB")
     print(f"| {res['date']} | {device} | {args.backend} | {args.model} {t.depth}+{t.depth_single_blocks} | "
-          f"{args.size}² | {args.steps} | {name} | {best['encode']:.3f} | {best['denoise'] / args.steps:.3f} | "
-          f"{best['decode']:.3f} | {best['total']:.3f} |")
+          f"{args.size}² | {args.steps} | {name} | {best['encode']:.3f} | "
+          f"{best['denoise'] / args.steps:.3f} | {best['decode']:.3f} | {best['total']:.3f} |")
     write_json(args.json, res)
 
 

@@ -94,8 +94,8 @@ def main() -> None:
             g.unlink()
 
     blocks = f"klein-4b dims, {args.double} double + {args.single} single blocks"
-    print(f"{datetime.date.today()} | {args.machine} | MLX {mx.__version__} {mx.default_device()} | {blocks} | "
-          f"float32 source {src_bytes / 1e6:.0f} MB")
+    print(f"{datetime.date.today()} | {args.machine} | MLX {mx.__version__} {mx.default_device()} | "
+          f"{blocks} | float32 source {src_bytes / 1e6:.0f} MB")
     print()
     print(f"Conversion to Q4_K_S (bytes identical across jobs: {'yes' if same else 'NO'})")
     print()

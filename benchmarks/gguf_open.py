@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFWriter
 from _common import best_of, run_info
+from gguf import GGUFReader, GGUFWriter
 
 from flux2_mlx.weights import GGUFFile
 

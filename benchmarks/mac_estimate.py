@@ -33,13 +33,15 @@ def main() -> None:
                                   ("double_blocks", "single_blocks"), 2)
     n = len({k.split(".")[2] for k in es if k.startswith("model.layers.")})
     ew = memory.component_weights("text encoder", typed(es, lambda k, s: text_tensor_type(
-        hf_to_llama_cpp(k), s, "Q4_K_M", n, te.num_attention_heads // te.num_key_value_heads)), ("model.layers",), 2)
-    vw = memory.component_weights("vae", {k: Entry(s, lambda: None) for k, s in vae_shapes(spec.vae).items()}, (), 4)
+        hf_to_llama_cpp(k), s, "Q4_K_M", n, te.num_attention_heads // te.num_key_value_heads)),
+                                  ("model.layers",), 2)
+    vw = memory.component_weights("vae", {k: Entry(s, lambda: None) for k, s in vae_shapes(spec.vae).items()},
+                                  (), 4)
     flops = forward_flops(t, 64 * 64, 512)
     print(f"transformer {tw.total / GB:.1f} GB, largest block {max(tw.blocks) / GB:.2f} GB; text encoder "
           f"{ew.total / GB:.1f} GB; {flops:.2e} FLOP per step")
-    print("| Mac RAM | budget GB | encode plan | denoise plan | streamed GB/step | read s/step | compute s/step "
-          "(est.) | decode |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| Mac RAM | budget GB | encode plan | denoise plan | streamed GB/step | read s/step | "
+          "compute s/step (est.) | decode |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, ram, share, tflops, ssd in MACS:
         budget = ram * share * GB
         plan = memory.plan(int(budget), transformer=tw, vae=vw, text_encoder=ew, hidden=t.hidden_size,
@@ -54,8 +56,8 @@ def main() -> None:
 
         read = "–".join(f"{streamed / s:.1f}" for s in sorted(ssd, reverse=True))
         compute = "–".join(f"{flops / (r * 1e12):.0f}" for r in sorted(tflops, reverse=True))
-        print(f"| {name} | {budget / GB:.1f} | {how(enc)} | {how(den)} | {streamed:.1f} | {read} | ~{compute} | "
-              f"{f'{dec.tile} px tiles' if dec.tile else 'whole'} |")
+        print(f"| {name} | {budget / GB:.1f} | {how(enc)} | {how(den)} | {streamed:.1f} | {read} | "
+              f"~{compute} | {f'{dec.tile} px tiles' if dec.tile else 'whole'} |")
 
 
 if __name__ == "__main__":

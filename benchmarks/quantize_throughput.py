@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--std", type=float, default=0.02)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--c-ref", action="store_true", help="also time llama.cpp's C reference (needs gcc, PyPI)")
+    ap.add_argument("--c-ref", action="store_true",
+                    help="also time llama.cpp's C reference (needs gcc, PyPI)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--machine", default=f"{os.cpu_count()}-core {platform.machine()} {platform.system()}")
     args = ap.parse_args()
@@ -80,8 +81,8 @@ def main() -> None:
     print(f"{datetime.date.today()} | {args.machine} | numpy {np.__version__}, gguf {GGUF_VERSION} | "
           f"{args.rows}x{args.cols} float32 N(0, {args.std}) = {mb:.1f} MB | best of {args.repeats}")
     print()
-    print(f"| type | implementation | s | MB/s fp32 in | {args.threads} threads MB/s | C reference MB/s | bytes = C | "
-          "relRMS |")
+    print(f"| type | implementation | s | MB/s fp32 in | {args.threads} threads MB/s | C reference MB/s | "
+          "bytes = C | relRMS |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, impl, s, rate, t_cell, c_cell, same, err in rows:
         print(f"| {name} | {impl} | {s:.2f} | {rate:.0f} | {t_cell} | {c_cell} | {same} | {err:.4f} |")

@@ -6,7 +6,7 @@ the file as the pipeline would for --budget-fraction of the weights (the plan's 
 and times one forward (= one denoising step). Prints a markdown table.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 -- _common first (preloads OpenBLAS before mlx)
 
 import argparse
 import dataclasses
@@ -31,8 +31,8 @@ from flux2_mlx.sampling import prc_img, prc_txt
 from flux2_mlx.weights import WeightSource, save_safetensors
 
 # mode: (keep host copies, evict the file from the page cache before every step)
-MODES = {"resident": (None, False), "streamed, RAM": (True, False), "streamed, disk (page cache)": (False, False),
-         "streamed, disk (cold)": (False, True)}
+MODES = {"resident": (None, False), "streamed, RAM": (True, False),
+         "streamed, disk (page cache)": (False, False), "streamed, disk (cold)": (False, True)}
 
 
 def phases(args, cfg, path, dtype) -> tuple[memory.Weights, memory.Phase]:
@@ -108,7 +108,8 @@ def main() -> None:
     p.add_argument("--file", help=argparse.SUPPRESS)
     args = p.parse_args()
 
-    cfg = dataclasses.replace(MODELS[args.model].transformer, depth=args.double, depth_single_blocks=args.single)
+    cfg = dataclasses.replace(MODELS[args.model].transformer, depth=args.double,
+                              depth_single_blocks=args.single)
     dtype = backend.resolve_dtype(args.dtype)
     if args.mode:
         print("RESULT " + json.dumps(run_mode(args, cfg, Path(args.file), dtype)), flush=True)
@@ -143,8 +144,8 @@ def main() -> None:
           "| --- | --- | --- | --- | --- | --- |")
     for mode, r in rows.items():
         read = "–" if r["read_block_s"] is None else f"{r['read_block_s']:.2f}"
-        print(f"| {mode} | {r['sec']:.2f} | {r['sec'] / base:.2f} | {r['mlx_peak'] / 1e6:.0f} | {r['rss'] / 1e6:.0f} "
-              f"| {read} |")
+        print(f"| {mode} | {r['sec']:.2f} | {r['sec'] / base:.2f} | {r['mlx_peak'] / 1e6:.0f} | "
+              f"{r['rss'] / 1e6:.0f} | {read} |")
 
 
 if __name__ == "__main__":

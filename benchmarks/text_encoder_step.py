@@ -5,7 +5,7 @@ layers (default: the deepest output layer FLUX.2 needs, 27 / 27 / 30). Prints a 
 BENCHMARKS.md. Linux CPU: FLUX2_OPENBLAS=1 preloads OpenBLAS for fast f32 matmul.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 -- _common first (preloads OpenBLAS before mlx)
 
 import argparse
 import dataclasses
@@ -15,8 +15,7 @@ from _common import OPENBLAS, random_entries, run_info, time_forward, write_json
 
 import mlx.core as mx
 
-from flux2_mlx.config import (MISTRAL_SMALL_3_2, QWEN3_4B, QWEN3_8B, TextEncoderConfig,
-                              text_encoder_shapes)
+from flux2_mlx.config import MISTRAL_SMALL_3_2, QWEN3_4B, QWEN3_8B, TextEncoderConfig, text_encoder_shapes
 from flux2_mlx.mlx_backend import load_text_encoder, resolve_dtype
 
 ENCODERS = {"qwen3-4b": QWEN3_4B, "qwen3-8b": QWEN3_8B, "mistral": MISTRAL_SMALL_3_2}
@@ -26,9 +25,9 @@ def forward_flops(cfg: TextEncoderConfig, layers: int, L: int) -> float:
     """FLOPs of one batch-1 forward through `layers` decoder layers: 2·M·K·N per Linear (M = L tokens;
     q/o at heads·head_dim, k/v at kv_heads·head_dim), 4·L²·heads·head_dim per attention (QKᵀ and PV,
     counted as if not causal); embedding lookup, norms, RoPE and elementwise ops ignored."""
-    D, I = cfg.hidden_size, cfg.intermediate_size
+    D, F = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    linears = 2 * L * (D * q + 2 * D * kv + q * D + 3 * D * I)
+    linears = 2 * L * (D * q + 2 * D * kv + q * D + 3 * D * F)
     attn = 4 * L * L * cfg.num_attention_heads * cfg.head_dim
     return float(layers * (linears + attn))
 

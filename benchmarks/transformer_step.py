@@ -5,7 +5,7 @@ Prints a markdown row per backend for BENCHMARKS.md. Linux CPU: FLUX2_OPENBLAS=1
 f32 matmul in MLX; torch and diffusers get the same thread count (--threads).
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 -- _common first (preloads OpenBLAS before mlx)
 
 import argparse
 import dataclasses
@@ -101,12 +101,13 @@ def _diffusers(cfg, dtype_name, inp, threads):
     with torch.device(device):
         model = Flux2Transformer2DModel(
             in_channels=cfg.in_channels, num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
-            attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
-            mlp_ratio=cfg.mlp_ratio, axes_dims_rope=tuple(cfg.axes_dim), rope_theta=cfg.theta,
+            attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
+            joint_attention_dim=cfg.context_in_dim, mlp_ratio=cfg.mlp_ratio,
+            axes_dims_rope=tuple(cfg.axes_dim), rope_theta=cfg.theta,
             guidance_embeds=cfg.use_guidance_embed).to(dtype).eval()
     a = {k: torch.from_numpy(v).to(device) for k, v in inp.items()}
-    kw = dict(hidden_states=a["x"].to(dtype), encoder_hidden_states=a["ctx"].to(dtype), timestep=a["t"].to(dtype),
-              img_ids=a["x_ids"][0].long(), txt_ids=a["ctx_ids"][0].long(),
+    kw = dict(hidden_states=a["x"].to(dtype), encoder_hidden_states=a["ctx"].to(dtype),
+              timestep=a["t"].to(dtype), img_ids=a["x_ids"][0].long(), txt_ids=a["ctx_ids"][0].long(),
               guidance=a["g"].to(dtype) if cfg.use_guidance_embed else None, return_dict=False)
 
     def forward():
@@ -158,7 +159,8 @@ def main() -> None:
 
             dtype_name = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
         t0 = time.perf_counter()
-        make = {"mlx": lambda: _mlx(cfg, dtype_name, inp), "torch": lambda: _torch(cfg, dtype_name, inp, args.threads),
+        make = {"mlx": lambda: _mlx(cfg, dtype_name, inp),
+                "torch": lambda: _torch(cfg, dtype_name, inp, args.threads),
                 "torch-compile": lambda: _torch(cfg, dtype_name, inp, args.threads, compile=True),
                 "diffusers": lambda: _diffusers(cfg, dtype_name, inp, args.threads)}[name]
         built.append((name, dtype_name, *make()))
@@ -177,24 +179,26 @@ def main() -> None:
     results = []
     for name, dtype_name, forward, evaluate, finite, versions in built:
         sec, times = statistics.median(timed[name]), timed[name]
-        results.append({**run_info(), "backend": name, "versions": versions, "model": args.model, "double_blocks": d,
-                        "single_blocks": s, "full_double_blocks": full.depth,
-                        "full_single_blocks": full.depth_single_blocks, "width": args.width, "height": args.height,
-                        "text_tokens": n_txt, "dtype": dtype_name, "threads": args.threads, "seconds_per_step": sec,
-                        "times": times, "tflop": flops / 1e12, "tflops_per_s": flops / sec / 1e12,
+        results.append({**run_info(), "backend": name, "versions": versions, "model": args.model,
+                        "double_blocks": d, "single_blocks": s, "full_double_blocks": full.depth,
+                        "full_single_blocks": full.depth_single_blocks, "width": args.width,
+                        "height": args.height, "text_tokens": n_txt, "dtype": dtype_name,
+                        "threads": args.threads, "seconds_per_step": sec, "times": times,
+                        "tflop": flops / 1e12, "tflops_per_s": flops / sec / 1e12,
                         "extrapolated_full_seconds_per_step": sec * flops_full / flops,
                         "output_finite": finite(forward())})
     del built
     for res in results:
         print(f"| {res['date']} | {res['machine']} | {res['backend']} ({res['versions']}) | {args.model} | "
-              f"{d}+{s} of {full.depth}+{full.depth_single_blocks} | {args.width}x{args.height} | {res['dtype']} | "
-              f"{res['seconds_per_step']:.2f} | {res['tflops_per_s']:.3g} | "
+              f"{d}+{s} of {full.depth}+{full.depth_single_blocks} | {args.width}x{args.height} | "
+              f"{res['dtype']} | {res['seconds_per_step']:.2f} | {res['tflops_per_s']:.3g} | "
               f"{res['extrapolated_full_seconds_per_step']:.1f} |")
     by = {res["backend"]: res for res in results}
     for ours in ("torch", "torch-compile"):
         if ours in by and "diffusers" in by:
             ratios = [a / b for a, b in zip(by[ours]["times"], by["diffusers"]["times"])]
-            print(f"{ours} / diffusers: {by[ours]['seconds_per_step'] / by['diffusers']['seconds_per_step']:.3f} "
+            print(f"{ours} / diffusers: "
+                  f"{by[ours]['seconds_per_step'] / by['diffusers']['seconds_per_step']:.3f} "
                   f"(per round: {', '.join(f'{r:.3f}' for r in ratios)})")
     write_json(args.json, results if len(results) > 1 else results[0])
 

@@ -5,7 +5,7 @@ Prints a markdown row per layout for BENCHMARKS.md and the largest relative diff
 decodes (the layouts accumulate the convolutions in different orders).
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 -- _common first (preloads OpenBLAS before mlx)
 
 import argparse
 import time
@@ -32,7 +32,8 @@ def main() -> None:
     device = torch.device(be.use_device(args.device))
     cfg = MODELS["klein-4b"].vae  # one autoencoder for the whole family
     rng = np.random.default_rng(0)
-    z = be.from_numpy(rng.standard_normal((1, args.size // 16, args.size // 16, 4 * cfg.z_channels), np.float32))
+    z = be.from_numpy(rng.standard_normal((1, args.size // 16, args.size // 16, 4 * cfg.z_channels),
+                                          np.float32))
     image = be.from_numpy(rng.uniform(-1, 1, (1, args.size, args.size, 3)).astype(np.float32))
     results, outputs = [], {}
     for layout in ("nchw", "channels_last"):
@@ -56,7 +57,8 @@ def main() -> None:
         print(f"| {r['date']} | {r['device']} | torch {r['torch']} | {r['layout']} | {r['size']}² | "
               f"{r['decode_s']:.2f} | {r['encode_s']:.2f} |")
     a, b = outputs["nchw", "decode"], outputs["channels_last", "decode"]
-    print(f"decode difference between layouts: {np.abs(a - b).max() / np.abs(a).max():.2e} of the largest value")
+    print(f"decode difference between layouts: {np.abs(a - b).max() / np.abs(a).max():.2e} "
+          "of the largest value")
     write_json(args.json, results)
 
 

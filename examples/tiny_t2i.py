@@ -31,10 +31,12 @@ def main(out: str = "tiny.png") -> None:
     spec = tiny_spec("klein-4b")
     with tempfile.TemporaryDirectory() as d:
         # The same file names as the FLUX.2-klein-4B and FLUX.2-dev repos, bf16 like the releases.
-        save_safetensors(Path(d) / spec.transformer_file, random_tensors(transformer_shapes(spec.transformer), 0))
+        save_safetensors(Path(d) / spec.transformer_file,
+                         random_tensors(transformer_shapes(spec.transformer), 0))
         save_safetensors(Path(d) / spec.vae_file, random_tensors(vae_shapes(spec.vae), 1))
         pipe = load_pipeline(spec, model_path=d)
-        embeds = np.random.default_rng(2).standard_normal((1, 512, spec.transformer.context_in_dim), np.float32)
+        embeds = np.random.default_rng(2).standard_normal((1, 512, spec.transformer.context_in_dim),
+                                                          np.float32)
         image = pipe.generate(prompt_embeds=embeds, width=128, height=96, seed=7)
     image.save(out)
     print(f"wrote {out} ({image.width}x{image.height}, {pipe.spec.name}, seed {image.info['seed']}, "

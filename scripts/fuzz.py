@@ -27,7 +27,8 @@ def main() -> int:
     ap.add_argument("--start", type=int, default=0, help="first mutation index")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
     ap.add_argument("--time-cap", type=float, default=5.0, help="seconds one mutation may take")
-    ap.add_argument("--mem-cap", type=float, default=1.0, help="GB one mutation may add to the worker's memory")
+    ap.add_argument("--mem-cap", type=float, default=1.0,
+                    help="GB one mutation may add to the worker's memory")
     ap.add_argument("--only", type=int, help="replay mutation ONLY in this process and show what happens")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

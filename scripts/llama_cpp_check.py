@@ -78,9 +78,9 @@ def check(kind: str, bin_dir: Path, root: Path) -> list[str]:
         err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
         ok = ids == ours and got.shape == ref.shape and err < tol
         lines.append(f"{kind} {qtype}: llama-tokenize ids {'==' if ids == ours else '!='} ours ({len(ids)} "
-                     f"tokens, BOS {'added' if len(with_bos) > len(ids) else 'not added'}); llama-embedding vs "
-                     f"transformers rel. L2 {err:.2e} over {len(got)} tokens (limit {tol:g}) -> "
-                     f"{'OK' if ok else 'FAIL'}")
+                     f"tokens, BOS {'added' if len(with_bos) > len(ids) else 'not added'}); "
+                     f"llama-embedding vs transformers rel. L2 {err:.2e} over {len(got)} tokens "
+                     f"(limit {tol:g}) -> {'OK' if ok else 'FAIL'}")
     small = convert(folder, root / f"{kind}-default.gguf", "Q8_0", progress=False)
     try:
         run(bin_dir, "llama-embedding", "-m", str(small), "-p", TEXT, "--pooling", "none", *CTX)

@@ -39,8 +39,9 @@ from flux2_mlx.weights import save_safetensors  # noqa: E402
 
 DIT = TransformerConfig(in_channels=128, context_in_dim=3 * 256, hidden_size=256, num_heads=2, depth=1,
                         depth_single_blocks=2, use_guidance_embed=False)
-QWEN = dict(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=36, num_attention_heads=32,
-            num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, tie_word_embeddings=True,
+QWEN = dict(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=36,
+            num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 
 
@@ -54,8 +55,9 @@ def build(root: Path) -> tuple[Path, Path, Path]:
 
 
 def check(sd_cli: Path, dit: Path, te: Path, vae: Path, out: Path) -> str:
-    cmd = [str(sd_cli), "--diffusion-model", str(dit), "--llm", str(te), "--vae", str(vae), "-p", "a red fox in snow",
-           "-W", "64", "-H", "64", "--steps", "2", "--cfg-scale", "1", "-s", "42", "-o", str(out), "-v"]
+    cmd = [str(sd_cli), "--diffusion-model", str(dit), "--llm", str(te), "--vae", str(vae),
+           "-p", "a red fox in snow", "-W", "64", "-H", "64", "--steps", "2", "--cfg-scale", "1", "-s", "42",
+           "-o", str(out), "-v"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     problems = []
@@ -64,11 +66,12 @@ def check(sd_cli: Path, dit: Path, te: Path, vae: Path, out: Path) -> str:
     if "Flux.2 klein" not in log:
         problems.append("not detected as Flux.2 klein")
     want = (f"depth = {DIT.depth}, depth_single_blocks = {DIT.depth_single_blocks}, guidance_embed = false, "
-            f"context_in_dim = {DIT.context_in_dim}, hidden_size = {DIT.hidden_size}, num_heads = {DIT.num_heads}")
+            f"context_in_dim = {DIT.context_in_dim}, hidden_size = {DIT.hidden_size}, "
+            f"num_heads = {DIT.num_heads}")
     if want not in log:
         problems.append(f"flux params differ from '{want}'")
-    bad = [ln for ln in log.splitlines() if re.search(r"unknown tensor|not found|missing|shape mismatch|error", ln,
-                                                      re.IGNORECASE)]
+    bad = [ln for ln in log.splitlines()
+           if re.search(r"unknown tensor|not found|missing|shape mismatch|error", ln, re.IGNORECASE)]
     problems += bad[:5]
     if out.exists():
         img = np.asarray(Image.open(out).convert("RGB"), np.float32)
@@ -84,8 +87,8 @@ def check(sd_cli: Path, dit: Path, te: Path, vae: Path, out: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sd_cli", type=Path)
-    ap.add_argument("--types", nargs="+", default=["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K",
-                                                      "BF16"])
+    ap.add_argument("--types", nargs="+",
+                    default=["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "BF16"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -48,7 +48,8 @@ def open_image(source, what: str = "image") -> Image.Image:
             img.load()
         # Pillow reports some damaged files as SyntaxError, and refuses decompression bombs (> 179 MP).
         except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{what} {path} is not a readable image ({e}); use a PNG, JPEG or WebP") from None
+            raise ValueError(f"{what} {path} is not a readable image ({e}); "
+                             "use a PNG, JPEG or WebP") from None
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I"):
         # convert("L") would clip 16-bit values at 255; scale 0..65535 to 0..255 instead.
@@ -64,7 +65,8 @@ def open_image(source, what: str = "image") -> Image.Image:
 def check_reference(img: Image.Image, what: str) -> None:
     w, h = img.size
     if min(w, h) < MIN_SIDE:
-        raise ValueError(f"{what} is {w}x{h} px; both sides must be at least {MIN_SIDE} px: use a larger image")
+        raise ValueError(f"{what} is {w}x{h} px; both sides must be at least {MIN_SIDE} px: "
+                         "use a larger image")
     if max(w / h, h / w) > MAX_ASPECT:
         raise ValueError(f"{what} is {w}x{h} px, an aspect ratio of {max(w / h, h / w):.1f}:1; the limit is "
                          f"{MAX_ASPECT}:1: crop it")
@@ -98,8 +100,9 @@ def prepare_references(images, model: str = "") -> list[np.ndarray]:
     if len(images) > MAX_REFERENCES:
         raise ValueError(f"{len(images)} reference images; at most {MAX_REFERENCES} are supported")
     if len(images) > recommended_references(model):
-        warnings.warn(f"{len(images)} reference images; BFL recommends at most {recommended_references(model)} "
-                      f"for {model or 'this model'}, more may blend them poorly", stacklevel=3)
+        warnings.warn(f"{len(images)} reference images; BFL recommends at most "
+                      f"{recommended_references(model)} for {model or 'this model'}, "
+                      "more may blend them poorly", stacklevel=3)
     out = []
     cap = reference_pixels(len(images))
     for k, source in enumerate(images):

@@ -46,7 +46,7 @@ def prc_img(h: int, w: int, t: int = 0) -> np.ndarray:
 
 
 def prc_refs(sizes: list[tuple[int, int]]) -> np.ndarray:
-    """Ids of reference images (h_k, w_k latent cells each), concatenated in order: image k at t = 10 + 10·k."""
+    """Ids of reference images (h_k, w_k latent cells each), concatenated: image k at t = 10 + 10·k."""
     return np.concatenate([prc_img(h, w, 10 + 10 * k) for k, (h, w) in enumerate(sizes)], axis=1)
 
 

@@ -45,7 +45,7 @@ class Streamer:
         return self._pending[i]
 
     def take(self, i: int):
-        """Block i with its weights on the device; then block i+1 (cyclically: the next step) starts reading."""
+        """Block i with its weights on the device; then block i+1 (cyclically: next step) starts reading."""
         future = self._submit(i)
         del self._pending[i]
         label, make, _ = self.blocks[i]

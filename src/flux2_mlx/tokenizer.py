@@ -95,11 +95,11 @@ class PromptTokenizer:
 _GGUF_PRE = {
     "default": (None, False),
     "gpt2": (None, False),
-    "qwen2": ((r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-               r"|\s+(?!\S)|\s+"), False),
-    "tekken": ((r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
-                r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+"), True),
+    "qwen2": ((r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+"), False),
+    "tekken": ((r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"), True),
 }
 _CONTROL, _USER_DEFINED = 3, 4  # gguf.TokenType
 
@@ -117,8 +117,8 @@ def tokenizer_from_gguf(path) -> Tokenizer:
         raise WeightsError(f"{path}: tokenizer model {kind!r} is not a byte-level BPE ('gpt2'); pass the "
                            f"model's tokenizer.json instead")
     if pre not in _GGUF_PRE:
-        raise WeightsError(f"{path}: pre-tokenizer {pre!r} is not one flux2-mlx knows ({', '.join(_GGUF_PRE)}); "
-                           f"pass the model's tokenizer.json instead")
+        raise WeightsError(f"{path}: pre-tokenizer {pre!r} is not one flux2-mlx knows "
+                           f"({', '.join(_GGUF_PRE)}); pass the model's tokenizer.json instead")
     tokens = f.field("tokenizer.ggml.tokens", [], kind=(list, str))
     merges = f.field("tokenizer.ggml.merges", [], kind=(list, str))
     types = f.field("tokenizer.ggml.token_type", kind=(list, int)) or [1] * len(tokens)
@@ -126,11 +126,12 @@ def tokenizer_from_gguf(path) -> Tokenizer:
     if not tokens or len(types) != len(tokens) or bad is not None:
         what = (f"merge {bad!r} is not two tokens" if bad is not None else
                 f"{len(tokens)} tokens with {len(types)} token types")
-        raise WeightsError(f"{path}: the tokenizer metadata is damaged ({what}); pass the model's tokenizer.json")
+        raise WeightsError(f"{path}: the tokenizer metadata is damaged ({what}); "
+                           "pass the model's tokenizer.json")
     regex, ignore_merges = _GGUF_PRE[pre]
     try:
-        tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ")) for m in merges],
-                                   ignore_merges=ignore_merges))
+        tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
+                                   [tuple(m.split(" ")) for m in merges], ignore_merges=ignore_merges))
     except Exception as e:  # tokenizers raises bare Exceptions (a merge of tokens not in the vocabulary)
         raise WeightsError(f"{path}: the tokenizer metadata is damaged ({e}); pass the model's "
                            f"tokenizer.json") from None
@@ -144,5 +145,6 @@ def tokenizer_from_gguf(path) -> Tokenizer:
     # ids stay: every added token is already in the vocabulary
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i, t in enumerate(types) if t == _CONTROL])
-    tok.add_tokens([AddedToken(tokens[i], normalized=False) for i, t in enumerate(types) if t == _USER_DEFINED])
+    tok.add_tokens([AddedToken(tokens[i], normalized=False)
+                    for i, t in enumerate(types) if t == _USER_DEFINED])
     return tok

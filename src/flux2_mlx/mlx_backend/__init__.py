@@ -9,7 +9,6 @@ import mlx.core as mx
 import numpy as np
 
 from ..memory import Activations
-
 from .load import from_numpy as _from_numpy
 from .load import load_text_encoder as _load_text_encoder
 from .load import load_transformer as _load_transformer
@@ -44,7 +43,8 @@ def load_transformer(cfg, source, *, dtype, streaming=None, compile=False):
     """streaming: a memory.Streaming (blocks past `resident` read just in time), or None (all resident).
     compile: torch's option; MLX has none to offer here."""
     if compile:
-        raise ValueError("compiling the transformer is a torch-backend option; use --backend torch or drop --compile")
+        raise ValueError("compiling the transformer is a torch-backend option; "
+                         "use --backend torch or drop --compile")
     return _load_transformer(cfg, source, dtype=dtype, streaming=streaming)
 
 

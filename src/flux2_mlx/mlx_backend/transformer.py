@@ -9,8 +9,19 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import TransformerConfig
-from .layers import (MLPEmbedder, Modulation, QKNorm, SiLU, SiLUActivation, apply_rope, attention, modulate,
-                     rope, swiglu, timestep_embedding)
+from .layers import (
+    MLPEmbedder,
+    Modulation,
+    QKNorm,
+    SiLU,
+    SiLUActivation,
+    apply_rope,
+    attention,
+    modulate,
+    rope,
+    swiglu,
+    timestep_embedding,
+)
 
 
 class SelfAttention(nn.Module):
@@ -61,7 +72,8 @@ class DoubleStreamBlock(nn.Module):
         k, v = [txt_k, img_k], [txt_v, img_v]
         if kv is not None:
             k, v = k + [kv[0]], v + [kv[1]]
-        attn = attention(mx.concatenate([txt_q, img_q], axis=2), mx.concatenate(k, axis=2), mx.concatenate(v, axis=2))
+        attn = attention(mx.concatenate([txt_q, img_q], axis=2), mx.concatenate(k, axis=2),
+                         mx.concatenate(v, axis=2))
         n = txt.shape[1]
         return self._out("img", img, attn[:, n:], mod_img), self._out("txt", txt, attn[:, :n], mod_txt), out
 

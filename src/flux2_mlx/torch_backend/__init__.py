@@ -23,8 +23,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 # benchmarks/activations.py on the CPU, the largest of three runs (BENCHMARKS.md, "Memory planner"); `fixed`
 # is the constant part of the peaks (workspaces), set where the streamed planner test's measurements centre
 # (0.93-1.03x the plan). CUDA uses them too until they are measured on a GPU.
-ACTIVATIONS = Activations(transformer_rows=(19.8, 28.8), text_rows=6.6, vae_decode_maps=7.3, vae_encode_maps=5.1,
-                          fixed=24 << 20)
+ACTIVATIONS = Activations(transformer_rows=(19.8, 28.8), text_rows=6.6, vae_decode_maps=7.3,
+                          vae_encode_maps=5.1, fixed=24 << 20)
 
 
 def _has_mps() -> bool:
@@ -64,8 +64,10 @@ def resolve_dtype(name: str | None):
         name = "float32" if _device.type == "cpu" else "bfloat16"
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of: {', '.join(_DTYPES)}")
-    if name == "bfloat16" and _device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise ValueError(f"{torch.cuda.get_device_name(_device)} cannot run bfloat16; choose float16 or float32")
+    if (name == "bfloat16" and _device.type == "cuda"
+            and not torch.cuda.is_bf16_supported(including_emulation=False)):
+        raise ValueError(f"{torch.cuda.get_device_name(_device)} cannot run bfloat16; "
+                         "choose float16 or float32")
     return _DTYPES[name]
 
 
@@ -128,7 +130,8 @@ def device_memory() -> dict:
     coefficients (benchmarks/activations.py)."""
     if _device.type == "cuda":
         free_bytes, total = torch.cuda.mem_get_info(_device)
-        return {"total": int(total), "limit": int(free_bytes), "fused_attention": True, "activations": ACTIVATIONS}
+        return {"total": int(total), "limit": int(free_bytes), "fused_attention": True,
+                "activations": ACTIVATIONS}
     total = _ram()
     limit = int(torch.mps.recommended_max_memory()) if _device.type == "mps" else int(0.8 * total)
     return {"total": total, "limit": limit, "fused_attention": True, "activations": ACTIVATIONS}

@@ -35,7 +35,8 @@ def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tens
     pos = (ids[None] if ids.ndim == 2 else ids).float()
     angles = []
     for i, d in enumerate(axes_dim):
-        omega = torch.tensor([theta ** (-k / d) for k in range(0, d, 2)], dtype=torch.float32, device=ids.device)
+        omega = torch.tensor([theta ** (-k / d) for k in range(0, d, 2)], dtype=torch.float32,
+                             device=ids.device)
         angles.append(pos[..., i : i + 1] * omega)
     a = torch.cat(angles, dim=-1)[:, None]
     return torch.stack([torch.cos(a), torch.sin(a)], dim=-1)

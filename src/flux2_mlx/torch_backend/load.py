@@ -16,8 +16,8 @@ from torch import nn
 
 from ..config import TextEncoderConfig, TransformerConfig, VAEConfig
 from ..keymap import Entry, checked_entries
-from ..quant.ggml import GGMLType
 from ..quant.affine import AffineQuant, repack
+from ..quant.ggml import GGMLType
 from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, GGMLTensor, WeightSource
 from .quant_layers import quantized_layer, replace_module
@@ -110,7 +110,8 @@ def _assign(module, entries: dict[str, Entry], dtype: torch.dtype, device: torch
         streamed = streamed_entries(entries, lists, streaming.resident)
     if streamed:
         make = dict(groups)
-        blocks = [(f"{attr}.{i}", partial(_empty, make[attr]), block) for (attr, i), block in streamed.items()]
+        blocks = [(f"{attr}.{i}", partial(_empty, make[attr]), block)
+                  for (attr, i), block in streamed.items()]
         place_async, fill = copy_stream(place, lambda m, t: _fill(m, t, place), device)
         streamer = Streamer(blocks, fill, host, place_async, streaming.keep_host, where)
         for k, (attr, i) in enumerate(streamed):
@@ -122,7 +123,8 @@ def _assign(module, entries: dict[str, Entry], dtype: torch.dtype, device: torch
 def load_transformer(cfg: TransformerConfig, source: WeightSource | dict, *, dtype: torch.dtype,
                      device: torch.device, streaming=None, compile: bool = False):
     entries, where = checked_entries("transformer", source, cfg)
-    groups = (("double_blocks", lambda: DoubleStreamBlock(cfg)), ("single_blocks", lambda: SingleStreamBlock(cfg)))
+    groups = (("double_blocks", lambda: DoubleStreamBlock(cfg)),
+              ("single_blocks", lambda: SingleStreamBlock(cfg)))
     model = _assign(_empty(lambda: Flux2(cfg, dtype)), entries, dtype, device, streaming, groups, where)
     if compile:
         # Every block of a kind shares one compiled graph (torch treats module parameters as inputs); a

@@ -17,7 +17,8 @@ def rotary_embedding(L: int, head_dim: int, theta: float, dtype: torch.dtype,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """HF default RoPE: cos/sin (L, head_dim) of arange(L)·inv_freq in float32, halves duplicated, then
     cast to the activation dtype as transformers does."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64,
+                                            device=device).float() / head_dim)
     freqs = torch.arange(L, dtype=torch.float32, device=device)[:, None] * inv_freq[None]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -70,7 +71,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5,
+                                             enable_gqa=True)
         # A left-pad query sees no real key: zero output there, the reference's value on every kernel
         # (the math kernel would give NaN). `where`, not a product, so a NaN cannot leak through.
         out = torch.where(has_key[:, None, :, None], out, out.new_zeros(()))

@@ -9,8 +9,18 @@ import torch
 from torch import nn
 
 from ..config import TransformerConfig
-from .layers import (MLPEmbedder, Modulation, QKNorm, SiLUActivation, apply_rope, attention, modulate, rope,
-                     swiglu, timestep_embedding)
+from .layers import (
+    MLPEmbedder,
+    Modulation,
+    QKNorm,
+    SiLUActivation,
+    apply_rope,
+    attention,
+    modulate,
+    rope,
+    swiglu,
+    timestep_embedding,
+)
 
 
 class SelfAttention(nn.Module):
