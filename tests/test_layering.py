@@ -85,7 +85,7 @@ def test_backends_export_the_same_functions_with_the_same_signatures():
         for name, fn in funcs.items():
             assert inspect.signature(fn) == inspect.signature(found["mlx"][name]), (b, name)
     assert list(inspect.signature(found["mlx"]["load_transformer"]).parameters) == [
-        "cfg", "source", "dtype", "streaming"]
+        "cfg", "source", "dtype", "streaming", "compile"]
 
 
 def test_help_and_api_import_load_no_framework():
