@@ -33,7 +33,7 @@ OPENBLAS = _preload_openblas()
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flux2_mlx.keymap import Entry  # noqa: E402
+from flux2_mlx.entries import Entry  # noqa: E402
 from flux2_mlx.weights import BF16  # noqa: E402
 
 

@@ -33,7 +33,7 @@ import sys
 import numpy as np
 
 from flux2_mlx.config import MODELS, QWEN3_4B, text_encoder_shapes, transformer_shapes, vae_shapes
-from flux2_mlx.keymap import Entry
+from flux2_mlx.entries import Entry
 from flux2_mlx.pipeline import DTYPE_BYTES, dtype_name, open_backend
 from flux2_mlx.sampling import prc_img, prc_txt
 

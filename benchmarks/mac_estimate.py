@@ -11,7 +11,8 @@ from transformer_step import forward_flops
 
 from flux2_mlx import memory
 from flux2_mlx.config import MODELS, text_encoder_shapes, transformer_shapes, vae_shapes
-from flux2_mlx.keymap import Entry, hf_to_llama_cpp
+from flux2_mlx.encoder_names import hf_to_llama_cpp
+from flux2_mlx.entries import Entry
 from flux2_mlx.quant.recipes import tensor_type, text_tensor_type
 
 GB = 1e9

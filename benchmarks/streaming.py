@@ -26,7 +26,8 @@ import numpy as np
 import flux2_mlx.mlx_backend as backend
 from flux2_mlx import memory
 from flux2_mlx.config import MODELS, transformer_shapes
-from flux2_mlx.keymap import block_key, transformer_entries
+from flux2_mlx.dit_names import transformer_entries
+from flux2_mlx.entries import block_key
 from flux2_mlx.sampling import prc_img, prc_txt
 from flux2_mlx.weights import WeightSource, save_safetensors
 

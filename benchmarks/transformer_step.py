@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from flux2_mlx.config import MODELS, TransformerConfig, transformer_shapes
-from flux2_mlx.keymap import Entry
+from flux2_mlx.entries import Entry
 from flux2_mlx.sampling import prc_img, prc_txt
 from flux2_mlx.weights import f32_to_bf16
 

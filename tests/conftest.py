@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flux2_mlx.config import tiny_spec, transformer_shapes, vae_shapes
-from flux2_mlx.keymap import vae_to_diffusers
+from flux2_mlx.vae_names import vae_to_diffusers
 from flux2_mlx.weights import save_safetensors
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network

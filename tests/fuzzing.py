@@ -135,7 +135,8 @@ def build_specs(folder: Path, seed: int = 0) -> dict[str, tuple[str, str, dict]]
 
     from flux2_mlx.config import tiny_spec
     from flux2_mlx.convert import tokenizer_kv
-    from flux2_mlx.keymap import hf_to_llama_cpp, transformer_to_diffusers
+    from flux2_mlx.dit_names import transformer_to_diffusers
+    from flux2_mlx.encoder_names import hf_to_llama_cpp
     from flux2_mlx.quant.ggml import GGMLType as T
     from flux2_mlx.weights import f32_to_bf16
 
@@ -428,7 +429,8 @@ def _info(path: Path) -> None:
 def _load(path: Path, role: str) -> None:
     import flux2_mlx.mlx_backend as be
     from flux2_mlx.config import KLEIN_4B, QWEN3_4B
-    from flux2_mlx.keymap import transformer_config, transformer_entries
+    from flux2_mlx.dit_names import transformer_entries
+    from flux2_mlx.entries import transformer_config
     from flux2_mlx.pipeline import encoder_config
     from flux2_mlx.tokenizer import PromptTokenizer, tokenizer_from_gguf
     from flux2_mlx.weights import WeightSource

@@ -10,13 +10,9 @@ from gguf import GGUFWriter
 from gguf import quants as gq
 
 from flux2_mlx.config import text_encoder_shapes, tiny_spec, transformer_shapes
-from flux2_mlx.keymap import (
-    check_keys,
-    llama_cpp_to_hf,
-    text_encoder_entries,
-    transformer_entries,
-    unpermute_qk,
-)
+from flux2_mlx.dit_names import transformer_entries
+from flux2_mlx.encoder_names import llama_cpp_to_hf, text_encoder_entries, unpermute_qk
+from flux2_mlx.entries import check_keys
 from flux2_mlx.weights import BF16, GGMLTensor, GGUFFile, WeightsError, WeightSource
 
 CFG = tiny_spec("klein-4b").transformer
@@ -179,7 +175,7 @@ def test_unsupported_type_named_on_read(tmp_path):
 
 # ---- text encoders with llama.cpp names ----
 
-# HF → llama.cpp, written out independently of keymap's table (from gguf-py's TENSOR_NAMES).
+# HF → llama.cpp, written out independently of encoder_names' table (from gguf-py's TENSOR_NAMES).
 HF_TO_LCPP = {
     "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
@@ -426,7 +422,7 @@ def test_qwen2_pre_tokenizer_matches_qwen2_tokenizer_json(tmp_path):
 
 
 def test_hf_and_llama_cpp_names_are_inverse():
-    from flux2_mlx.keymap import hf_to_llama_cpp, llama_cpp_to_hf, permute_qk
+    from flux2_mlx.encoder_names import hf_to_llama_cpp, llama_cpp_to_hf, permute_qk
 
     for name in ["token_embd.weight", "output_norm.weight", "output.weight", "blk.7.attn_q_norm.weight",
                  "blk.0.attn_q.weight", "blk.12.ffn_down.weight", "blk.3.attn_output.weight"]:

@@ -9,7 +9,7 @@ from conftest import random_transformer, rel_err
 from mlx.utils import tree_flatten
 
 from flux2_mlx.config import tiny_spec
-from flux2_mlx.keymap import Entry
+from flux2_mlx.entries import Entry
 from flux2_mlx.mlx_backend import load_transformer
 from flux2_mlx.quant import GGMLType, dequantize, quantize
 from flux2_mlx.sampling import prc_img, prc_txt

@@ -16,7 +16,8 @@ from fuzzing import (ARRAY, FLOAT32, INT32, STRING, UINT32, UINT64, build_specs,
 from flux2_mlx.cli import main
 from flux2_mlx.config import KLEIN_4B, QWEN3_4B
 from flux2_mlx.info import describe
-from flux2_mlx.keymap import transformer_config, transformer_entries
+from flux2_mlx.dit_names import transformer_entries
+from flux2_mlx.entries import transformer_config
 from flux2_mlx.pipeline import encoder_config
 from flux2_mlx.tokenizer import tokenizer_from_gguf
 from flux2_mlx.weights import GGUFFile, SafetensorsFile, WeightsError, WeightSource

@@ -8,8 +8,9 @@ from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 
 from flux2_mlx.config import MODELS, tiny_spec, transformer_shapes, vae_shapes
-from flux2_mlx.keymap import (_swap_halves, check_keys, transformer_entries, transformer_to_diffusers,
-                              vae_entries, vae_to_diffusers)
+from flux2_mlx.dit_names import _swap_halves, transformer_entries, transformer_to_diffusers
+from flux2_mlx.entries import check_keys
+from flux2_mlx.vae_names import vae_entries, vae_to_diffusers
 from flux2_mlx.weights import WeightSource, save_safetensors
 
 

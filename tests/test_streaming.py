@@ -14,7 +14,8 @@ from conftest import random_transformer, random_vae
 
 from flux2_mlx import memory
 from flux2_mlx.config import tiny_spec
-from flux2_mlx.keymap import Entry, transformer_entries
+from flux2_mlx.dit_names import transformer_entries
+from flux2_mlx.entries import Entry
 from flux2_mlx.mlx_backend import load_transformer, load_vae
 from flux2_mlx.pipeline import decode_tiled, encode_tiled
 from flux2_mlx.sampling import prc_img, prc_txt

@@ -9,7 +9,8 @@ from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, Mist
                           PixtralVisionConfig, Qwen3Config, Qwen3ForCausalLM)
 
 from flux2_mlx.config import MISTRAL_SMALL_3_2, QWEN3_4B, QWEN3_8B, text_encoder_shapes, tiny_spec
-from flux2_mlx.keymap import check_keys, text_encoder_entries
+from flux2_mlx.encoder_names import text_encoder_entries
+from flux2_mlx.entries import check_keys
 from flux2_mlx.mlx_backend import load_text_encoder
 from flux2_mlx.weights import WeightSource, WeightsError, save_safetensors
 

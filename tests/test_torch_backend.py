@@ -18,7 +18,7 @@ import flux2_mlx.mlx_backend as mb
 import flux2_mlx.torch_backend as tb
 from flux2_mlx import memory
 from flux2_mlx.config import tiny_spec, transformer_shapes
-from flux2_mlx.keymap import Entry
+from flux2_mlx.entries import Entry
 from flux2_mlx.sampling import prc_img, prc_txt
 from flux2_mlx.weights import WeightSource, save_safetensors
 
@@ -386,7 +386,7 @@ def test_planned_peak_matches_the_measured_host_peak(planned, fraction):
     import sys
     from pathlib import Path
 
-    from flux2_mlx.keymap import transformer_entries
+    from flux2_mlx.dit_names import transformer_entries
 
     cfg, path = planned
     dev = tb.device_memory()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import rel_err
 
-from flux2_mlx.keymap import transformer_entries
+from flux2_mlx.dit_names import transformer_entries
 from flux2_mlx.mlx_backend import load_transformer
 from flux2_mlx.sampling import prc_img, prc_txt
 from flux2_mlx.weights import WeightSource, f32_to_bf16, save_safetensors

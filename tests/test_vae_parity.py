@@ -14,7 +14,7 @@ from diffusers import AutoencoderKLFlux2, Flux2Pipeline
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from flux2_mlx.config import tiny_spec, vae_shapes
-from flux2_mlx.keymap import vae_to_diffusers
+from flux2_mlx.vae_names import vae_to_diffusers
 from flux2_mlx.mlx_backend.load import load_vae
 from flux2_mlx.weights import WeightSource, bf16_to_f32, f32_to_bf16, save_safetensors
 

@@ -10,7 +10,7 @@ from conftest import random_transformer, random_vae
 
 from flux2_mlx import load_pipeline
 from flux2_mlx.config import MODELS, tiny_spec, transformer_shapes
-from flux2_mlx.keymap import Entry, guess_transformer
+from flux2_mlx.entries import Entry, guess_transformer
 from flux2_mlx.mlx_backend import load_transformer, load_vae
 from flux2_mlx.pipeline import check_size
 from flux2_mlx.weights import BF16, WeightsError, WeightSource, f32_to_bf16, save_safetensors, to_float32

@@ -31,16 +31,11 @@ import gguf
 import numpy as np
 
 from .atomic import atomic_write
-from .config import (
-    MISTRAL_SMALL_3_2,
-    MODELS,
-    QWEN3_4B,
-    get_spec,
-    text_encoder_config_from,
-    transformer_shapes,
-)
-from .keymap import (check_keys, hf_to_llama_cpp, permute_qk, text_encoder_entries, transformer_config,
-                     transformer_entries)
+from .config import MODELS, get_spec, text_encoder_config_from, transformer_shapes
+from .dit_names import transformer_entries
+from .encoder_names import gguf_encoder_config, hf_to_llama_cpp, permute_qk, text_encoder_entries
+from .entries import check_keys, transformer_config
+from .filekind import encoder_base, file_kind
 from .quant import recipes
 from .quant.ggml import GGMLType, quantize, row_bytes
 from .weights import GGML_QUANTIZED, GGMLTensor, GGUFFile, WeightsError, WeightSource, to_float32
@@ -49,7 +44,6 @@ __all__ = ["Plan", "convert", "plan"]
 
 T = GGMLType
 _CHUNK_BYTES = 64 << 20  # float32 bytes per quantize call
-_TEXT_KEYS = ("embed_tokens.weight", "token_embd.weight")
 _CONTEXT = {"qwen3": 40960, "mistral": 131072}  # max_position_embeddings when config.json lacks it
 
 
@@ -125,11 +119,13 @@ def _read_json(path: Path) -> dict | None:
 def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
     folder = source.path if source.path.is_dir() else source.path.parent
     gguf_file = source.files[0] if isinstance(source.files[0], GGUFFile) else None
-    hf = _gguf_hf_config(gguf_file) if gguf_file else _read_json(folder / "config.json") or {}
+    if gguf_file:
+        hf = {**gguf_encoder_config(gguf_file), "_name_or_path": gguf_file.metadata.get("general.name")}
+    else:
+        hf = _read_json(folder / "config.json") or {}
     hf_text = hf.get("text_config", hf)
-    qwen = any(k.endswith(("self_attn.q_norm.weight", "attn_q_norm.weight")) for k in source.keys())
     try:
-        cfg = text_encoder_config_from(hf, QWEN3_4B if qwen else MISTRAL_SMALL_3_2)
+        cfg = text_encoder_config_from(hf, encoder_base(source.keys()))
         ctx = int(hf_text.get("max_position_embeddings") or _CONTEXT[cfg.kind])
     except (ValueError, TypeError, AttributeError) as e:
         where = source.path if gguf_file else folder / "config.json"
@@ -141,6 +137,7 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
     if unexpected:
         raise WeightsError(f"{source.path}: tensors a Qwen3/Mistral text encoder does not have: "
                            f"{', '.join(sorted(unexpected)[:4])}")
+    qwen = cfg.kind == "qwen3"
     arch = "qwen3" if qwen else "llama"
     names: dict[str, tuple[str, Callable]] = {}
     for hf_name, e in entries.items():
@@ -150,7 +147,7 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
         load = e.load
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_attention_heads if name.endswith("attn_q.weight") else cfg.num_key_value_heads
-            load = lambda f=e.load, h=heads: _permute_qk(f(), h)
+            load = lambda f=e.load, h=heads: permute_qk(f(), h)
         names[name] = (hf_name, load)
     # text_encoder_entries drops the final norm and the LM head. The norm (a few KB) is always written:
     # without it llama.cpp refuses the file; the head only in a full model. A llama.cpp GGUF source has
@@ -192,30 +189,7 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
     return Plan("text_encoder", arch, tensors, kv)
 
 
-def _permute_qk(a: np.ndarray | GGMLTensor, n_head: int) -> np.ndarray | GGMLTensor:
-    """permute_qk, also on a GGMLTensor's raw block rows (exact: a row's blocks encode that row alone)."""
-    if isinstance(a, GGMLTensor):
-        return GGMLTensor(permute_qk(a.data, n_head), a.ggml_type, a.shape)
-    return permute_qk(np.asarray(a), n_head)
-
-
-# config.json's names for a llama.cpp encoder GGUF's `{arch}.…` metadata
-_GGUF_HF = {"hidden_size": "embedding_length", "num_hidden_layers": "block_count",
-            "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
-            "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
-            "rope_theta": "rope.freq_base", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
-            "max_position_embeddings": "context_length"}
 _GGUF_TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
-
-
-def _gguf_hf_config(f: GGUFFile) -> dict:
-    """A llama.cpp text-encoder GGUF's hyper-parameters as a config.json would give them."""
-    arch = f.metadata.get("general.architecture")
-    hf = {k: f.metadata[f"{arch}.{v}"] for k, v in _GGUF_HF.items() if f"{arch}.{v}" in f.metadata}
-    if "token_embd.weight" in f.keys():
-        hf["vocab_size"] = f.shape("token_embd.weight")[0]
-    hf["_name_or_path"] = f.metadata.get("general.name")
-    return hf
 
 
 def _gguf_tokenizer_kv(f: GGUFFile) -> list[tuple[str, object, gguf.GGUFValueType]]:
@@ -287,9 +261,7 @@ def plan(src, target: str, *, all_layers: bool = False) -> tuple[Plan, WeightSou
     recipes.target(target)
     path, model = _resolve(src)
     source = WeightSource(path, partial=True)
-    keys = source.keys()
-    if any(k.endswith(_TEXT_KEYS) for k in keys) and not any(".double_blocks." in k or k.startswith(
-            "double_blocks.") for k in keys):
+    if file_kind(source.keys()) == "text_encoder":
         return _text_plan(source, target, all_layers), source
     return _transformer_plan(source, target, model), source
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .config import (MISTRAL_SMALL_3_2, MODELS, QWEN3_4B, VAEConfig, text_encoder_shapes, transformer_shapes,
-                     vae_config_from, vae_shapes)
-from .keymap import check_keys, text_encoder_entries, transformer_config, transformer_entries, vae_entries
+from .config import MODELS, VAEConfig, text_encoder_shapes, transformer_shapes, vae_config_from, vae_shapes
+from .dit_names import transformer_entries
+from .encoder_names import text_encoder_entries
+from .entries import check_keys, transformer_config
+from .filekind import encoder_base, file_kind
 from .pipeline import component_config, encoder_config
+from .vae_names import vae_entries
 from .weights import INDEX_NAMES, GGUFFile, WeightsError, WeightSource
 
 __all__ = ["describe"]
@@ -22,8 +25,6 @@ __all__ = ["describe"]
 # 32/group), dense tensors in a 16-bit compute dtype.
 MLX_BITS = {"Q4_0": 5, "Q4_1": 5, "Q5_0": 6, "Q5_1": 6, "Q8_0": 9, "Q4_K": 5, "Q5_K": 6, "Q3_K": 8.25,
             "Q6_K": 8.5, "Q2_K": 5}
-_TEXT_MARKERS = ("token_embd.weight", "embed_tokens.weight")
-_DIT_MARKERS = ("double_blocks.", "transformer_blocks.", "single_blocks.")
 
 
 def _gib(n: float) -> str:
@@ -42,8 +43,7 @@ def _transformer(source: WeightSource) -> str:
 
 
 def _text_encoder(source: WeightSource) -> str:
-    qwen = any(k.endswith(("attn_q_norm.weight", "self_attn.q_norm.weight")) for k in source.keys())
-    cfg = encoder_config(source, QWEN3_4B if qwen else MISTRAL_SMALL_3_2)
+    cfg = encoder_config(source, encoder_base(source.keys()))
     entries = text_encoder_entries(source, cfg)
     check_keys(entries, text_encoder_shapes(cfg), f"text encoder {source.path}")
     f = source.files[0]
@@ -51,8 +51,8 @@ def _text_encoder(source: WeightSource) -> str:
         from .tokenizer import PromptTokenizer, tokenizer_from_gguf
 
         PromptTokenizer.from_config(tokenizer_from_gguf(f.path), cfg, f.path)  # generate builds the same
-    return (f"text encoder: {'Qwen3' if qwen else 'Mistral (llama)'}, {max(cfg.output_layers)} layers used, "
-            f"hidden {cfg.hidden_size}")
+    family = "Qwen3" if cfg.kind == "qwen3" else "Mistral (llama)"
+    return f"text encoder: {family}, {max(cfg.output_layers)} layers used, hidden {cfg.hidden_size}"
 
 
 def _vae(source: WeightSource) -> str:
@@ -86,10 +86,10 @@ def _describe(path: Path) -> list[str]:
     keys = source.keys()
     if not keys:
         raise WeightsError(f"{path}: holds no tensors")
-    dit = any(m in k for k in keys for m in _DIT_MARKERS)
-    if any(k.endswith(_TEXT_MARKERS) for k in keys) and not dit:
+    kind = file_kind(keys)
+    if kind == "text_encoder":
         model = _text_encoder(source)
-    elif not dit and any(k.startswith(("encoder.", "decoder.")) for k in keys):
+    elif kind == "vae":
         model = _vae(source)
     else:
         model = _transformer(source)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .keymap import block_key
+from .entries import block_key
 from .quant.ggml import GGMLType
 from .quant.affine import affine_format
 
@@ -76,7 +76,7 @@ class Weights:
 
 
 def component_weights(name: str, entries: dict, block_lists: tuple[str, ...], compute_bytes: int) -> Weights:
-    """Size a component from its canonical entries (keymap.Entry: shape and stored type)."""
+    """Size a component from its canonical entries (entries.Entry: shape and stored type)."""
     blocks: dict[tuple[int, int], int] = {}
     fixed = 0
     for key, e in entries.items():

@@ -25,9 +25,11 @@ from . import images as edit_images
 from . import memory as memory_plan
 from .config import (DEFAULT_STRENGTH, MODELS, ModelSpec, TextEncoderConfig, TransformerConfig, get_spec,
                      text_encoder_config_from, text_encoder_shapes, transformer_shapes, vae_config_from, vae_shapes)
-from .keymap import (Entry, check_transformer, text_encoder_entries, transformer_config, transformer_entries,
-                     vae_entries)
+from .dit_names import transformer_entries
+from .encoder_names import gguf_encoder_config, text_encoder_entries
+from .entries import Entry, check_transformer, transformer_config
 from .tokenizer import PromptTokenizer, tokenizer_from_gguf
+from .vae_names import vae_entries
 from .weights import WeightsError, WeightSource
 
 MAX_PIXELS = 2048 * 2048
@@ -74,18 +76,9 @@ def encoder_config(source: WeightSource, base: TextEncoderConfig) -> TextEncoder
     the already opened file: parsing a GGUF's tokenizer metadata takes seconds)."""
     if source.path.suffix != ".gguf":
         return component_config(text_encoder_config_from, source.path, base)
-    f = source.files[0]
-    arch = f.field("general.architecture", kind=str)
-    keys = dict(hidden_size="embedding_length", num_attention_heads="attention.head_count",
-                num_key_value_heads="attention.head_count_kv", head_dim="attention.key_length",
-                intermediate_size="feed_forward_length", rope_theta="rope.freq_base",
-                rms_norm_eps="attention.layer_norm_rms_epsilon")
-    values = {k: f.field(f"{arch}.{v}", kind=float if k in ("rope_theta", "rms_norm_eps") else int)
-              for k, v in keys.items()}
-    emb = f.shape("token_embd.weight") if "token_embd.weight" in f.keys() else ()
-    values["vocab_size"] = emb[0] if len(emb) == 2 else None
+    values = gguf_encoder_config(source.files[0])
     try:
-        return text_encoder_config_from({k: v for k, v in values.items() if v is not None}, base)
+        return text_encoder_config_from(values, base)
     except ValueError as e:
         raise WeightsError(f"{source.path}: metadata {e}") from None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .keymap import Entry, block_key
+from .entries import Entry, block_key
 from .weights import WeightsError
 
 

@@ -3,6 +3,7 @@
 Numpy only. bf16 has no numpy dtype, so bf16 tensors come back as the structured dtype `BF16`
 (raw uint16 bits) which survives reshapes, slices and concatenation and tells backends what it is.
 FP8 (`F8_E4M3`, `F8_E5M2`, as in Qwen3-*-FP8 checkpoints) works the same way with one byte per value.
+The dtype decoders (to_float32, dequantize_fp8 for block-scaled FP8 weights) return float32.
 GGUF files are memory-mapped (the header parsed here); quantized tensors come back as `GGMLTensor`
 (raw ggml blocks, never dequantized here) and their numpy shapes are GGUF's `ne` reversed (out, in).
 """
@@ -78,6 +79,24 @@ def to_float32(a: np.ndarray) -> np.ndarray:
     if a.dtype == F8_E5M2:
         return fp8_e5m2_to_f32(a)
     return np.asarray(a, dtype=np.float32)
+
+
+def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """Block-wise FP8 (a Linear's F8 weight and its `weight_scale_inv`, one float per block of rows ×
+    columns) → float32: each block times its scale_inv; the last block of an axis may be short (ceil
+    division). Allocates the float32 result only (scales are expanded over rows)."""
+    out = to_float32(weight)
+    if out.ndim != 2:
+        raise WeightsError(f"an FP8 weight of shape {list(out.shape)} is not a matrix")
+    (n, k), (bn, bk) = out.shape, block
+    scale = to_float32(scale_inv)
+    if scale.shape != (-(-n // bn), -(-k // bk)):  # ceil(n / bn), ceil(k / bk)
+        raise WeightsError(f"FP8 scale grid {list(scale.shape)} does not fit weight {[n, k]} in blocks "
+                           f"of {list(block)}")
+    rows = np.repeat(scale, bn, axis=0)[:n]  # (n, column blocks)
+    for j in range(scale.shape[1]):
+        out[:, j * bk:(j + 1) * bk] *= rows[:, j:j + 1]
+    return out
 
 
 def _pread(path: Path, offset: int, nbytes: int) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from ..config import TextEncoderConfig, TransformerConfig, VAEConfig
-from ..keymap import Entry, checked_entries
+from ..entries import Entry, checked_entries
 from ..quant.ggml import GGMLType
 from ..quant.affine import AffineQuant, repack
 from ..weights import BF16, GGMLTensor, WeightSource

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import TextEncoderConfig, TransformerConfig, VAEConfig
-from ..keymap import Entry, checked_entries
+from ..entries import Entry, checked_entries
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
 from ..streaming import Streamer, streamed_entries
