@@ -47,6 +47,9 @@ class VAEConfig:
     bn_eps: float = 1e-4
 
 
+TEXT_TOKENS = 512  # every prompt is padded or truncated to this many tokens
+
+
 @dataclass(frozen=True)
 class TextEncoderConfig:
     """HF `config.json` names for the decoder-only encoders (Mistral-Small-3.2 text stack, Qwen3)."""
@@ -63,7 +66,7 @@ class TextEncoderConfig:
     vocab_size: int
     output_layers: tuple[int, ...]
     repo_id: str
-    max_length: int = 512
+    max_length: int = TEXT_TOKENS
 
 
 @dataclass(frozen=True)

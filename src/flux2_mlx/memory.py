@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .config import TEXT_TOKENS
 from .entries import block_key
 from .quant.ggml import GGMLType
 from .quant.affine import affine_format
 
 GB = 1e9
-TEXT_TOKENS = 512
 TILE_OVERLAP = 64  # pixels of context each side of a decoded tile, cross-faded with the neighbour
 # Plans fill the budget less this share: room for what the estimate leaves out (the interpreter, a host
 # tensor being read, estimate error of a few per cent), so the measured peak, RSS too, stays under it.

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 from tokenizers import Tokenizer
 
-from .config import TextEncoderConfig
+from .config import TEXT_TOKENS, TextEncoderConfig
 
 SYSTEM_MESSAGE = (
     "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
@@ -39,7 +39,7 @@ _TEMPLATES = {"mistral": mistral_prompt, "qwen3": qwen3_prompt}
 class PromptTokenizer:
     """Renders prompts with the encoder's chat template and tokenizes them to fixed-length id/mask arrays."""
 
-    def __init__(self, path: str | Tokenizer, kind: str, max_length: int = 512, where=None):
+    def __init__(self, path: str | Tokenizer, kind: str, max_length: int = TEXT_TOKENS, where=None):
         """path: a tokenizer.json, or an already built `tokenizers.Tokenizer` (e.g. from a GGUF, whose
         file `where` names in errors)."""
         from .weights import WeightsError

@@ -41,11 +41,17 @@ def bf16_to_f32(a: np.ndarray) -> np.ndarray:
     return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def bf16_round_bits(u):
+    """float32 bit patterns (uint32) rounded to the nearest bfloat16, ties to even as torch rounds; the low
+    16 bits come back zero. Plain arithmetic on numpy uint32 constants, so that the compiled quantization
+    kernels run this same function (quant/jit.py compiles it)."""
+    return (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+
+
 def f32_to_bf16(a: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even, as torch does."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    return u.astype(np.uint16).view(BF16)
+    """float32 → `BF16`, rounded to nearest even."""
+    u = bf16_round_bits(np.ascontiguousarray(a, dtype=np.float32).view(np.uint32))
+    return (u >> np.uint32(16)).astype(np.uint16).view(BF16)
 
 
 def _e4m3_table() -> np.ndarray:

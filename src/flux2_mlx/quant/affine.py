@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..weights import bf16_round_bits
 from .ggml import GGMLType
 
 __all__ = ["AffineQuant", "dequantize_mlx", "affine_format", "pack_codes", "repack", "requantize", "unpack_codes"]
@@ -97,10 +98,8 @@ def _dtype_name(dtype) -> str:
 def _round_scales(a: np.ndarray, dtype) -> np.ndarray:
     """Round float32 scales/biases to the storage dtype; bfloat16 stays float32 holding bf16 values."""
     name = _dtype_name(dtype)
-    if name == "bfloat16":  # numpy has no bf16: round to nearest even, keep float32 (mx casts it exactly)
-        u = np.asarray(a, np.float32).view(np.uint32)
-        u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-        return u.view(np.float32)
+    if name == "bfloat16":  # numpy has no bf16: keep float32 holding bf16 values (mx casts it exactly)
+        return bf16_round_bits(np.asarray(a, np.float32).view(np.uint32)).view(np.float32)
     return np.asarray(a).astype(name)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ggml import GGMLType as T
-from .jit import FP16_VALUE, f32, fp16, inline, kernel
+from .jit import FP16_VALUE, bf16_round_bits, f32, fp16, inline, kernel
 
 __all__ = ["EXACT_KINDS", "exact_blocks", "requantize_blocks"]
 
@@ -160,8 +160,7 @@ def _round(v, sdt):
     if sdt == 1:
         return fp16(v)[1]
     if sdt == 2:
-        u = np.int64(f32(v).view(np.uint32))
-        return np.uint32((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).view(np.float32)
+        return np.uint32(bf16_round_bits(np.int64(f32(v).view(np.uint32)))).view(np.float32)
     return f32(v)
 
 
