@@ -448,9 +448,9 @@ def _load(path: Path, role: str) -> None:
 
 
 def _convert_plan(path: Path) -> None:
-    from flux2_mlx.convert import plan
+    from flux2_mlx.convert import plan_conversion
 
-    plan(path, "Q4_K_M")
+    plan_conversion(path, "Q4_K_M")
 
 
 TARGETS = {"parse": lambda path, role: _parse(path), "info": lambda path, role: _info(path),

@@ -179,12 +179,12 @@ def test_verification_failure_removes_partial(tiny_dit, tmp_path, monkeypatch):
 def test_verify_reads_back_with_the_projects_reader(tiny_dit, tmp_path):
     src, *_ = tiny_dit
     out = conv.convert(src, tmp_path / "out.gguf", "Q8_0", progress=False)
-    p, _ = conv.plan(src, "Q8_0")
+    p, _ = conv.plan_conversion(src, "Q8_0")
     conv._verify(out, p)
     p.tensors[3].type = T.Q4_0
     with pytest.raises(WeightsError, match="does not read back as planned"):
         conv._verify(out, p)
-    p, _ = conv.plan(src, "Q8_0")
+    p, _ = conv.plan_conversion(src, "Q8_0")
     p.arch = "llama"
     with pytest.raises(WeightsError, match="general.architecture"):
         conv._verify(out, p)

@@ -40,7 +40,7 @@ from .quant import recipes
 from .quant.ggml import GGMLType, quantize, row_bytes
 from .weights import GGML_QUANTIZED, GGMLTensor, GGUFFile, WeightsError, WeightSource, to_float32
 
-__all__ = ["Plan", "convert", "plan"]
+__all__ = ["ConversionPlan", "convert", "plan_conversion"]
 
 T = GGMLType
 _CHUNK_BYTES = 64 << 20  # float32 bytes per quantize call
@@ -70,7 +70,7 @@ class Tensor:
 
 
 @dataclass
-class Plan:
+class ConversionPlan:
     kind: str  # "transformer" | "text_encoder"
     arch: str
     tensors: list[Tensor]
@@ -91,7 +91,7 @@ def _resolve(src) -> tuple[Path, str | None]:
     return path, None
 
 
-def _transformer_plan(source: WeightSource, target: str, model: str | None) -> Plan:
+def _transformer_plan(source: WeightSource, target: str, model: str | None) -> ConversionPlan:
     entries = transformer_entries(source)
     cfg = transformer_config(entries, source.path)
     expected = transformer_shapes(cfg)
@@ -104,7 +104,7 @@ def _transformer_plan(source: WeightSource, target: str, model: str | None) -> P
     kv = [("general.name", model or source.path.stem, gguf.GGUFValueType.STRING)]
     if model:
         kv.append(("flux2.model", model, gguf.GGUFValueType.STRING))  # distilled/base/kv is not in the tensors
-    return Plan("transformer", "flux", tensors, kv)
+    return ConversionPlan("transformer", "flux", tensors, kv)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -116,7 +116,7 @@ def _read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
+def _text_plan(source: WeightSource, target: str, all_layers: bool) -> ConversionPlan:
     folder = source.path if source.path.is_dir() else source.path.parent
     gguf_file = source.files[0] if isinstance(source.files[0], GGUFFile) else None
     if gguf_file:
@@ -186,7 +186,7 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Plan:
         kv += _gguf_tokenizer_kv(gguf_file)
     elif (tok := _find_tokenizer(folder)) is not None:
         kv += tokenizer_kv(tok, cfg.vocab_size, "qwen2" if qwen else "tekken")
-    return Plan("text_encoder", arch, tensors, kv)
+    return ConversionPlan("text_encoder", arch, tensors, kv)
 
 
 _GGUF_TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
@@ -255,7 +255,7 @@ def _tokenizer_kv(path: Path, vocab_size: int, pre: str) -> list[tuple[str, obje
     return kv
 
 
-def plan(src, target: str, *, all_layers: bool = False) -> tuple[Plan, WeightSource]:
+def plan_conversion(src, target: str, *, all_layers: bool = False) -> tuple[ConversionPlan, WeightSource]:
     """What `convert` will write: tensors with their types, and the metadata. Reads no tensor data."""
     target = target.upper()
     recipes.target(target)
@@ -303,7 +303,7 @@ def _quantized_chunks(t: Tensor, pool: ThreadPoolExecutor | None, jobs: int):
         yield n, fut.result().reshape(n, -1)
 
 
-def _settle_types(p: Plan) -> list[str]:
+def _settle_types(p: ConversionPlan) -> list[str]:
     """Move tensors whose fp16 block scales would underflow to a safer type (a pre-pass over the data)."""
     notes = []
     for t in p.tensors:
@@ -322,7 +322,7 @@ def _settle_types(p: Plan) -> list[str]:
     return notes
 
 
-def _verify(path: Path, p: Plan) -> None:
+def _verify(path: Path, p: ConversionPlan) -> None:
     """Read the file back with the project's own GGUF reader (gguf-py's can loop on a corrupt file)."""
     f = GGUFFile(path)
     got = [(n, f.dtype(n), f.shape(n), f.nbytes(n)) for n in f.keys()]
@@ -354,7 +354,7 @@ def _signals_as_interrupt():
             signal.signal(s, handler)
 
 
-def _write(path: Path, p: Plan, target: str, jobs: int, progress: bool) -> None:
+def _write(path: Path, p: ConversionPlan, target: str, jobs: int, progress: bool) -> None:
     """The GGUF file at `path`, one tensor at a time; closed (and the workers stopped) however it ends."""
     writer = gguf.GGUFWriter(None, p.arch)
     pool = None
@@ -419,7 +419,7 @@ def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = Fal
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, not {jobs}")
     with _signals_as_interrupt():
-        p, source = plan(src, qtype, all_layers=all_layers)
+        p, source = plan_conversion(src, qtype, all_layers=all_layers)
         # decoded into float32 is exact; encoded into any other type than its own loses precision again
         requant = [t for t in p.tensors if t.src_type in GGML_QUANTIZED and t.type != T.F32 and not t.copy]
         if requant:
