@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from flux2_mlx.quant import GGMLType as T
-from flux2_mlx.quant import block_info, dequantize, dequantize_mlx, quantize, repack, requantize
-from flux2_mlx.quant.affine import pack_codes, unpack_codes
+from flux2_mlx.quant import block_info, dequantize, quantize, repack
+from flux2_mlx.quant.affine import dequantize_mlx, pack_codes, requantize, unpack_codes
 
 EXACT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q3_K]
 # Byte offsets of the fp16 fields (d, m, dmin) in each block; random bytes there could be NaN/inf.

@@ -257,7 +257,8 @@ class GGMLTensor:
     shape: tuple[int, ...]
 
     def dequantize(self) -> np.ndarray:
-        """float32 values through gguf-py's reference codec (tests, dense fallbacks)."""
+        """float32 values, decoded by gguf-py's reference codec. The loaders never call it (they repack
+        the blocks); it is what the tests check them against."""
         from gguf import GGMLQuantizationType, quants
 
         return np.asarray(quants.dequantize(self.data, GGMLQuantizationType[self.ggml_type]),

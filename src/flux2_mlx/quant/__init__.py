@@ -2,6 +2,6 @@
 numpy and numba, no MLX or torch."""
 
 from .ggml import GGMLType, block_info, dequantize, quantize
-from .affine import AffineQuant, dequantize_mlx, repack, requantize
+from .affine import AffineQuant, repack
 
-__all__ = ["GGMLType", "AffineQuant", "block_info", "dequantize", "dequantize_mlx", "quantize", "repack", "requantize"]
+__all__ = ["GGMLType", "AffineQuant", "block_info", "dequantize", "quantize", "repack"]

@@ -18,7 +18,7 @@ import numpy as np
 from ..weights import bf16_round_bits
 from .ggml import GGMLType
 
-__all__ = ["AffineQuant", "dequantize_mlx", "affine_format", "pack_codes", "repack", "requantize", "unpack_codes"]
+__all__ = ["AffineQuant", "affine_format", "pack_codes", "repack", "unpack_codes"]
 
 assert sys.byteorder == "little", "the uint32/uint64 views below assume a little-endian host"
 
@@ -147,7 +147,8 @@ def _repack_rows(raw: np.ndarray, t: GGMLType, n: int, scales_dtype, exact: bool
 
 
 def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float32) -> AffineQuant:
-    """Min/max affine quantization of float weights (last axis) into MLX's layout, like mx.quantize."""
+    """Min/max affine quantization of float weights (last axis) into MLX's layout, like mx.quantize: the
+    numpy reference the tests hold the compiled re-quantization to; the loaders never call it."""
     *lead, n = w.shape
     g = np.asarray(w, np.float32).reshape(-1, n // group_size, group_size)
     lo, hi = g.min(-1), g.max(-1)
@@ -165,7 +166,7 @@ def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float3
 
 
 def dequantize_mlx(q: AffineQuant) -> np.ndarray:
-    """w = scale * code + bias in float32, as mx.dequantize computes it with float32 scales."""
+    """w = scale * code + bias in float32, as mx.dequantize computes it with float32 scales (for the tests)."""
     codes = unpack_codes(q.weight, q.bits).astype(np.float32)
     *lead, n = codes.shape
     g = codes.reshape(*lead, n // q.group_size, q.group_size)
