@@ -270,7 +270,7 @@ def text_encoder_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
     hidden_states[k] is the output of decoder layer k (1-based), so deeper layers, the final norm
     and the LM head are never used (docs/architecture.md, 'Text encoders').
     """
-    D, hd, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    D, hd, mlp = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, D)}
     for n in range(max(cfg.output_layers)):
@@ -284,28 +284,31 @@ def text_encoder_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
         if cfg.kind == "qwen3":
             s[f"{p}.self_attn.q_norm.weight"] = (hd,)
             s[f"{p}.self_attn.k_norm.weight"] = (hd,)
-        s[f"{p}.mlp.gate_proj.weight"] = (I, D)
-        s[f"{p}.mlp.up_proj.weight"] = (I, D)
-        s[f"{p}.mlp.down_proj.weight"] = (D, I)
+        s[f"{p}.mlp.gate_proj.weight"] = (mlp, D)
+        s[f"{p}.mlp.up_proj.weight"] = (mlp, D)
+        s[f"{p}.mlp.down_proj.weight"] = (D, mlp)
     return s
 
 
 def transformer_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> TransformerConfig:
     """The DiT config a set of canonical tensor shapes describes (every field but RoPE is in them).
-    KeyError when a tensor it reads is absent; ValueError naming the tensor when a shape cannot be FLUX.2's."""
+    KeyError when a tensor it reads is absent; ValueError naming the tensor when a shape cannot be
+    FLUX.2's."""
     rank = {"img_in.weight": 2, "txt_in.weight": 2, "single_blocks.0.linear2.weight": 2,
             "double_blocks.0.img_attn.norm.query_norm.scale": 1}
     for name, n in rank.items():
         shape = shapes[name]
         if len(shape) != n or not all(d > 0 for d in shape):
-            raise ValueError(f"tensor {name} has shape {list(shape)}; FLUX.2 stores it with {n} non-zero dims")
+            raise ValueError(f"tensor {name} has shape {list(shape)}; FLUX.2 stores it with {n} non-zero "
+                             f"dims")
     H, C = shapes["img_in.weight"]
     head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     M = shapes["single_blocks.0.linear2.weight"][1] - H
     rope = sum(TransformerConfig.axes_dim)
     if head_dim != rope or H % head_dim:
-        raise ValueError(f"tensor double_blocks.0.img_attn.norm.query_norm.scale says heads of {head_dim}; FLUX.2 "
-                         f"has heads of {rope} (its RoPE axes) and a hidden size that is a multiple of it (here {H})")
+        raise ValueError(f"tensor double_blocks.0.img_attn.norm.query_norm.scale says heads of {head_dim}; "
+                         f"FLUX.2 has heads of {rope} (its RoPE axes) and a hidden size that is a multiple "
+                         f"of it (here {H})")
     if M <= 0:
         raise ValueError(f"tensor single_blocks.0.linear2.weight has {M + H} inputs, no more than the hidden "
                          f"size {H}")
@@ -337,8 +340,8 @@ def vae_config_from(diffusers_config: dict | None, base: VAEConfig) -> VAEConfig
     _checked({f"block_out_channels[{i}]": c for i, c in enumerate(chans)})
     if any(c % chans[0] for c in chans):
         raise ValueError(f"block_out_channels {chans} are not multiples of the first")
-    keys = dict(num_res_blocks="layers_per_block", z_channels="latent_channels", norm_groups="norm_num_groups",
-                bn_eps="batch_norm_eps")
+    keys = dict(num_res_blocks="layers_per_block", z_channels="latent_channels",
+                norm_groups="norm_num_groups", bn_eps="batch_norm_eps")
     values = _checked({k: diffusers_config[v] for k, v in keys.items() if v in diffusers_config}, ("bn_eps",))
     return dataclasses.replace(base, ch=chans[0], ch_mult=tuple(c // chans[0] for c in chans), **values)
 
@@ -358,7 +361,8 @@ def text_encoder_config_from(hf_config: dict | None, base: TextEncoderConfig) ->
         values.setdefault("rope_theta", rope["rope_theta"])
     _checked(values, ("rms_norm_eps", "rope_theta"))
     if "head_dim" not in values and "hidden_size" in values:
-        values["head_dim"] = values["hidden_size"] // values.get("num_attention_heads", base.num_attention_heads)
+        heads = values.get("num_attention_heads", base.num_attention_heads)
+        values["head_dim"] = values["hidden_size"] // heads
     out = dataclasses.replace(base, **values)
     if out.num_attention_heads % out.num_key_value_heads or not out.head_dim:
         raise ValueError(f"{out.num_attention_heads} attention heads cannot share {out.num_key_value_heads} "

@@ -103,7 +103,8 @@ def _transformer_plan(source: WeightSource, target: str, model: str | None) -> C
                               src_type=e.stored))
     kv = [("general.name", model or source.path.stem, gguf.GGUFValueType.STRING)]
     if model:
-        kv.append(("flux2.model", model, gguf.GGUFValueType.STRING))  # distilled/base/kv is not in the tensors
+        # distilled, base and kv variants have the same tensors: only this key tells them apart
+        kv.append(("flux2.model", model, gguf.GGUFValueType.STRING))
     return ConversionPlan("transformer", "flux", tensors, kv)
 
 
@@ -152,9 +153,10 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Conversio
     # text_encoder_entries drops the final norm and the LM head. The norm (a few KB) is always written:
     # without it llama.cpp refuses the file; the head only in a full model. A llama.cpp GGUF source has
     # no embed_tokens and names them as written.
-    prefix = next((k[: -len("embed_tokens.weight")] for k in source.keys() if k.endswith("embed_tokens.weight")),
-                  "model.")
-    for hf_name, name in ((prefix + "norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")):
+    embed = "embed_tokens.weight"
+    prefix = next((k[: -len(embed)] for k in source.keys() if k.endswith(embed)), "model.")
+    for hf_name, name in ((prefix + "norm.weight", "output_norm.weight"),
+                          ("lm_head.weight", "output.weight")):
         if all_layers or name == "output_norm.weight":
             for k in (hf_name, hf_name.replace("model.", "", 1), "language_model." + hf_name, name):
                 if k in source:
@@ -171,12 +173,14 @@ def _text_plan(source: WeightSource, target: str, all_layers: bool) -> Conversio
         tensors.append(Tensor(name, tuple(shape), t, load, src_type=stored))
     U, F = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
     name = hf.get("_name_or_path")
-    kv = [("general.name", name if isinstance(name, str) and name else folder.name, gguf.GGUFValueType.STRING),
+    name = name if isinstance(name, str) and name else folder.name
+    kv = [("general.name", name, gguf.GGUFValueType.STRING),
           (f"{arch}.context_length", ctx, U), (f"{arch}.embedding_length", cfg.hidden_size, U),
           (f"{arch}.block_count", n_layers, U), (f"{arch}.feed_forward_length", cfg.intermediate_size, U),
           (f"{arch}.attention.head_count", cfg.num_attention_heads, U),
           (f"{arch}.attention.head_count_kv", cfg.num_key_value_heads, U),
-          (f"{arch}.attention.key_length", cfg.head_dim, U), (f"{arch}.attention.value_length", cfg.head_dim, U),
+          (f"{arch}.attention.key_length", cfg.head_dim, U),
+          (f"{arch}.attention.value_length", cfg.head_dim, U),
           (f"{arch}.rope.freq_base", float(cfg.rope_theta), F),
           (f"{arch}.attention.layer_norm_rms_epsilon", float(cfg.rms_norm_eps), F),
           (f"{arch}.vocab_size", cfg.vocab_size, U)]
@@ -195,7 +199,8 @@ _GGUF_TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", 
 def _gguf_tokenizer_kv(f: GGUFFile) -> list[tuple[str, object, gguf.GGUFValueType]]:
     """The tokenizer a GGUF source embeds, copied key by key (the long arrays are decoded only here)."""
     V = gguf.GGUFValueType
-    kinds = ((bool, V.BOOL), (int, V.UINT32), (float, V.FLOAT32), (str, V.STRING), (list, V.ARRAY))  # bool first
+    # bool before int: a bool is an int too
+    kinds = ((bool, V.BOOL), (int, V.UINT32), (float, V.FLOAT32), (str, V.STRING), (list, V.ARRAY))
     kv = [(k, v, next(t for cls, t in kinds if isinstance(v, cls)))
           for k, v in f.metadata.items() if k.startswith("tokenizer.")]
     return kv + [(k, f.field(k), V.ARRAY) for k in _GGUF_TOKENIZER_ARRAYS
@@ -218,8 +223,8 @@ def tokenizer_kv(path: Path, vocab_size: int, pre: str) -> list[tuple[str, objec
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         if isinstance(e, WeightsError):
             raise
-        raise WeightsError(f"{path}: not a tokenizer.json flux2 can embed ({type(e).__name__}: {e}); download it "
-                           f"again") from None
+        raise WeightsError(f"{path}: not a tokenizer.json flux2 can embed ({type(e).__name__}: {e}); "
+                           f"download it again") from None
 
 
 def _tokenizer_kv(path: Path, vocab_size: int, pre: str) -> list[tuple[str, object, gguf.GGUFValueType]]:
@@ -364,9 +369,9 @@ def _write(path: Path, p: ConversionPlan, target: str, jobs: int, progress: bool
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(recipes.target(target)[1])
         for key, value, vtype in p.kv:
-            sub = None
-            if vtype == gguf.GGUFValueType.ARRAY:
-                sub = gguf.GGUFValueType.STRING if value and isinstance(value[0], str) else gguf.GGUFValueType.INT32
+            V, sub = gguf.GGUFValueType, None
+            if vtype == V.ARRAY:
+                sub = V.STRING if value and isinstance(value[0], str) else V.INT32
             writer.add_key_value(key, value, vtype, sub_type=sub)
         for t in p.tensors:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
@@ -392,7 +397,7 @@ def _write(path: Path, p: ConversionPlan, target: str, jobs: int, progress: bool
                 writer.write_tensor_data(out)
                 bar.set_postfix_str(t.name, refresh=False)
     finally:
-        if pool is not None:  # after a failure, queued chunks are dropped; a running one ends within its chunk
+        if pool is not None:  # after a failure, queued chunks are dropped; a running one ends with its chunk
             pool.shutdown(wait=False, cancel_futures=True)
         writer.close()
 
@@ -424,9 +429,9 @@ def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = Fal
         requant = [t for t in p.tensors if t.src_type in GGML_QUANTIZED and t.type != T.F32 and not t.copy]
         if requant:
             t = requant[0]
-            warnings.warn(f"{source.path} is already quantized: {len(requant)} tensors are re-encoded as other "
-                          f"types (e.g. {t.name}, {t.src_type} → {t.type.name}) and lose quality a second "
-                          f"time; convert from the original weights where you can", stacklevel=2)
+            warnings.warn(f"{source.path} is already quantized: {len(requant)} tensors are re-encoded as "
+                          f"other types (e.g. {t.name}, {t.src_type} → {t.type.name}) and lose quality a "
+                          f"second time; convert from the original weights where you can", stacklevel=2)
         for note in _settle_types(p):
             warnings.warn(note, stacklevel=2)
         with atomic_write(dst) as tmp:

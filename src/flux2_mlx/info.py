@@ -69,7 +69,8 @@ def _parts(folder: Path) -> list[Path]:
     if any((folder / n).exists() for n in INDEX_NAMES):
         return [folder]
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".gguf") and p.is_file())
-    return files + [folder / c for c in ("transformer", "text_encoder", "vae") if (folder / c).is_dir()] or [folder]
+    components = [folder / c for c in ("transformer", "text_encoder", "vae") if (folder / c).is_dir()]
+    return files + components or [folder]
 
 
 def describe(path) -> list[str]:

@@ -114,14 +114,15 @@ def _pread(path: Path, offset: int, nbytes: int) -> np.ndarray:
         while done < nbytes:
             n = f.readinto(view[done:])
             if not n:
-                raise WeightsError(f"{path}: the file ended {nbytes - done} bytes early while reading weights; "
-                                   f"it was truncated or replaced during the run; download it again")
+                raise WeightsError(f"{path}: the file ended {nbytes - done} bytes early while reading "
+                                   f"weights; it was truncated or replaced during the run; download it again")
             done += n
     return out
 
 
 def _fail(path, what: str) -> WeightsError:
-    return WeightsError(f"{path}: {what}; the file is damaged or not what it claims to be (download it again)")
+    return WeightsError(f"{path}: {what}; the file is damaged or not what it claims to be (download it "
+                        f"again)")
 
 
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers
@@ -171,7 +172,7 @@ class SafetensorsFile:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
         except _Duplicate as e:
             raise _fail(path, f"the header names {e.args[0]!r} twice") from None
-        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nesting too deep to be a header
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
             raise WeightsError(f"{path}: not a safetensors file (header is not JSON)") from None
         if not isinstance(header, dict):
             raise _fail(path, f"the header is a JSON {type(header).__name__}, not an object")
@@ -186,8 +187,8 @@ class SafetensorsFile:
         end = 8 + n
         for name, (_dt, _shape, start, stop) in sorted(self._info.items(), key=lambda kv: kv[1][2:]):
             if start != end:
-                raise _fail(path, f"tensor {name!r} starts at data byte {start - 8 - n}, expected {end - 8 - n} "
-                                  f"(tensors overlap or leave a gap)")
+                raise _fail(path, f"tensor {name!r} starts at data byte {start - 8 - n}, expected "
+                                  f"{end - 8 - n} (tensors overlap or leave a gap)")
             end = stop
         if end > size:
             raise WeightsError(f"{path}: truncated (its tensors need {end - 8 - n} data bytes, the file has "
@@ -199,13 +200,15 @@ class SafetensorsFile:
 
     def _entry(self, name: str, t, base: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
         if not isinstance(t, dict):
-            raise _fail(self.path, f"tensor {name!r} is described by a JSON {type(t).__name__}, not an object")
+            raise _fail(self.path, f"tensor {name!r} is described by a JSON {type(t).__name__}, not an "
+                                   f"object")
         dtype, shape, offsets = t.get("dtype"), t.get("shape"), t.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise WeightsError(f"{self.path}: tensor {name!r} has dtype {dtype!r}, which flux2-mlx does not read "
-                               f"({', '.join(_DTYPES)})")
+            raise WeightsError(f"{self.path}: tensor {name!r} has dtype {dtype!r}, which flux2-mlx does not "
+                               f"read ({', '.join(_DTYPES)})")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise _fail(self.path, f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+            raise _fail(self.path, f"tensor {name!r} has shape {shape!r}, not a list of non-negative "
+                                   f"integers")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
             raise _fail(self.path, f"tensor {name!r} has data_offsets {offsets!r}, not [start, end] with "
@@ -359,7 +362,8 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             magic = f.read(4)
         if magic != b"GGUF":
-            raise WeightsError(f"{self.path}: not a GGUF file (bad magic {magic!r}); is the download complete?")
+            raise WeightsError(f"{self.path}: not a GGUF file (bad magic {magic!r}); is the download "
+                               f"complete?")
         self._mm = buf = np.memmap(self.path, np.uint8, "r")
         self.pread = False
         self.metadata, self._fields, self._tensors = {}, {}, {}
@@ -367,7 +371,8 @@ class GGUFFile:
             raise WeightsError(f"{self.path}: truncated GGUF header ({buf.size} bytes); download it again")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
         if version in (2 << 24, 3 << 24):
-            raise WeightsError(f"{self.path}: a big-endian GGUF file; flux2-mlx reads little-endian files only")
+            raise WeightsError(f"{self.path}: a big-endian GGUF file; flux2-mlx reads little-endian files "
+                               f"only")
         if version not in (2, 3):
             raise WeightsError(f"{self.path}: GGUF version {version}; flux2-mlx reads versions 2 and 3")
         try:
@@ -424,21 +429,23 @@ class GGUFFile:
                 t = GGMLType(kind)
                 bs, ts = block_info(t)
             except (ValueError, KeyError):
-                raise WeightsError(f"{self.path}: tensor {name!r} has ggml type id {kind}, which gguf-py does not "
-                                   f"know; flux2-mlx reads {_GGML_SUPPORTED}") from None
+                raise WeightsError(f"{self.path}: tensor {name!r} has ggml type id {kind}, which gguf-py "
+                                   f"does not know; flux2-mlx reads {_GGML_SUPPORTED}") from None
             if _too_large(dims):
                 raise _Corrupt(f"tensor {name!r} has dims {list(dims)}, too large for any array")
             if dims[0] % bs:
-                raise _Corrupt(f"tensor {name!r} has rows of {dims[0]} values, not whole {t.name} blocks of {bs}")
+                raise _Corrupt(f"tensor {name!r} has rows of {dims[0]} values, not whole {t.name} blocks of "
+                               f"{bs}")
             n_bytes = math.prod(dims) // bs * ts  # Python ints: a huge dim cannot wrap the count
             if rel % align or start + rel < end:
-                raise _Corrupt(f"tensor {name!r} starts at data byte {rel}, which is not aligned to {align} or "
-                               f"overlaps the tensor before it")
+                raise _Corrupt(f"tensor {name!r} starts at data byte {rel}, which is not aligned to {align} "
+                               f"or overlaps the tensor before it")
             end = start + rel + n_bytes
             if end > buf.size:
                 raise WeightsError(f"{self.path}: truncated (tensor {name!r} lies outside the file); "
                                    f"download it again")
-            self._tensors[name] = _GGUFTensor(t.name, tuple(int(d) for d in reversed(dims)), start + rel, n_bytes)
+            shape = tuple(int(d) for d in reversed(dims))
+            self._tensors[name] = _GGUFTensor(t.name, shape, start + rel, n_bytes)
 
     def field(self, key: str, default=None, kind=None):
         """Any metadata value, decoded now (lists of str for tokenizer vocabularies and merges). kind: the
@@ -539,7 +546,8 @@ def _shards(path: Path, partial: bool = False) -> list[Path]:
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 raise WeightsError(f"{index}: malformed shard index") from None
             if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
-                raise WeightsError(f"{index}: the shard index names files outside its folder")  # no ../ escapes
+                # no ../ escapes
+                raise WeightsError(f"{index}: the shard index names files outside its folder")
             missing = [n for n in names if not (path / n).exists()]
             if partial and len(missing) < len(names):
                 return [path / n for n in names if n not in missing]

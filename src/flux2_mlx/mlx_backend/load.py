@@ -14,11 +14,11 @@ from mlx.utils import tree_unflatten
 
 from ..config import TextEncoderConfig, TransformerConfig, VAEConfig
 from ..entries import Entry, checked_entries
-from ..quant.ggml import GGMLType
 from ..quant.affine import AffineQuant, repack
+from ..quant.ggml import GGMLType
+from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, GGMLTensor, WeightSource
 from .quant_layers import cast, module_at, quantized_layer, replace_module
-from ..streaming import Streamer, streamed_entries
 from .stream import StreamedBlock
 from .text_encoder import DecoderLayer, TextEncoder
 from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock

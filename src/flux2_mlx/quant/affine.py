@@ -33,12 +33,13 @@ EXACT = {T.Q4_0: (4, 32), T.Q4_1: (4, 32), T.Q5_0: (5, 32), T.Q5_1: (5, 32), T.Q
 # Measured on N(0, 0.02) 256x4096 weights quantized by quant.kquants (rel-RMS; tests check looser bounds).
 # Q3_K is exact only as 8-bit codes (8.5 bpw in memory vs 3.44 in the file), which defeats the reason to pick
 # it; by default it is re-quantized to 4-bit g32: +8.1e-2 vs the Q3_K values (total 0.151 -> 0.173, +15%).
-_LOSSY_NOTE = {T.Q6_K: "re-quantized to 8-bit g64: adds 5.3e-3 rel-RMS vs the Q6_K values (total vs the original "
-                       "weights 1.78e-2 -> 1.85e-2, +4%)",
-               T.Q2_K: "re-quantized to 4-bit g32: adds 6.4e-2 rel-RMS vs the Q2_K values (total vs the original "
-                       "weights 0.296 -> 0.303, +2%)",
-               T.Q3_K: "re-quantized to 4-bit g32: adds 8.1e-2 rel-RMS vs the Q3_K values (total vs the original "
-                       "weights 0.151 -> 0.173, +15%); repack(..., exact=True) keeps it exact as 8-bit codes"}
+_LOSSY_NOTE = {T.Q6_K: "re-quantized to 8-bit g64: adds 5.3e-3 rel-RMS vs the Q6_K values (total vs the "
+                       "original weights 1.78e-2 -> 1.85e-2, +4%)",
+               T.Q2_K: "re-quantized to 4-bit g32: adds 6.4e-2 rel-RMS vs the Q2_K values (total vs the "
+                       "original weights 0.296 -> 0.303, +2%)",
+               T.Q3_K: "re-quantized to 4-bit g32: adds 8.1e-2 rel-RMS vs the Q3_K values (total vs the "
+                       "original weights 0.151 -> 0.173, +15%); repack(..., exact=True) keeps it exact as "
+                       "8-bit codes"}
 
 
 def affine_format(t: GGMLType) -> tuple[int, int] | None:
@@ -66,7 +67,8 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
         return c.reshape(*lead, n).view(np.uint32)
     if bits == 4:
         pairs = c.reshape(*lead, n // 2, 2)
-        return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4)).reshape(*lead, n // 2).view(np.uint32)
+        packed = np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4))
+        return packed.reshape(*lead, n // 2).view(np.uint32)
     # 8 codes of <= 8 bits fill exactly `bits` bytes of a uint64; stacking those bytes is the bit stream.
     c8 = c.reshape(*lead, n // 8, 8)
     v = c8[..., 0].astype(np.uint64)
@@ -111,8 +113,9 @@ def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dt
     Q8_0, Q4_K, Q5_K, and Q3_K with `exact=True` (8-bit codes); Q6_K, Q2_K and by default Q3_K are
     re-quantized (REQUANT).
     `scales_dtype` (np.float32, np.float16 or "bfloat16") trades exactness for memory: fp16 is still exact
-    for the legacy types and Q3_K (when |128 d| < 65504) but adds ~2e-4 rel-RMS to Q4_K/Q5_K; bf16 adds ~1.7e-3.
-    Rows go through in chunks of about 1 MB of blocks, on all cores (the compiled kernels release the GIL).
+    for the legacy types and Q3_K (when |128 d| < 65504) but adds ~2e-4 rel-RMS to Q4_K/Q5_K; bf16 adds
+    ~1.7e-3. Rows go through in chunks of about 1 MB of blocks, on all cores (the compiled kernels release
+    the GIL).
     """
     t = T(t)
     *lead, n = shape
@@ -135,15 +138,19 @@ def _repack_rows(raw: np.ndarray, t: GGMLType, n: int, scales_dtype, exact: bool
 
     if t in REQUANT and not (exact and t == T.Q3_K):
         bits, group = REQUANT[t]
-        weight, scales, biases = affine_kernels.requantize_blocks(raw, t, n, bits, group, _dtype_name(scales_dtype))
+        weight, scales, biases = affine_kernels.requantize_blocks(raw, t, n, bits, group,
+                                                                  _dtype_name(scales_dtype))
         return AffineQuant(weight, scales, biases, group, bits, _LOSSY_NOTE[t])
     if t not in affine_kernels.EXACT_KINDS:
-        raise ValueError(f"{t.name} tensors cannot run on MLX quantized kernels; convert the file with flux2 convert")
+        raise ValueError(f"{t.name} tensors cannot run on MLX quantized kernels; convert the file with "
+                         f"flux2 convert")
     bits, group = EXACT.get(t, (8, 128))  # Q3_K kept exact: 8-bit codes 128 - sc*q in 128-value groups
     weight, scales, biases = affine_kernels.exact_blocks(raw, t, n, bits, group)
     name = _dtype_name(scales_dtype)
-    note = f"exact ({bits}-bit g{group})" if name == "float32" else f"{bits}-bit g{group}, scales rounded to {name}"
-    return AffineQuant(weight, _round_scales(scales, scales_dtype), _round_scales(biases, scales_dtype), group, bits, note)
+    note = (f"exact ({bits}-bit g{group})" if name == "float32"
+            else f"{bits}-bit g{group}, scales rounded to {name}")
+    scales, biases = _round_scales(scales, scales_dtype), _round_scales(biases, scales_dtype)
+    return AffineQuant(weight, scales, biases, group, bits, note)
 
 
 def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float32) -> AffineQuant:
@@ -166,7 +173,8 @@ def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float3
 
 
 def dequantize_mlx(q: AffineQuant) -> np.ndarray:
-    """w = scale * code + bias in float32, as mx.dequantize computes it with float32 scales (for the tests)."""
+    """w = scale * code + bias in float32, as mx.dequantize computes it with float32 scales (for the
+    tests)."""
     codes = unpack_codes(q.weight, q.bits).astype(np.float32)
     *lead, n = codes.shape
     g = codes.reshape(*lead, n // q.group_size, q.group_size)

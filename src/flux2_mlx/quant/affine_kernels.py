@@ -66,14 +66,16 @@ def _q3_k_level(blk, e):
 @kernel
 def _exact(blocks, kind, bits, codes, scales, biases):
     """blocks (rows, nb, bytes) -> packed codes (rows, n*bits/8) uint8, scales/biases (rows, groups) float32.
-    One group per 32-value (sub-)block; Q3_K: 128-value groups of 8-bit codes 128 - sc*q (scale -d, bias 128 d)."""
+    One group per 32-value (sub-)block; Q3_K: 128-value groups of 8-bit codes 128 - sc*q (scale -d,
+    bias 128 d)."""
     per = 256 if kind >= 5 else 32  # values per block
     c = np.empty(per, np.uint8)
     for r in range(blocks.shape[0]):
         for b in range(blocks.shape[1]):
             blk = blocks[r, b]
             d = _f16(blk, 0) if kind != 7 else _f16(blk, 108)
-            if kind <= 3:  # Q4_0, Q4_1, Q5_0, Q5_1: d | (m) | (qh u32) | qs[16], q[j] = nibble j // 16 of qs[j % 16]
+            # Q4_0, Q4_1, Q5_0, Q5_1: d | (m) | (qh u32) | qs[16], q[j] = nibble j // 16 of qs[j % 16]
+            if kind <= 3:
                 off = 2 + 2 * (kind & 1)
                 qs = off + 4 * (kind >> 1)
                 for j in range(32):
@@ -99,7 +101,8 @@ def _exact(blocks, kind, bits, codes, scales, biases):
                     scales[r, 8 * b + j] = d * f32(sc)
                     biases[r, 8 * b + j] = -(dmin * f32(m))
                 qs = 16 if kind == 5 else 48
-                for e in range(256):  # element 64c + 32h + t: nibble h of qs[32c + t]; Q5_K bit 2c + h of qh[t]
+                # element 64c + 32h + t: nibble h of qs[32c + t]; Q5_K bit 2c + h of qh[t]
+                for e in range(256):
                     cc, h, t = e >> 6, (e >> 5) & 1, e & 31
                     q = (blk[qs + 32 * cc + t] >> (4 * h)) & 15
                     if kind == 6:
@@ -166,7 +169,8 @@ def _round(v, sdt):
 
 @kernel
 def _requant(blocks, kind, bits, group, sdt, codes, scales, biases):
-    """blocks (rows, nb, bytes) -> packed codes (rows, n*bits/8) uint8, scales/biases (rows, n/group) float32."""
+    """blocks (rows, nb, bytes) -> packed codes (rows, n*bits/8) uint8, scales/biases (rows, n/group)
+    float32."""
     buf = np.empty(256, f32)
     c = np.empty(256, np.uint8)
     top = f32((1 << bits) - 1)

@@ -15,8 +15,9 @@ __all__ = ["GGMLType", "block_info", "dequantize", "quantize", "row_bytes"]
 # Types gguf-py quantizes itself; K-quants go to our own kquants module.
 _GGUF_QUANTIZERS = {GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1,
                     GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0}
-_KQUANT_FUNCS = {GGMLType.Q2_K: "quantize_q2_k", GGMLType.Q3_K: "quantize_q3_k", GGMLType.Q4_K: "quantize_q4_k",
-                 GGMLType.Q5_K: "quantize_q5_k", GGMLType.Q6_K: "quantize_q6_k"}
+_KQUANT_FUNCS = {GGMLType.Q2_K: "quantize_q2_k", GGMLType.Q3_K: "quantize_q3_k",
+                 GGMLType.Q4_K: "quantize_q4_k", GGMLType.Q5_K: "quantize_q5_k",
+                 GGMLType.Q6_K: "quantize_q6_k"}
 
 
 def block_info(t: GGMLType | int) -> tuple[int, int]:

@@ -1,6 +1,6 @@
-"""numba pieces shared by the compiled quantization kernels (kquants.py, affine_kernels.py): the compile settings,
-llama.cpp's nearest_int, fp32 -> fp16 rounding written out (numba has no float16 scalar) and weights'
-bf16 rounding, compiled."""
+"""numba pieces shared by the compiled quantization kernels (kquants.py, affine_kernels.py): the compile
+settings, llama.cpp's nearest_int, fp32 -> fp16 rounding written out (numba has no float16 scalar) and
+weights' bf16 rounding, compiled."""
 
 from __future__ import annotations
 

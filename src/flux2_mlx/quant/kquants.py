@@ -20,7 +20,8 @@ __all__ = ["QK_K", "quantize_q2_k", "quantize_q3_k", "quantize_q4_k", "quantize_
 
 QK_K = 256
 _CHUNK = 4096  # super-blocks per kernel call between the finiteness checks (4 MB of float32)
-_GROUP = 60  # super-blocks searched in lockstep; their (n, sub-blocks) rows stay in L2, off 4 KB strides (L1 sets)
+# super-blocks searched in lockstep; their (n, sub-blocks) rows stay in L2, off 4 KB strides (L1 sets)
+_GROUP = 60
 _EPS = f32(1e-15)  # ggml-quants.c GROUP_MAX_EPS
 
 
@@ -387,7 +388,8 @@ def _q45_k(x, out, nmax, rmin, nstep):
             qs = 16 if nmax == 15 else 48  # Q5_K puts qh[32] before qs
             if nmax == 31:
                 o[16:48] = 0
-            for cc in range(4):  # element 64c + 32h + t -> qs[32c + t] nibble h; Q5_K's bit 4 -> qh[t] bit 2c+h
+            # element 64c + 32h + t -> qs[32c + t] nibble h; Q5_K's bit 4 -> qh[t] bit 2c+h
+            for cc in range(4):
                 for t in range(32):
                     lo, hi = q[64 * cc + t], q[64 * cc + 32 + t]
                     o[qs + 32 * cc + t] = (lo & 15) | (hi & 15) << 4

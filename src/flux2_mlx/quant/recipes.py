@@ -89,7 +89,8 @@ def text_tensor_type(name: str, shape, target_name: str, n_layers: int, n_gqa: i
     t, tgt = default, target_name.upper()
     i = int(name.split(".")[1]) if name.startswith("blk.") else -1
     if name == "output.weight":
-        t = T.Q8_0 if tgt == "Q8_0" else T.Q6_K if default not in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1) else default
+        legacy = default in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
+        t = T.Q8_0 if tgt == "Q8_0" else default if legacy else T.Q6_K
     elif ".attn_v." in name:
         if tgt in ("Q4_K_M", "Q5_K_M") and _more_bits(i, n_layers):
             t = T.Q6_K
