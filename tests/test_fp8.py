@@ -19,8 +19,8 @@ from flux2_mlx.config import QWEN3_4B, QWEN3_8B, text_encoder_shapes, tiny_spec
 from flux2_mlx.encoder_names import _fp8_block_size, text_encoder_entries
 from flux2_mlx.entries import check_keys
 from flux2_mlx.mlx_backend import load_text_encoder
-from flux2_mlx.weights import (F8_E4M3, F8_E5M2, SafetensorsFile, WeightSource, WeightsError, dequantize_fp8,
-                               fp8_e4m3_to_f32, fp8_e5m2_to_f32, save_safetensors, to_float32)
+from flux2_mlx.weights import (F8_E4M3, F8_E5M2, FP8Blocks, SafetensorsFile, WeightSource, WeightsError,
+                               dequantize_fp8, fp8_e4m3_to_f32, fp8_e5m2_to_f32, save_safetensors, to_float32)
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
@@ -143,7 +143,9 @@ def test_tiny_fp8_qwen3_matches_transformers_on_the_dequantized_weights(tmp_path
     assert source.dtype("model.layers.0.mlp.up_proj.weight") == "F8_E4M3"
     entries = text_encoder_entries(source, te)
     assert not any("scale" in k for k in entries)
-    assert entries["model.layers.0.mlp.up_proj.weight"].load().dtype == np.float32
+    up = entries["model.layers.0.mlp.up_proj.weight"]
+    assert up.stored == "F8_E4M3" and isinstance(up.load(), FP8Blocks)  # codes and scales, as stored
+    assert up.load().dequantize().dtype == np.float32
 
     ids, mask = _inputs("qwen3", te.vocab_size)
     with torch.no_grad():

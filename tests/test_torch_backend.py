@@ -5,6 +5,7 @@ import dataclasses
 import inspect
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 import torch
@@ -177,6 +178,38 @@ def test_text_encoder_matches_transformers_and_mlx(tmp_path, kind):
     _assert_close(got, ref)  # real and pad rows, each ≤ 1e-5
     theirs = mb.load_text_encoder(ref.te, WeightSource(ref.dir), dtype=mx.float32)
     assert rel_err(got, np.array(theirs(mx.array(ref.ids), mx.array(ref.mask)))) <= 1e-5
+
+
+@pytest.mark.parametrize("block", [(16, 16), (24, 24)], ids=["16", "24-ragged"])
+def test_fp8_encoder_stays_fp8_and_decodes_to_mlx_weights(tmp_path, block):
+    """A Qwen/Qwen3-*-FP8 style checkpoint on torch: every Linear holds one byte per weight and its block
+    scales; the weight it decodes for the matmul is MLX's (decoded on load) bit for bit; the encoder equals
+    transformers on the same values and MLX; streamed layers equal resident ones."""
+    from test_fp8 import _fp8_checkpoint
+    from test_text_encoder_parity import _inputs as te_inputs
+
+    from flux2_mlx.torch_backend.quant_layers import FP8Linear
+
+    te = tiny_spec("klein-4b").text_encoder
+    model = _fp8_checkpoint(te, tmp_path / "fp8", block, with_config=True)
+    ours = tb.load_text_encoder(te, WeightSource(tmp_path / "fp8"), dtype=F32)
+    theirs = mb.load_text_encoder(te, WeightSource(tmp_path / "fp8"), dtype=mx.float32)
+    fp8 = {n: m for n, m in ours.named_modules() if isinstance(m, FP8Linear)}
+    assert len(fp8) == 7 * (max(te.output_layers))  # q k v o gate up down in every layer that runs
+    for name, layer in fp8.items():
+        assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight.element_size() == 1
+        want = np.array(dict(tree_flatten(theirs.parameters()))[name + ".weight"])
+        assert np.array_equal(tb.to_numpy(layer.dense()), want), name
+    ids, mask = te_inputs("qwen3", te.vocab_size)
+    got = tb.to_numpy(ours(tb.from_numpy(ids), tb.from_numpy(mask)))
+    with torch.no_grad():
+        hs = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                   output_hidden_states=True).hidden_states
+    assert rel_err(got, torch.cat([hs[k] for k in te.output_layers], dim=-1).numpy()) <= 1e-5
+    assert rel_err(got, np.array(theirs(mx.array(ids), mx.array(mask)))) <= 1e-5
+    streamed = tb.load_text_encoder(te, WeightSource(tmp_path / "fp8", pread=True), dtype=F32,
+                                    streaming=memory.Streaming(1, False))
+    assert np.array_equal(tb.to_numpy(streamed(tb.from_numpy(ids), tb.from_numpy(mask))), got)
 
 
 # ---- streaming ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 from .config import TextEncoderConfig
 from .entries import Entry, check_stored, stored_type
 from .filekind import refuse_other_kind
-from .weights import GGMLTensor, GGUFFile, WeightsError, WeightSource, dequantize_fp8
+from .weights import FP8Blocks, GGMLTensor, GGUFFile, WeightsError, WeightSource
 
 # Where the decoder stack sits: Mistral3ForConditionalGeneration (transformers >= 4.52, then legacy),
 # Qwen3ForCausalLM and ComfyUI's bare packs.
@@ -54,7 +54,7 @@ _GGUF_HPARAMS = {
 
 # FP8 checkpoints (Qwen/Qwen3-*-FP8, what BFL's klein reference loads; transformers' fine-grained FP8):
 # a Linear's `X.weight` is F8_E4M3 and `X.weight_scale_inv` holds one float per block of rows × columns
-# (128 × 128 in every Qwen3 release); weights.dequantize_fp8 decodes them.
+# (128 × 128 in every Qwen3 release); entries load them as weights.FP8Blocks.
 # Activations are not quantized: we run W-dequantized bf16/f32, unlike the reference's W8A8 (transformers'
 # FP8 Linear also quantizes activations), so embeddings differ slightly from BFL's klein reference.
 _FP8_SCALE = ".weight_scale_inv"
@@ -187,7 +187,7 @@ def _llama_cpp_text_encoder(source, cfg: TextEncoderConfig) -> dict[str, Entry]:
 def text_encoder_entries(source: WeightSource, cfg: TextEncoderConfig) -> dict[str, Entry]:
     """Canonical `model.…` tensors of a Qwen3 / Mistral3 checkpoint, less what FLUX.2 never uses
     (layers from the deepest output layer on, final norm, LM head, vision tower, projector).
-    FP8 block-quantized Linears come back as float32 entries, dequantized one tensor at a time;
+    FP8 block-quantized Linears come back as FP8Blocks (codes and block scales, validated on load);
     llama.cpp GGUF encoders are renamed and un-permuted (quantized tensors stay GGMLTensors)."""
     keys = source.keys()
     refuse_other_kind(source.path, keys, "text_encoder")
@@ -230,8 +230,8 @@ def text_encoder_entries(source: WeightSource, cfg: TextEncoderConfig) -> dict[s
     out = {}
     for k, name in kept.items():
         if k in pairs:
-            load = lambda k=k, s=pairs[k]: dequantize_fp8(source.get(k), source.get(s), block)
+            load = lambda k=k, s=pairs[k]: FP8Blocks(source.get(k), source.get(s), block)
         else:
             load = lambda k=k: source.get(k)
-        out[name] = Entry(source.shape(k), load, "F32" if k in pairs else stored_type(source, k))
-    return check_stored(out, source.path)
+        out[name] = Entry(source.shape(k), load, stored_type(source, k))
+    return check_stored(out, source.path, fp8=True)

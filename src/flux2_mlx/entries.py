@@ -39,21 +39,25 @@ def stored_type(source, key: str) -> str:
     return dtype(key) if dtype is not None else ""
 
 
-# What a FLUX.2 weight may be stored as; FP8 text-encoder weights reach here already decoded ("F32").
+# What a FLUX.2 weight may be stored as. FP8 only where the name map pairs it with its block scales
+# (text encoders: FP8Blocks); elsewhere it is refused like any other type flux2-mlx does not run.
 _DENSE_WEIGHTS = ("F32", "F16", "BF16")
+FP8_BLOCKS = ("F8_E4M3", "F8_E5M2")
 
 
-def check_stored(entries: dict[str, Entry], where, quantized: bool = True) -> dict[str, Entry]:
+def check_stored(entries: dict[str, Entry], where, quantized: bool = True,
+                 fp8: bool = False) -> dict[str, Entry]:
     """Refuse, naming the file and the tensor, what no layer can take: an empty tensor, a type flux2-mlx
     does not run, a quantized type where the layer must be dense (a norm, a bias, a conv; `quantized`
-    False: anywhere). Runs before configs or layers are built from the shapes."""
+    False: anywhere). `fp8`: the entries' FP8 matrices load as FP8Blocks. Runs before configs or layers
+    are built from the shapes."""
     for name, e in entries.items():
         if 0 in e.shape:
             raise WeightsError(f"{where}: tensor {name} has shape {list(e.shape)}, with no values; the file "
                                f"is damaged")
         if not e.stored or e.stored in _DENSE_WEIGHTS:
             continue
-        if e.stored not in GGML_QUANTIZED:
+        if e.stored not in GGML_QUANTIZED + (FP8_BLOCKS if fp8 else ()):
             raise WeightsError(f"{where}: tensor {name} is stored as {e.stored}, which flux2-mlx does not "
                                f"run as a weight (it runs {', '.join(_DENSE_WEIGHTS + GGML_QUANTIZED)})")
         if not quantized or len(e.shape) != 2 or not name.endswith(".weight"):

@@ -87,22 +87,43 @@ def to_float32(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
+@dataclass(frozen=True, eq=False)
+class FP8Blocks:
+    """A block-scaled FP8 matrix as stored: `codes` (F8_E4M3 / F8_E5M2 bits, (n, k)) and `scale_inv`
+    (float32, one per block of `block` rows × columns; the last block of an axis may be short). The MLX
+    backend decodes it on load; torch keeps the codes, one byte per weight, and decodes a layer just
+    before its matmul."""
+
+    codes: np.ndarray
+    scale_inv: np.ndarray
+    block: tuple[int, int]
+
+    def __post_init__(self):
+        if self.codes.ndim != 2:
+            raise WeightsError(f"an FP8 weight of shape {list(self.codes.shape)} is not a matrix")
+        (n, k), (bn, bk) = self.codes.shape, self.block
+        if self.scale_inv.shape != (-(-n // bn), -(-k // bk)):  # ceil(n / bn), ceil(k / bk)
+            raise WeightsError(f"FP8 scale grid {list(self.scale_inv.shape)} does not fit weight {[n, k]} in "
+                               f"blocks of {list(self.block)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    def dequantize(self) -> np.ndarray:
+        """float32: each block times its scale_inv (exact decode, one rounding per product). Allocates
+        the float32 result only (scales are expanded over rows)."""
+        out = to_float32(self.codes)
+        (n, _), (bn, bk) = out.shape, self.block
+        rows = np.repeat(to_float32(self.scale_inv), bn, axis=0)[:n]  # (n, column blocks)
+        for j in range(rows.shape[1]):
+            out[:, j * bk:(j + 1) * bk] *= rows[:, j:j + 1]
+        return out
+
+
 def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
-    """Block-wise FP8 (a Linear's F8 weight and its `weight_scale_inv`, one float per block of rows ×
-    columns) → float32: each block times its scale_inv; the last block of an axis may be short (ceil
-    division). Allocates the float32 result only (scales are expanded over rows)."""
-    out = to_float32(weight)
-    if out.ndim != 2:
-        raise WeightsError(f"an FP8 weight of shape {list(out.shape)} is not a matrix")
-    (n, k), (bn, bk) = out.shape, block
-    scale = to_float32(scale_inv)
-    if scale.shape != (-(-n // bn), -(-k // bk)):  # ceil(n / bn), ceil(k / bk)
-        raise WeightsError(f"FP8 scale grid {list(scale.shape)} does not fit weight {[n, k]} in blocks "
-                           f"of {list(block)}")
-    rows = np.repeat(scale, bn, axis=0)[:n]  # (n, column blocks)
-    for j in range(scale.shape[1]):
-        out[:, j * bk:(j + 1) * bk] *= rows[:, j:j + 1]
-    return out
+    """Block-wise FP8 (a Linear's F8 weight and its `weight_scale_inv`) → float32; see FP8Blocks."""
+    return FP8Blocks(weight, scale_inv, block).dequantize()
 
 
 def _pread(path: Path, offset: int, nbytes: int) -> np.ndarray:

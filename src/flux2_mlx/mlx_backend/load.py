@@ -17,7 +17,7 @@ from ..entries import Entry, checked_entries
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
 from ..streaming import Streamer, streamed_entries
-from ..weights import BF16, GGMLTensor, WeightSource
+from ..weights import BF16, FP8Blocks, GGMLTensor, WeightSource
 from .quant_layers import cast, module_at, quantized_layer, replace_module
 from .stream import StreamedBlock
 from .text_encoder import DecoderLayer, TextEncoder
@@ -31,8 +31,11 @@ def from_numpy(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
     return cast(x, dtype)
 
 
-def _host(raw: np.ndarray | GGMLTensor) -> np.ndarray | AffineQuant:
-    """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout)."""
+def _host(raw: np.ndarray | GGMLTensor | FP8Blocks) -> np.ndarray | AffineQuant:
+    """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout; FP8 decoded: MLX has no
+    FP8 matmul)."""
+    if isinstance(raw, FP8Blocks):
+        return raw.dequantize()
     return repack(raw.data, GGMLType[raw.ggml_type], raw.shape) if isinstance(raw, GGMLTensor) else raw
 
 
@@ -77,7 +80,8 @@ def _assign(module, entries: dict[str, Entry], dtype: mx.Dtype, streaming=None, 
     if streamed:
         make = dict(groups)
         blocks = [(f"{attr}.{i}", make[attr], block) for (attr, i), block in streamed.items()]
-        streamer = Streamer(blocks, lambda m, t: _fill(m, t, dtype), _host, _place, streaming.keep_host, where)
+        fill = lambda m, t: _fill(m, t, dtype)
+        streamer = Streamer(blocks, fill, _host, _place, streaming.keep_host, where)
         for k, (attr, i) in enumerate(streamed):
             module_at(module, attr)[i] = StreamedBlock(streamer, k)
     skip = {f"{attr}.{i}.{rest}" for (attr, i), block in streamed.items() for rest in block}
@@ -86,7 +90,8 @@ def _assign(module, entries: dict[str, Entry], dtype: mx.Dtype, streaming=None, 
 
 def load_transformer(cfg: TransformerConfig, source: WeightSource | dict, *, dtype: mx.Dtype, streaming=None):
     entries, where = checked_entries("transformer", source, cfg)
-    groups = (("double_blocks", lambda: DoubleStreamBlock(cfg)), ("single_blocks", lambda: SingleStreamBlock(cfg)))
+    groups = (("double_blocks", lambda: DoubleStreamBlock(cfg)),
+              ("single_blocks", lambda: SingleStreamBlock(cfg)))
     return _assign(Flux2(cfg, dtype), entries, dtype, streaming, groups, where)
 
 
@@ -95,7 +100,8 @@ def load_vae(cfg: VAEConfig, source: WeightSource | dict, *, dtype: mx.Dtype = m
     return _assign(AutoEncoder(cfg), entries, dtype)
 
 
-def load_text_encoder(cfg: TextEncoderConfig, source: WeightSource | dict, *, dtype: mx.Dtype, streaming=None):
+def load_text_encoder(cfg: TextEncoderConfig, source: WeightSource | dict, *, dtype: mx.Dtype,
+                      streaming=None):
     entries, where = checked_entries("text_encoder", source, cfg)
     groups = (("model.layers", lambda: DecoderLayer(cfg)),)
     return _assign(TextEncoder(cfg), entries, dtype, streaming, groups, where)

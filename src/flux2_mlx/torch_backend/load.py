@@ -19,12 +19,14 @@ from ..entries import Entry, checked_entries
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
 from ..streaming import Streamer, streamed_entries
-from ..weights import BF16, GGMLTensor, WeightSource
+from ..weights import BF16, F8_E4M3, F8_E5M2, FP8Blocks, GGMLTensor, WeightSource, to_float32
 from .quant_layers import quantized_layer, replace_module
 from .stream import StreamedBlock, copy_stream
 from .text_encoder import DecoderLayer, TextEncoder
 from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
 from .vae import AutoEncoder
+
+_FP8 = {F8_E4M3: torch.float8_e4m3fn, F8_E5M2: torch.float8_e5m2}
 
 
 def host_tensor(a: np.ndarray, pin: bool = False) -> torch.Tensor:
@@ -58,9 +60,12 @@ def _device_tensor(t: torch.Tensor, device: torch.device, dtype: torch.dtype | N
     return t.to(device, non_blocking=True).to(dtype or t.dtype)
 
 
-def _host(raw: np.ndarray | GGMLTensor, pin: bool) -> torch.Tensor | AffineQuant:
-    """The host half of loading a tensor: a CPU tensor, or GGUF blocks repacked to the affine layout with
-    the packed codes as bytes."""
+def _host(raw: np.ndarray | GGMLTensor | FP8Blocks, pin: bool) -> torch.Tensor | AffineQuant | FP8Blocks:
+    """The host half of loading a tensor: a CPU tensor, GGUF blocks repacked to the affine layout with
+    the packed codes as bytes, or FP8 codes as torch's float8 and their scales in float32."""
+    if isinstance(raw, FP8Blocks):
+        codes = host_tensor(raw.codes.view(np.uint8), pin).view(_FP8[raw.codes.dtype])
+        return dataclasses.replace(raw, codes=codes, scale_inv=host_tensor(to_float32(raw.scale_inv), pin))
     if isinstance(raw, GGMLTensor):
         q = repack(raw.data, GGMLType[raw.ggml_type], raw.shape)
         return dataclasses.replace(q, weight=host_tensor(q.weight.view(np.uint8), pin),
@@ -68,8 +73,12 @@ def _host(raw: np.ndarray | GGMLTensor, pin: bool) -> torch.Tensor | AffineQuant
     return host_tensor(raw, pin)
 
 
-def _place(host: torch.Tensor | AffineQuant, device: torch.device, dtype: torch.dtype):
-    """The host form on the device, dense tensors and scales in `dtype` (codes stay bytes). Idempotent."""
+def _place(host: torch.Tensor | AffineQuant | FP8Blocks, device: torch.device, dtype: torch.dtype):
+    """The host form on the device, dense tensors and affine scales in `dtype` (codes stay bytes, FP8 scales
+    float32). Idempotent."""
+    if isinstance(host, FP8Blocks):
+        return dataclasses.replace(host, codes=_device_tensor(host.codes, device, None),
+                                   scale_inv=_device_tensor(host.scale_inv, device, None))
     if isinstance(host, AffineQuant):
         return dataclasses.replace(host, weight=_device_tensor(host.weight, device, None),
                                    scales=_device_tensor(host.scales, device, dtype),
@@ -83,13 +92,13 @@ def _empty(make):
         return make()
 
 
-def _fill(module: nn.Module, tensors, place) -> nn.Module:
+def _fill(module: nn.Module, tensors, place, dtype: torch.dtype) -> nn.Module:
     """Put (name, host or placed form) pairs into `module`, one tensor at a time."""
     for name, t in tensors:
         path, _, leaf = name.rpartition(".")
         t = place(t)
-        if isinstance(t, AffineQuant):  # quantized: the layer type follows the tensor's ggml type
-            replace_module(module, path, quantized_layer(module.get_submodule(path), t))
+        if isinstance(t, (AffineQuant, FP8Blocks)):  # quantized: the layer type follows the stored type
+            replace_module(module, path, quantized_layer(module.get_submodule(path), t, dtype))
             continue
         owner = module.get_submodule(path)
         if leaf in owner._buffers:
@@ -112,12 +121,12 @@ def _assign(module, entries: dict[str, Entry], dtype: torch.dtype, device: torch
         make = dict(groups)
         blocks = [(f"{attr}.{i}", partial(_empty, make[attr]), block)
                   for (attr, i), block in streamed.items()]
-        place_async, fill = copy_stream(place, lambda m, t: _fill(m, t, place), device)
+        place_async, fill = copy_stream(place, lambda m, t: _fill(m, t, place, dtype), device)
         streamer = Streamer(blocks, fill, host, place_async, streaming.keep_host, where)
         for k, (attr, i) in enumerate(streamed):
             module.get_submodule(attr)[i] = StreamedBlock(streamer, k)
     skip = {f"{attr}.{i}.{rest}" for (attr, i), block in streamed.items() for rest in block}
-    return _fill(module, ((n, host(e.load())) for n, e in entries.items() if n not in skip), place)
+    return _fill(module, ((n, host(e.load())) for n, e in entries.items() if n not in skip), place, dtype)
 
 
 def load_transformer(cfg: TransformerConfig, source: WeightSource | dict, *, dtype: torch.dtype,

@@ -1,8 +1,9 @@
-"""PyTorch quantized layers made from raw ggml blocks: each tensor's ggml type picks its layer.
+"""PyTorch quantized layers: GGUF blocks and block-scaled FP8 weights, held as stored.
 
 GGUF weights are repacked (quant/affine.py) into the affine layout MLX runs: per group of
-`group_size` values w = scale · q + bias, the codes q a little-endian bit stream. They stay packed in
-device memory; each call unpacks one layer's weight into the compute dtype, right before its matmul.
+`group_size` values w = scale · q + bias, the codes q a little-endian bit stream. FP8 checkpoints keep
+their one-byte codes and block scales. Both stay so in device memory; each call decodes one layer's
+weight into the compute dtype, right before its matmul.
 """
 
 from __future__ import annotations
@@ -61,9 +62,35 @@ class QuantEmbedding(QuantLinear):
         return dequantize(self.weight[ids], self.scales[ids], self.biases[ids], self.bits, self.group_size)
 
 
-def quantized_layer(old: nn.Module, q) -> nn.Module:
-    """A QuantLinear / QuantEmbedding standing in for `old`, from q: an AffineQuant whose weight, scales and
-    biases are already device tensors (weight as uint8 bytes, scales and biases in the compute dtype)."""
+class FP8Linear(nn.Module):
+    """A bias-free Linear held as FP8 codes (out, in) and float32 `scale_inv` per block of rows × columns.
+    The weight is decoded as the numpy loader decodes it (code · scale in float32, one rounding), then cast
+    to the compute dtype: the same values the MLX backend multiplies by."""
+
+    def __init__(self, codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                 dtype: torch.dtype):
+        super().__init__()
+        self.block, self.dtype = block, dtype
+        self.register_buffer("weight", codes)
+        self.register_buffer("scale_inv", scale_inv)
+
+    def dense(self) -> torch.Tensor:
+        (n, k), (bn, bk) = self.weight.shape, self.block
+        scale = self.scale_inv.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+        return (self.weight.float() * scale).to(self.dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.dense())
+
+
+def quantized_layer(old: nn.Module, q, dtype: torch.dtype) -> nn.Module:
+    """A QuantLinear / QuantEmbedding / FP8Linear standing in for `old`, from q: an AffineQuant whose
+    weight, scales and biases are already device tensors (weight as uint8 bytes, scales and biases in the
+    compute dtype `dtype`), or an FP8Blocks of device tensors."""
+    if hasattr(q, "scale_inv"):
+        if isinstance(old, nn.Linear) and old.bias is None:
+            return FP8Linear(q.codes, q.scale_inv, q.block, dtype)
+        raise ValueError(f"an FP8 tensor cannot stand in for {type(old).__name__}")
     if isinstance(old, nn.Embedding):
         return QuantEmbedding(q.weight, q.scales, q.biases, q.bits, q.group_size)
     if isinstance(old, nn.Linear) and old.bias is None:

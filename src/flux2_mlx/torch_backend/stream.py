@@ -30,6 +30,9 @@ class StreamedBlock(nn.Module):
 
 
 def _parts(t) -> tuple[torch.Tensor, ...]:
+    """The device tensors of a placed form: dense, affine-quantized or FP8."""
+    if hasattr(t, "scale_inv"):
+        return t.codes, t.scale_inv
     return (t.weight, t.scales, t.biases) if hasattr(t, "scales") else (t,)
 
 
