@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -12,6 +13,14 @@ from flux2_mlx.vae_names import vae_to_diffusers
 from flux2_mlx.weights import save_safetensors
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network
+
+
+def pytest_collection_finish(session):
+    """Every test module is imported (torch, diffusers, transformers, MLX): move their objects out of the
+    cyclic collector's reach. Both backends' free() runs gc.collect() at every phase change, and walking
+    the frameworks' objects made each call ~0.25 s here, several per pipeline run."""
+    gc.collect()
+    gc.freeze()
 
 
 def random_transformer(cfg, seed: int = 0) -> dict[str, np.ndarray]:
@@ -271,9 +280,34 @@ def tiny_repo(tmp_path_factory):
     return root
 
 
+# Prompt tokens where FLUX.2's 512-token length is not what a test checks: the test prompts take at most 42
+# with their chat templates (Tekken's system message included), so none is truncated.
+SHORT_TEXT = 64
+
+
 @pytest.fixture(scope="module")
+def short_prompts():
+    """Every registered variant pads prompts to SHORT_TEXT tokens instead of 512 for the module's tests (the
+    tiny models then run 8x less text). Yields the real specs, for a test that wants the real length back
+    (monkeypatch.setitem(MODELS, name, real[name])). The 512-token length itself is checked by
+    test_pipeline_parity (encode), test_text_encoder_parity and test_torch_pipeline (FP8 encoder)."""
+    import dataclasses
+
+    from flux2_mlx.config import MODELS
+
+    real = dict(MODELS)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, spec in real.items():
+            short = dataclasses.replace(spec.text_encoder, max_length=SHORT_TEXT)
+            mp.setitem(MODELS, name, dataclasses.replace(spec, text_encoder=short))
+        yield real
+
+
+@pytest.fixture(scope="session", autouse=True)
 def torch_one_thread():
-    """Tiny forwards: torch's CPU thread pool costs more than it gives, and on a busy machine far more."""
+    """Tiny forwards: torch's CPU thread pool costs more than it gives, and on a busy machine far more (a
+    tiny CLI run took 5x longer with 2 threads on 2 busy cores). Every test: the diffusers/transformers
+    references and the CLI's torch backend run tiny models too."""
     import torch
 
     threads = torch.get_num_threads()

@@ -13,12 +13,30 @@ from PIL import Image
 
 from flux2_mlx import __version__
 from flux2_mlx.cli import main
+from flux2_mlx.config import MODELS
 
 SMALL = ["-W", "64", "-H", "48"]
+
+# Prompts of 64 tokens, not 512 (conftest.short_prompts): what these tests check does not depend on it.
+pytestmark = pytest.mark.usefixtures("short_prompts")
 
 
 def run(*args, **env):
     return CliRunner().invoke(main, [str(a) for a in args], env=env or None)
+
+
+def _fox(repo):
+    """The arguments of the shared MLX render (mlx_fox)."""
+    return ["a red fox", "--model-path", repo, *SMALL, "--seed", 3, "--steps", 2]
+
+
+@pytest.fixture(scope="module")
+def mlx_fox(short_prompts, tiny_repo, tmp_path_factory):
+    """One MLX render, the picture the torch backend and the streamed runs must draw."""
+    out = tmp_path_factory.mktemp("mlx") / "mlx.png"
+    r = run("generate", *_fox(tiny_repo), "--backend", "mlx", "-o", out)
+    assert r.exit_code == 0, r.output
+    return out
 
 
 def test_help_and_version():
@@ -121,7 +139,8 @@ def test_base_variant_runs_true_cfg_with_a_negative_prompt(tiny_repo, tmp_path):
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()  # "" vs "blurry"
 
 
-def test_truncated_prompt_warns_in_one_line(tiny_repo, tmp_path):
+def test_truncated_prompt_warns_in_one_line(tiny_repo, tmp_path, short_prompts, monkeypatch):
+    monkeypatch.setitem(MODELS, "klein-4b", short_prompts["klein-4b"])  # the real 512 tokens, one step
     r = run("generate", "fox " * 600, "--model-path", tiny_repo, *SMALL, "--steps", 1, "-o", tmp_path / "t.png")
     assert r.exit_code == 0 and "warning: prompt 0 is" in r.stderr and "dropping" in r.stderr
     assert "UserWarning" not in r.stderr
@@ -145,16 +164,14 @@ def test_dev_prompt_to_png_with_mistral_and_tekken(tmp_path_factory, tmp_path):
     assert r.exit_code == 0 and (tmp_path / "g.png").read_bytes() != out.read_bytes()  # guidance is embedded
 
 
-def test_memory_budget_below_the_model_gives_the_same_image(tiny_repo, tmp_path):
+def test_memory_budget_below_the_model_gives_the_same_image(tiny_repo, tmp_path, mlx_fox):
     """The tiny transformer's weights (0.03 GB) do not fit 0.045 GB beside MLX's activations: it streams."""
-    base = ["generate", "a fox", "--model-path", tiny_repo, *SMALL, "--seed", "7", "--steps", "2", "--backend", "mlx"]
-    r = run(*base, "-o", tmp_path / "plain.png")
-    assert r.exit_code == 0, r.output
+    base = ["generate", *_fox(tiny_repo), "--backend", "mlx"]
     for source in ("ram", "disk"):
         r = run(*base, "--memory-budget", "0.045", "--stream-from", source, "-o", tmp_path / f"{source}.png")
         assert r.exit_code == 0, r.output
         assert f"streamed from {source}: 0 of 4 blocks resident" in r.output
-        a, b = (np.array(Image.open(tmp_path / f)) for f in ("plain.png", f"{source}.png"))
+        a, b = (np.array(Image.open(f)) for f in (mlx_fox, tmp_path / f"{source}.png"))
         assert np.array_equal(a, b)
 
 
@@ -208,12 +225,12 @@ def test_generate_with_references_and_image(tiny_repo, tmp_path):
     assert r.exit_code == 0 and "references 96x64 (24 tokens)" in r.output and "images" in r.output
 
 
-def test_torch_backend_writes_the_same_png_and_its_regenerate_line_reproduces_it(tiny_repo, tmp_path):
+def test_torch_backend_writes_the_same_png_and_its_regenerate_line_reproduces_it(tiny_repo, tmp_path, mlx_fox):
     """--backend torch (also with --compile) draws the MLX picture within one step per pixel; the PNG
     records how it was made and the regenerate line reproduces it byte for byte."""
-    a, b, c = tmp_path / "mlx.png", tmp_path / "torch.png", tmp_path / "compiled.png"
-    for args, out in ((["--backend", "mlx"], a), (["--backend", "torch"], b), (["--backend", "torch", "--compile"], c)):
-        r = run("generate", "a red fox", "--model-path", tiny_repo, *SMALL, "--seed", 3, "--steps", 2, *args, "-o", out)
+    a, b, c = mlx_fox, tmp_path / "torch.png", tmp_path / "compiled.png"
+    for args, out in ((["--backend", "torch"], b), (["--backend", "torch", "--compile"], c)):
+        r = run("generate", *_fox(tiny_repo), *args, "-o", out)
         assert r.exit_code == 0, r.output
     pa, pb, pc = (np.asarray(Image.open(p), np.int16) for p in (a, b, c))
     assert np.abs(pa - pb).max() <= 1 and np.abs(pa - pc).max() <= 1
@@ -283,6 +300,11 @@ def test_running_out_of_device_memory_is_one_line_with_a_budget_that_fits(tiny_r
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]  # beside the progress bars
     assert r.exit_code == 2 and len(errors) == 1 and errors[0].startswith("error: "), r.output
     assert "ran out of memory" in errors[0] and "--memory-budget 0.0" in errors[0] and not out.exists()
+
+
+def test_other_errors_are_not_dressed_up_as_running_out_of_memory(tiny_repo, tmp_path, monkeypatch):
+    from flux2_mlx.pipeline import Pipeline
+
     monkeypatch.setattr(Pipeline, "decode", lambda *_a, **_k: (_ for _ in ()).throw(RuntimeError("a bug")))
-    r = run("generate", "x", "--model-path", tiny_repo, *SMALL, "--steps", 1, "-o", out)
-    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)  # other errors are not dressed up as OOM
+    r = run("generate", "x", "--model-path", tiny_repo, *SMALL, "--steps", 1, "-o", tmp_path / "x.png")
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
