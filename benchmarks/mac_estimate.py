@@ -45,10 +45,10 @@ def main() -> None:
           "compute s/step (est.) | decode |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, ram, share, tflops, ssd in MACS:
         budget = ram * share * GB
-        plan = memory.plan(int(budget), transformer=tw, vae=vw, text_encoder=ew, hidden=t.hidden_size,
-                           heads=t.num_heads, te_hidden=te.hidden_size, te_mlp=te.intermediate_size,
-                           te_heads=te.num_attention_heads, width=1024, height=1024, compute_bytes=2,
-                           fused_attention=True, source="disk")
+        plan = memory.plan_phases(int(budget), transformer=tw, vae=vw, text_encoder=ew, hidden=t.hidden_size,
+                                  heads=t.num_heads, te_hidden=te.hidden_size, te_mlp=te.intermediate_size,
+                                  te_heads=te.num_attention_heads, width=1024, height=1024, compute_bytes=2,
+                                  fused_attention=True, source="disk")
         enc, den, dec = plan.phase("encode"), plan.phase("denoise"), plan.phase("decode")
         streamed = sum(tw.blocks[den.resident_blocks:]) / GB
 

@@ -195,11 +195,11 @@ def test_plan_counts_reference_tokens_and_input_images():
     v = memory.Weights("vae", 10**8, [], [])
     kw = dict(transformer=t, vae=v, text_encoder=None, hidden=3072, heads=24, width=1024, height=1024,
               compute_bytes=2, fused_attention=True)
-    plain = memory.plan(10**12, **kw)
-    edit = memory.plan(10**12, **kw, ref_tokens=3 * 4096, image_size=(1024, 1024))
+    plain = memory.plan_phases(10**12, **kw)
+    edit = memory.plan_phases(10**12, **kw, ref_tokens=3 * 4096, image_size=(1024, 1024))
     assert [p.name for p in edit.phases] == ["images", "denoise", "decode"] and plain.phase("images") is None
     # Activations grow with every token attended to: 512 + 4096 output tokens + 3 x 4096 reference tokens.
     ratio = edit.phase("denoise").activations / plain.phase("denoise").activations
     assert abs(ratio - (512 + 4 * 4096) / (512 + 4096)) < 1e-6
-    small = memory.plan(8 * 10**9, **kw, image_size=(2048, 1536))
+    small = memory.plan_phases(8 * 10**9, **kw, image_size=(2048, 1536))
     assert small.phase("images").tile and small.phase("images").peak <= 8 * 10**9

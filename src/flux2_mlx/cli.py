@@ -224,18 +224,19 @@ def _dry_run(spec, paths_kw, dtype, edit, guidance, budget):
         sizes = ", ".join(f"{r.shape[1]}x{r.shape[0]}" for r in inputs.refs)
         click.echo(f"output {inputs.width}x{inputs.height}" + (f"; references {sizes} ({inputs.ref_tokens} tokens)"
                                                                if sizes else ""))
-    click.echo(_plan(spec, located, dtype, inputs, guidance, budget).describe())
+    click.echo(_memory_plan_without_loading(spec, located, dtype, inputs, guidance, budget).describe())
 
 
-def _plan(spec, files, dtype, inputs, guidance, budget):
+def _memory_plan_without_loading(spec, files, dtype, inputs, guidance, budget):
     """The memory plan from file headers only (components not downloaded are sized from their shapes)."""
-    from .pipeline import DTYPE_BYTES, dtype_name, open_backend, plan_memory, uses_cfg
+    from .pipeline import DTYPE_BYTES, dtype_name, memory_plan_from_files, open_backend, uses_cfg
 
     be, _, _ = open_backend(budget["backend"], budget["device"])
     size = DTYPE_BYTES[dtype_name(be, be.resolve_dtype(dtype))]
-    return plan_memory(spec, files, be, size, inputs.width, inputs.height,
-                       budget_gb=budget["memory_budget"], stream_from=budget["stream_from"],
-                       cfg=uses_cfg(spec, guidance), ref_tokens=inputs.ref_tokens, image_size=inputs.image_size)
+    return memory_plan_from_files(spec, files, be, size, inputs.width, inputs.height,
+                                  budget_gb=budget["memory_budget"], stream_from=budget["stream_from"],
+                                  cfg=uses_cfg(spec, guidance), ref_tokens=inputs.ref_tokens,
+                                  image_size=inputs.image_size)
 
 
 def _generate(spec, prompt, paths_kw, edit, strength, steps, guidance, negative_prompt, seeds, paths, dtype,
@@ -424,7 +425,8 @@ def info(path, show_plan, model, width, height, memory_budget, dtype, backend, d
                 spec = MODELS[model]
                 files = hub.locate(spec, **({"model_path": path} if path.is_dir() else {"transformer": path}))
                 budget = dict(memory_budget=memory_budget, stream_from=None, backend=backend, device=device)
-                click.echo(_plan(spec, files, dtype, Inputs(width, height), None, budget).describe())
+                plan = _memory_plan_without_loading(spec, files, dtype, Inputs(width, height), None, budget)
+                click.echo(plan.describe())
         except (WeightsError, ValueError, OSError) as e:
             _fail(str(e))
         return

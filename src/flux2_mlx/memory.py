@@ -134,7 +134,9 @@ class Phase:
 
 
 @dataclass
-class Plan:
+class MemoryPlan:
+    """How each phase of one run (encode, images, denoise, decode) fits the budget."""
+
     budget: int
     source: str  # "ram" | "disk": where streamed blocks come from
     phases: list[Phase] = field(default_factory=list)
@@ -212,18 +214,18 @@ def _fit(name: str, c: Weights, acts: tuple[int, ...], others: int, budget: int)
     return phase(k)
 
 
-def plan(budget: int, *, transformer: Weights, vae: Weights, text_encoder: Weights | None, hidden: int,
-         heads: int, te_hidden: int = 0, te_mlp: int = 0, te_heads: int = 0, width: int, height: int,
-         compute_bytes: int, fused_attention: bool, cfg_batch: int = 1, source: str = "ram",
-         vae_ch: int = 128, ref_tokens: int = 0, image_size: tuple[int, int] | None = None,
-         activations: Activations = Activations()) -> Plan:
+def plan_phases(budget: int, *, transformer: Weights, vae: Weights, text_encoder: Weights | None, hidden: int,
+                heads: int, te_hidden: int = 0, te_mlp: int = 0, te_heads: int = 0, width: int, height: int,
+                compute_bytes: int, fused_attention: bool, cfg_batch: int = 1, source: str = "ram",
+                vae_ch: int = 128, ref_tokens: int = 0, image_size: tuple[int, int] | None = None,
+                activations: Activations = Activations()) -> MemoryPlan:
     """One plan for a run: the VAE stays resident throughout (it is small next to the others); the encoder
     and the transformer each get the whole budget less the VAE in their own phase.
 
     ref_tokens: reference-image tokens the transformer attends to beside the output's; image_size: the
     largest input image (references, img2img start) the VAE encodes, or None."""
     tokens = TEXT_TOKENS + (height // 16) * (width // 16) + ref_tokens
-    out = Plan(budget, source)
+    out = MemoryPlan(budget, source)
     budget = usable(budget)
     if text_encoder is not None:
         act = text_activations(te_hidden, te_mlp, te_heads, cfg_batch, compute_bytes, fused_attention, activations)

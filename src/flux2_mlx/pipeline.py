@@ -103,12 +103,12 @@ def _shape_entries(shapes: dict) -> dict[str, Entry]:
     return {k: Entry(v, lambda: None) for k, v in shapes.items()}
 
 
-def plan_memory(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: int, height: int, *,
-                budget_gb: float | None = None, stream_from: str | None = None,
-                cfg: bool = False, ref_tokens: int = 0,
-                image_size: tuple[int, int] | None = None) -> memory_plan.Plan:
+def memory_plan_from_files(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: int, height: int,
+                           *, budget_gb: float | None = None, stream_from: str | None = None,
+                           cfg: bool = False, ref_tokens: int = 0,
+                           image_size: tuple[int, int] | None = None) -> memory_plan.MemoryPlan:
     """The memory plan for one run, from the files' headers (shapes and stored types; nothing is loaded).
-    ref_tokens and image_size: see memory_plan.plan.
+    ref_tokens and image_size: see memory_plan.plan_phases.
 
     budget_gb None: the backend's limit (Metal's recommended working set, or 80 % of RAM). stream_from
     None: "ram" when the host has room for a copy of what is streamed beside the budget, else "disk".
@@ -138,13 +138,13 @@ def plan_memory(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: 
     source = stream_from or ("ram" if streamed + budget <= 0.9 * dev["total"] else "disk")
     if source not in ("ram", "disk"):
         raise ValueError(f"stream_from must be ram or disk, got {stream_from!r}")
-    return memory_plan.plan(budget, transformer=t, vae=v, text_encoder=te, hidden=tcfg.hidden_size,
-                            heads=tcfg.num_heads, te_hidden=te_cfg.hidden_size, te_mlp=te_cfg.intermediate_size,
-                            te_heads=te_cfg.num_attention_heads, width=width, height=height,
-                            compute_bytes=dtype_bytes, fused_attention=dev["fused_attention"],
-                            activations=dev["activations"],
-                            cfg_batch=2 if cfg else 1, source=source, vae_ch=vae_cfg.ch,
-                            ref_tokens=ref_tokens, image_size=image_size)
+    return memory_plan.plan_phases(budget, transformer=t, vae=v, text_encoder=te, hidden=tcfg.hidden_size,
+                                   heads=tcfg.num_heads, te_hidden=te_cfg.hidden_size,
+                                   te_mlp=te_cfg.intermediate_size, te_heads=te_cfg.num_attention_heads,
+                                   width=width, height=height, compute_bytes=dtype_bytes,
+                                   fused_attention=dev["fused_attention"], activations=dev["activations"],
+                                   cfg_batch=2 if cfg else 1, source=source, vae_ch=vae_cfg.ch,
+                                   ref_tokens=ref_tokens, image_size=image_size)
 
 
 def run_tiled(fn, x: np.ndarray, tile: int, inner: int, outer: int) -> np.ndarray:
@@ -248,7 +248,7 @@ class Pipeline:
         self.dtype_name = dtype_name(backend, dtype)
         self.backend_name = self.device = None  # set by load_pipeline
         self.budget_gb, self.stream_from = budget_gb, stream_from
-        self._plans: dict[tuple, memory_plan.Plan] = {}
+        self._memory_plans: dict[tuple, memory_plan.MemoryPlan] = {}
         self._prompts: dict[str, np.ndarray] = {}  # prompt → embeddings: several seeds encode once
         self._streaming = {"transformer": None, "text_encoder": None}
         # The architecture comes from the files (tensor shapes, config.json); the name gives defaults.
@@ -271,7 +271,7 @@ class Pipeline:
         return self.files[component]
 
     def plan(self, width: int = 1024, height: int = 1024, guidance=None,
-             inputs: Inputs | None = None, budget_gb: float | None = None) -> memory_plan.Plan:
+             inputs: Inputs | None = None, budget_gb: float | None = None) -> memory_plan.MemoryPlan:
         """The memory plan for an image of this size, with the reference tokens and input images of
         `inputs` (memory_plan.MemoryPlanError if it cannot fit); budget_gb: another budget than the
         pipeline's, to ask what it would do."""
@@ -279,11 +279,11 @@ class Pipeline:
         refs, size = (inputs.ref_tokens, inputs.image_size) if inputs is not None else (0, None)
         budget_gb = self.budget_gb if budget_gb is None else budget_gb
         key = (width, height, cfg, refs, size, budget_gb)
-        if key not in self._plans:
-            self._plans[key] = plan_memory(self.spec, self.files, self.backend, DTYPE_BYTES[self.dtype_name],
-                                           width, height, budget_gb=budget_gb, stream_from=self.stream_from,
-                                           cfg=cfg, ref_tokens=refs, image_size=size)
-        return self._plans[key]
+        if key not in self._memory_plans:
+            self._memory_plans[key] = memory_plan_from_files(
+                self.spec, self.files, self.backend, DTYPE_BYTES[self.dtype_name], width, height,
+                budget_gb=budget_gb, stream_from=self.stream_from, cfg=cfg, ref_tokens=refs, image_size=size)
+        return self._memory_plans[key]
 
     def prepare_inputs(self, width: int | None = None, height: int | None = None, images=None,
                        image=None) -> Inputs:
@@ -347,7 +347,7 @@ class Pipeline:
         """The transformer as the last plan set it up (resident when nothing was planned)."""
         return self._load("transformer", self._streaming["transformer"])
 
-    def encode(self, prompts: str | list[str], plan: memory_plan.Plan | None = None) -> np.ndarray:
+    def encode(self, prompts: str | list[str], plan: memory_plan.MemoryPlan | None = None) -> np.ndarray:
         """Prompt embeddings (B, 512, 3·D), float32: the encoder's hidden states at its output layers.
         The last few prompts are remembered, so rendering one prompt with many seeds encodes it once."""
         be, cfg = self.backend, self.spec.text_encoder
