@@ -5,11 +5,11 @@ import dataclasses
 import inspect
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 import torch
 from conftest import diffusers_vae, random_transformer, random_vae, rel_err
+from mlx.utils import tree_flatten
 from test_streaming import CFG as DEEP
 from test_text_encoder_parity import Reference, _assert_close
 from test_transformer_parity import _inputs, _reference, _refs
@@ -210,6 +210,17 @@ def test_fp8_encoder_stays_fp8_and_decodes_to_mlx_weights(tmp_path, block):
     streamed = tb.load_text_encoder(te, WeightSource(tmp_path / "fp8", pread=True), dtype=F32,
                                     streaming=memory.Streaming(1, False))
     assert np.array_equal(tb.to_numpy(streamed(tb.from_numpy(ids), tb.from_numpy(mask))), got)
+    if block == (16, 16):  # the planner sizes FP8 as held: one byte a weight (scales per 128 × 128 block)
+        from flux2_mlx.encoder_names import text_encoder_entries
+
+        held = sum(t.numel() * t.element_size() for t in [*ours.parameters(), *ours.buffers()])
+        entries = text_encoder_entries(WeightSource(tmp_path / "fp8"), te)
+        kept = memory.component_weights("te", entries, ("model.layers",), 4,
+                                        fp8_kept=tb.device_memory()["fp8_kept"])
+        scales = sum(m.scale_inv.numel() * 4 - 4 for m in fp8.values())  # 16 × 16 blocks: more than planned
+        assert kept.total == held - scales
+        decoded = memory.component_weights("te", entries, ("model.layers",), 4, fp8_kept=False)
+        assert decoded.total - kept.total == sum(3 * m.weight.numel() - 4 for m in fp8.values())
 
 
 # ---- streaming ---------------------------------------------------------------------------------------------

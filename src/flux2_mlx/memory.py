@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass, field
 
 from .config import TEXT_TOKENS
-from .entries import block_key
-from .quant.ggml import GGMLType
+from .entries import FP8_BLOCKS, block_key
 from .quant.affine import affine_format
+from .quant.ggml import GGMLType
 
 GB = 1e9
 TILE_OVERLAP = 64  # pixels of context each side of a decoded tile, cross-faded with the neighbour
@@ -51,9 +51,12 @@ class Streaming:
     keep_host: bool
 
 
-def tensor_bytes(stored: str, shape: tuple[int, ...], compute_bytes: int) -> int:
-    """Device bytes of one tensor once loaded."""
+def tensor_bytes(stored: str, shape: tuple[int, ...], compute_bytes: int, fp8_kept: bool = False) -> int:
+    """Device bytes of one tensor once loaded. fp8_kept: the backend holds FP8 weights as stored (one byte
+    each and a float32 scale per 128 × 128 block, the layout of every Qwen3 FP8 release); else decoded."""
     n = math.prod(shape)
+    if fp8_kept and stored in FP8_BLOCKS:
+        return n + 4 * -(-n // (128 * 128))
     fmt = affine_format(GGMLType[stored]) if stored in GGMLType.__members__ else None
     if fmt is None:
         return n * compute_bytes
@@ -75,12 +78,13 @@ class Weights:
         return self.fixed + sum(self.blocks)
 
 
-def component_weights(name: str, entries: dict, block_lists: tuple[str, ...], compute_bytes: int) -> Weights:
+def component_weights(name: str, entries: dict, block_lists: tuple[str, ...], compute_bytes: int,
+                      fp8_kept: bool = False) -> Weights:
     """Size a component from its canonical entries (entries.Entry: shape and stored type)."""
     blocks: dict[tuple[int, int], int] = {}
     fixed = 0
     for key, e in entries.items():
-        b = tensor_bytes(e.stored, tuple(e.shape), compute_bytes)
+        b = tensor_bytes(e.stored, tuple(e.shape), compute_bytes, fp8_kept)
         k = block_key(key, block_lists)
         if k:
             blocks[k[:2]] = blocks.get(k[:2], 0) + b

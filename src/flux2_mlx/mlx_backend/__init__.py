@@ -83,9 +83,10 @@ def peak_memory() -> int:
 def device_memory() -> dict:
     """What the memory planner needs: `total` bytes of RAM, `limit` the bytes MLX should stay under
     (Metal's recommended working set; on CPU most of RAM), whether attention is fused (no L² scores), and
-    MLX's measured activation coefficients (memory.Activations: its defaults were measured here)."""
+    MLX's measured activation coefficients (memory.Activations: its defaults were measured here). FP8
+    weights are decoded on load (MLX has no FP8 matmul), so they count in the compute dtype."""
     info = mx.device_info()
     total = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = info.get("max_recommended_working_set_size") or int(0.8 * total)
     return {"total": int(total), "limit": int(limit), "fused_attention": mx.default_device() == mx.gpu,
-            "activations": Activations()}
+            "activations": Activations(), "fp8_kept": False}

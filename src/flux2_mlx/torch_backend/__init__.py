@@ -126,12 +126,13 @@ def peak_memory() -> int:
 def device_memory() -> dict:
     """What the memory planner needs: `total` bytes (the GPU's, or RAM), `limit` the bytes torch should
     stay under (free GPU memory on CUDA; most of RAM otherwise), whether attention is fused (no L² scores:
-    SDPA's flash / memory-efficient kernels on a GPU, its flash kernel on the CPU too), and the activation
-    coefficients (benchmarks/activations.py)."""
+    SDPA's flash / memory-efficient kernels on a GPU, its flash kernel on the CPU too), the activation
+    coefficients (benchmarks/activations.py), and that FP8 weights stay one byte each (FP8Linear)."""
     if _device.type == "cuda":
         free_bytes, total = torch.cuda.mem_get_info(_device)
         return {"total": int(total), "limit": int(free_bytes), "fused_attention": True,
-                "activations": ACTIVATIONS}
+                "activations": ACTIVATIONS, "fp8_kept": True}
     total = _ram()
     limit = int(torch.mps.recommended_max_memory()) if _device.type == "mps" else int(0.8 * total)
-    return {"total": total, "limit": limit, "fused_attention": True, "activations": ACTIVATIONS}
+    return {"total": total, "limit": limit, "fused_attention": True, "activations": ACTIVATIONS,
+            "fp8_kept": True}
