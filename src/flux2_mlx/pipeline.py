@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -192,6 +193,15 @@ def encode_tiled(encode, image: np.ndarray, tile: int) -> np.ndarray:
     return run_tiled(encode, image, tile, 16, 1)
 
 
+class EncodedImages(NamedTuple):
+    """An edit's images as latent tokens: the references side by side (1, R, C) with their position ids,
+    and the img2img start image (1, N, C); None where there is none."""
+
+    ref_latents: np.ndarray | None = None
+    ref_ids: np.ndarray | None = None
+    init_latents: np.ndarray | None = None
+
+
 @dataclasses.dataclass
 class Inputs:
     """What one edit starts from (`Pipeline.prepare_inputs`): the output size, the prepared reference
@@ -202,7 +212,7 @@ class Inputs:
     height: int
     refs: list[np.ndarray] = dataclasses.field(default_factory=list)
     init: np.ndarray | None = None
-    latents: tuple | None = None  # (reference tokens (1, R, C) | None, reference ids, init tokens | None)
+    encoded: EncodedImages | None = None
 
     @property
     def ref_tokens(self) -> int:
@@ -233,6 +243,26 @@ def prepare_inputs(model: str, width: int | None = None, height: int | None = No
     return Inputs(width, height, refs, init)
 
 
+class Component:
+    """The transformer or the text encoder while a pipeline holds it, with the streaming setup it was loaded
+    with: the one place either is loaded and freed."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.model = self.streaming = None  # streaming outlives a free: Pipeline.transformer reloads with it
+
+    def get(self, streaming, load):
+        """The model set up for `streaming`: the held one when its setup matches, else load(streaming)."""
+        if self.model is None or self.streaming != streaming:
+            self.free()  # before loading, so the old copy and the backend's cached buffers are gone
+            self.model, self.streaming = load(streaming), streaming
+        return self.model
+
+    def free(self) -> None:
+        self.model = None  # the reference first: backend.free() returns only memory nothing refers to
+        self.backend.free()
+
+
 class Pipeline:
     """One FLUX.2 model on one backend. Use `load_pipeline` to make one.
 
@@ -250,7 +280,6 @@ class Pipeline:
         self.budget_gb, self.stream_from = budget_gb, stream_from
         self._memory_plans: dict[tuple, memory_plan.MemoryPlan] = {}
         self._prompts: dict[str, np.ndarray] = {}  # prompt → embeddings: several seeds encode once
-        self._streaming = {"transformer": None, "text_encoder": None}
         # The architecture comes from the files (tensor shapes, config.json); the name gives defaults.
         # Shapes are read from headers now, so a wrong file fails before minutes of prompt encoding.
         entries = transformer_entries(WeightSource(self._path("transformer", spec)))
@@ -263,7 +292,7 @@ class Pipeline:
                                f"use FLUX.2's own ae.safetensors")
         self.spec = dataclasses.replace(spec, transformer=cfg, vae=vae)
         self.vae = backend.load_vae(vae, WeightSource(self.files["vae"]), dtype=backend.resolve_dtype("float32"))
-        self._transformer = self._text_encoder = self._tokenizer = None
+        self._transformer, self._text_encoder, self._tokenizer = Component(backend), Component(backend), None
 
     def _path(self, component: str, spec: ModelSpec | None = None) -> Path:
         if self.files.get(component) is None:
@@ -290,17 +319,17 @@ class Pipeline:
         """See the module function `prepare_inputs`."""
         return prepare_inputs(self.spec.name, width, height, images, image)
 
-    def _encode_images(self, inputs: Inputs, plan) -> tuple:
-        """(reference tokens (1, R, C) or None, their ids, start-image tokens (1, N, C) or None), encoded
-        once per Inputs: each image alone at its own size, as the VAE encoder's mean (BFL does not sample)."""
+    def _encode_images(self, inputs: Inputs, plan) -> EncodedImages:
+        """The images of `inputs`, encoded once per Inputs: each image alone at its own size, as the VAE
+        encoder's mean (BFL does not sample)."""
         if not inputs.refs and inputs.init is None:
-            return None, None, None
-        if inputs.latents is None:
+            return EncodedImages()
+        if inputs.encoded is None:
             phase = plan.phase("images") if plan is not None else None
             # The VAE encoder runs beside a loaded transformer only if both fit the budget.
-            if phase and self._transformer is not None and phase.peak + plan.phase("denoise").held > plan.usable:
-                self._transformer = None
-                self.backend.free()
+            if (phase and self._transformer.model is not None
+                    and phase.peak + plan.phase("denoise").held > plan.usable):
+                self._transformer.free()
             be = self.backend
             tile = phase.tile if phase else 0
 
@@ -311,41 +340,33 @@ class Pipeline:
             tokens = np.concatenate([r.reshape(1, -1, r.shape[-1]) for r in refs], axis=1) if refs else None
             ids = sampling.prc_refs([r.shape[:2] for r in refs]) if refs else None
             init = encode(inputs.init) if inputs.init is not None else None
-            inputs.latents = (tokens, ids, None if init is None else init.reshape(1, -1, init.shape[-1]))
-        return inputs.latents
+            init = None if init is None else init.reshape(1, -1, init.shape[-1])
+            inputs.encoded = EncodedImages(tokens, ids, init)
+        return inputs.encoded
 
     def _phase_streaming(self, phase: str, plan):
         return plan.streaming(phase) if plan is not None and self.memory == "phase" else None
 
-    def _load(self, component: str, streaming):
-        """The transformer or text encoder, reloaded only when the plan asks for another streaming setup."""
-        attr = f"_{component}"
-        if getattr(self, attr) is not None and self._streaming[component] == streaming:
-            return getattr(self, attr)
-        setattr(self, attr, None)
-        self.backend.free()
-        path = self._path(component)
-        if component == "transformer":
-            source = WeightSource(path, pread=streaming is not None)
-            model = self.backend.load_transformer(self.spec.transformer, source, dtype=self.dtype,
-                                                  streaming=streaming, compile=self.compile)
-        else:
-            source = WeightSource(path, partial=True, pread=streaming is not None)
-            cfg = encoder_config(source, self.spec.text_encoder)
-            width = len(cfg.output_layers) * cfg.hidden_size
-            if width != self.spec.transformer.context_in_dim:
-                raise WeightsError(f"{path}: this text encoder gives {width} features per token but the "
-                                   f"transformer takes {self.spec.transformer.context_in_dim}; use "
-                                   f"{self.spec.text_encoder.repo_id}")
-            model = self.backend.load_text_encoder(cfg, source, dtype=self.dtype, streaming=streaming)
-        setattr(self, attr, model)
-        self._streaming[component] = streaming
-        return model
+    def _load_transformer(self, streaming):
+        source = WeightSource(self._path("transformer"), pread=streaming is not None)
+        return self.backend.load_transformer(self.spec.transformer, source, dtype=self.dtype,
+                                             streaming=streaming, compile=self.compile)
+
+    def _load_text_encoder(self, streaming):
+        path = self._path("text_encoder")
+        source = WeightSource(path, partial=True, pread=streaming is not None)
+        cfg = encoder_config(source, self.spec.text_encoder)
+        width = len(cfg.output_layers) * cfg.hidden_size
+        if width != self.spec.transformer.context_in_dim:
+            raise WeightsError(f"{path}: this text encoder gives {width} features per token but the "
+                               f"transformer takes {self.spec.transformer.context_in_dim}; use "
+                               f"{self.spec.text_encoder.repo_id}")
+        return self.backend.load_text_encoder(cfg, source, dtype=self.dtype, streaming=streaming)
 
     @property
     def transformer(self):
         """The transformer as the last plan set it up (resident when nothing was planned)."""
-        return self._load("transformer", self._streaming["transformer"])
+        return self._transformer.get(self._transformer.streaming, self._load_transformer)
 
     def encode(self, prompts: str | list[str], plan: memory_plan.MemoryPlan | None = None) -> np.ndarray:
         """Prompt embeddings (B, 512, 3·D), float32: the encoder's hidden states at its output layers.
@@ -355,9 +376,8 @@ class Pipeline:
         todo = list(dict.fromkeys(p for p in prompts if p not in self._prompts))
         if not todo:
             return np.stack([self._prompts[p] for p in prompts])
-        if self.memory == "phase" and self._transformer is not None:
-            self._transformer = None
-            be.free()
+        if self.memory == "phase" and self._transformer.model is not None:
+            self._transformer.free()
         if self._tokenizer is None:
             te = self.files.get("text_encoder")
             if self.files.get("tokenizer") is None and te is not None and Path(te).suffix == ".gguf":
@@ -366,13 +386,12 @@ class Pipeline:
                 path = self._path("tokenizer")
                 source = where = path / "tokenizer.json" if path.is_dir() else path
             self._tokenizer = PromptTokenizer.from_config(source, cfg, where)
-        encoder = self._load("text_encoder", self._phase_streaming("encode", plan))
+        encoder = self._text_encoder.get(self._phase_streaming("encode", plan), self._load_text_encoder)
         ids, mask = self._tokenizer.encode(todo)
         embeds = be.to_numpy(encoder(be.from_numpy(ids), be.from_numpy(mask)))
         del encoder
         if self.memory == "phase":
-            self._text_encoder = None
-            be.free()
+            self._text_encoder.free()
         new = dict(zip(todo, embeds))
         out = np.stack([new[p] if p in new else self._prompts[p] for p in prompts])
         self._prompts.update(new)
@@ -432,13 +451,14 @@ class Pipeline:
         ctx, neg = self.conditioning(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, guidance, plan)
         steps, guidance = self.settings(steps, guidance)
         start = sampling.img2img_start(steps, strength) if inputs.init is not None else 0
-        ref, ref_ids, init = self._encode_images(inputs, plan)
+        images = self._encode_images(inputs, plan)
         h, w = inputs.height // 16, inputs.width // 16
         ctx_ids = be.from_numpy(sampling.prc_txt(ctx.shape[1]))
         x_ids = be.from_numpy(sampling.prc_img(h, w))
         g = be.from_numpy(np.full((1,), guidance, np.float32)) if spec.guidance_mode == "embedded" else None
-        refs = {} if ref is None else dict(ref=be.from_numpy(ref, self.dtype), ref_ids=be.from_numpy(ref_ids))
-        transformer = self._load("transformer", self._phase_streaming("denoise", plan))
+        refs = {} if images.ref_latents is None else dict(ref=be.from_numpy(images.ref_latents, self.dtype),
+                                                           ref_ids=be.from_numpy(images.ref_ids))
+        transformer = self._transformer.get(self._phase_streaming("denoise", plan), self._load_transformer)
 
         def velocity_for(context):
             context = be.from_numpy(context, self.dtype)
@@ -459,6 +479,7 @@ class Pipeline:
         schedule = sampling.get_schedule(steps, h * w)
         # Latents stay float32 whatever the model dtype: the Euler sum loses detail in bf16.
         noise = sampling.make_noise(seed, h, w, spec.latent_channels)
+        init = images.init_latents
         x = be.from_numpy(noise if init is None else sampling.noised(init, noise, schedule[start]))
         for x in sampling.denoise(velocity, x, schedule[start:]):
             be.evaluate(x)
