@@ -6,6 +6,7 @@ from PIL import Image
 from conftest import diffusers_run, rel_err
 
 from flux2_mlx import load_pipeline
+from flux2_mlx.pipeline import GenerationRequest
 from flux2_mlx.weights import WeightsError
 
 W, H = 80, 48  # 5x3 latent tokens: not square, so a row/column swap cannot pass
@@ -69,6 +70,10 @@ def test_iter_steps_and_generate_settings(tiny_models, recwarn):
     steps = list(pipe.iter_steps(**kw))
     assert len(steps) == 3 and all(s.shape == (1, 6, 128) for s in steps)
     assert np.array_equal(steps[-1], pipe.sample(**kw)) and not np.array_equal(steps[0], steps[1])
+    request = GenerationRequest(pipe.prepare_inputs(32, 48), 5, prompt_embeds=embeds, steps=3)
+    assert np.array_equal(steps[-1], pipe.sample(request=request))  # the keywords make the same request
+    with pytest.raises(ValueError, match="not both"):
+        pipe.sample(request=request, seed=5)
     image = pipe.generate(**kw, guidance=2.0)
     assert image.info == {"model": "tiny-klein-4b", "seed": 5, "steps": 3, "guidance": 2.0}
     assert len([w for w in recwarn if "is ignored" in str(w.message)]) == 1

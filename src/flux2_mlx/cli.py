@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import secrets
@@ -202,8 +203,9 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
         if dry_run:
             _dry_run(spec, paths_kw, dtype, edit, guidance, budget)
             return
-        _generate(spec, prompt, paths_kw, edit, strength, steps, guidance, negative_prompt, seeds, paths, dtype,
-                  budget, compile_)
+        settings = dict(prompt=prompt, negative_prompt=negative_prompt, strength=strength, steps=steps,
+                        guidance=guidance)
+        _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_)
     except (WeightsError, ValueError, OSError) as e:
         _fail(str(e))
 
@@ -239,24 +241,25 @@ def _memory_plan_without_loading(spec, files, dtype, inputs, guidance, budget):
                                   image_size=inputs.image_size)
 
 
-def _generate(spec, prompt, paths_kw, edit, strength, steps, guidance, negative_prompt, seeds, paths, dtype,
-              budget, compile_):
-    from .pipeline import load_pipeline
+def _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_):
+    """settings: the GenerationRequest's prompt, negative_prompt, strength, steps and guidance."""
+    from .pipeline import GenerationRequest, load_pipeline
 
     start = time.perf_counter()
     pipe = load_pipeline(spec, dtype=dtype, **paths_kw, **budget, compile=compile_)
-    pipe.settings(steps, guidance)  # bad steps fail here, before any model loads
+    pipe.settings(settings["steps"], settings["guidance"])  # bad steps fail here, before any model loads
     inputs = pipe.prepare_inputs(**edit)  # a bad image fails here, before any model loads
-    width, height = inputs.width, inputs.height
-    plan = pipe.plan(width, height, guidance, inputs)  # refuses an impossible budget before any loading
+    request = GenerationRequest(inputs, seeds[0], **settings)
+    # An impossible budget fails here, before any model loads.
+    plan = pipe.plan(inputs.width, inputs.height, request.guidance, inputs)
     if any(p.streamed or p.tile for p in plan.phases):
         click.echo(plan.describe())
     try:
-        _run(pipe, prompt, inputs, plan, strength, steps, guidance, negative_prompt, seeds, paths, spec, edit)
+        _run(pipe, request, plan, seeds, paths, edit)
     except Exception as e:
         if not _out_of_memory(e):
             raise
-        _fail(_oom_message(e, pipe, inputs, plan, guidance))
+        _fail(_oom_message(e, pipe, request, plan))
     click.echo(f"done in {time.perf_counter() - start:.1f} s, peak memory "
                f"{pipe.backend.peak_memory() / 2**30:.2f} GiB")
 
@@ -268,18 +271,19 @@ def _out_of_memory(e: Exception) -> bool:
         isinstance(e, RuntimeError) and ("out of memory" in text or "malloc" in text))
 
 
-def _oom_message(e: Exception, pipe, inputs, plan, guidance) -> str:
+def _oom_message(e: Exception, pipe, request, plan) -> str:
     """What ran out, what the plan expected, and the smallest budget the planner can meet by streaming."""
     from .memory import GB, MemoryPlanError
 
     first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
     head = (f"{pipe.device} ran out of memory ({first}); the plan expected a peak of {plan.peak / GB:.2f} GB "
             f"within a {plan.budget / GB:.2f} GB budget, more than was free")
+    inputs = request.inputs
     lo, hi = 0.0, plan.budget / GB  # bisect for the smallest budget that still plans (headers only: cheap)
     for _ in range(12):
         mid = (lo + hi) / 2
         try:
-            pipe.plan(inputs.width, inputs.height, guidance, inputs, budget_gb=mid)
+            pipe.plan(inputs.width, inputs.height, request.guidance, inputs, budget_gb=mid)
             hi = mid
         except MemoryPlanError:
             lo = mid
@@ -289,36 +293,39 @@ def _oom_message(e: Exception, pipe, inputs, plan, guidance) -> str:
     return f"{head}: pass --memory-budget {float(f'{hi * 1.05:.2g}'):g} (or lower) to stream more of the model"
 
 
-def _run(pipe, prompt, inputs, plan, strength, steps, guidance, negative_prompt, seeds, paths, spec, edit):
+def _run(pipe, request, plan, seeds, paths, edit):
     from tqdm import tqdm
 
     from .sampling import img2img_start
 
+    inputs = request.inputs
     width, height = inputs.width, inputs.height
-    steps_, guidance_ = pipe.settings(steps, guidance)
+    steps, guidance = pipe.settings(request.steps, request.guidance)
     with tqdm(total=1, desc="encode", unit="prompt") as bar:
-        ctx, neg = pipe.conditioning(prompt, negative_prompt=negative_prompt, guidance=guidance, plan=plan)
+        ctx, neg = pipe.conditioning(request, plan)
         bar.update()
-    run = steps_ - (img2img_start(steps_, strength) if inputs.init is not None else 0)
+    # Every seed denoises from these embeddings: the prompts are encoded once.
+    encoded = dataclasses.replace(request, prompt=None, prompt_embeds=ctx, negative_prompt=None,
+                                  negative_prompt_embeds=neg)
+    run = steps - (img2img_start(steps, request.strength) if inputs.init is not None else 0)
     for seed, path in zip(seeds, paths):
         click.echo(f"seed {seed}")
         latents = None
-        for latents in tqdm(pipe.iter_steps(prompt_embeds=ctx, negative_prompt_embeds=neg, inputs=inputs,
-                                            strength=strength, steps=steps, guidance=guidance, seed=seed),
-                            total=run, desc="denoise", unit="step"):
+        for latents in tqdm(pipe.iter_steps(request=dataclasses.replace(encoded, seed=seed)), total=run,
+                            desc="denoise", unit="step"):
             pass
         with tqdm(total=1, desc="decode", unit="image") as bar:
             image = pipe.decode(latents, width, height)
             bar.update()
-        meta = dict(prompt=prompt, model=spec.name, seed=seed, steps=steps_, guidance=guidance_,
+        meta = dict(prompt=request.prompt, model=pipe.spec.name, seed=seed, steps=steps, guidance=guidance,
                     width=width, height=height, dtype=pipe.dtype_name, backend=pipe.backend_name,
                     device=pipe.device, version=__version__)
-        if negative_prompt is not None:
-            meta["negative_prompt"] = negative_prompt
+        if request.negative_prompt is not None:
+            meta["negative_prompt"] = request.negative_prompt
         if edit["images"]:
             meta["refs"] = [str(r) for r in edit["images"]]
         if edit["image"] is not None:
-            meta.update(image=str(edit["image"]), strength=strength)
+            meta.update(image=str(edit["image"]), strength=request.strength)
         if pipe.compile:  # fused kernels round differently: the same flag reproduces the same bytes
             meta["compile"] = True
         _save_png(image, path, meta)

@@ -243,6 +243,23 @@ def prepare_inputs(model: str, width: int | None = None, height: int | None = No
     return Inputs(width, height, refs, init)
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One generation's settings: what `generate`, `sample` and `iter_steps` make of their keywords (see
+    `generate`), and what the CLI builds. `inputs` from `prepare_inputs`; a prompt string or its embeddings;
+    steps and guidance None: the model's defaults."""
+
+    inputs: Inputs
+    seed: int
+    prompt: str | None = None
+    prompt_embeds: np.ndarray | None = None
+    negative_prompt: str | None = None
+    negative_prompt_embeds: np.ndarray | None = None
+    strength: float = DEFAULT_STRENGTH
+    steps: int | None = None
+    guidance: float | None = None
+
+
 class Component:
     """The transformer or the text encoder while a pipeline holds it, with the streaming setup it was loaded
     with: the one place either is loaded and freed."""
@@ -416,41 +433,42 @@ class Pipeline:
                              f"got {tuple(np.shape(embeds))}")
         return a
 
-    def conditioning(self, prompt=None, prompt_embeds=None, negative_prompt=None,
-                     negative_prompt_embeds=None, guidance=None, plan=None):
-        """(prompt embeddings, negative embeddings or None), encoding the strings in one encoder phase.
+    def conditioning(self, request: GenerationRequest, plan=None):
+        """(prompt embeddings, negative embeddings or None) for `request`, encoding its strings in one encoder
+        phase.
 
         The negative side exists only for CFG variants with guidance > 1; its prompt defaults to "".
         """
-        spec = self.spec
-        if spec.guidance_mode != "cfg" and (negative_prompt is not None or negative_prompt_embeds is not None):
+        spec, r = self.spec, request
+        ctx, neg = r.prompt_embeds, r.negative_prompt_embeds
+        if spec.guidance_mode != "cfg" and (r.negative_prompt is not None or neg is not None):
             raise ValueError(f"{spec.name} does not use a negative prompt (only the klein base variants do)")
-        use_cfg = uses_cfg(spec, guidance)
+        use_cfg = uses_cfg(spec, r.guidance)
         texts = []
-        if prompt_embeds is None:
-            if prompt is None:
+        if ctx is None:
+            if r.prompt is None:
                 raise ValueError("pass a prompt (a string) or prompt_embeds")
-            texts.append(prompt)
-        if use_cfg and negative_prompt_embeds is None:
-            texts.append(negative_prompt or "")
+            texts.append(r.prompt)
+        if use_cfg and neg is None:
+            texts.append(r.negative_prompt or "")
         encoded = list(self.encode(texts, plan)) if texts else []
-        if prompt_embeds is None:
-            prompt_embeds = encoded.pop(0)
-        if use_cfg and negative_prompt_embeds is None:
-            negative_prompt_embeds = encoded.pop(0)
-        neg = self._embeds(negative_prompt_embeds, "negative_prompt_embeds") if use_cfg else None
-        return self._embeds(prompt_embeds, "prompt_embeds"), neg
+        if ctx is None:
+            ctx = encoded.pop(0)
+        if use_cfg and neg is None:
+            neg = encoded.pop(0)
+        neg = self._embeds(neg, "negative_prompt_embeds") if use_cfg else None
+        return self._embeds(ctx, "prompt_embeds"), neg
 
-    def _denoise(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, inputs: Inputs,
-                 steps, guidance, seed, strength) -> Iterator:
-        be, spec = self.backend, self.spec
-        if spec.guidance_mode == "none" and guidance not in (None, 1.0):
+    def _denoise(self, request: GenerationRequest) -> Iterator:
+        be, spec, inputs = self.backend, self.spec, request.inputs
+        if spec.guidance_mode == "none" and request.guidance not in (None, 1.0):
             warnings.warn(f"{spec.name} is guidance-distilled without a guidance input; "
-                          f"guidance={guidance} is ignored", stacklevel=4)
-        plan = self.plan(inputs.width, inputs.height, guidance, inputs) if self.memory == "phase" else None
-        ctx, neg = self.conditioning(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, guidance, plan)
-        steps, guidance = self.settings(steps, guidance)
-        start = sampling.img2img_start(steps, strength) if inputs.init is not None else 0
+                          f"guidance={request.guidance} is ignored", stacklevel=4)
+        phased = self.memory == "phase"
+        plan = self.plan(inputs.width, inputs.height, request.guidance, inputs) if phased else None
+        ctx, neg = self.conditioning(request, plan)
+        steps, guidance = self.settings(request.steps, request.guidance)
+        start = sampling.img2img_start(steps, request.strength) if inputs.init is not None else 0
         images = self._encode_images(inputs, plan)
         h, w = inputs.height // 16, inputs.width // 16
         ctx_ids = be.from_numpy(sampling.prc_txt(ctx.shape[1]))
@@ -478,37 +496,44 @@ class Pipeline:
             velocity = sampling.cfg_velocity(velocity, velocity_for(neg), guidance)
         schedule = sampling.get_schedule(steps, h * w)
         # Latents stay float32 whatever the model dtype: the Euler sum loses detail in bf16.
-        noise = sampling.make_noise(seed, h, w, spec.latent_channels)
+        noise = sampling.make_noise(request.seed, h, w, spec.latent_channels)
         init = images.init_latents
         x = be.from_numpy(noise if init is None else sampling.noised(init, noise, schedule[start]))
         for x in sampling.denoise(velocity, x, schedule[start:]):
             be.evaluate(x)
             yield x
 
-    def _inputs(self, inputs, width, height, images, image) -> Inputs:
-        if inputs is None:
-            return self.prepare_inputs(width, height, images, image)
-        if any(v is not None for v in (width, height, images, image)):
-            raise ValueError("pass either inputs= or width/height/images/image, not both")
-        return inputs
+    def _request(self, prompt, request: GenerationRequest | None, settings: dict) -> GenerationRequest:
+        """`request`, or the one `prompt` and `generate`'s other keywords describe (not both)."""
+        if request is None:
+            return self._request_from(prompt, **settings)
+        if prompt is not None or settings:
+            raise ValueError("pass either request= or a prompt and its settings, not both")
+        return request
 
-    def iter_steps(self, prompt=None, *, prompt_embeds=None, negative_prompt=None, negative_prompt_embeds=None,
-                   width=None, height=None, images=None, image=None, strength=DEFAULT_STRENGTH, inputs=None,
-                   steps=None, guidance=None, seed: int) -> Iterator[np.ndarray]:
-        """Latent tokens (1, N, C) after each step, for previews or progress (see `generate`)."""
-        inputs = self._inputs(inputs, width, height, images, image)
-        for x in self._denoise(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, inputs, steps,
-                               guidance, seed, strength):
+    def _request_from(self, prompt=None, *, prompt_embeds=None, negative_prompt=None,
+                      negative_prompt_embeds=None, width=None, height=None, images=None, image=None,
+                      strength=DEFAULT_STRENGTH, inputs=None, steps=None, guidance=None,
+                      seed: int) -> GenerationRequest:
+        if inputs is None:
+            inputs = self.prepare_inputs(width, height, images, image)
+        elif any(v is not None for v in (width, height, images, image)):
+            raise ValueError("pass either inputs= or width/height/images/image, not both")
+        return GenerationRequest(inputs, seed, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+                                 strength, steps, guidance)
+
+    def iter_steps(self, prompt=None, *, request: GenerationRequest | None = None,
+                   **settings) -> Iterator[np.ndarray]:
+        """Latent tokens (1, N, C) after each step, for previews or progress; takes what `generate` takes,
+        seed required."""
+        for x in self._denoise(self._request(prompt, request, settings)):
             yield self.backend.to_numpy(x)
 
-    def sample(self, prompt=None, *, prompt_embeds=None, negative_prompt=None, negative_prompt_embeds=None,
-               width=None, height=None, images=None, image=None, strength=DEFAULT_STRENGTH, inputs=None,
-               steps=None, guidance=None, seed: int) -> np.ndarray:
-        """Final latent tokens (1, (H/16)·(W/16), C), float32 (see `generate`)."""
-        inputs = self._inputs(inputs, width, height, images, image)
+    def sample(self, prompt=None, *, request: GenerationRequest | None = None, **settings) -> np.ndarray:
+        """Final latent tokens (1, (H/16)·(W/16), C), float32; takes what `generate` takes, seed
+        required."""
         x = None
-        for x in self._denoise(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, inputs, steps,
-                               guidance, seed, strength):
+        for x in self._denoise(self._request(prompt, request, settings)):
             pass
         return self.backend.to_numpy(x)
 
@@ -524,11 +549,11 @@ class Pipeline:
             img = np.nan_to_num(img)
         return Image.fromarray(np.round((np.clip(img, -1, 1) + 1) * 127.5).astype(np.uint8))
 
-    def generate(self, prompt=None, *, prompt_embeds=None, negative_prompt=None, negative_prompt_embeds=None,
-                 width=None, height=None, images=None, image=None, strength=DEFAULT_STRENGTH, inputs=None,
-                 steps=None, guidance=None, seed=None) -> Image.Image:
+    def generate(self, prompt=None, *, request: GenerationRequest | None = None, **settings) -> Image.Image:
         """Text-to-image, editing and image-to-image, from a prompt string or embeddings (1, L, context_in_dim).
 
+        Keywords: prompt_embeds, negative_prompt, negative_prompt_embeds, width, height, images, image,
+        strength, inputs, steps, guidance, seed; or instead one `GenerationRequest` as request=.
         images: up to 10 reference images (paths or PIL images) the result draws on. image: a start image
         for image-to-image; `strength` (0..1] is how much of the schedule runs from it (1: all, as from pure
         noise). width/height default to the start image's size, else the first reference's, else 1024.
@@ -536,18 +561,18 @@ class Pipeline:
         for the next seed. `seed=None` draws one. The settings used (seed included) are in `image.info`.
         To render one prompt with many seeds, encode once with `encode()` and pass `prompt_embeds`.
         """
-        seed = secrets.randbelow(2**31) if seed is None else int(seed)
-        inputs = self._inputs(inputs, width, height, images, image)
-        latents = self.sample(prompt, prompt_embeds=prompt_embeds, negative_prompt=negative_prompt,
-                              negative_prompt_embeds=negative_prompt_embeds, inputs=inputs, steps=steps,
-                              guidance=guidance, seed=seed, strength=strength)
-        out = self.decode(latents, inputs.width, inputs.height)
-        steps, guidance = self.settings(steps, guidance)
-        out.info.update(model=self.spec.name, seed=seed, steps=steps, guidance=guidance)
+        if request is None:
+            seed = settings.get("seed")
+            settings["seed"] = secrets.randbelow(2**31) if seed is None else int(seed)
+        request = self._request(prompt, request, settings)
+        inputs = request.inputs
+        out = self.decode(self.sample(request=request), inputs.width, inputs.height)
+        steps, guidance = self.settings(request.steps, request.guidance)
+        out.info.update(model=self.spec.name, seed=request.seed, steps=steps, guidance=guidance)
         if inputs.refs:
             out.info["references"] = len(inputs.refs)
         if inputs.init is not None:
-            out.info["strength"] = strength
+            out.info["strength"] = request.strength
         return out
 
 
