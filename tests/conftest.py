@@ -37,18 +37,21 @@ def random_transformer(cfg, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def random_vae(cfg, seed: int = 0) -> dict[str, np.ndarray]:
-    """BFL-named float32 VAE weights (ae.safetensors layout, PyTorch conv shapes)."""
+    """BFL-named float32 VAE weights (ae.safetensors layout, PyTorch conv shapes) with O(1) activations;
+    no tensor is trivially 0 or 1 (the batch-norm statistics included)."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in vae_shapes(cfg).items():
-        if name == "bn.running_var":
-            a = rng.uniform(0.5, 2.0, shape)
-        elif len(shape) == 4:
+        if name == "bn.running_mean":
+            a = 0.5 * rng.standard_normal(shape)
+        elif name == "bn.running_var":
+            a = rng.uniform(0.3, 2.0, shape)
+        elif len(shape) == 4:  # conv [O, I, kh, kw]
             a = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-        elif "norm" in name and name.endswith(".weight"):
-            a = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith(".weight"):  # GroupNorm scale
+            a = 1.0 + 0.2 * rng.standard_normal(shape)
         else:
-            a = 0.1 * rng.standard_normal(shape)
+            a = 0.05 * rng.standard_normal(shape)
         out[name] = a.astype(np.float32)
     return out
 

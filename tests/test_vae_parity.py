@@ -10,35 +10,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from conftest import random_vae
 from diffusers import AutoencoderKLFlux2, Flux2Pipeline
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from flux2_mlx.config import tiny_spec, vae_shapes
-from flux2_mlx.vae_names import vae_to_diffusers
+from flux2_mlx.config import tiny_spec
 from flux2_mlx.mlx_backend.load import load_vae
+from flux2_mlx.vae_names import vae_to_diffusers
 from flux2_mlx.weights import WeightSource, bf16_to_f32, f32_to_bf16, save_safetensors
 
 CFG = tiny_spec("klein-4b").vae
 TOL = 1e-5
-
-
-def random_vae(cfg, seed: int = 0) -> dict[str, np.ndarray]:
-    """BFL-named float32 VAE weights with O(1) activations; no tensor is trivially 0 or 1."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in vae_shapes(cfg).items():
-        if name == "bn.running_mean":
-            a = 0.5 * rng.standard_normal(shape)
-        elif name == "bn.running_var":
-            a = rng.uniform(0.3, 2.0, shape)
-        elif len(shape) == 4:  # conv [O, I, kh, kw]
-            a = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-        elif name.endswith(".weight"):  # GroupNorm scale
-            a = 1.0 + 0.2 * rng.standard_normal(shape)
-        else:
-            a = 0.05 * rng.standard_normal(shape)
-        out[name] = a.astype(np.float32)
-    return out
 
 
 def diffusers_vae(cfg, bfl: dict[str, np.ndarray]) -> AutoencoderKLFlux2:
