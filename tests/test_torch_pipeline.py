@@ -78,14 +78,14 @@ def _tiling_budget(be: str, maps: str, m, height: int) -> float:
 
 @pytest.mark.parametrize("phase", ["decode", "images"])
 def test_tiled_vae(tiny_models, phase):
-    """A budget too small for the whole image: decode (text-to-image 512x128) or encode (a 512x256
-    reference, 128x128 out; large enough that the budget still holds the denoising) runs in 256 px tiles
-    on both backends."""
+    """A budget too small for the whole image: decode (text-to-image 512x256) or encode (a 512x256
+    reference, 128x128 out); each large enough that the budget still holds the denoising: runs in 256 px
+    tiles on both backends."""
     m = tiny_models("klein-4b")
-    maps, height = ("vae_decode_maps", 128) if phase == "decode" else ("vae_encode_maps", 256)
+    maps, height = ("vae_decode_maps", 256) if phase == "decode" else ("vae_encode_maps", 256)
     pipes = {be: load_pipeline(m.spec, model_path=m.bfl_dir, backend=be, dtype="float32",
                                memory_budget=_tiling_budget(be, maps, m, height)) for be in BACKENDS}
-    kw = dict(width=512, height=128) if phase == "decode" else dict(images=[_photo(512, 256, 4)], width=128,
+    kw = dict(width=512, height=256) if phase == "decode" else dict(images=[_photo(512, 256, 4)], width=128,
                                                                        height=128)
     for pipe in pipes.values():
         inputs = pipe.prepare_inputs(**kw)

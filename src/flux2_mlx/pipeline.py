@@ -134,7 +134,8 @@ def memory_plan_from_files(spec: ModelSpec, files: dict, backend, dtype_bytes: i
         te_entries = text_encoder_entries(te_source, te_cfg)
     else:
         te_entries = _shape_entries(text_encoder_shapes(te_cfg))
-    te = memory_plan.component_weights("text encoder", te_entries, ("model.layers",), dtype_bytes)
+    te = memory_plan.component_weights("text encoder", te_entries, ("model.layers",), dtype_bytes,
+                                       fp8_kept=dev["fp8_kept"])
     streamed = max(t.total, te.total)
     source = stream_from or ("ram" if streamed + budget <= 0.9 * dev["total"] else "disk")
     if source not in ("ram", "disk"):
