@@ -24,7 +24,8 @@ BACKENDS = ("auto", "mlx", "torch")
 
 def _backend_options(f):
     f = click.option("--device", metavar="NAME",
-                     help="mlx: gpu or cpu; torch: cuda, cuda:N, mps or cpu. Default: the GPU when there is one.")(f)
+                     help="mlx: gpu or cpu; torch: cuda, cuda:N, mps or cpu. "
+                          "Default: the GPU when there is one.")(f)
     return click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
                         help="auto: MLX on Apple silicon, else PyTorch when installed (on CUDA, or on a CPU, "
                              "where it is the faster), else MLX.")(f)
@@ -45,7 +46,8 @@ def _usage_message(e: click.ClickException) -> str:
         if e.param_hint is not None:
             return f"{e.param_hint}: {e.message}"
         if e.param is not None:
-            name = max(e.param.opts, key=len) if isinstance(e.param, click.Option) else e.param.human_readable_name
+            name = (max(e.param.opts, key=len) if isinstance(e.param, click.Option)
+                    else e.param.human_readable_name)
             return f"{name}: {e.message}"
     message = e.format_message().rstrip(".")
     ctx = getattr(e, "ctx", None)
@@ -127,19 +129,23 @@ def _save_png(image, path: Path, meta: dict) -> None:
               help="Transformer: a .safetensors file or a diffusers transformer/ folder.")
 @click.option("--vae", type=click.Path(exists=True, path_type=Path), help="ae.safetensors or a vae/ folder.")
 @click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), help="A text_encoder/ folder.")
-@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), help="tokenizer.json or its folder.")
-@click.option("-W", "--width", type=click.IntRange(min=16), help="A multiple of 16; width x height at most 4 MP. "
-              "Default: the --image's or first --ref's size, else 1024.")
-@click.option("-H", "--height", type=click.IntRange(min=16), help="A multiple of 16; width x height at most 4 MP "
-              "(default as for --width).")
-@click.option("--ref", "refs", type=click.Path(dir_okay=False, path_type=Path), multiple=True, metavar="IMAGE",
+@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
+              help="tokenizer.json or its folder.")
+@click.option("-W", "--width", type=click.IntRange(min=16),
+              help="A multiple of 16; width x height at most 4 MP. "
+                   "Default: the --image's or first --ref's size, else 1024.")
+@click.option("-H", "--height", type=click.IntRange(min=16),
+              help="A multiple of 16; width x height at most 4 MP "
+                   "(default as for --width).")
+@click.option("--ref", "refs", type=click.Path(dir_okay=False, path_type=Path),
+              multiple=True, metavar="IMAGE",
               help="A reference image to edit from or draw on; repeat for up to 10 (BFL recommends at most 6 "
                    "for dev, 4 for klein).")
 @click.option("--image", "init", type=click.Path(dir_okay=False, path_type=Path),
               help="Image-to-image: start from this picture instead of pure noise.")
 @click.option("--strength", type=click.FloatRange(0, 1, min_open=True),
-              help=f"With --image: how much of the schedule runs (default {DEFAULT_STRENGTH:g}); 1 ignores the "
-                   f"image's content.")
+              help=f"With --image: how much of the schedule runs (default {DEFAULT_STRENGTH:g}); "
+                   f"1 ignores the image's content.")
 @click.option("--steps", type=click.IntRange(min=1), help="Default: the model's (klein 4, base and dev 50).")
 @click.option("--guidance", type=click.FloatRange(min=0), help="Default: the model's (4 for dev and base).")
 @click.option("--negative-prompt", help="Base variants only (true CFG); default the empty prompt.")
@@ -163,8 +169,8 @@ def _save_png(image, path: Path, meta: dict) -> None:
                    "faster).")
 @click.option("--dry-run", is_flag=True, help="Show the files and the memory plan; load nothing.")
 def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenizer, width, height, refs, init,
-             strength, steps, guidance, negative_prompt, seed, num_images, output, overwrite, dtype, backend, device,
-             memory_budget, stream_from, compile_, dry_run):
+             strength, steps, guidance, negative_prompt, seed, num_images, output, overwrite, dtype, backend,
+             device, memory_budget, stream_from, compile_, dry_run):
     """Generate images from PROMPT and save them as PNGs with their settings embedded. With --ref: edit
     or combine reference images; with --image: image-to-image."""
     from .pipeline import check_size
@@ -224,8 +230,8 @@ def _dry_run(spec, paths_kw, dtype, edit, guidance, budget):
     inputs = prepare_inputs(spec.name, **edit)
     if inputs.refs or inputs.init is not None:
         sizes = ", ".join(f"{r.shape[1]}x{r.shape[0]}" for r in inputs.refs)
-        click.echo(f"output {inputs.width}x{inputs.height}" + (f"; references {sizes} ({inputs.ref_tokens} tokens)"
-                                                               if sizes else ""))
+        click.echo(f"output {inputs.width}x{inputs.height}"
+                   + (f"; references {sizes} ({inputs.ref_tokens} tokens)" if sizes else ""))
     click.echo(_memory_plan_without_loading(spec, located, dtype, inputs, guidance, budget).describe())
 
 
@@ -290,7 +296,8 @@ def _oom_message(e: Exception, pipe, request, plan) -> str:
     if hi * GB >= 0.9 * plan.peak:
         return f"{head}; streaming would not make it much smaller: close other programs or use a smaller " \
                f"quantization"
-    return f"{head}: pass --memory-budget {float(f'{hi * 1.05:.2g}'):g} (or lower) to stream more of the model"
+    return (f"{head}: pass --memory-budget {float(f'{hi * 1.05:.2g}'):g} (or lower) "
+            f"to stream more of the model")
 
 
 def _run(pipe, request, plan, seeds, paths, edit):
@@ -352,10 +359,11 @@ def read_metadata(path: Path) -> dict:
 
 # What `flux2 generate` stores and `regenerate_command` reads; float means any finite number.
 _META_TYPES = {"prompt": str, "model": str, "seed": int, "steps": int, "guidance": float, "width": int,
-               "height": int, "dtype": str, "negative_prompt": str, "refs": list, "image": str, "strength": float,
-               "backend": str, "device": str, "compile": bool}
+               "height": int, "dtype": str, "negative_prompt": str, "refs": list, "image": str,
+               "strength": float, "backend": str, "device": str, "compile": bool}
 _META_REQUIRED = ("prompt", "model", "seed", "steps", "guidance", "width", "height", "dtype")
-_META_KINDS = {str: "text", int: "a whole number", float: "a number", list: "a list of paths", bool: "true or false"}
+_META_KINDS = {str: "text", int: "a whole number", float: "a number", list: "a list of paths",
+               bool: "true or false"}
 
 
 def _is(value, kind) -> bool:
@@ -385,8 +393,8 @@ def _check_metadata(meta, path: Path) -> None:
 def regenerate_command(meta: dict) -> str:
     """The `flux2 generate` line that reproduces an image from its metadata."""
     args = ["flux2", "generate", meta["prompt"], "--model", meta["model"], "--width", str(meta["width"]),
-            "--height", str(meta["height"]), "--steps", str(meta["steps"]), "--guidance", f"{meta['guidance']:g}",
-            "--seed", str(meta["seed"]), "--dtype", meta["dtype"]]
+            "--height", str(meta["height"]), "--steps", str(meta["steps"]),
+            "--guidance", f"{meta['guidance']:g}", "--seed", str(meta["seed"]), "--dtype", meta["dtype"]]
     for key in ("backend", "device"):  # absent from PNGs made before there were two backends
         if key in meta:
             args += [f"--{key}", meta[key]]
@@ -404,14 +412,16 @@ def regenerate_command(meta: dict) -> str:
 @main.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--plan", "show_plan", is_flag=True,
-              help="Also print the memory plan for generating with PATH (a model folder or transformer file).")
+              help="Also print the memory plan for generating with PATH "
+                   "(a model folder or transformer file).")
 @click.option("-m", "--model", type=click.Choice(list(MODELS)), default="klein-4b", show_default=True,
               help="With --plan: the variant the files belong to.")
 @click.option("-W", "--width", type=click.IntRange(min=16), default=1024, show_default=True,
               help="With --plan: a multiple of 16; width x height at most 4 MP.")
 @click.option("-H", "--height", type=click.IntRange(min=16), default=1024, show_default=True,
               help="With --plan: a multiple of 16; width x height at most 4 MP.")
-@click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), metavar="GB", help="With --plan.")
+@click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), metavar="GB",
+              help="With --plan.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="With --plan.")
 @_backend_options
 def info(path, show_plan, model, width, height, memory_budget, dtype, backend, device):
@@ -459,9 +469,11 @@ def models():
 @click.argument("src")
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-t", "--type", "qtype", required=True, metavar="TYPE",
-              help="Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K_M, Q2_K, BF16, F16.")
+              help="Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K_M, Q2_K, "
+                   "BF16, F16.")
 @click.option("--force", is_flag=True, help="Replace an existing DST.")
-@click.option("--all-layers", is_flag=True, help="Text encoders: keep every layer, not only those FLUX.2 uses.")
+@click.option("--all-layers", is_flag=True,
+              help="Text encoders: keep every layer, not only those FLUX.2 uses.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, metavar="N",
               help="Quantize with N threads (default: one per CPU core).")
 def convert(src, dst, qtype, force, all_layers, jobs):

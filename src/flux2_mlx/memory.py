@@ -123,7 +123,7 @@ class Phase:
     resident_blocks: int
     blocks: int
     prefetch: int  # bytes of the next streamed block, placed ahead by the prefetch thread (0 when resident)
-    held: int  # device bytes of weights held at the peak: all of them, or the resident ones + the running block
+    held: int  # device bytes of weights held at the peak: all, or the resident ones + the running block
     tile: int = 0  # images, decode: tile edge in pixels, 0 = untiled
 
     @property
@@ -163,8 +163,8 @@ class MemoryPlan:
         return max(p.peak for p in self.phases)
 
     def describe(self) -> str:
-        lines = [f"memory budget {self.budget / GB:.2f} GB ({self.usable / GB:.2f} GB planned, {HEADROOM:.0%} "
-                 f"kept free); predicted peak {self.peak / GB:.2f} GB"]
+        lines = [f"memory budget {self.budget / GB:.2f} GB ({self.usable / GB:.2f} GB planned, "
+                 f"{HEADROOM:.0%} kept free); predicted peak {self.peak / GB:.2f} GB"]
         for p in self.phases:
             if p.streamed:
                 how = (f"streamed from {self.source}: {p.resident_blocks} of {p.blocks} blocks resident, "
@@ -210,11 +210,11 @@ def _fit(name: str, c: Weights, acts: tuple[int, ...], others: int, budget: int)
     if k < 0:
         p = phase(0)
         raise MemoryPlanError(
-            f"{name} needs at least {p.peak / GB:.2f} GB even streamed ({c.name}: {c.fixed / GB:.2f} GB outside "
-            f"its blocks, blocks of up to {max(c.blocks) / GB:.2f} GB running and prefetched, "
+            f"{name} needs at least {p.peak / GB:.2f} GB even streamed ({c.name}: {c.fixed / GB:.2f} GB "
+            f"outside its blocks, blocks of up to {max(c.blocks) / GB:.2f} GB running and prefetched, "
             f"{max(acts) / GB:.2f} GB activations" + (f", {others / GB:.2f} GB VAE" if others else "")
-            + f"), more than the {budget / GB:.2f} GB usable of the budget; use a smaller quantization (e.g. a "
-              f"Q4_K GGUF), a smaller image, or raise --memory-budget")
+            + f"), more than the {budget / GB:.2f} GB usable of the budget; use a smaller quantization "
+              f"(e.g. a Q4_K GGUF), a smaller image, or raise --memory-budget")
     return phase(k)
 
 
@@ -232,7 +232,8 @@ def plan_phases(budget: int, *, transformer: Weights, vae: Weights, text_encoder
     out = MemoryPlan(budget, source)
     budget = usable(budget)
     if text_encoder is not None:
-        act = text_activations(te_hidden, te_mlp, te_heads, cfg_batch, compute_bytes, fused_attention, activations)
+        act = text_activations(te_hidden, te_mlp, te_heads, cfg_batch, compute_bytes, fused_attention,
+                               activations)
         out.phases.append(_fit("encode", text_encoder, act, vae.total, budget))
     if image_size is not None:
         out.phases.append(_vae_phase("images", activations.vae_encode_maps, vae, *image_size, budget, vae_ch,
@@ -253,7 +254,8 @@ def _vae_phase(name: str, maps: float, vae: Weights, width: int, height: int, bu
                fixed: int = 0) -> Phase:
     """Untiled when it fits; else the largest square tile (a multiple of 256 px, with its blending margin)
     that does. The VAE's activations grow with pixels, so tiles bound them."""
-    p = Phase(name, vae.name, vae.total, vae_activations(maps, width, height, ch, fixed), 0, 0, 0, 0, vae.total)
+    p = Phase(name, vae.name, vae.total, vae_activations(maps, width, height, ch, fixed), 0, 0, 0, 0,
+              vae.total)
     tile = 2048
     while p.peak > budget and tile >= 256:
         side = tile + 2 * TILE_OVERLAP
@@ -261,6 +263,7 @@ def _vae_phase(name: str, maps: float, vae: Weights, width: int, height: int, bu
         tile -= 256
     if p.peak > budget:
         what = "decoding" if name == "decode" else "encoding the input images"
-        raise MemoryPlanError(f"{what} needs at least {p.peak / GB:.2f} GB even in {p.tile}px tiles, more than "
-                              f"the {budget / GB:.2f} GB usable of the budget; raise --memory-budget")
+        raise MemoryPlanError(f"{what} needs at least {p.peak / GB:.2f} GB even in {p.tile}px tiles, "
+                              f"more than the {budget / GB:.2f} GB usable of the budget; "
+                              f"raise --memory-budget")
     return p

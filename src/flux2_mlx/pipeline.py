@@ -24,8 +24,19 @@ from PIL import Image
 from . import hub, sampling
 from . import images as edit_images
 from . import memory as memory_plan
-from .config import (DEFAULT_STRENGTH, MODELS, ModelSpec, TextEncoderConfig, TransformerConfig, get_spec,
-                     text_encoder_config_from, text_encoder_shapes, transformer_shapes, vae_config_from, vae_shapes)
+from .config import (
+    DEFAULT_STRENGTH,
+    MODELS,
+    ModelSpec,
+    TextEncoderConfig,
+    TransformerConfig,
+    get_spec,
+    text_encoder_config_from,
+    text_encoder_shapes,
+    transformer_shapes,
+    vae_config_from,
+    vae_shapes,
+)
 from .dit_names import transformer_entries
 from .encoder_names import gguf_encoder_config, text_encoder_entries
 from .entries import Entry, check_transformer, transformer_config
@@ -123,7 +134,8 @@ def memory_plan_from_files(spec: ModelSpec, files: dict, backend, dtype_bytes: i
     t_entries = (transformer_entries(WeightSource(tpath)) if tpath is not None
                  else _shape_entries(transformer_shapes(spec.transformer)))
     tcfg = _transformer_config(spec, t_entries, tpath) if tpath is not None else spec.transformer
-    t = memory_plan.component_weights("transformer", t_entries, ("double_blocks", "single_blocks"), dtype_bytes)
+    t = memory_plan.component_weights("transformer", t_entries, ("double_blocks", "single_blocks"),
+                                      dtype_bytes)
     vae_cfg = component_config(vae_config_from, Path(vpath), spec.vae) if vpath is not None else spec.vae
     v = memory_plan.component_weights("vae", vae_entries(WeightSource(vpath)) if vpath is not None
                                       else _shape_entries(vae_shapes(vae_cfg)), (), 4)
@@ -164,7 +176,7 @@ def run_tiled(fn, x: np.ndarray, tile: int, inner: int, outer: int) -> np.ndarra
 
     def ramp(lo, hi, n):  # 1 inside, falling to 0 across the 2·o cells of an inner edge
         r = np.ones(outer * (hi - lo), np.float32)
-        edge = np.linspace(0, 1, 2 * o * outer + 2, dtype=np.float32)[1:-1][: r.size]  # a short last tile: cut
+        edge = np.linspace(0, 1, 2 * o * outer + 2, dtype=np.float32)[1:-1][: r.size]  # short last tile: cut
         if lo > 0:
             r[: edge.size] = np.minimum(r[: edge.size], edge)
         if hi < n:
@@ -292,7 +304,8 @@ class Pipeline:
 
     def __init__(self, spec: ModelSpec, backend, files: dict, dtype, memory: str = "phase",
                  budget_gb: float | None = None, stream_from: str | None = None, compile: bool = False):
-        self.backend, self.files, self.dtype, self.memory, self.compile = backend, files, dtype, memory, compile
+        (self.backend, self.files, self.dtype, self.memory,
+         self.compile) = backend, files, dtype, memory, compile
         self.dtype_name = dtype_name(backend, dtype)
         self.backend_name = self.device = None  # set by load_pipeline
         self.budget_gb, self.stream_from = budget_gb, stream_from
@@ -305,11 +318,12 @@ class Pipeline:
         check_transformer(entries, cfg, self.files["transformer"])
         vae = component_config(vae_config_from, self._path("vae", spec), spec.vae)
         if cfg.in_channels != 4 * vae.z_channels:  # latents are 2×2 patches of the VAE's channels
-            raise WeightsError(f"{self.files['transformer']}: the transformer takes {cfg.in_channels} latent "
-                               f"channels but the autoencoder {self.files['vae']} gives {4 * vae.z_channels}; "
-                               f"use FLUX.2's own ae.safetensors")
+            raise WeightsError(f"{self.files['transformer']}: the transformer takes {cfg.in_channels} "
+                               f"latent channels but the autoencoder {self.files['vae']} gives "
+                               f"{4 * vae.z_channels}; use FLUX.2's own ae.safetensors")
         self.spec = dataclasses.replace(spec, transformer=cfg, vae=vae)
-        self.vae = backend.load_vae(vae, WeightSource(self.files["vae"]), dtype=backend.resolve_dtype("float32"))
+        self.vae = backend.load_vae(vae, WeightSource(self.files["vae"]),
+                                    dtype=backend.resolve_dtype("float32"))
         self._transformer, self._text_encoder, self._tokenizer = Component(backend), Component(backend), None
 
     def _path(self, component: str, spec: ModelSpec | None = None) -> Path:
@@ -352,7 +366,8 @@ class Pipeline:
             tile = phase.tile if phase else 0
 
             def encode(a):
-                return encode_tiled(lambda part: be.to_numpy(self.vae.encode(be.from_numpy(part)))[0], a[None], tile)
+                return encode_tiled(lambda part: be.to_numpy(self.vae.encode(be.from_numpy(part)))[0],
+                                    a[None], tile)
 
             refs = [encode(r) for r in inputs.refs]
             tokens = np.concatenate([r.reshape(1, -1, r.shape[-1]) for r in refs], axis=1) if refs else None
@@ -551,7 +566,8 @@ class Pipeline:
         return Image.fromarray(np.round((np.clip(img, -1, 1) + 1) * 127.5).astype(np.uint8))
 
     def generate(self, prompt=None, *, request: GenerationRequest | None = None, **settings) -> Image.Image:
-        """Text-to-image, editing and image-to-image, from a prompt string or embeddings (1, L, context_in_dim).
+        """Text-to-image, editing and image-to-image, from a prompt string or embeddings
+        (1, L, context_in_dim).
 
         Keywords: prompt_embeds, negative_prompt, negative_prompt_embeds, width, height, images, image,
         strength, inputs, steps, guidance, seed; or instead one `GenerationRequest` as request=.
@@ -652,8 +668,8 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
         raise ValueError(f"unknown memory mode {memory!r}; choose phase or resident")
     be, name, device = open_backend(backend, device)
     if compile and name != "torch":
-        raise ValueError(f"compiling the transformer is a torch-backend option, not {name}'s; use backend='torch'"
-                         f" or leave compile off")
+        raise ValueError(f"compiling the transformer is a torch-backend option, not {name}'s; "
+                         f"use backend='torch' or leave compile off")
     files = hub.locate(spec, model_path=model_path, transformer=transformer, vae=vae,
                        text_encoder=text_encoder, tokenizer=tokenizer)
     pipe = Pipeline(spec, be, files, be.resolve_dtype(dtype), memory, memory_budget, stream_from, compile)
