@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import random_transformer, random_vae
+from conftest import denoise_phase, random_transformer, random_vae
 
 from flux2_mlx import memory
 from flux2_mlx.config import tiny_spec
@@ -50,17 +50,10 @@ def _inputs(side=64, txt=16):
 
 
 def _plan(path, budget, monkeypatch):
-    """The planner's denoise phase for this transformer alone at SIDE² px and TXT text tokens: the public
-    plan_phases with no text encoder and an empty VAE whose decode needs nothing. plan_phases takes
-    FLUX.2's prompt length from memory.TEXT_TOKENS; this test's prompt is TXT tokens long."""
+    """The planner's denoise phase for this transformer at SIDE² px and TXT text tokens."""
     w = memory.component_weights("transformer", transformer_entries(WeightSource(path)),
                                  ("double_blocks", "single_blocks"), 4)
-    monkeypatch.setattr(memory, "TEXT_TOKENS", TXT)
-    plan = memory.plan_phases(budget, transformer=w, vae=memory.Weights("vae", 0, [], []), text_encoder=None,
-                              hidden=CFG.hidden_size, heads=CFG.num_heads, width=SIDE, height=SIDE,
-                              compute_bytes=4, fused_attention=False,
-                              activations=memory.Activations(vae_decode_maps=0))
-    return w, plan.phase("denoise")
+    return w, denoise_phase(monkeypatch, budget, w, CFG, text=TXT, width=SIDE, height=SIDE, fused=False)
 
 
 @pytest.fixture(scope="module")

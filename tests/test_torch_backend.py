@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import diffusers_vae, random_transformer, random_vae, rel_err
+from conftest import denoise_phase, diffusers_vae, random_transformer, random_vae, rel_err
 from mlx.utils import tree_flatten
 from test_streaming import CFG as DEEP
 from test_text_encoder_parity import Reference, _assert_close
@@ -26,9 +26,6 @@ from flux2_mlx.weights import WeightSource, save_safetensors
 CONTRACT = ["resolve_dtype", "load_transformer", "load_text_encoder", "load_vae", "from_numpy", "to_numpy",
             "evaluate", "free", "peak_memory", "device_memory", "use_device"]
 F32 = torch.float32
-
-
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _entries(tensors: dict) -> dict[str, Entry]:
@@ -414,15 +411,16 @@ print(hwm() - base)
 def planned(tmp_path_factory):
     cfg = dataclasses.replace(tiny_spec("klein-4b").transformer, **PLANNED)
     path = tmp_path_factory.mktemp("planned") / "t.safetensors"
-    rng = np.random.default_rng(6)  # drawn in float32: 155M values
+    # 155M values: 1M random ones repeated (half the time of drawing them all; memory does not care).
+    noise = np.random.default_rng(6).standard_normal(1 << 20, dtype=np.float32)
     save_safetensors(path, {k: np.ones(s, np.float32) if len(s) == 1 else
-                            rng.standard_normal(s, dtype=np.float32) * np.float32(s[1] ** -0.5)
+                            np.resize(noise * np.float32(s[1] ** -0.5), s)
                             for k, s in transformer_shapes(cfg).items()})
     return cfg, path
 
 
 @pytest.mark.parametrize("fraction", [None, 0.7], ids=["resident", "streamed"])
-def test_planned_peak_matches_the_measured_host_peak(planned, fraction):
+def test_planned_peak_matches_the_measured_host_peak(planned, fraction, monkeypatch):
     """The plan's peak for the denoise phase within 10 % of the process's peak RSS above where it stood
     before loading (a fresh process; streamed blocks read from disk: kept in RAM, their host copies would be
     the same memory on a CPU)."""
@@ -436,11 +434,10 @@ def test_planned_peak_matches_the_measured_host_peak(planned, fraction):
     dev = tb.device_memory()
     w = memory.component_weights("transformer", transformer_entries(WeightSource(path)),
                                  ("double_blocks", "single_blocks"), 4)
-    tokens = PLANNED_TEXT + PLANNED_IMAGE[0] * PLANNED_IMAGE[1]
-    acts = memory.transformer_activations(cfg.hidden_size, cfg.num_heads, tokens, 4, dev["fused_attention"],
-                                          act=dev["activations"])
     budget = 10**12 if fraction is None else int(fraction * w.total)
-    phase = memory._fit("denoise", w, acts, 0, memory.usable(budget))
+    phase = denoise_phase(monkeypatch, budget, w, cfg, text=PLANNED_TEXT, width=16 * PLANNED_IMAGE[1],
+                          height=16 * PLANNED_IMAGE[0], fused=dev["fused_attention"],
+                          activations=dev["activations"])
     assert phase.streamed == (fraction is not None)
     code = MEASURE_PEAK.format(planned=PLANNED, image=PLANNED_IMAGE, text=PLANNED_TEXT)
     resident = phase.resident_blocks if phase.streamed else -1
