@@ -218,18 +218,30 @@ def write_qwen_tokenizer(path) -> None:
     tok.save(str(path))
 
 
+_TEKKEN_FILES: dict[str, bytes] = {}  # what save_pretrained wrote, by file name: converted once a session
+
+
 def write_tekken_tokenizer(folder):
     """mistral-common's real Tekken vocabulary converted to tokenizer.json by transformers (as the
-    Mistral-Small repos ship it) → (tekken.json path, tokenizer.json path)."""
+    Mistral-Small repos ship it) → (tekken.json path, tokenizer.json path). The conversion (~3 s) runs
+    once; later calls write the same files."""
+    import tempfile
     import warnings
+    from pathlib import Path
 
     import mistral_common
     from transformers.integrations.mistral import convert_tekken_tokenizer
 
     src = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tekken_240911.json")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert_tekken_tokenizer(src).save_pretrained(str(folder))
+    if not _TEKKEN_FILES:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            convert_tekken_tokenizer(src).save_pretrained(tmp)
+            _TEKKEN_FILES.update({p.name: p.read_bytes() for p in Path(tmp).iterdir()})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in _TEKKEN_FILES.items():
+        (folder / name).write_bytes(data)
     return src, folder / "tokenizer.json"
 
 
@@ -292,6 +304,22 @@ def write_tiny_repo(root, name: str = "klein-4b"):
     _randomize(model, seed=3).save_pretrained(root / "text_encoder")
     write_qwen_tokenizer(root / "tokenizer" / "tokenizer.json")
     return spec
+
+
+@pytest.fixture(scope="session")
+def te_references(tmp_path_factory):
+    """kind ("qwen3" | "mistral") → test_text_encoder_parity.Reference: a tiny random transformers encoder,
+    saved, and its hidden states at 512 tokens; built once for the text-encoder and torch-backend tests."""
+    from test_text_encoder_parity import Reference
+
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = Reference(kind, tmp_path_factory.mktemp("te"))
+        return cache[kind]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,23 @@ L = 64  # text tokens; the pipeline is agnostic to it and the real 512 is covere
 CASES = [("dev", 4, 4.0), ("klein-4b", 4, 1.0), ("klein-base-4b", 4, 4.0)]
 
 
+@pytest.fixture(scope="module")
+def reference_runs():
+    """diffusers' runs, by (variant, output type): the same for both weight layouts, so run once."""
+    cache = {}
+
+    def get(m, variant, embeds, neg, noise, output_type, **kw):
+        key = (variant, output_type)
+        if key not in cache:
+            cache[key] = diffusers_run(m, variant, embeds, neg, noise, output_type=output_type, **kw)
+        return cache[key]
+
+    return get
+
+
 @pytest.mark.parametrize("variant,steps,guidance", CASES)
 @pytest.mark.parametrize("layout", ["bfl", "diffusers"])
-def test_denoise_matches_diffusers(tiny_models, variant, steps, guidance, layout, tmp_path):
+def test_denoise_matches_diffusers(tiny_models, reference_runs, variant, steps, guidance, layout, tmp_path):
     m = tiny_models(variant)
     rng = np.random.default_rng(7)
     D = m.spec.transformer.context_in_dim
@@ -32,7 +46,7 @@ def test_denoise_matches_diffusers(tiny_models, variant, steps, guidance, layout
     ours = pipe.sample(prompt_embeds=embeds, negative_prompt_embeds=neg, width=W, height=H, steps=steps,
                        guidance=guidance, seed=seed)
     kw = dict(width=W, height=H, steps=steps, guidance=guidance)
-    ref = diffusers_run(m, variant, embeds, neg, noise, output_type="latent", **kw)
+    ref = reference_runs(m, variant, embeds, neg, noise, "latent", **kw)
     assert ours.shape == ref.shape == (1, (H // 16) * (W // 16), 128)
     assert rel_err(ours, ref) <= 1e-4
 
@@ -41,7 +55,7 @@ def test_denoise_matches_diffusers(tiny_models, variant, steps, guidance, layout
                           steps=steps, guidance=guidance, seed=seed)
     image.save(tmp_path / "out.png")
     png = np.asarray(Image.open(tmp_path / "out.png"), np.int16)
-    ref_img = diffusers_run(m, variant, embeds, neg, noise, output_type="np", **kw)[0]
+    ref_img = reference_runs(m, variant, embeds, neg, noise, "np", **kw)[0]
     assert png.shape == (H, W, 3) and image.info["seed"] == seed
     assert np.abs(png - np.round(ref_img * 255)).max() <= 1
 

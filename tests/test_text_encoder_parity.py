@@ -79,18 +79,19 @@ class Reference:
             hs = self.model(input_ids=torch.from_numpy(self.ids), attention_mask=torch.from_numpy(self.mask),
                             output_hidden_states=True).hidden_states
         self.expected = torch.cat([hs[k] for k in self.te.output_layers], dim=-1).numpy()
+        self._mlx = None
+
+    @property
+    def mlx(self) -> np.ndarray:
+        """The MLX encoder's float32 output from the saved folder, computed once (several tests compare it)."""
+        if self._mlx is None:
+            self._mlx = _ours(self, self.dir)
+        return self._mlx
 
 
 @pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            cache[kind] = Reference(kind, tmp_path_factory.mktemp("te"))
-        return cache[kind]
-
-    return get
+def refs(te_references):
+    return te_references
 
 
 def _ours(ref, path, dtype=mx.float32):
@@ -109,7 +110,7 @@ def _assert_close(ours, ref, tol=1e-5):
 @pytest.mark.parametrize("kind", ["qwen3", "mistral"])
 def test_matches_transformers_from_save_pretrained(refs, kind):
     ref = refs(kind)
-    _assert_close(_ours(ref, ref.dir), ref)
+    _assert_close(ref.mlx, ref)
 
 
 def test_save_pretrained_writes_the_legacy_mistral3_layout(refs):
@@ -144,7 +145,7 @@ def test_left_pad_rows_follow_the_zero_convention(refs):
             if n in ref.te.output_layers:
                 slots.append(x)
     expected = torch.cat(slots).numpy()
-    ours = _ours(ref, ref.dir)
+    ours = ref.mlx
     pads = ours[ref.mask == 0]
     assert rel_err(pads, np.broadcast_to(expected, pads.shape)) <= 1e-5
 
