@@ -147,6 +147,43 @@ def denoise_phase(monkeypatch, budget: int, weights, cfg, *, text: int, width: i
     return plan.phase("denoise")
 
 
+def write_gguf(path, tensors: dict, types: dict, arch: str | None = "flux", prefix: str = "", kv=None):
+    """A GGUF file by gguf-py's own GGUFWriter. `types[name]` (a GGMLQuantizationType or its name; F32 when
+    absent) picks each tensor's ggml type: gguf-py quantizes the types it can, flux2_mlx.quant the K-quants
+    it cannot. arch None: no general.architecture (stable-diffusion.cpp-style files); prefix: before every
+    tensor name; kv: key → string value, or a callable given the writer."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFWriter
+    from gguf import quants as gq
+
+    from flux2_mlx.quant import quantize
+
+    w = GGUFWriter(str(path), arch or "unused")
+    if arch is None:
+        del w.kv_data[0]["general.architecture"]
+    w.add_quantization_version(2)
+    w.add_file_type(7)
+    for key, value in (kv or {}).items():
+        value(w) if callable(value) else w.add_string(key, value)
+    for name, a in tensors.items():
+        t = types.get(name, T.F32)
+        t = T[t] if isinstance(t, str) else T(t)
+        a = np.ascontiguousarray(a, np.float32)
+        if t == T.F32:
+            w.add_tensor(prefix + name, a)
+            continue
+        try:
+            raw = gq.quantize(a, t)
+        except NotImplementedError:  # the K-quants: gguf-py only dequantizes them
+            raw = quantize(a, t)
+        w.add_tensor(prefix + name, raw, raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))

@@ -4,7 +4,7 @@ where llama.cpp permuted them); malformed files fail with one-line WeightsErrors
 
 import numpy as np
 import pytest
-from conftest import random_transformer
+from conftest import random_transformer, write_gguf
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 from gguf import quants as gq
@@ -26,28 +26,6 @@ def city96_type(name: str, a: np.ndarray, i: int) -> T:
     if name.startswith(HIPREC):
         return T.BF16
     return (T.Q8_0, T.Q4_0)[i % 2]
-
-
-def write_gguf(path, tensors: dict, types: dict, arch: str | None = "flux", prefix: str = "", kv=None):
-    """A GGUF file by gguf-py's writer; `types[name]` picks each tensor's ggml type."""
-    w = GGUFWriter(str(path), arch or "unused")
-    if arch is None:  # stable-diffusion.cpp-style files carry no architecture
-        del w.kv_data[0]["general.architecture"]
-    w.add_quantization_version(2)
-    w.add_file_type(7)
-    for key, value in (kv or {}).items():
-        value(w) if callable(value) else w.add_string(key, value)
-    for name, a in tensors.items():
-        t = types[name]
-        if t == T.F32:
-            w.add_tensor(prefix + name, np.ascontiguousarray(a, np.float32))
-        else:
-            w.add_tensor(prefix + name, gq.quantize(np.ascontiguousarray(a, np.float32), t), raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.fixture(scope="module")

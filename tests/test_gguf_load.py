@@ -1,11 +1,10 @@
 """GGUF weights run on MLX's quantized kernels: per-tensor layer types, values equal to gguf-py's."""
 
-import gguf
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import random_transformer, rel_err
+from conftest import random_transformer, rel_err, write_gguf
 from mlx.utils import tree_flatten
 
 from flux2_mlx.config import tiny_spec
@@ -19,23 +18,6 @@ CFG = tiny_spec("dev").transformer
 # One type per matrix, cycling: every exactly-repacked type and the re-quantized ones in one model.
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q3_K", "Q6_K", "Q2_K", "F16"]
 EXACT = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "F16"}  # Q3_K loads re-quantized (4-bit)
-
-
-def _write(path, tensors, types):
-    w = gguf.GGUFWriter(str(path), "flux")
-    for name, a in tensors.items():
-        t = types.get(name, "F32")
-        if t == "F32":
-            w.add_tensor(name, a)
-        elif t == "F16":
-            w.add_tensor(name, a.astype(np.float16))
-        else:
-            q = quantize(a, GGMLType[t])
-            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=GGMLType[t])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def _dense(tensors, types):
@@ -59,7 +41,7 @@ def mixed(tmp_path_factory):
     matrices = [k for k, a in tensors.items() if a.ndim == 2]
     types = {k: TYPES[i % len(TYPES)] for i, k in enumerate(matrices)}
     path = tmp_path_factory.mktemp("gguf") / "tiny-dev-mixed.gguf"
-    _write(path, tensors, types)
+    write_gguf(path, tensors, types)
     return path, tensors, types
 
 
@@ -81,7 +63,7 @@ def test_quantized_model_equals_dense_model_of_the_same_values(mixed):
     path, tensors, types = mixed
     exact_types = {k: (t if t in EXACT else "F16") for k, t in types.items()}
     exact_path = path.with_name("exact.gguf")
-    _write(exact_path, tensors, exact_types)
+    write_gguf(exact_path, tensors, exact_types)
     ours = _forward(load_transformer(CFG, WeightSource(exact_path), dtype=mx.float32))
     dense = _dense(tensors, exact_types)
     ref = _forward(load_transformer(CFG, {k: Entry(a.shape, lambda a=a: a) for k, a in dense.items()},
@@ -103,7 +85,7 @@ def test_pipeline_runs_a_gguf_transformer(tiny_models, tmp_path):
     m = tiny_models("klein-4b")
     types = {k: "Q8_0" for k, a in m.transformer.items() if a.ndim == 2}
     path = tmp_path / "flux-2-klein-4b-Q8_0.gguf"
-    _write(path, m.transformer, types)
+    write_gguf(path, m.transformer, types)
     embeds = np.random.default_rng(1).standard_normal((1, 16, m.spec.transformer.context_in_dim)).astype(np.float32)
     kw = dict(prompt_embeds=embeds, width=32, height=48, steps=2, seed=3)
     q = load_pipeline(m.spec, transformer=path, vae=m.bfl_dir / "ae.safetensors").sample(**kw)

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import denoise_phase, diffusers_vae, random_transformer, random_vae, rel_err
+from conftest import denoise_phase, diffusers_vae, random_transformer, random_vae, rel_err, write_gguf
 from mlx.utils import tree_flatten
 from test_streaming import CFG as DEEP
 from test_text_encoder_parity import _assert_close
@@ -299,14 +299,14 @@ def test_unpacked_weight_equals_mlx_dequantize_bit_for_bit(name):
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
 def test_gguf_transformer_equals_dense_model_of_the_same_values(tmp_path, qtype):
-    from test_gguf_load import _dense, _write
+    from test_gguf_load import _dense
 
     from flux2_mlx.torch_backend.quant_layers import QuantLinear
 
     cfg = tiny_spec("dev").transformer
     tensors = random_transformer(cfg, seed=4)
     types = {k: qtype for k, a in tensors.items() if a.ndim == 2 and a.shape[1] % 256 == 0}  # whole K-blocks
-    _write(tmp_path / "t.gguf", tensors, types)
+    write_gguf(tmp_path / "t.gguf", tensors, types)
     model = tb.load_transformer(cfg, WeightSource(tmp_path / "t.gguf"), dtype=F32)
     layer = model.double_blocks[0].img_attn.qkv
     assert isinstance(layer, QuantLinear) and layer.weight.dtype == torch.uint8  # packed, no dense copy
