@@ -16,7 +16,7 @@ from test_text_encoder_parity import _inputs, _randomize, hf_model
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize, _dequantize_fp8_weight
 
 from flux2_mlx.config import QWEN3_4B, QWEN3_8B, text_encoder_shapes, tiny_spec
-from flux2_mlx.encoder_names import _fp8_block_size, text_encoder_entries
+from flux2_mlx.encoder_names import text_encoder_entries
 from flux2_mlx.entries import check_keys
 from flux2_mlx.mlx_backend import load_text_encoder
 from flux2_mlx.weights import (F8_E4M3, F8_E5M2, FP8Blocks, SafetensorsFile, WeightSource, WeightsError,
@@ -168,9 +168,17 @@ def test_full_size_fp8_key_set_maps_to_the_needed_tensors_with_128_blocks(te):
             shapes[k[:-len("weight")] + "weight_scale_inv"] = (-(-s[0] // 128), -(-s[1] // 128))
     entries = text_encoder_entries(ShapeSource(shapes), te)
     check_keys(entries, text_encoder_shapes(te), te.repo_id + "-FP8")
-    pairs = {k: k[:-len("weight")] + "weight_scale_inv" for k in shapes
-             if k[:-len("weight")] + "weight_scale_inv" in shapes}
-    assert _fp8_block_size(ShapeSource(shapes), pairs) == (128, 128)
+    # What the entries load (every tensor read as zero bytes): FP8 blocks of 128 x 128 for every matrix.
+    loaded = text_encoder_entries(_ZeroSource(shapes), te)
+    fp8 = [e.load() for n, e in loaded.items() if ".layers." in n and len(e.shape) == 2]
+    assert fp8 and {(type(b), b.block) for b in fp8} == {(FP8Blocks, (128, 128))}
+
+
+class _ZeroSource(ShapeSource):
+    """Shapes only; every tensor reads as zeros (FP8 codes as bytes, scales as float32)."""
+
+    def get(self, k):
+        return np.zeros(self.shape(k), np.float32 if k.endswith("_scale_inv") else np.uint8)
 
 
 def dataclass_replace_depth(te):

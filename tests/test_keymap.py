@@ -8,7 +8,7 @@ from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 
 from flux2_mlx.config import MODELS, tiny_spec, transformer_shapes, vae_shapes
-from flux2_mlx.dit_names import _swap_halves, transformer_entries, transformer_to_diffusers
+from flux2_mlx.dit_names import transformer_entries, transformer_to_diffusers
 from flux2_mlx.entries import check_keys
 from flux2_mlx.vae_names import vae_entries, vae_to_diffusers
 from flux2_mlx.weights import WeightSource, save_safetensors
@@ -65,9 +65,18 @@ def test_vae_round_trip_through_diffusers_file(tmp_path):
     assert all(np.array_equal(back[k].load(), bfl[k]) for k in bfl)
 
 
-def test_swap_halves_is_an_involution():
-    a = np.arange(24.0).reshape(6, 4)
-    assert np.array_equal(_swap_halves(_swap_halves(a)), a) and not np.array_equal(_swap_halves(a), a)
+def test_final_modulation_halves_swap_and_swap_back(tmp_path):
+    """BFL's final (shift, scale) rows are diffusers' (scale, shift): the halves swap on the way to diffusers
+    names and swap back on the way in (the one map that moves values, not only names)."""
+    bfl = random_transformer(tiny_spec("klein-4b").transformer)
+    a = bfl["final_layer.adaLN_modulation.1.weight"]
+    diffusers = transformer_to_diffusers(bfl)
+    h = a.shape[0] // 2
+    assert np.array_equal(diffusers["norm_out.linear.weight"], np.concatenate([a[h:], a[:h]]))
+    assert not np.array_equal(diffusers["norm_out.linear.weight"], a)
+    save_safetensors(tmp_path / "t.safetensors", diffusers)
+    back = transformer_entries(WeightSource(tmp_path / "t.safetensors"))
+    assert np.array_equal(back["final_layer.adaLN_modulation.1.weight"].load(), a)
 
 
 def test_bfl_prefixed_keys_map_by_identity(tmp_path):

@@ -134,15 +134,17 @@ def test_random_blocks_through_mlx(t):
 
 @pytest.mark.parametrize("t", [T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_large_tensor_repacked_in_row_chunks_equals_one_piece(t):
-    """repack() splits tensors over ~1 MB row chunks on a thread pool; the pieces must join in order."""
-    from flux2_mlx.quant.affine import _repack_rows
+    """repack() splits tensors over ~1 MB row chunks on a thread pool; the pieces must join in order: the
+    whole equals 100-row pieces (each well under one chunk) repacked alone and stacked."""
     shape = (3, 700, 1024)  # 3-D lead, 2100 rows: a few MB of blocks, several uneven chunks
     raw = _random_raw(t, (2100, 1024), seed=3).reshape(3, 700, -1)
     whole = repack(raw, t, shape, exact=True)
-    one = _repack_rows(raw.reshape(2100, -1), t, 1024, np.float32, True)
-    assert whole.weight.shape == (3, 700, 1024 * one.bits // 32) and whole.scales.shape[:2] == (3, 700)
-    for a, b in ((whole.weight, one.weight), (whole.scales, one.scales), (whole.biases, one.biases)):
-        assert np.array_equal(a.reshape(b.shape), b)
+    rows = raw.reshape(2100, -1)
+    pieces = [repack(rows[i:i + 100], t, (100, 1024), exact=True) for i in range(0, 2100, 100)]
+    one = {k: np.concatenate([getattr(p, k) for p in pieces]) for k in ("weight", "scales", "biases")}
+    assert whole.weight.shape == (3, 700, 1024 * pieces[0].bits // 32) and whole.scales.shape[:2] == (3, 700)
+    for k, b in one.items():
+        assert np.array_equal(getattr(whole, k).reshape(b.shape), b), k
     if t != T.Q6_K:
         assert np.array_equal(dequantize_mlx(whole), dequantize(raw, t, shape))
 

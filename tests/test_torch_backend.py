@@ -57,7 +57,8 @@ def test_device_choice_and_dtypes():
     for bad in ("tpu", "cuda:99", "cpu:1") + (() if torch.cuda.is_available() else ("cuda",)):
         with pytest.raises(ValueError, match=f"device '{bad}' is not available here; available: cpu"):
             tb.use_device(bad)
-    assert tb.use_device() == ("cuda:0" if torch.cuda.is_available() else "mps" if tb._has_mps() else "cpu")
+    mps = torch.backends.mps.is_available()
+    assert tb.use_device() == ("cuda:0" if torch.cuda.is_available() else "mps" if mps else "cpu")
     mem = tb.device_memory()
     assert set(mem) == set(mb.device_memory()) and 0 < mem["limit"] <= mem["total"]
     assert tb.peak_memory() > 0
