@@ -121,7 +121,7 @@ def test_interrupted_conversion_leaves_nothing(tiny_dit, tmp_path, monkeypatch, 
 @pytest.mark.parametrize("target", ["Q4_K_M", "Q5_0"])
 def test_parallel_output_is_byte_identical(tiny_dit, tmp_path, monkeypatch, target):
     src, *_ = tiny_dit
-    monkeypatch.setattr(conv, "_CHUNK_BYTES", 4096)  # many chunks per tensor, several in flight
+    monkeypatch.setattr(conv, "_CHUNK_BYTES", 16384)  # many chunks per tensor, several in flight
     one = conv.convert(src, tmp_path / "one.gguf", target, progress=False, jobs=1)
     two = conv.convert(src, tmp_path / "two.gguf", target, progress=False, jobs=2)
     assert one.read_bytes() == two.read_bytes()
