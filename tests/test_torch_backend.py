@@ -197,7 +197,9 @@ def test_fp8_encoder_stays_fp8_and_decodes_to_mlx_weights(tmp_path, block):
         assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight.element_size() == 1
         want = np.array(dict(tree_flatten(theirs.parameters()))[name + ".weight"])
         assert np.array_equal(tb.to_numpy(layer.dense()), want), name
-    ids, mask = te_inputs("qwen3", te.vocab_size)
+    # The first 64 of the parity tests' 512 tokens: one prompt of 37 tokens and pads, one of 64 (what is
+    # checked here is the FP8 storage, not the length; MLX's encoder takes 8x longer at 512).
+    ids, mask = (a[:, :64] for a in te_inputs("qwen3", te.vocab_size))
     got = tb.to_numpy(ours(tb.from_numpy(ids), tb.from_numpy(mask)))
     with torch.no_grad():
         hs = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
