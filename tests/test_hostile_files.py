@@ -295,13 +295,13 @@ def test_untouched_files_still_read(specs, tmp_path):
         np.uint16), np.frombuffer(_st(specs)["tensors"][0][3], np.uint16).reshape(128, 128))
 
 
-def test_info_on_a_repo_folder_describes_each_component(tmp_path):
-    from conftest import write_tiny_repo
+def test_info_on_a_repo_folder_describes_each_component(tiny_repo, tmp_path):
+    import shutil
 
-    write_tiny_repo(tmp_path)
-    r = CliRunner().invoke(main, ["info", str(tmp_path)])
+    repo = shutil.copytree(tiny_repo, tmp_path / "repo")  # a copy: its VAE is damaged below
+    r = CliRunner().invoke(main, ["info", str(repo)])
     assert r.exit_code == 0, r.output
     assert "FLUX.2 transformer" in r.stdout and "text encoder: Qwen3" in r.stdout and "autoencoder" in r.stdout
-    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x08" + bytes(20))
-    r = CliRunner().invoke(main, ["info", str(tmp_path)])
+    (repo / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x08" + bytes(20))
+    r = CliRunner().invoke(main, ["info", str(repo)])
     assert r.exit_code == 2 and "vae" in r.stderr and len(r.stderr.splitlines()) == 1
