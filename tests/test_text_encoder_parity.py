@@ -1,5 +1,7 @@
 """The MLX text encoders equal transformers' Qwen3 / Mistral3 hidden states on identical weights (float32)."""
 
+import copy
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from flux2_mlx.weights import WeightSource, WeightsError, save_safetensors
 
 L = 512  # FLUX.2's real context length; the tiny models take a few seconds at it
 LENGTHS = (37, 300)  # real tokens per prompt
+SHORT, SHORT_LENGTHS = 64, (37, 64)  # Reference.short: where the weights' layout is what is checked
 PAD = {"qwen3": 255, "mistral": 11}
 
 
@@ -52,13 +55,13 @@ def _randomize(model, seed):
     return model
 
 
-def _inputs(kind, vocab, seed=0):
+def _inputs(kind, vocab, seed=0, length=L, lengths=LENGTHS):
     """Qwen3 pads on the right, Mistral on the left, as the reference's HF tokenizers do."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, (len(LENGTHS), L))
-    mask = np.zeros((len(LENGTHS), L), np.int64)
-    for b, n in enumerate(LENGTHS):
-        real = slice(0, n) if kind == "qwen3" else slice(L - n, L)
+    ids = rng.integers(0, vocab, (len(lengths), length))
+    mask = np.zeros((len(lengths), length), np.int64)
+    for b, n in enumerate(lengths):
+        real = slice(0, n) if kind == "qwen3" else slice(length - n, length)
         mask[b, real] = 1
         ids[b][mask[b] == 0] = PAD[kind]
     return ids, mask
@@ -68,6 +71,7 @@ class Reference:
     """A tiny random HF encoder saved with save_pretrained, and its concatenated hidden states."""
 
     def __init__(self, kind, root):
+        self.kind = kind
         self.te = tiny_spec("klein-4b" if kind == "qwen3" else "dev").text_encoder
         # One layer past the deepest output, else transformers' hidden_states[-1] is the final-normed one.
         self.model = _randomize(hf_model(self.te, max(self.te.output_layers) + 1), seed=0).eval()
@@ -75,11 +79,25 @@ class Reference:
         self.dir = root / kind
         self.model.save_pretrained(self.dir)
         self.ids, self.mask = _inputs(kind, self.te.vocab_size)
+        self.expected = self._hidden_states(self.ids, self.mask)
+        self._mlx = self._short = None
+
+    def _hidden_states(self, ids, mask) -> np.ndarray:
         with torch.no_grad():
-            hs = self.model(input_ids=torch.from_numpy(self.ids), attention_mask=torch.from_numpy(self.mask),
+            hs = self.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                             output_hidden_states=True).hidden_states
-        self.expected = torch.cat([hs[k] for k in self.te.output_layers], dim=-1).numpy()
-        self._mlx = None
+        return torch.cat([hs[k] for k in self.te.output_layers], dim=-1).numpy()
+
+    @property
+    def short(self) -> "Reference":
+        """The same encoder and folder on SHORT tokens (prompts of SHORT_LENGTHS, padded as above)."""
+        if self._short is None:
+            short = copy.copy(self)
+            short.ids, short.mask = _inputs(self.kind, self.te.vocab_size, length=SHORT, lengths=SHORT_LENGTHS)
+            short.expected = self._hidden_states(short.ids, short.mask)
+            short._mlx = short._short = None
+            self._short = short
+        return self._short
 
     @property
     def mlx(self) -> np.ndarray:
@@ -102,7 +120,7 @@ def _ours(ref, path, dtype=mx.float32):
 def _assert_close(ours, ref, tol=1e-5):
     assert np.isfinite(ours).all()
     real = ref.mask.astype(bool)
-    assert ours.shape == ref.expected.shape == (len(LENGTHS), L, 3 * ref.te.hidden_size)
+    assert ours.shape == ref.expected.shape == (*ref.ids.shape, 3 * ref.te.hidden_size)
     assert rel_err(ours[real], ref.expected[real]) <= tol
     assert rel_err(ours[~real], ref.expected[~real]) <= tol
 
@@ -122,7 +140,7 @@ def test_save_pretrained_writes_the_legacy_mistral3_layout(refs):
 
 @pytest.mark.parametrize("layout", ["model.language_model.", "comfyui"])
 def test_other_mistral3_layouts(refs, layout, tmp_path):
-    ref = refs("mistral")
+    ref = refs("mistral").short  # 64 tokens: only which weight lands where differs from the test above
     sd = {k: v.numpy() for k, v in ref.model.state_dict().items()}  # `model.language_model.…` names
     if layout == "comfyui":  # bare `model.` prefix, pruned to the layers FLUX.2 uses, no vision tower
         bare = {"model." + k.removeprefix("model.language_model."): v for k, v in sd.items()}
