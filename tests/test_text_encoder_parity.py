@@ -93,7 +93,8 @@ class Reference:
         """The same encoder and folder on SHORT tokens (prompts of SHORT_LENGTHS, padded as above)."""
         if self._short is None:
             short = copy.copy(self)
-            short.ids, short.mask = _inputs(self.kind, self.te.vocab_size, length=SHORT, lengths=SHORT_LENGTHS)
+            short.ids, short.mask = _inputs(self.kind, self.te.vocab_size, length=SHORT,
+                                            lengths=SHORT_LENGTHS)
             short.expected = self._hidden_states(short.ids, short.mask)
             short._mlx = short._short = None
             self._short = short
@@ -101,7 +102,7 @@ class Reference:
 
     @property
     def mlx(self) -> np.ndarray:
-        """The MLX encoder's float32 output from the saved folder, computed once (several tests compare it)."""
+        """The MLX encoder's float32 output from the saved folder, computed once (three tests compare it)."""
         if self._mlx is None:
             self._mlx = _ours(self, self.dir)
         return self._mlx
