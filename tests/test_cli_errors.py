@@ -110,9 +110,11 @@ def _picture(path, w, h):
     return path
 
 
-@pytest.fixture
-def files(tmp_path, tiny_repo):
-    """The inputs the cases name, in tmp_path; HF's cache is an empty folder there."""
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_repo):
+    """The inputs the cases name, in one folder for all of them (each case checks that it changed nothing
+    there); HF's cache is an empty folder there."""
+    tmp_path = tmp_path_factory.mktemp("files")
     _picture(tmp_path / "pic.png", 80, 64)
     _picture(tmp_path / "tiny.png", 40, 40)
     _picture(tmp_path / "taken.png", 64, 48)

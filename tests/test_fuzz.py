@@ -2,23 +2,30 @@
 and loading (tests/fuzzing.py). A longer run: scripts/fuzz.py --mutations N."""
 
 import fuzzing
+import pytest
 
 MUTATIONS = 1500
 
 
-def test_mutated_files_are_refused_cleanly_never_crash_hang_or_blow_up(tmp_path):
-    fuzzing.prepare(tmp_path)
-    report = fuzzing.fuzz(tmp_path, seed=2026, indices=list(range(MUTATIONS)), jobs=2, time_cap=5.0,
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The base files both tests mutate (the workers only read them; each writes in a folder of its own)."""
+    path = tmp_path_factory.mktemp("corpus")
+    fuzzing.prepare(path)
+    return path
+
+
+def test_mutated_files_are_refused_cleanly_never_crash_hang_or_blow_up(corpus):
+    report = fuzzing.fuzz(corpus, seed=2026, indices=list(range(MUTATIONS)), jobs=2, time_cap=5.0,
                           mem_cap=1 << 30)
     assert report.mutations == MUTATIONS
     assert report.failures == 0, report.summary()
     assert report.refused > MUTATIONS // 2, report.summary()  # the mutations really reach the checks
 
 
-def test_the_supervisor_reports_hangs_blowups_and_crashes(tmp_path, monkeypatch):
-    fuzzing.prepare(tmp_path)
+def test_the_supervisor_reports_hangs_blowups_and_crashes(corpus, monkeypatch):
     monkeypatch.setenv("FUZZ_INJECT", "hang:2,blowup:4,crash:6")
-    report = fuzzing.fuzz(tmp_path, seed=1, indices=list(range(8)), time_cap=2.0, mem_cap=256 << 20)
+    report = fuzzing.fuzz(corpus, seed=1, indices=list(range(8)), time_cap=2.0, mem_cap=256 << 20)
     assert report.mutations == 8
     assert [h["i"] for h in report.hangs] == [2] and [b["i"] for b in report.blowups] == [4]
     assert [c["i"] for c in report.crashes] == [6] and report.crashes[0]["rc"] < 0  # killed by SIGABRT
