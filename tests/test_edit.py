@@ -35,10 +35,16 @@ def _noise(seed, w, h):
     return np.random.default_rng(seed).standard_normal((1, 128, h // 16, w // 16), dtype=np.float32)
 
 
+@pytest.fixture(scope="module")
+def plain_renders():
+    """variant → its text-to-image latents at the references' output size (the same for 1 and 3)."""
+    return {}
+
+
 @pytest.mark.parametrize("count", [1, 3])
 @pytest.mark.parametrize("variant,guidance", [("dev", 4.0), ("klein-4b", 1.0), ("klein-base-4b", 4.0),
                                               ("klein-9b-kv", 1.0)])
-def test_references_match_diffusers(tiny_models, variant, guidance, count):
+def test_references_match_diffusers(tiny_models, plain_renders, variant, guidance, count):
     """1 and 3 non-square references of different sizes; the output size comes from the first one."""
     m = tiny_models(variant)
     embeds, neg = _case(m, variant)
@@ -53,9 +59,10 @@ def test_references_match_diffusers(tiny_models, variant, guidance, count):
                         output_type="latent", image=refs)
     assert ours.shape == ref.shape == (1, 4 * 6, 128)
     assert rel_err(ours, ref) <= 1e-4
-    plain = pipe.sample(prompt_embeds=embeds, negative_prompt_embeds=neg, width=96, height=64, steps=3,
-                        guidance=guidance, seed=seed)
-    assert rel_err(ours, plain) > 1e-3  # the references are live
+    if variant not in plain_renders:
+        plain_renders[variant] = pipe.sample(prompt_embeds=embeds, negative_prompt_embeds=neg, width=96,
+                                             height=64, steps=3, guidance=guidance, seed=seed)
+    assert rel_err(ours, plain_renders[variant]) > 1e-3  # the references are live
 
 
 def test_kv_cache_belongs_to_one_generation(tiny_models):
