@@ -2,6 +2,8 @@
 mistral-common."""
 
 
+from functools import lru_cache
+
 import numpy as np
 import pytest
 from conftest import write_qwen_tokenizer, write_tekken_tokenizer
@@ -37,11 +39,17 @@ def qwen_json(tmp_path_factory):
     return path
 
 
-def _reference(path, pad_token, side, texts, **kw):
+@lru_cache
+def _hf_tokenizer(path, pad_token, side):
+    """transformers' tokenizer on a tokenizer.json, loaded once per file (Tekken's takes ~1 s)."""
     from transformers import PreTrainedTokenizerFast
 
-    ref = PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token=pad_token, padding_side=side)
-    out = ref(texts, padding="max_length", truncation=True, max_length=512, **kw)
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token=pad_token, padding_side=side)
+
+
+def _reference(path, pad_token, side, texts, **kw):
+    tokenize = _hf_tokenizer(path, pad_token, side)
+    out = tokenize(texts, padding="max_length", truncation=True, max_length=512, **kw)
     return np.array(out["input_ids"]), np.array(out["attention_mask"])
 
 
@@ -84,22 +92,26 @@ def tekken(tmp_path_factory):
     return write_tekken_tokenizer(tmp_path_factory.mktemp("tekken"))
 
 
-def test_mistral_special_ids(tekken):
+@pytest.fixture(scope="module")
+def mistral_common(tekken):
+    """mistral-common's own Tekkenizer on the vocabulary (loaded once: ~1 s)."""
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
+    return Tekkenizer.from_file(tekken[0])
+
+
+def test_mistral_special_ids(tekken, mistral_common):
     tok = PromptTokenizer(tekken[1], "mistral")
     expected = {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, "[IMG]": 10, "<pad>": 11,
                 "[SYSTEM_PROMPT]": 17, "[/SYSTEM_PROMPT]": 18}
     assert {s: tok.tokenizer.token_to_id(s) for s in expected} == expected
-    mc = Tekkenizer.from_file(tekken[0])
+    mc = mistral_common
     assert {s: mc.get_special_token(s) for s in expected if s != "<pad>"} == {
         s: i for s, i in expected.items() if s != "<pad>"}
     assert tok.pad_id == mc.pad_id == 11
 
 
-def test_mistral_matches_transformers_and_mistral_common(tekken):
-    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
-
+def test_mistral_matches_transformers_and_mistral_common(tekken, mistral_common):
     tok = PromptTokenizer(tekken[1], "mistral")
     ids, mask = tok.encode(PROMPTS)
     assert ids.dtype == mask.dtype == np.int32 and ids.shape == mask.shape == (3, 512)
@@ -110,7 +122,7 @@ def test_mistral_matches_transformers_and_mistral_common(tekken):
     assert mask[:, -1].all() and not mask[:, 0].any() and (ids[mask == 0] == 11).all()  # left padding
 
     # mistral-common encodes plain text only: splice the control tokens around the text pieces.
-    mc = Tekkenizer.from_file(tekken[0])
+    mc = mistral_common
     for row, prompt in enumerate(PROMPTS):
         pieces = prompt.replace("[IMG]", "").split("[INST]")
         user = [mc.encode(piece, bos=False, eos=False) for piece in pieces]
