@@ -312,11 +312,12 @@ def write_tiny_dev_repo(root):
     diffusers_vae(spec.vae, random_vae(spec.vae, seed=2)).save_pretrained(root / "vae")
     text = MistralConfig(vocab_size=te.vocab_size, hidden_size=te.hidden_size,
                          intermediate_size=te.intermediate_size, num_hidden_layers=te.num_hidden_layers,
-                         num_attention_heads=te.num_attention_heads, num_key_value_heads=te.num_key_value_heads,
+                         num_attention_heads=te.num_attention_heads,
+                         num_key_value_heads=te.num_key_value_heads,
                          head_dim=te.head_dim, rms_norm_eps=te.rms_norm_eps, sliding_window=None,
                          rope_parameters={"rope_type": "default", "rope_theta": te.rope_theta})
-    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 head_dim=8, image_size=28, patch_size=14)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, head_dim=8, image_size=28, patch_size=14)
     model = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision))
     _randomize(model, seed=3).save_pretrained(root / "text_encoder")
     (root / "tokenizer").mkdir()

@@ -37,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 # ---------------------------------------------------------------- writers that record where each field is
 
 STRING, ARRAY, UINT32, INT32, FLOAT32, UINT64 = 8, 9, 4, 5, 6, 10
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+           12: "<d"}
 
 
 class _Out:
@@ -154,7 +155,7 @@ def build_specs(folder: Path, seed: int = 0) -> dict[str, tuple[str, str, dict]]
 
     te = tiny_spec("klein-4b").text_encoder
     rng = np.random.default_rng(seed)
-    hd, D, I = te.head_dim, te.hidden_size, te.intermediate_size
+    hd, D, F = te.head_dim, te.hidden_size, te.intermediate_size
     hf = {"model.embed_tokens.weight": (te.vocab_size, D)}
     for i in range(max(te.output_layers)):
         p = f"model.layers.{i}."
@@ -164,8 +165,8 @@ def build_specs(folder: Path, seed: int = 0) -> dict[str, tuple[str, str, dict]]
                    p + "self_attn.v_proj.weight": (te.num_key_value_heads * hd, D),
                    p + "self_attn.o_proj.weight": (D, te.num_attention_heads * hd),
                    p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
-                   p + "mlp.gate_proj.weight": (I, D), p + "mlp.up_proj.weight": (I, D),
-                   p + "mlp.down_proj.weight": (D, I)})
+                   p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
+                   p + "mlp.down_proj.weight": (D, F)})
     enc = []
     for n, shape in hf.items():
         a = (rng.standard_normal(shape) * (0.1 if len(shape) == 2 else 1)).astype(np.float32)
@@ -180,11 +181,13 @@ def build_specs(folder: Path, seed: int = 0) -> dict[str, tuple[str, str, dict]]
         else:
             tok.append((key, types[vtype], value, None))
     a = "qwen3"
-    enc_kv = [("general.architecture", STRING, a, None), (f"{a}.block_count", UINT32, max(te.output_layers), None),
-              (f"{a}.embedding_length", UINT32, D, None), (f"{a}.feed_forward_length", UINT32, I, None),
+    enc_kv = [("general.architecture", STRING, a, None),
+              (f"{a}.block_count", UINT32, max(te.output_layers), None),
+              (f"{a}.embedding_length", UINT32, D, None), (f"{a}.feed_forward_length", UINT32, F, None),
               (f"{a}.attention.head_count", UINT32, te.num_attention_heads, None),
               (f"{a}.attention.head_count_kv", UINT32, te.num_key_value_heads, None),
-              (f"{a}.attention.key_length", UINT32, hd, None), (f"{a}.rope.freq_base", FLOAT32, te.rope_theta, None),
+              (f"{a}.attention.key_length", UINT32, hd, None),
+              (f"{a}.rope.freq_base", FLOAT32, te.rope_theta, None),
               (f"{a}.attention.layer_norm_rms_epsilon", FLOAT32, te.rms_norm_eps, None)] + tok
     return {"dit-bfl.safetensors": ("safetensors", "dit", {"tensors": bf16, "meta": {"format": "pt"}}),
             "dit-diffusers.safetensors": ("safetensors", "dit", {"tensors": f16, "meta": {}}),
@@ -198,15 +201,16 @@ _BOUND8 = [0, 1, 2, 3, 7, 8, 13, 31, 32, 33, 63, 64, 255, 256, 4096, 2**31 - 1, 
            2**32 + 1, 2**62, 2**63 - 1, 2**63, 2**64 - 2, 2**64 - 1]
 _BOUND4 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20, 30, 31, 39, 99, 255, 256, 2**31 - 1,
            2**31, 2**32 - 1]
-_WEIRD = ["x", "", 1.5, 1e30, float("nan"), None, -1, -4, True, False, [], {}, [1, 2, 3], [-4, 12], [2**32, 2**32],
-          [2**64], [2**32, 2**32, 0], "F32", "I8", "BOOL", "F8_E5M2", "F64", [0, 0], [[1]], 2**70, [1.5, 2],
-          ["1", "2"], [None], {"a": 1}, [0, 2**63]]
+_WEIRD = ["x", "", 1.5, 1e30, float("nan"), None, -1, -4, True, False, [], {}, [1, 2, 3], [-4, 12],
+          [2**32, 2**32], [2**64], [2**32, 2**32, 0], "F32", "I8", "BOOL", "F8_E5M2", "F64", [0, 0], [[1]],
+          2**70, [1.5, 2], ["1", "2"], [None], {"a": 1}, [0, 2**63]]
 _DTYPES = ["F32", "F16", "BF16", "I32", "U8", "BOOL", "F8_E4M3", "F64", "I64", "I8", "F8_E5M2"]
 _DTYPE_SIZE = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F64": 8, "I64": 8,
                "I8": 1, "F8_E5M2": 1}
 _FOREIGN_NAMES = ["img_mod.lin.weight", "vector_in.in_layer.weight", "encoder.conv_in.weight",
-                  "decoder.conv_in.weight", "token_embd.weight", "model.embed_tokens.weight", "blk.0.attn_q.weight",
-                  "double_blocks.7.img_attn.qkv.weight", "single_blocks.x.linear1.weight", "", "a" * 300]
+                  "decoder.conv_in.weight", "token_embd.weight", "model.embed_tokens.weight",
+                  "blk.0.attn_q.weight", "double_blocks.7.img_attn.qkv.weight",
+                  "single_blocks.x.linear1.weight", "", "a" * 300]
 
 
 def _pos(rng, n: int, header: int) -> int:
@@ -373,7 +377,8 @@ def _semantic(rng, fmt: str, spec: dict) -> tuple[bytes, str]:
                         (ARRAY, [value[0]] * len(value), etype)]
             if etype == STRING:
                 options += [(ARRAY, [v.replace(" ", "") for v in value], STRING),
-                            (ARRAY, [v + " q" for v in value], STRING), (ARRAY, list(range(len(value))), INT32)]
+                            (ARRAY, [v + " q" for v in value], STRING),
+                            (ARRAY, list(range(len(value))), INT32)]
             else:
                 options += [(ARRAY, [99] * len(value), etype), (ARRAY, [str(v) for v in value], STRING)]
         if pick == 7:
@@ -496,7 +501,7 @@ def worker(corpus: Path, seed: int) -> None:
     import warnings
 
     indices = json.loads(sys.stdin.readline())
-    warnings.simplefilter("ignore")  # a mutated file may warn (a NaN image, a short vocabulary): not a failure
+    warnings.simplefilter("ignore")  # a mutated file may warn (NaN image, short vocabulary): not a failure
     specs = pickle.loads((corpus / "specs.pkl").read_bytes())
     for name, (_, role, _) in specs.items():  # warm up: imports, compiled kernels, first allocations
         assert run_targets(corpus / name, role) == ([], False), f"the unmutated {name} does not read cleanly"
@@ -505,8 +510,9 @@ def worker(corpus: Path, seed: int) -> None:
     out.flush()
     work = corpus / f"w{os.getpid()}"
     work.mkdir(exist_ok=True)
-    # FUZZ_INJECT="hang:I,blowup:J,crash:K" makes mutation I hang, J take memory, K abort: the supervisor's test.
-    inject = {int(i): what for what, i in (x.split(":") for x in os.environ.get("FUZZ_INJECT", "").split(",") if x)}
+    # FUZZ_INJECT="hang:I,blowup:J,crash:K" makes mutation I hang, J take memory, K abort (supervisor test).
+    inject = {int(i): what
+              for what, i in (x.split(":") for x in os.environ.get("FUZZ_INJECT", "").split(",") if x)}
     for i in indices:
         if inject.get(i) == "hang":
             time.sleep(3600)
@@ -551,7 +557,8 @@ class Report:
         lines = [f"{self.mutations} mutations ({self.refused} refused) in {self.seconds:.0f} s: "
                  f"{len(self.undocumented)} undocumented "
                  f"exceptions, {len(self.unnamed)} errors not naming the file, {len(self.hangs)} hangs, "
-                 f"{len(self.blowups)} memory blow-ups, {len(self.crashes)} crashes; slowest {self.slowest:.2f} s, "
+                 f"{len(self.blowups)} memory blow-ups, {len(self.crashes)} crashes; "
+                 f"slowest {self.slowest:.2f} s, "
                  f"most memory added {self.most_memory / 2**20:.0f} MB"]
         lines += [f"  {n} x {exc} at {where}" for (exc, where), n in kinds.most_common(20)]
         for what in ("undocumented", "unnamed", "hangs", "blowups", "crashes"):
@@ -577,7 +584,8 @@ def _supervise(corpus: Path, seed: int, indices: list[int], report: Report, lock
     while todo:
         proc = _spawn(corpus, seed, todo)
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)],
+                         daemon=True).start()
         err: list[str] = []
         threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
         ready, last, base_rss, failed = False, time.monotonic(), 0, None
@@ -659,7 +667,8 @@ def fuzz(corpus: Path, seed: int, indices: list[int], jobs: int = 1, time_cap: f
         except Exception as e:  # re-raised below, in the caller's thread
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(indices[k::jobs],)) for k in range(jobs) if indices[k::jobs]]
+    threads = [threading.Thread(target=run, args=(indices[k::jobs],))
+               for k in range(jobs) if indices[k::jobs]]
     for t in threads:
         t.start()
     for t in threads:

@@ -16,8 +16,8 @@ from conftest import random_transformer
 
 from flux2_mlx import convert as conv
 from flux2_mlx.cli import main
-from flux2_mlx.encoder_names import permute_qk, unpermute_qk
 from flux2_mlx.config import tiny_spec, transformer_shapes
+from flux2_mlx.encoder_names import permute_qk, unpermute_qk
 from flux2_mlx.quant import ggml, recipes
 from flux2_mlx.quant.ggml import GGMLType as T
 from flux2_mlx.weights import WeightsError, bf16_to_f32, f32_to_bf16, save_safetensors

@@ -19,8 +19,19 @@ from flux2_mlx.config import QWEN3_4B, QWEN3_8B, text_encoder_shapes, tiny_spec
 from flux2_mlx.encoder_names import text_encoder_entries
 from flux2_mlx.entries import check_keys
 from flux2_mlx.mlx_backend import load_text_encoder
-from flux2_mlx.weights import (F8_E4M3, F8_E5M2, FP8Blocks, SafetensorsFile, WeightSource, WeightsError,
-                               dequantize_fp8, fp8_e4m3_to_f32, fp8_e5m2_to_f32, save_safetensors, to_float32)
+from flux2_mlx.weights import (
+    F8_E4M3,
+    F8_E5M2,
+    FP8Blocks,
+    SafetensorsFile,
+    WeightsError,
+    WeightSource,
+    dequantize_fp8,
+    fp8_e4m3_to_f32,
+    fp8_e5m2_to_f32,
+    save_safetensors,
+    to_float32,
+)
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 

@@ -10,14 +10,24 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from fuzzing import (ARRAY, FLOAT32, INT32, STRING, UINT32, UINT64, build_specs, safetensors_header, write_gguf,
-                     write_safetensors)
+from fuzzing import (
+    ARRAY,
+    FLOAT32,
+    INT32,
+    STRING,
+    UINT32,
+    UINT64,
+    build_specs,
+    safetensors_header,
+    write_gguf,
+    write_safetensors,
+)
 
 from flux2_mlx.cli import main
 from flux2_mlx.config import KLEIN_4B, QWEN3_4B
-from flux2_mlx.info import describe
 from flux2_mlx.dit_names import transformer_entries
 from flux2_mlx.entries import transformer_config
+from flux2_mlx.info import describe
 from flux2_mlx.pipeline import encoder_config
 from flux2_mlx.tokenizer import tokenizer_from_gguf
 from flux2_mlx.weights import GGUFFile, SafetensorsFile, WeightsError, WeightSource

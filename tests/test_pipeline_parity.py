@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from PIL import Image
 from conftest import diffusers_run, rel_err
+from PIL import Image
 
 from flux2_mlx import load_pipeline
 from flux2_mlx.pipeline import GenerationRequest

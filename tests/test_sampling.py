@@ -5,8 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from flux2_mlx.sampling import (cfg_velocity, compute_empirical_mu, denoise, get_schedule, make_noise,
-                                prc_img, prc_txt)
+from flux2_mlx.sampling import (
+    cfg_velocity,
+    compute_empirical_mu,
+    denoise,
+    get_schedule,
+    make_noise,
+    prc_img,
+    prc_txt,
+)
 
 # (width, height, steps, mu, first sigmas, last sigmas before 0), worked out from BFL's mu fit and time shift
 # (docs/architecture.md, 'Sampling schedule')

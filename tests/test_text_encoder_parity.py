@@ -7,14 +7,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import ShapeSource, rel_err
-from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig,
-                          PixtralVisionConfig, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralVisionConfig,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from flux2_mlx.config import MISTRAL_SMALL_3_2, QWEN3_4B, QWEN3_8B, text_encoder_shapes, tiny_spec
 from flux2_mlx.encoder_names import text_encoder_entries
 from flux2_mlx.entries import check_keys
 from flux2_mlx.mlx_backend import load_text_encoder
-from flux2_mlx.weights import WeightSource, WeightsError, save_safetensors
+from flux2_mlx.weights import WeightsError, WeightSource, save_safetensors
 
 L = 512  # FLUX.2's real context length; the tiny models take a few seconds at it
 LENGTHS = (37, 300)  # real tokens per prompt

@@ -75,6 +75,7 @@ def test_half_precision_sources(tiny_models, store, tmp_path):
     source = WeightSource(path)
     ours = load_transformer(cfg, source, dtype=mx.float32)
     from conftest import diffusers_transformer
+
     from flux2_mlx.weights import to_float32
     rounded = {k: to_float32(e.load()) for k, e in transformer_entries(source).items()}
     i = _inputs(cfg, L=64)
@@ -142,8 +143,10 @@ def test_reference_tokens_match_diffusers(tiny_models, variant):
 def test_kv_extract_and_cached_match_diffusers(tiny_models):
     """klein 9B KV: the first step runs the references at t = 0, attending only to themselves, and caches
     their K/V per block; later steps attend to the cache. Both equal diffusers' KV transformer."""
-    from diffusers.models.transformers.transformer_flux2 import (Flux2KVAttnProcessor,
-                                                                 Flux2KVParallelSelfAttnProcessor)
+    from diffusers.models.transformers.transformer_flux2 import (
+        Flux2KVAttnProcessor,
+        Flux2KVParallelSelfAttnProcessor,
+    )
     m = tiny_models("klein-9b-kv")
     cfg = m.spec.transformer
     for block in m.ref_transformer.transformer_blocks:  # what Flux2KleinKVPipeline does
