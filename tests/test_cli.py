@@ -69,9 +69,9 @@ def test_generate_writes_png_with_metadata_and_reproduces(tiny_repo, tmp_path):
     assert image.size == (64, 48)
     assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 50
     meta = json.loads(image.info["flux2"])
-    assert meta == {"prompt": "a red fox in snow", "model": "klein-4b", "seed": 7, "steps": 4, "guidance": 1.0,
-                    "width": 64, "height": 48, "dtype": "float32", "backend": "torch", "device": "cpu",
-                    "version": __version__}
+    assert meta == {"prompt": "a red fox in snow", "model": "klein-4b", "seed": 7, "steps": 4,
+                    "guidance": 1.0, "width": 64, "height": 48, "dtype": "float32", "backend": "torch",
+                    "device": "cpu", "version": __version__}
 
     r = run("info", out)
     assert r.exit_code == 0 and "seed: 7" in r.output
@@ -81,20 +81,22 @@ def test_generate_writes_png_with_metadata_and_reproduces(tiny_repo, tmp_path):
     assert run(*argv).exit_code == 0
     assert again.read_bytes() == out.read_bytes()
 
-    r = run("generate", "a blue fox", "--model-path", tiny_repo, *SMALL, "--seed", 7, "-o", tmp_path / "blue.png")
+    r = run("generate", "a blue fox", "--model-path", tiny_repo, *SMALL, "--seed", 7,
+            "-o", tmp_path / "blue.png")
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "blue.png")), np.asarray(image))
 
 
 def test_several_seeds_one_encoding_and_no_silent_overwrite(tiny_repo, tmp_path):
     out = tmp_path / "cat.png"
-    r = run("generate", "a cat", "--model-path", tiny_repo, *SMALL, "--steps", 1, "-n", 2, "--seed", 5, "-o", out,
-            "--guidance", 3)
+    r = run("generate", "a cat", "--model-path", tiny_repo, *SMALL, "--steps", 1, "-n", 2, "--seed", 5,
+            "-o", out, "--guidance", 3)
     assert r.exit_code == 0, r.output
     assert "ignores --guidance 3" in r.stderr and r.stderr.count("encode:   0%") == 1  # one encoding
     a, b = tmp_path / "cat-5.png", tmp_path / "cat-6.png"
     assert a.exists() and b.exists() and a.read_bytes() != b.read_bytes()
     before = a.read_bytes()
-    r = run("generate", "a dog", "--model-path", tiny_repo, *SMALL, "--steps", 1, "--seed", 5, "--seed", 6, "-o", out)
+    r = run("generate", "a dog", "--model-path", tiny_repo, *SMALL, "--steps", 1, "--seed", 5, "--seed", 6,
+            "-o", out)
     assert r.exit_code == 2 and "already exists" in r.stderr and a.read_bytes() == before
 
 
@@ -102,7 +104,8 @@ def test_several_seeds_one_encoding_and_no_silent_overwrite(tiny_repo, tmp_path)
 
 
 def test_offline_without_files_fails_fast_and_says_what_to_do(tmp_path):
-    r = run("generate", "x", "-o", tmp_path / "x.png", HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"))
+    r = run("generate", "x", "-o", tmp_path / "x.png", HF_HUB_OFFLINE="1",
+            HF_HUB_CACHE=str(tmp_path / "cache"))
     assert r.exit_code == 2
     assert "black-forest-labs/FLUX.2-klein-4B" in r.stderr and "--model-path" in r.stderr
 
@@ -132,7 +135,8 @@ def test_base_variant_runs_true_cfg_with_a_negative_prompt(tiny_repo, tmp_path):
     """klein base shares klein's architecture: the same files run with CFG and a negative prompt."""
     kw = ["--model", "klein-base-4b", "--transformer", tiny_repo / "flux-2-klein-4b.safetensors", *SMALL,
           "--steps", 2, "--seed", 1]  # the base repo names its file flux-2-klein-base-4b; siblings are found
-    assert run("generate", "a cat", *kw, "--negative-prompt", "blurry", "-o", tmp_path / "a.png").exit_code == 0
+    assert run("generate", "a cat", *kw, "--negative-prompt", "blurry",
+               "-o", tmp_path / "a.png").exit_code == 0
     assert run("generate", "a cat", *kw, "-o", tmp_path / "b.png").exit_code == 0
     meta = json.loads(Image.open(tmp_path / "a.png").info["flux2"])
     assert meta["negative_prompt"] == "blurry" and meta["steps"] == 2 and meta["guidance"] == 4.0
@@ -141,7 +145,8 @@ def test_base_variant_runs_true_cfg_with_a_negative_prompt(tiny_repo, tmp_path):
 
 def test_truncated_prompt_warns_in_one_line(tiny_repo, tmp_path, short_prompts, monkeypatch):
     monkeypatch.setitem(MODELS, "klein-4b", short_prompts["klein-4b"])  # the real 512 tokens, one step
-    r = run("generate", "fox " * 600, "--model-path", tiny_repo, *SMALL, "--steps", 1, "-o", tmp_path / "t.png")
+    r = run("generate", "fox " * 600, "--model-path", tiny_repo, *SMALL, "--steps", 1,
+            "-o", tmp_path / "t.png")
     assert r.exit_code == 0 and "warning: prompt 0 is" in r.stderr and "dropping" in r.stderr
     assert "UserWarning" not in r.stderr
 
@@ -154,13 +159,13 @@ def test_dev_prompt_to_png_with_mistral_and_tekken(tmp_path_factory, tmp_path):
     repo = tmp_path_factory.mktemp("FLUX.2-dev")
     write_tiny_dev_repo(repo)
     out = tmp_path / "dev.png"
-    r = run("generate", "a red fox in snow", "-m", "dev", "--model-path", repo, *SMALL, "--steps", 2, "--seed", 3,
-            "-o", out)
+    r = run("generate", "a red fox in snow", "-m", "dev", "--model-path", repo, *SMALL, "--steps", 2,
+            "--seed", 3, "-o", out)
     assert r.exit_code == 0, r.output
     meta = json.loads(Image.open(out).info["flux2"])
     assert (meta["model"], meta["steps"], meta["guidance"]) == ("dev", 2, 4.0)
-    r = run("generate", "a red fox in snow", "-m", "dev", "--model-path", repo, *SMALL, "--steps", 2, "--seed", 3,
-            "--guidance", 2.5, "-o", tmp_path / "g.png")
+    r = run("generate", "a red fox in snow", "-m", "dev", "--model-path", repo, *SMALL, "--steps", 2,
+            "--seed", 3, "--guidance", 2.5, "-o", tmp_path / "g.png")
     assert r.exit_code == 0 and (tmp_path / "g.png").read_bytes() != out.read_bytes()  # guidance is embedded
 
 
@@ -186,7 +191,8 @@ def test_impossible_memory_budget_is_refused_up_front(tiny_repo, tmp_path):
 def test_dry_run_and_info_print_the_plan(tiny_repo, tmp_path):
     r = run("generate", "x", "--model-path", tiny_repo, "--dry-run", "--memory-budget", "0.045", *SMALL,
             "--backend", "mlx", "-o", tmp_path / "x.png")
-    assert r.exit_code == 0 and "memory budget 0.04 GB" in r.output and "denoise  transformer   streamed" in r.output
+    assert (r.exit_code == 0 and "memory budget 0.04 GB" in r.output
+            and "denoise  transformer   streamed" in r.output)
     r = run("info", tiny_repo, "--plan", "--memory-budget", "0.045", *SMALL, "--backend", "mlx")
     assert r.exit_code == 0 and "predicted peak" in r.output
 
@@ -214,18 +220,21 @@ def test_generate_with_references_and_image(tiny_repo, tmp_path):
     assert again.read_bytes() == out.read_bytes()
 
     i2i = tmp_path / "i2i.png"
-    r = run("generate", "a fox", "--model-path", tiny_repo, "--image", a, "--strength", 0.5, "--seed", 3, "-o", i2i)
+    r = run("generate", "a fox", "--model-path", tiny_repo, "--image", a, "--strength", 0.5, "--seed", 3,
+            "-o", i2i)
     assert r.exit_code == 0, r.output
     assert "2/2" in r.stderr  # half of the 4 steps run
     assert json.loads(Image.open(i2i).info["flux2"])["strength"] == 0.5 and Image.open(i2i).size == (96, 64)
-    r = run("generate", "a fox", "--model-path", tiny_repo, "--image", a, "--seed", 3, "-o", tmp_path / "d.png")
+    r = run("generate", "a fox", "--model-path", tiny_repo, "--image", a, "--seed", 3,
+            "-o", tmp_path / "d.png")
     assert r.exit_code == 0 and "3/3" in r.stderr  # the default strength, 0.6 of 4 steps
     assert json.loads(Image.open(tmp_path / "d.png").info["flux2"])["strength"] == 0.6
     r = run("generate", "a fox", "--model-path", tiny_repo, "--ref", a, "--dry-run")
     assert r.exit_code == 0 and "references 96x64 (24 tokens)" in r.output and "images" in r.output
 
 
-def test_torch_backend_writes_the_same_png_and_its_regenerate_line_reproduces_it(tiny_repo, tmp_path, mlx_fox):
+def test_torch_backend_writes_the_same_png_and_its_regenerate_line_reproduces_it(tiny_repo, tmp_path,
+                                                                                   mlx_fox):
     """--backend torch (also with --compile) draws the MLX picture within one step per pixel; the PNG
     records how it was made and the regenerate line reproduces it byte for byte."""
     a, b, c = mlx_fox, tmp_path / "torch.png", tmp_path / "compiled.png"
@@ -241,7 +250,8 @@ def test_torch_backend_writes_the_same_png_and_its_regenerate_line_reproduces_it
         command = run("info", out).output.strip().splitlines()[-1].removeprefix("regenerate: ")
         assert flags in command
         again = tmp_path / "again.png"
-        assert run(*shlex.split(command)[1:], "--model-path", tiny_repo, "-o", again, "--overwrite").exit_code == 0
+        assert run(*shlex.split(command)[1:], "--model-path", tiny_repo, "-o", again,
+                   "--overwrite").exit_code == 0
         assert again.read_bytes() == out.read_bytes()
 
 
@@ -274,14 +284,16 @@ def test_a_missing_framework_names_its_pip_extra(tiny_repo, tmp_path, monkeypatc
 
     monkeypatch.setattr(pipeline.importlib, "import_module", without_torch)
     r = run("generate", "x", "--model-path", tiny_repo, "--backend", "torch", "-o", tmp_path / "x.png")
-    assert r.exit_code == 2 and "pip install 'flux2-mlx[torch]'" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert (r.exit_code == 2 and "pip install 'flux2-mlx[torch]'" in r.stderr
+            and len(r.stderr.splitlines()) == 1)
     r = run("generate", "x", "--model-path", tiny_repo, *SMALL, "--backend", "auto", "--dry-run",
             "-o", tmp_path / "x.png")
     assert r.exit_code == 0 and "backend: mlx on cpu" in r.stdout  # auto passes over what does not import
 
 
 @pytest.mark.parametrize("error", ["torch", "mlx", "python"])
-def test_running_out_of_device_memory_is_one_line_with_a_budget_that_fits(tiny_repo, tmp_path, monkeypatch, error):
+def test_running_out_of_device_memory_is_one_line_with_a_budget_that_fits(tiny_repo, tmp_path, monkeypatch,
+                                                                           error):
     import torch
 
     from flux2_mlx.pipeline import Pipeline
@@ -295,8 +307,8 @@ def test_running_out_of_device_memory_is_one_line_with_a_budget_that_fits(tiny_r
 
     monkeypatch.setattr(Pipeline, "decode", decode)
     out = tmp_path / "x.png"
-    r = run("generate", "x", "--model-path", tiny_repo, *SMALL, "--steps", 1, "--memory-budget", 2, "--backend", "mlx",
-            "-o", out)
+    r = run("generate", "x", "--model-path", tiny_repo, *SMALL, "--steps", 1, "--memory-budget", 2,
+            "--backend", "mlx", "-o", out)
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]  # beside the progress bars
     assert r.exit_code == 2 and len(errors) == 1 and errors[0].startswith("error: "), r.output
     assert "ran out of memory" in errors[0] and "--memory-budget 0.0" in errors[0] and not out.exists()

@@ -18,7 +18,8 @@ from flux2_mlx.cli import main
 GEN = ("generate", "a fox", "--model-path", "{repo}", "-W", "64", "-H", "48", "-o", "{tmp}/out.png")
 TRANSFORMER = "{repo}/flux-2-klein-4b.safetensors"
 CONVERT = ("convert", TRANSFORMER)
-LINUX = pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="sysfs: a folder no one may create files in")
+LINUX = pytest.mark.skipif(not Path("/sys/kernel").is_dir(),
+                           reason="sysfs: a folder no one may create files in")
 GOOD_META = {"prompt": "a fox", "model": "klein-4b", "seed": 7, "steps": 4, "guidance": 1.0, "width": 64,
              "height": 48, "dtype": "float32", "version": "0.1.0"}
 BROKEN_META = {  # the flux2 text chunk of meta-NAME.png
@@ -229,7 +230,8 @@ def _script():
 
 @pytest.mark.parametrize("command", [[sys.executable, "-m", "flux2_mlx"], _script()])
 def test_real_console_script_prints_one_line(command, tmp_path):
-    for args in (["generate", "a fox", "--steps", "0"], ["generate"], ["info", str(tmp_path / "missing.png")]):
+    for args in (["generate", "a fox", "--steps", "0"], ["generate"],
+                 ["info", str(tmp_path / "missing.png")]):
         r = subprocess.run(command + args, capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
         assert r.stdout == ""
