@@ -311,8 +311,8 @@ def test_recipe_shape_fallback_and_text_mix():
     assert recipes.tensor_type("x.weight", (8, 200), "Q6_K") == T.F32
     assert recipes.tensor_type("double_blocks.0.img_attn.norm.query_norm.scale", (128,), "Q2_K") == T.F32
     n = 40
-    q6 = [i for i in range(n) if recipes.text_tensor_type(f"blk.{i}.ffn_down.weight", (5120, 32768), "Q4_K_M", n)
-          == T.Q6_K]
+    q6 = [i for i in range(n)
+          if recipes.text_tensor_type(f"blk.{i}.ffn_down.weight", (5120, 32768), "Q4_K_M", n) == T.Q6_K]
     assert len(q6) == 20 and q6[:5] == [0, 1, 2, 3, 4]  # llama.cpp's use_more_bits on 40 layers
     assert recipes.text_tensor_type("blk.3.attn_q.weight", (4096, 5120), "Q4_K_M", n) == T.Q4_K
     assert recipes.text_tensor_type("blk.3.attn_norm.weight", (5120,), "Q4_K_M", n) == T.F32
@@ -324,11 +324,14 @@ def _tiny_text_encoder(root, kind):
     from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     te = tiny_spec("klein-4b" if kind == "qwen3" else "dev").text_encoder
-    common = dict(vocab_size=te.vocab_size, hidden_size=te.hidden_size, intermediate_size=te.intermediate_size,
-                  num_hidden_layers=te.num_hidden_layers + 2, num_attention_heads=te.num_attention_heads,
-                  num_key_value_heads=te.num_key_value_heads, head_dim=te.head_dim, rms_norm_eps=te.rms_norm_eps,
-                  rope_parameters={"rope_type": "default", "rope_theta": te.rope_theta}, tie_word_embeddings=False)
-    model = Qwen3ForCausalLM(Qwen3Config(**common)) if kind == "qwen3" else MistralForCausalLM(MistralConfig(**common))
+    common = dict(vocab_size=te.vocab_size, hidden_size=te.hidden_size,
+                  intermediate_size=te.intermediate_size, num_hidden_layers=te.num_hidden_layers + 2,
+                  num_attention_heads=te.num_attention_heads, num_key_value_heads=te.num_key_value_heads,
+                  head_dim=te.head_dim, rms_norm_eps=te.rms_norm_eps,
+                  rope_parameters={"rope_type": "default", "rope_theta": te.rope_theta},
+                  tie_word_embeddings=False)
+    model = (Qwen3ForCausalLM(Qwen3Config(**common)) if kind == "qwen3"
+             else MistralForCausalLM(MistralConfig(**common)))
     _randomize(model, seed=3).save_pretrained(root / "text_encoder")
     write_qwen_tokenizer(root / "tokenizer" / "tokenizer.json")
     (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
@@ -375,9 +378,11 @@ def test_text_encoder_llama_cpp_names_and_qk_permutation(tmp_path, kind):
             assert not np.array_equal(got, hf)
             np.testing.assert_array_equal(got, permute_qk(hf, heads))
             np.testing.assert_array_equal(unpermute_qk(got, heads), hf)  # un-permute on load restores HF
-    np.testing.assert_array_equal(read("blk.3.ffn_down.weight"), bf(sd["model.layers.3.mlp.down_proj.weight"]))
+    np.testing.assert_array_equal(read("blk.3.ffn_down.weight"),
+                                  bf(sd["model.layers.3.mlp.down_proj.weight"]))
 
-    full = conv.convert(tmp_path / "text_encoder", tmp_path / "all.gguf", "Q8_0", all_layers=True, progress=False)
+    full = conv.convert(tmp_path / "text_encoder", tmp_path / "all.gguf", "Q8_0", all_layers=True,
+                        progress=False)
     r = gguf.GGUFReader(full)
     assert r.get_field(f"{arch}.block_count").contents() == te.num_hidden_layers + 2
     assert {"output.weight", "output_norm.weight"} <= {t.name for t in r.tensors}

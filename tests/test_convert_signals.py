@@ -55,15 +55,17 @@ def test_atomic_write_replaces_cleans_and_keeps(tmp_path):
 def model(tmp_path_factory):
     """A transformer that takes about a second to convert to Q4_K_M on two cores (with the imports), and
     its tensor count."""
-    cfg = replace(tiny_spec("klein-4b").transformer, hidden_size=512, num_heads=4, depth=2, depth_single_blocks=4)
+    cfg = replace(tiny_spec("klein-4b").transformer, hidden_size=512, num_heads=4, depth=2,
+                  depth_single_blocks=4)
     path = tmp_path_factory.mktemp("src") / "flux-2-klein-4b.safetensors"
     save_safetensors(path, {k: f32_to_bf16(v) for k, v in random_transformer(cfg, seed=7).items()})
     return path, len(transformer_shapes(cfg))
 
 
 def _start(src, dst):
-    return subprocess.Popen([sys.executable, "-m", "flux2_mlx", "convert", str(src), str(dst), "--type", "Q4_K_M",
-                             "--jobs", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "flux2_mlx", "convert", str(src), str(dst),
+                             "--type", "Q4_K_M", "--jobs", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _partials(folder):
@@ -108,7 +110,8 @@ def test_sigint_and_sigterm_at_random_moments(model, tmp_path):
             time.sleep(delay)
             p.send_signal(sig)
             _, err = p.communicate(timeout=60)
-            what = f"{sig.name} {delay:.2f} s after {'writing began' if writing else 'start'}: exit {p.returncode}"
+            what = (f"{sig.name} {delay:.2f} s after {'writing began' if writing else 'start'}: "
+                    f"exit {p.returncode}")
             outcomes.append(f"{what}, {'written' if dst.exists() else 'interrupted'}")
             report = f"{what}\n{err}"
             assert not _traceback_through_our_code(err), report

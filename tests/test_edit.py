@@ -144,7 +144,8 @@ def test_edit_api_generate(tiny_models, tmp_path):
         pipe.generate(prompt_embeds=embeds, images=paths * 4, seed=1)
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
         pipe.generate(prompt_embeds=embeds, image=paths[0], strength=0, steps=4, seed=1)
-    assert len(list(pipe.iter_steps(prompt_embeds=embeds, image=paths[0], strength=0.01, steps=4, seed=1))) == 1
+    assert len(list(pipe.iter_steps(prompt_embeds=embeds, image=paths[0], strength=0.01, steps=4,
+                                    seed=1))) == 1
     with pytest.raises(ValueError, match="not both"):
         pipe.generate(prompt_embeds=embeds, inputs=pipe.prepare_inputs(images=paths), width=64, seed=1)
 

@@ -77,7 +77,8 @@ def test_transformer_entries_and_key_check_on_gguf(dit, dit_types, dit_gguf):
                           dit["double_blocks.0.img_attn.norm.query_norm.scale"])
 
 
-@pytest.mark.parametrize("arch, prefix", [(None, ""), ("flux", "model.diffusion_model."), (None, "model.diffusion_model.")])
+@pytest.mark.parametrize("arch, prefix", [(None, ""), ("flux", "model.diffusion_model."),
+                                          (None, "model.diffusion_model.")])
 def test_prefixed_and_archless_files(dit, dit_types, tmp_path, arch, prefix):
     path = write_gguf(tmp_path / "m.gguf", dit, dit_types, arch=arch, prefix=prefix)
     source = WeightSource(path)
@@ -91,7 +92,8 @@ def test_prefixed_and_archless_files(dit, dit_types, tmp_path, arch, prefix):
 def test_flux1_gguf_refused(tmp_path):
     rng = np.random.default_rng(0)
     t = {"double_blocks.0.img_mod.lin.weight": rng.standard_normal((64, 32)),
-         "vector_in.in_layer.weight": rng.standard_normal((64, 32)), "img_in.weight": rng.standard_normal((64, 32))}
+         "vector_in.in_layer.weight": rng.standard_normal((64, 32)),
+         "img_in.weight": rng.standard_normal((64, 32))}
     path = write_gguf(tmp_path / "flux1-dev-Q8_0.gguf", t, {k: T.Q8_0 for k in t})
     with pytest.raises(WeightsError, match="FLUX.1"):
         transformer_entries(WeightSource(path))
@@ -185,9 +187,10 @@ def hf_state_dict(kind: str):
     from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     te = tiny_spec("klein-4b" if kind == "qwen3" else "dev").text_encoder
-    conf = {"vocab_size": te.vocab_size, "hidden_size": te.hidden_size, "intermediate_size": te.intermediate_size,
-            "num_hidden_layers": max(te.output_layers) + 1, "num_attention_heads": te.num_attention_heads,
-            "num_key_value_heads": te.num_key_value_heads, "head_dim": te.head_dim, "rms_norm_eps": te.rms_norm_eps}
+    conf = {"vocab_size": te.vocab_size, "hidden_size": te.hidden_size,
+            "intermediate_size": te.intermediate_size, "num_hidden_layers": max(te.output_layers) + 1,
+            "num_attention_heads": te.num_attention_heads, "num_key_value_heads": te.num_key_value_heads,
+            "head_dim": te.head_dim, "rms_norm_eps": te.rms_norm_eps}
     torch.manual_seed(0)
     if kind == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**conf, tie_word_embeddings=False))
@@ -292,7 +295,8 @@ def test_transformer_gguf_offered_as_text_encoder(dit_gguf):
 def test_metadata_arrays_on_request(tmp_path):
     tokens = [f"t{i}" for i in range(200)]
     kv = {"tokenizer.ggml.model": "gpt2", "tokens": lambda w: w.add_token_list(tokens)}
-    path = write_gguf(tmp_path / "m.gguf", {"img_in.weight": np.ones((4, 32))}, {"img_in.weight": T.F32}, kv=kv)
+    path = write_gguf(tmp_path / "m.gguf", {"img_in.weight": np.ones((4, 32))}, {"img_in.weight": T.F32},
+                      kv=kv)
     f = GGUFFile(path)
     assert f.metadata["tokenizer.ggml.model"] == "gpt2"
     assert "tokenizer.ggml.tokens" not in f.metadata  # long arrays are decoded only when asked
@@ -303,7 +307,8 @@ def test_metadata_arrays_on_request(tmp_path):
 # ---- tokenizer rebuilt from GGUF metadata ----
 
 PROMPTS = ["A red cat sits on a blue sofa.", "The QUICK brown fox's 123 jumps\n\n  over the lazy dog!!",
-           "<|im_start|>user\nA photograph of a mountain lake<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+           "<|im_start|>user\nA photograph of a mountain lake<|im_end|>\n"
+           "<|im_start|>assistant\n<think>\n\n</think>\n\n",
            "émigré ünïcödé 東京 🙂 don't I'll", "[INST]tabs\tand   spaces[/INST]</s>"]
 
 
@@ -343,7 +348,8 @@ def test_qwen_test_tokenizer_round_trips_through_gguf(tmp_path):
 
     write_qwen_tokenizer(tmp_path / "tokenizer.json")  # GPT-2's ByteLevel regex: pre "gpt2"
     ref = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    ours = tokenizer_from_gguf(tokenizer_json_to_gguf(tmp_path / "tokenizer.json", tmp_path / "t.gguf", "gpt2"))
+    ours = tokenizer_from_gguf(tokenizer_json_to_gguf(tmp_path / "tokenizer.json", tmp_path / "t.gguf",
+                                                      "gpt2"))
     for p in PROMPTS:
         ids = ref.encode(p, add_special_tokens=False).ids
         assert ours.encode(p, add_special_tokens=False).ids == ids, p

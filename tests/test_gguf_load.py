@@ -74,7 +74,8 @@ def test_quantized_model_equals_dense_model_of_the_same_values(mixed):
 def test_requantized_types_stay_close(mixed):
     path, tensors, types = mixed
     ours = _forward(load_transformer(CFG, WeightSource(path), dtype=mx.float32))
-    ref = _forward(load_transformer(CFG, {k: Entry(a.shape, lambda a=a: a) for k, a in _dense(tensors, types).items()},
+    ref = _forward(load_transformer(CFG, {k: Entry(a.shape, lambda a=a: a)
+                                          for k, a in _dense(tensors, types).items()},
                                     dtype=mx.float32))
     assert rel_err(ours, ref) <= 1e-1  # Q6_K → 8-bit, Q3_K / Q2_K → 4-bit add ~5e-3 / 8e-2 / 6e-2 per weight
 
@@ -86,7 +87,8 @@ def test_pipeline_runs_a_gguf_transformer(tiny_models, tmp_path):
     types = {k: "Q8_0" for k, a in m.transformer.items() if a.ndim == 2}
     path = tmp_path / "flux-2-klein-4b-Q8_0.gguf"
     write_gguf(path, m.transformer, types)
-    embeds = np.random.default_rng(1).standard_normal((1, 16, m.spec.transformer.context_in_dim)).astype(np.float32)
+    embeds = (np.random.default_rng(1).standard_normal((1, 16, m.spec.transformer.context_in_dim))
+              .astype(np.float32))
     kw = dict(prompt_embeds=embeds, width=32, height=48, steps=2, seed=3)
     q = load_pipeline(m.spec, transformer=path, vae=m.bfl_dir / "ae.safetensors").sample(**kw)
     dense = load_pipeline(m.spec, model_path=m.bfl_dir).sample(**kw)
