@@ -73,10 +73,12 @@ SAFETENSORS_CASES = {
     "list": (lambda s: write_safetensors(s, "[1, 2]"), "JSON list"),
     "string": (lambda s: write_safetensors(s, '"x"'), "JSON str"),
     "null": (lambda s: write_safetensors(s, "null"), "JSON NoneType"),
-    "offsets as string": (lambda s: _edit_header(s, _set("img_in.weight", "data_offsets", "x")), "data_offsets"),
+    "offsets as string": (lambda s: _edit_header(s, _set("img_in.weight", "data_offsets", "x")),
+                          "data_offsets"),
     "offsets as floats": (lambda s: _edit_header(s, _set("img_in.weight", "data_offsets", [0.0, 1.5])),
                           "data_offsets"),
-    "offset 1e30": (lambda s: _edit_header(s, _set("img_in.weight", "data_offsets", [0, 1e30])), "data_offsets"),
+    "offset 1e30": (lambda s: _edit_header(s, _set("img_in.weight", "data_offsets", [0, 1e30])),
+                    "data_offsets"),
     "offsets null": (lambda s: _edit_header(s, _set("img_in.weight", "data_offsets", None)), "data_offsets"),
     "negative offset": (lambda s: _edit_header(s, _set("img_in.weight", "data_offsets", [-4, 12])),
                         "data_offsets"),
@@ -87,16 +89,20 @@ SAFETENSORS_CASES = {
                                "too large"),
     "empty but huge": (lambda s: _edit_header(s, _set("img_in.weight", "shape", [2**62, 0])), "too large"),
     "metadata true": (lambda s: _edit_header(s, lambda h: h.update(__metadata__=True)), "__metadata__"),
-    "metadata of ints": (lambda s: _edit_header(s, lambda h: h.update(__metadata__={"a": 1})), "__metadata__"),
+    "metadata of ints": (lambda s: _edit_header(s, lambda h: h.update(__metadata__={"a": 1})),
+                         "__metadata__"),
     "unknown dtype": (lambda s: _edit_header(s, _set("img_in.weight", "dtype", "F7")), "dtype 'F7'"),
-    "entry not an object": (lambda s: _edit_header(s, lambda h: h.update({"img_in.weight": [1]})), "JSON list"),
+    "entry not an object": (lambda s: _edit_header(s, lambda h: h.update({"img_in.weight": [1]})),
+                            "JSON list"),
     "overlapping tensors": (lambda s: _edit_header(s, lambda h: h["txt_in.weight"].update(
-        data_offsets=[h["img_in.weight"]["data_offsets"][0], h["img_in.weight"]["data_offsets"][0] + 128 * 96 * 2])),
+        data_offsets=[h["img_in.weight"]["data_offsets"][0],
+                      h["img_in.weight"]["data_offsets"][0] + 128 * 96 * 2])),
         "overlap"),
     "a gap": (lambda s: _edit_header(s, lambda h: [v.update(data_offsets=[o + 2 for o in v["data_offsets"]])
                                                   for k, v in h.items() if k != "__metadata__"]), "gap"),
     "name twice": (_twice, "twice"),
-    "header length past the end": (lambda s: struct.pack("<Q", 2**63) + write_safetensors(s)[8:], "header length"),
+    "header length past the end": (lambda s: struct.pack("<Q", 2**63) + write_safetensors(s)[8:],
+                                   "header length"),
     "bytes after the last tensor": (lambda s: write_safetensors(s) + b"junk", "follow the last tensor"),
     "truncated data": (lambda s: write_safetensors(s)[:-100], "truncated"),
     "latin-1 header": (lambda s: write_safetensors(s, '{"\xe9": 1}'.encode("latin-1")), "not JSON"),
@@ -117,7 +123,8 @@ def _gguf(spec, kv=None, tensors=None, align=None):
 
 
 def _retyped(spec, key, vtype, value, etype=None):
-    return _gguf(spec, kv=[(k, vtype, value, etype) if k == key else (k, t, v, e) for k, t, v, e in spec["kv"]])
+    return _gguf(spec, kv=[(k, vtype, value, etype) if k == key else (k, t, v, e)
+                           for k, t, v, e in spec["kv"]])
 
 
 def _tensor(spec, which, **change):
@@ -221,7 +228,8 @@ def test_architecture_checks_name_file_and_tensor(specs, tmp_path, case):
 
 
 def _encoder(spec, key, value, vtype=ARRAY, etype=STRING):
-    return _gguf(spec, kv=[(k, vtype, value, etype) if k == key else (k, t, v, e) for k, t, v, e in spec["kv"]])
+    return _gguf(spec, kv=[(k, vtype, value, etype) if k == key else (k, t, v, e)
+                           for k, t, v, e in spec["kv"]])
 
 
 @pytest.mark.parametrize("key,value,etype,match", [
@@ -264,7 +272,8 @@ def _row_bytes(spec, name):
 def test_info_refuses_what_generate_refuses(specs, tmp_path):
     spec = specs["dit.gguf"][2]
     cases = {
-        "missing.gguf": (_gguf(spec, tensors=spec["tensors"][1:]), "1 missing: img_in.weight|img_in.weight is missing"),
+        "missing.gguf": (_gguf(spec, tensors=spec["tensors"][1:]),
+                         "1 missing: img_in.weight|img_in.weight is missing"),
         "extra.gguf": (_gguf(spec, tensors=spec["tensors"] + [("extra.weight",) + spec["tensors"][0][1:]]),
                        "1 unexpected: extra.weight"),
         "misshaped.gguf": (_tensor(spec, "double_blocks.0.img_attn.proj.weight", shape=(64, 128), raw=bytes(
@@ -291,7 +300,8 @@ def test_shards_that_disagree(specs, tmp_path):
     with pytest.raises(WeightsError, match="in both"):
         WeightSource(tmp_path)
     (tmp_path / "b.safetensors").unlink()
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../../etc/passwd"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "../../etc/passwd"}}))
     with pytest.raises(WeightsError, match="outside its folder"):
         WeightSource(tmp_path)
 
@@ -311,7 +321,8 @@ def test_info_on_a_repo_folder_describes_each_component(tiny_repo, tmp_path):
     repo = shutil.copytree(tiny_repo, tmp_path / "repo")  # a copy: its VAE is damaged below
     r = CliRunner().invoke(main, ["info", str(repo)])
     assert r.exit_code == 0, r.output
-    assert "FLUX.2 transformer" in r.stdout and "text encoder: Qwen3" in r.stdout and "autoencoder" in r.stdout
+    assert ("FLUX.2 transformer" in r.stdout and "text encoder: Qwen3" in r.stdout
+            and "autoencoder" in r.stdout)
     (repo / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x08" + bytes(20))
     r = CliRunner().invoke(main, ["info", str(repo)])
     assert r.exit_code == 2 and "vae" in r.stderr and len(r.stderr.splitlines()) == 1

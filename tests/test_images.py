@@ -39,7 +39,8 @@ def test_alpha_and_palette_transparency_become_white():
     rgba[:, 40:60, 3] = 128
     out = np.asarray(open_image(Image.fromarray(rgba, "RGBA")))
     assert (out[:, :40] == (10, 20, 30)).all() and (out[:, 60:] == 255).all()
-    assert np.abs(out[0, 50].astype(int) - np.round((np.array([10, 20, 30]) * 128 + 255 * 127) / 255)).max() <= 1
+    assert np.abs(out[0, 50].astype(int)
+                  - np.round((np.array([10, 20, 30]) * 128 + 255 * 127) / 255)).max() <= 1
     la = Image.fromarray(rgba[..., [0, 3]], "LA")
     assert (np.asarray(open_image(la))[:, 60:] == 255).all()
     pal = Image.fromarray(np.where(np.arange(80)[None, :] < 40, 1, 0).repeat(64, 0).astype(np.uint8), "P")

@@ -42,7 +42,8 @@ def test_full_size_vae_names_match_diffusers():
 
 def test_transformer_to_diffusers_agrees_with_diffusers_converter():
     bfl = random_transformer(tiny_spec("dev").transformer)
-    theirs = convert_flux2_transformer_checkpoint_to_diffusers({k: torch.from_numpy(v) for k, v in bfl.items()})
+    theirs = convert_flux2_transformer_checkpoint_to_diffusers({k: torch.from_numpy(v)
+                                                                for k, v in bfl.items()})
     ours = transformer_to_diffusers(bfl)
     assert ours.keys() == theirs.keys()
     assert all(np.array_equal(ours[k], theirs[k].numpy()) for k in ours)

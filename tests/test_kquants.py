@@ -265,7 +265,8 @@ def test_shapes_chunks_and_determinism(name, monkeypatch):
     fn, _, size, _ = TYPES[name]
     monkeypatch.setattr(kquants, "_CHUNK", 1024)
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((3, 256 * 1000)).astype(np.float32)  # 3000 blocks: 3 kernel calls, 50 lockstep groups
+    # 3000 blocks: 3 kernel calls, 50 lockstep groups
+    x = rng.standard_normal((3, 256 * 1000)).astype(np.float32)
     q = fn(x)
     assert q.dtype == np.uint8 and q.shape == (3, 1000 * size)
     assert np.array_equal(q, fn(x))
@@ -292,7 +293,8 @@ def test_fp16_rounding_matches_numpy():
     mid = (h[:-1] + h[1:]) / 2
     v = np.concatenate([h, mid, [65504.0, 65519.0, 65520.0, 65536.0, 1e30, np.inf]]).astype(np.float32)
     v = np.concatenate([v, np.nextafter(v, np.float32(0)), np.nextafter(v, np.float32(np.inf))])
-    rand = np.random.default_rng(0).integers(0, 2 ** 32, 20000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    rand = (np.random.default_rng(0).integers(0, 2 ** 32, 20000, dtype=np.uint64)
+            .astype(np.uint32).view(np.float32))
     v = np.concatenate([v, -v, rand[np.isfinite(rand)]])
     got = np.array([jit.fp16(f)[0] for f in v], np.uint16)
     with np.errstate(over="ignore"):

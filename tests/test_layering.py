@@ -14,7 +14,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "flux2_mlx"
 CORE = sorted(f.stem for f in PKG.glob("*.py"))  # every top-level module, new ones included
-CORE += sorted(f"quant/{f.stem}" for f in (PKG / "quant").glob("*.py"))  # quant/: numpy and numba, no MLX or torch
+# quant/: numpy and numba, no MLX or torch
+CORE += sorted(f"quant/{f.stem}" for f in (PKG / "quant").glob("*.py"))
 MODEL_MATH = ["layers", "transformer", "text_encoder", "vae"]
 BACKENDS = {"mlx": ("mlx",), "torch": ("torch",)}  # backend → the only framework its model math may import
 CONTRACT = ["use_device", "resolve_dtype", "peak_memory", "load_transformer", "load_text_encoder", "load_vae",

@@ -73,13 +73,15 @@ def test_cfg_is_live(tiny_models):
     # Without negative embeddings the pipeline encodes the empty prompt, so it needs the tokenizer.
     with pytest.raises(WeightsError, match=r"tokenizer/\*"):
         pipe.sample(guidance=4.0, **kw)
-    assert rel_err(pipe.sample(guidance=1.0, **kw), pipe.sample(negative_prompt_embeds=neg, guidance=1.0, **kw)) == 0
+    assert rel_err(pipe.sample(guidance=1.0, **kw),
+                   pipe.sample(negative_prompt_embeds=neg, guidance=1.0, **kw)) == 0
 
 
 def test_iter_steps_and_generate_settings(tiny_models, recwarn):
     m = tiny_models("klein-4b")
     pipe = load_pipeline(m.spec, model_path=m.bfl_dir)
-    embeds = np.random.default_rng(0).standard_normal((1, L, m.spec.transformer.context_in_dim)).astype(np.float32)
+    embeds = (np.random.default_rng(0).standard_normal((1, L, m.spec.transformer.context_in_dim))
+              .astype(np.float32))
     kw = dict(prompt_embeds=embeds, width=32, height=48, steps=3, seed=5)
     steps = list(pipe.iter_steps(**kw))
     assert len(steps) == 3 and all(s.shape == (1, 6, 128) for s in steps)
