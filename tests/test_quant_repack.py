@@ -1,4 +1,5 @@
-"""ggml → MLX affine repack: hand-built blocks, random blocks vs gguf-py bit for bit, and MLX's own kernels."""
+"""ggml → MLX affine repack: hand-built blocks, random blocks vs gguf-py bit for bit, and MLX's own
+kernels."""
 
 import numpy as np
 import pytest
@@ -76,8 +77,8 @@ def test_q4_k_hand_block():
     q = (np.arange(256) * 7) % 16
     qs = np.zeros(128, np.uint8)
     for c in range(4):
-        for l in range(32):  # chunk c: low nibbles are elements 64c.., high nibbles 64c+32..
-            qs[32 * c + l] = q[64 * c + l] | (q[64 * c + 32 + l] << 4)
+        for i in range(32):  # chunk c: low nibbles are elements 64c.., high nibbles 64c+32..
+            qs[32 * c + i] = q[64 * c + i] | (q[64 * c + 32 + i] << 4)
     raw = np.concatenate([_f16_bytes(1.0), _f16_bytes(0.5), _pack_k_scales(sc, m), qs])[None]
     want = np.array([1.0 * sc[e // 32] * q[e] - 0.5 * m[e // 32] for e in range(256)], np.float32)
     assert np.array_equal(dequantize(raw, T.Q4_K, (1, 256))[0], want)
@@ -88,15 +89,15 @@ def test_q4_k_hand_block():
 
 
 def test_q3_k_hand_block():
-    # element e = 128h + 32j + l: low2 = (qs[32h+l] >> 2j) & 3, hbit = (hmask[l] >> (4h+j)) & 1
+    # element e = 128h + 32j + i: low2 = (qs[32h+i] >> 2j) & 3, hbit = (hmask[i] >> (4h+j)) & 1
     rng = np.random.default_rng(3)
     low2, hbit = rng.integers(0, 4, 256), rng.integers(0, 2, 256)
     sc6 = rng.integers(0, 64, 16)  # stored 6-bit, value sc6 - 32
     qs, hmask, s = np.zeros(64, np.uint8), np.zeros(32, np.uint8), np.zeros(12, np.uint8)
     for e in range(256):
-        h, j, l = e // 128, (e % 128) // 32, e % 32
-        qs[32 * h + l] |= low2[e] << (2 * j)
-        hmask[l] |= hbit[e] << (4 * h + j)
+        h, j, i = e // 128, (e % 128) // 32, e % 32
+        qs[32 * h + i] |= low2[e] << (2 * j)
+        hmask[i] |= hbit[e] << (4 * h + j)
     for j in range(16):
         s[j % 8] |= (sc6[j] & 15) << (4 * (j >= 8))
         s[8 + j % 4] |= (sc6[j] >> 4) << (2 * (j // 4))
@@ -114,7 +115,8 @@ def test_random_blocks_bit_exact(t):
     ref = dequantize(raw, t, SHAPE)
     q = repack(raw, t, SHAPE, exact=True)
     assert q.weight.dtype == np.uint32 and q.weight.shape == (SHAPE[0], SHAPE[1] * q.bits // 32)
-    assert q.scales.dtype == np.float32 and q.scales.shape == q.biases.shape == (SHAPE[0], SHAPE[1] // q.group_size)
+    assert (q.scales.dtype == np.float32
+            and q.scales.shape == q.biases.shape == (SHAPE[0], SHAPE[1] // q.group_size))
     assert q.note.startswith("exact")
     assert np.array_equal(dequantize_mlx(q), ref)  # array_equal treats -0 == 0
 

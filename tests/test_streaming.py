@@ -86,7 +86,8 @@ def test_streamed_kv_path_equals_resident(deep):
                                  streaming=streaming)
         cache = []
         outs.append([np.array(model(*args, ref=ref, ref_ids=ref_ids, kv_cache=cache)),
-                     np.array(model(*args, kv_cache=cache)), np.array(model(*args, ref=ref, ref_ids=ref_ids))])
+                     np.array(model(*args, kv_cache=cache)),
+                     np.array(model(*args, ref=ref, ref_ids=ref_ids))])
         assert len(cache) == 12
     assert all(np.array_equal(a, b) for a, b in zip(*outs))
     assert np.array_equal(outs[0][0], outs[0][1]) and not np.array_equal(outs[0][0], outs[0][2])

@@ -278,7 +278,7 @@ def test_loading_allocates_no_second_copy_and_is_strict():
         tb.load_transformer(DEEP, _entries({k: v for k, v in tensors.items() if k != gone}), dtype=F32)
 
 
-# ---- GGUF: packed on the device, unpacked per layer ---------------------------------------------------------
+# ---- GGUF: packed on the device, unpacked per layer --------------------------------------------------------
 
 GGML_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -357,9 +357,11 @@ def test_pipeline_on_torch_equals_mlx(tiny_models, variant, edit):
     from flux2_mlx import load_pipeline
 
     m = tiny_models(variant)
-    embeds = np.random.default_rng(1).standard_normal((1, 16, m.spec.transformer.context_in_dim)).astype(np.float32)
+    embeds = (np.random.default_rng(1).standard_normal((1, 16, m.spec.transformer.context_in_dim))
+              .astype(np.float32))
     img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (96, 80, 3), dtype=np.uint8))
-    kw = dict(prompt_embeds=embeds, width=32, height=48, steps=3, seed=3, **{edit: [img] if edit == "images" else img})
+    kw = dict(prompt_embeds=embeds, width=32, height=48, steps=3, seed=3,
+              **{edit: [img] if edit == "images" else img})
     out = {}
     for be in ("torch", "mlx"):
         pipe = load_pipeline(m.spec, model_path=m.bfl_dir, backend=be, dtype="float32")
@@ -443,8 +445,8 @@ def test_planned_peak_matches_the_measured_host_peak(planned, fraction, monkeypa
     assert phase.streamed == (fraction is not None)
     code = MEASURE_PEAK.format(planned=PLANNED, image=PLANNED_IMAGE, text=PLANNED_TEXT)
     resident = phase.resident_blocks if phase.streamed else -1
-    out = subprocess.run([sys.executable, "-c", code, str(path), str(resident)], capture_output=True, text=True,
-                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(resident)], capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     measured = int(out.stdout)
     assert abs(measured / phase.peak - 1) < 0.1, (measured, phase.peak, phase.resident_blocks)

@@ -30,7 +30,8 @@ TEXT = 32  # prompt tokens of the embeddings the tests pass
 
 
 def _embeds(m, seed=0, L=TEXT):
-    return np.random.default_rng(seed).standard_normal((1, L, m.spec.transformer.context_in_dim)).astype(np.float32)
+    return (np.random.default_rng(seed).standard_normal((1, L, m.spec.transformer.context_in_dim))
+            .astype(np.float32))
 
 
 def _same_on_both(pipes: dict, width=None, height=None, images=None, image=None, **kw):
@@ -54,15 +55,16 @@ def base_repo(tmp_path_factory):
 def test_klein_base_true_cfg_with_a_negative_prompt(base_repo):
     """Prompt strings through the Qwen3 encoder on each backend, a negative pass at guidance 4."""
     pipes = _pipes("klein-base-4b", model_path=base_repo)
-    _same_on_both(pipes, prompt="a red fox on a blue sofa", negative_prompt="blurry, dark", guidance=4.0, width=64,
-                  height=48, steps=2, seed=3)
+    _same_on_both(pipes, prompt="a red fox on a blue sofa", negative_prompt="blurry, dark", guidance=4.0,
+                  width=64, height=48, steps=2, seed=3)
 
 
 @pytest.mark.parametrize("count", [1, 3])
 def test_references(tiny_models, count):
     m = tiny_models("klein-4b")
     refs = [_photo(w, h, k) for k, (w, h) in enumerate(REFS[count])]
-    _same_on_both(_pipes(m.spec, model_path=m.bfl_dir), images=refs, prompt_embeds=_embeds(m), steps=3, seed=3)
+    _same_on_both(_pipes(m.spec, model_path=m.bfl_dir), images=refs, prompt_embeds=_embeds(m), steps=3,
+                  seed=3)
 
 
 def test_img2img(tiny_models):

@@ -91,7 +91,8 @@ def test_timestep_rounds_like_bfl_in_bf16():
     assert got.dtype == mx.bfloat16
     assert np.array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
     # In float32 nothing is rounded: 997.3 differs from 996.
-    assert not np.allclose(np.array(timestep_embedding(mx.array([0.9973]))), np.array(want.astype(mx.float32)))
+    assert not np.allclose(np.array(timestep_embedding(mx.array([0.9973]))),
+                           np.array(want.astype(mx.float32)))
 
 
 def test_bf16_model_tracks_float32(tiny_models):
@@ -132,7 +133,8 @@ def test_reference_tokens_match_diffusers(tiny_models, variant):
     i = _inputs(cfg, L=64)
     ref, ref_ids = _refs(cfg, [(2, 4), (5, 3), (3, 3)])
     got = np.array(ours(mx.array(i["x"]), mx.array(i["x_ids"]), mx.array(i["t"]), mx.array(i["ctx"]),
-                        mx.array(i["ctx_ids"]), mx.array(i["g"]), ref=mx.array(ref), ref_ids=mx.array(ref_ids)))
+                        mx.array(i["ctx_ids"]), mx.array(i["g"]), ref=mx.array(ref),
+                        ref_ids=mx.array(ref_ids)))
     joint = dict(i, x=np.concatenate([i["x"], ref], 1), x_ids=np.concatenate([i["x_ids"], ref_ids], 1))
     want = _reference(m.ref_transformer, cfg, joint)[:, : i["x"].shape[1]]
     assert got.shape == want.shape == i["x"].shape
@@ -184,4 +186,5 @@ def test_kv_extract_and_cached_match_diffusers(tiny_models):
     # A KV model without references runs the standard forward.
     i = _inputs(cfg, L=64)
     assert rel_err(np.array(ours(mx.array(i["x"]), mx.array(i["x_ids"]), mx.array(i["t"]), mx.array(i["ctx"]),
-                                 mx.array(i["ctx_ids"]), kv_cache=[])), _reference(m.ref_transformer, cfg, i)) <= 1e-5
+                                 mx.array(i["ctx_ids"]), kv_cache=[])),
+                   _reference(m.ref_transformer, cfg, i)) <= 1e-5

@@ -111,7 +111,8 @@ def test_sharded_folder_with_index(tmp_path, bfl):
     index = {"weight_map": {k: f for f, ks in halves.items() for k in ks}}
     (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     model = _load(tmp_path)
-    assert np.array_equal(np.array(model.single_blocks[1].linear2.weight), bfl["single_blocks.1.linear2.weight"])
+    assert np.array_equal(np.array(model.single_blocks[1].linear2.weight),
+                          bfl["single_blocks.1.linear2.weight"])
     (tmp_path / "m-00002-of-00002.safetensors").unlink()
     with pytest.raises(WeightsError, match="m-00002-of-00002.safetensors"):
         _load(tmp_path)
@@ -127,7 +128,8 @@ def test_gguf_and_missing_paths(tmp_path):
 
 def test_pipeline_without_vae_says_where_to_get_it(tmp_path, bfl):
     save_safetensors(tmp_path / "flux-2-klein-4b.safetensors", bfl)
-    with pytest.raises(WeightsError, match=r"cache lacks black-forest-labs/FLUX.2-klein-4B \(vae/\*\).*--model-path"):
+    with pytest.raises(WeightsError,
+                       match=r"cache lacks black-forest-labs/FLUX.2-klein-4B \(vae/\*\).*--model-path"):
         load_pipeline(tiny_spec(), transformer=tmp_path / "flux-2-klein-4b.safetensors")
 
 
