@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -223,6 +224,13 @@ class TinyModel:
         self.ref_transformer.save_pretrained(self.diffusers_dir / "transformer")
         self.ref_vae.save_pretrained(self.diffusers_dir / "vae")
 
+
+
+def sigint_as_on_a_terminal() -> None:
+    """preexec_fn for a child that a test interrupts: SIGINT back to its default. A child of a background
+    job in a non-interactive shell starts with SIGINT ignored, and Python then never raises
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import sigint_as_on_a_terminal
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -243,7 +244,8 @@ def test_real_sigint_during_a_run(tiny_repo, tmp_path):
     out = tmp_path / "fox.png"
     proc = subprocess.Popen([sys.executable, "-m", "flux2_mlx", "generate", "a fox", "--model-path",
                              str(tiny_repo), "-W", "64", "-H", "48", "--steps", "100000", "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_on_a_terminal)
     assert proc.stdout.readline().startswith("seed ")  # denoising has begun
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

@@ -11,7 +11,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from conftest import random_transformer
+from conftest import random_transformer, sigint_as_on_a_terminal
 
 from flux2_mlx.atomic import atomic_write
 from flux2_mlx.config import tiny_spec, transformer_shapes
@@ -65,7 +65,8 @@ def model(tmp_path_factory):
 def _start(src, dst):
     return subprocess.Popen([sys.executable, "-m", "flux2_mlx", "convert", str(src), str(dst),
                              "--type", "Q4_K_M", "--jobs", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_on_a_terminal)
 
 
 def _partials(folder):
