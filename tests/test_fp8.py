@@ -26,7 +26,6 @@ from flux2_mlx.weights import (
     SafetensorsFile,
     WeightsError,
     WeightSource,
-    dequantize_fp8,
     fp8_e4m3_to_f32,
     fp8_e5m2_to_f32,
     save_safetensors,
@@ -97,7 +96,7 @@ def test_block_dequant_equals_torch_for_a_ragged_shape():
     q, inv = quantize_blockwise(w, (128, 128))
     assert inv.shape == (3, 2)
     ref = _dequantize_fp8_weight(q, inv, [128, 128], torch.float32).numpy()
-    ours = dequantize_fp8(as_numpy_fp8(q), inv.numpy(), (128, 128))
+    ours = FP8Blocks(as_numpy_fp8(q), inv.numpy(), (128, 128)).dequantize()
     assert ours.dtype == np.float32
     np.testing.assert_array_equal(ours, ref)
     assert rel_err(ours, w.float().numpy()) < 0.05  # and it is the weight, up to FP8 rounding
@@ -111,7 +110,7 @@ def test_block_dequant_equals_transformers_fp8_quantize_and_dequantize():
     q, inv = out["x.weight"], out["x.weight_scale_inv"]
     assert q.dtype == torch.float8_e4m3fn and inv.shape == (2, 3)
     ref = Fp8Dequantize(quantizer)._dequantize_one(q, inv, output_dtype=torch.float32).numpy()
-    np.testing.assert_array_equal(dequantize_fp8(as_numpy_fp8(q), inv.numpy(), (128, 128)), ref)
+    np.testing.assert_array_equal(FP8Blocks(as_numpy_fp8(q), inv.numpy(), (128, 128)).dequantize(), ref)
     mine_q, mine_inv = quantize_blockwise(w, (128, 128))  # the test's quantizer is transformers' math
     assert torch.equal(mine_q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(mine_inv, inv)
 

@@ -3,7 +3,7 @@
 Numpy only. bf16 has no numpy dtype, so bf16 tensors come back as the structured dtype `BF16`
 (raw uint16 bits) which survives reshapes, slices and concatenation and tells backends what it is.
 FP8 (`F8_E4M3`, `F8_E5M2`, as in Qwen3-*-FP8 checkpoints) works the same way with one byte per value.
-The dtype decoders (to_float32, dequantize_fp8 for block-scaled FP8 weights) return float32.
+The dtype decoders (to_float32, FP8Blocks.dequantize for block-scaled FP8 weights) return float32.
 GGUF files are memory-mapped (the header parsed here); quantized tensors come back as `GGMLTensor`
 (raw ggml blocks, never dequantized here) and their numpy shapes are GGUF's `ne` reversed (out, in).
 """
@@ -119,11 +119,6 @@ class FP8Blocks:
         for j in range(rows.shape[1]):
             out[:, j * bk:(j + 1) * bk] *= rows[:, j:j + 1]
         return out
-
-
-def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
-    """Block-wise FP8 (a Linear's F8 weight and its `weight_scale_inv`) → float32; see FP8Blocks."""
-    return FP8Blocks(weight, scale_inv, block).dequantize()
 
 
 def _pread(path: Path, offset: int, nbytes: int) -> np.ndarray:
