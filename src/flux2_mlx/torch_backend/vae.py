@@ -195,7 +195,7 @@ class AutoEncoder(nn.Module):
         z = z.to(self.bn.running_mean.dtype) * self.bn.std() + self.bn.running_mean
         B, h, w, C4 = z.shape
         z = z.reshape(B, h, w, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, 2 * h, 2 * w)
-        # In the weights' memory layout (channels-last on CUDA), so no convolution converts its input.
+        # In the weights' layout (channels-last on CUDA and the CPU): no convolution converts its input.
         z = z.contiguous(memory_format=torch.channels_last if self.decoder.conv_in.weight.is_contiguous(
             memory_format=torch.channels_last) else torch.contiguous_format)
         return self.decoder(z).permute(0, 2, 3, 1)
