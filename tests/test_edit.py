@@ -65,21 +65,22 @@ def test_references_match_diffusers(tiny_models, plain_renders, variant, guidanc
     assert rel_err(ours, plain_renders[variant]) > 1e-3  # the references are live
 
 
-def test_kv_cache_belongs_to_one_generation(tiny_models):
+def test_kv_cache_belongs_to_one_generation(tiny_models, monkeypatch):
     """Two generations with different references (and seeds) on one pipeline each equal diffusers' KV
     pipeline: the second does not reuse the first's cache. The cached steps are really cached: the
     transformer sees the references only on the first step."""
     m = tiny_models("klein-9b-kv")
     embeds, _ = _case(m, "klein-9b-kv", seed=1)
-    pipe = load_pipeline(m.spec, model_path=m.bfl_dir, memory="resident")  # keeps the spy in place
+    pipe = load_pipeline(m.spec, model_path=m.bfl_dir)
     calls = []
-    real = pipe.transformer
+    model_class = type(pipe.transformer)
+    real = model_class.__call__
 
-    def spy(*args, **kw):
+    def spy(self, *args, **kw):
         calls.append(("ref" in kw, len(kw["kv_cache"])))
-        return real(*args, **kw)
+        return real(self, *args, **kw)
 
-    pipe._transformer.model = spy
+    monkeypatch.setattr(model_class, "__call__", spy)
     first, second = [_photo(80, 80, 5)], [_photo(120, 64, 6), _photo(70, 70, 7)]
     for refs, seed in ((first, 1), (second, 2), (first, 2)):
         ours = pipe.sample(prompt_embeds=embeds, images=refs, width=80, height=64, steps=3, seed=seed)
@@ -136,10 +137,10 @@ def test_edit_api_generate(tiny_models, tmp_path):
     pipe = load_pipeline(m.spec, model_path=m.bfl_dir)
     image = pipe.generate(prompt_embeds=embeds, images=paths, steps=2, seed=1)
     assert image.size == (96, 64) and image.info["references"] == 3
-    loaded = pipe._transformer.model  # new images are encoded beside it: the budget has room for both
+    loaded = pipe.transformer  # new images are encoded beside it: the budget has room for both
     again = pipe.generate(prompt_embeds=embeds, images=[str(p) for p in paths], image=paths[1], height=96,
                           steps=4, strength=0.5, seed=1)
-    assert again.size == (64, 96) and again.info["strength"] == 0.5 and pipe._transformer.model is loaded
+    assert again.size == (64, 96) and again.info["strength"] == 0.5 and pipe.transformer is loaded
     with pytest.raises(ValueError, match="at most 10"):
         pipe.generate(prompt_embeds=embeds, images=paths * 4, seed=1)
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):

@@ -100,14 +100,14 @@ def test_phase_lifetimes_and_one_encoding_for_many_seeds(tiny_repo):
     """"phase": the encoder is gone before the transformer loads, and the transformer before the next
     encoding; embeddings computed once serve several seeds."""
     pipe = load_pipeline("klein-4b", model_path=tiny_repo)
-    assert pipe.memory == "phase" and pipe._transformer.model is None and pipe._text_encoder.model is None
+    assert pipe.memory == "phase" and pipe.loaded == frozenset()
     embeds = pipe.encode(["a red fox", "a blue fox"])
-    assert embeds.shape == (2, 512, pipe.spec.transformer.context_in_dim) and pipe._text_encoder.model is None
+    assert embeds.shape == (2, 512, pipe.spec.transformer.context_in_dim) and pipe.loaded == frozenset()
     assert not np.array_equal(embeds[0], embeds[1])
     a, b = (pipe.sample(prompt_embeds=embeds[:1], width=32, height=32, steps=1, seed=s) for s in (1, 2))
-    assert pipe._transformer.model is not None and not np.array_equal(a, b)
+    assert pipe.loaded == {"transformer"} and not np.array_equal(a, b)
     assert np.array_equal(pipe.sample("a red fox", width=32, height=32, steps=1, seed=1), a)
     resident = load_pipeline("klein-4b", model_path=tiny_repo, memory="resident")
     resident.sample("a red fox", width=32, height=32, steps=1, seed=1)
     resident.encode("again")
-    assert resident._text_encoder.model is not None and resident._transformer.model is not None
+    assert resident.loaded == {"text_encoder", "transformer"}

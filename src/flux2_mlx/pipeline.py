@@ -397,6 +397,13 @@ class Pipeline:
         return self.backend.load_text_encoder(cfg, source, dtype=self.dtype, streaming=streaming)
 
     @property
+    def loaded(self) -> frozenset[str]:
+        """Which of "text_encoder" and "transformer" are in memory now (the VAE always is): what a "phase"
+        pipeline holds between calls, for an app that reports its memory."""
+        held = {"text_encoder": self._text_encoder, "transformer": self._transformer}
+        return frozenset(name for name, c in held.items() if c.model is not None)
+
+    @property
     def transformer(self):
         """The transformer as the last plan set it up (resident when nothing was planned)."""
         return self._transformer.get(self._transformer.streaming, self._load_transformer)
