@@ -121,7 +121,7 @@ def test_interrupted_conversion_leaves_nothing(tiny_dit, tmp_path, monkeypatch, 
 @pytest.mark.parametrize("target", ["Q4_K_M", "Q5_0"])
 def test_parallel_output_is_byte_identical(tiny_dit, tmp_path, monkeypatch, target):
     src, *_ = tiny_dit
-    monkeypatch.setattr(conv, "_CHUNK_BYTES", 16384)  # many chunks per tensor, several in flight
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 16384)  # many chunks per tensor, several in flight
     one = conv.convert(src, tmp_path / "one.gguf", target, progress=False, jobs=1)
     two = conv.convert(src, tmp_path / "two.gguf", target, progress=False, jobs=2)
     assert one.read_bytes() == two.read_bytes()
@@ -134,24 +134,27 @@ def _fail_in_worker(a, t):
     return ggml.quantize(a, t)
 
 
-@pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+@pytest.mark.parametrize("exc", [OSError("input/output error"), KeyboardInterrupt()])
 def test_interrupted_parallel_conversion_leaves_nothing(tiny_dit, tmp_path, monkeypatch, exc):
+    """The main thread stops (a source read fails, or Ctrl-C) while workers have chunks in flight."""
     src, *_ = tiny_dit
-    monkeypatch.setattr(conv, "_CHUNK_BYTES", 4096)
-    real, seen = conv._chunks, []
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 4096)
+    quantized, read = [], conv.to_float32
 
-    def chunks(t, parts=1):  # the main thread is stopped while workers have chunks in flight
-        for c in real(t, parts):
-            seen.append(c)
-            if len(seen) == 12:
-                raise exc
-            yield c
+    def quantize(a, t):  # in the workers
+        quantized.append(t)
+        return ggml.quantize(a, t)
 
-    monkeypatch.setattr(conv, "_chunks", chunks)
-    dst = tmp_path / "out.gguf"
+    def to_float32(a):  # in the main thread: the underflow pre-pass reads every chunk before any worker
+        if len(quantized) >= 6:
+            raise exc
+        return read(a)
+
+    monkeypatch.setattr(conv, "quantize", quantize)
+    monkeypatch.setattr(conv, "to_float32", to_float32)
     with pytest.raises(type(exc)):
-        conv.convert(src, dst, "Q4_K_M", progress=False, jobs=2)
-    assert list(tmp_path.iterdir()) == []
+        conv.convert(src, tmp_path / "out.gguf", "Q4_K_M", progress=False, jobs=2)
+    assert len(quantized) >= 6 and list(tmp_path.iterdir()) == []
 
 
 def test_worker_failure_leaves_nothing(tiny_dit, tmp_path, monkeypatch):
@@ -170,7 +173,7 @@ def test_verification_failure_removes_partial(tiny_dit, tmp_path, monkeypatch):
     def bad_verify(path, plan):
         raise WeightsError("read back wrong")
 
-    monkeypatch.setattr(conv, "_verify", bad_verify)
+    monkeypatch.setattr(conv, "verify_conversion", bad_verify)
     with pytest.raises(WeightsError):
         conv.convert(src, tmp_path / "out.gguf", "Q8_0", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -180,14 +183,14 @@ def test_verify_reads_back_with_the_projects_reader(tiny_dit, tmp_path):
     src, *_ = tiny_dit
     out = conv.convert(src, tmp_path / "out.gguf", "Q8_0", progress=False)
     p, _ = conv.plan_conversion(src, "Q8_0")
-    conv._verify(out, p)
+    conv.verify_conversion(out, p)
     p.tensors[3].type = T.Q4_0
     with pytest.raises(WeightsError, match="does not read back as planned"):
-        conv._verify(out, p)
+        conv.verify_conversion(out, p)
     p, _ = conv.plan_conversion(src, "Q8_0")
     p.arch = "llama"
     with pytest.raises(WeightsError, match="general.architecture"):
-        conv._verify(out, p)
+        conv.verify_conversion(out, p)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])

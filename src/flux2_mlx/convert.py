@@ -43,7 +43,7 @@ from .weights import GGML_QUANTIZED, FP8Blocks, GGMLTensor, GGUFFile, WeightsErr
 __all__ = ["ConversionPlan", "convert", "plan_conversion"]
 
 T = GGMLType
-_CHUNK_BYTES = 64 << 20  # float32 bytes per quantize call
+CHUNK_BYTES = 64 << 20  # float32 bytes in flight at once (split among the jobs): the working memory
 _CONTEXT = {"qwen3": 40960, "mistral": 131072}  # max_position_embeddings when config.json lacks it
 
 
@@ -272,11 +272,11 @@ def plan_conversion(src, target: str, *, all_layers: bool = False) -> tuple[Conv
 
 
 def _chunks(t: Tensor, parts: int = 1):
-    """float32 row chunks of at most _CHUNK_BYTES / parts bytes (at least one row each). Raw ggml blocks
+    """float32 row chunks of at most CHUNK_BYTES / parts bytes (at least one row each). Raw ggml blocks
     are decoded a chunk at a time by gguf-py's reference codec: exactly the values the source holds."""
     a = t.load()
     a = a.dequantize() if isinstance(a, FP8Blocks) else a
-    step = max(1, _CHUNK_BYTES // (4 * t.shape[-1] * parts))
+    step = max(1, CHUNK_BYTES // (4 * t.shape[-1] * parts))
     if isinstance(a, GGMLTensor):
         kind = gguf.GGMLQuantizationType[a.ggml_type]
         for r in range(0, len(a.data), step):
@@ -288,7 +288,7 @@ def _chunks(t: Tensor, parts: int = 1):
 
 
 def _quantized_chunks(t: Tensor, pool: ThreadPoolExecutor | None, jobs: int):
-    """(rows, uint8 bytes) per chunk, in order. With a pool, 2 × `jobs` chunks of _CHUNK_BYTES / (2 × jobs)
+    """(rows, uint8 bytes) per chunk, in order. With a pool, 2 × `jobs` chunks of CHUNK_BYTES / (2 × jobs)
     are in flight (the same float32 bytes as one chunk in this thread; two per worker so that a worker never
     waits while this thread reads and converts its next chunk). Threads suffice: the K-quant kernels and
     numpy's array loops release the GIL."""
@@ -328,8 +328,9 @@ def _settle_types(p: ConversionPlan) -> list[str]:
     return notes
 
 
-def _verify(path: Path, p: ConversionPlan) -> None:
-    """Read the file back with the project's own GGUF reader (gguf-py's can loop on a corrupt file)."""
+def verify_conversion(path: Path, p: ConversionPlan) -> None:
+    """WeightsError unless the GGUF at `path` holds the tensors of plan `p` (names, types, shapes, sizes)
+    and its architecture. Read with the project's own GGUF reader: gguf-py's can loop on a corrupt file."""
     f = GGUFFile(path)
     got = [(n, f.dtype(n), f.shape(n), f.nbytes(n)) for n in f.keys()]
     want = [(t.name, t.type.name, t.shape, t.nbytes) for t in p.tensors]
@@ -437,5 +438,5 @@ def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = Fal
             warnings.warn(note, stacklevel=2)
         with atomic_write(dst) as tmp:
             _write(tmp, p, qtype.upper(), jobs, progress)
-            _verify(tmp, p)
+            verify_conversion(tmp, p)
     return dst
