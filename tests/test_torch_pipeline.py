@@ -2,6 +2,7 @@
 negative prompt, 1 and 3 references, img2img, tiled VAE decode and encode, an FP8 Qwen3 encoder (final
 latents ≤1e-4 relative, pictures within one uint8 step)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -83,16 +84,17 @@ def _tiling_budget(be: str, maps: str, m, height: int) -> float:
 
 
 @pytest.mark.parametrize("phase", ["decode", "images"])
-def test_tiled_vae(tiny_models, phase, monkeypatch):
+def test_tiled_vae(tiny_models, phase):
     """A budget too small for the whole image: decode (text-to-image 400x96) or encode (a 400x160
     reference, 64x64 out); each large enough that the budget still holds the denoising: runs in 256 px
     tiles on both backends."""
     m = tiny_models("klein-4b")
-    # The planner sizes the denoising for this test's 32-token prompt embeddings, not FLUX.2's 512 (which
-    # would take a budget, hence an image, twice as tall to hold it: MLX's VAE takes ~30 ms per 16x16 px).
-    monkeypatch.setattr(memory, "TEXT_TOKENS", TEXT)
+    # Prompts of this test's 32 tokens, so that the planner sizes the denoising for them, not for FLUX.2's
+    # 512 (which would take a budget, hence an image, twice as tall to hold it: MLX's VAE takes ~30 ms per
+    # 16x16 px).
+    spec = dataclasses.replace(m.spec, text_encoder=dataclasses.replace(m.spec.text_encoder, max_length=TEXT))
     maps, height = ("vae_decode_maps", 96) if phase == "decode" else ("vae_encode_maps", 160)
-    pipes = {be: load_pipeline(m.spec, model_path=m.bfl_dir, backend=be, dtype="float32",
+    pipes = {be: load_pipeline(spec, model_path=m.bfl_dir, backend=be, dtype="float32",
                                memory_budget=_tiling_budget(be, maps, m, height)) for be in BACKENDS}
     kw = dict(width=400, height=96) if phase == "decode" else dict(images=[_photo(400, 160, 4)], width=64,
                                                                       height=64)

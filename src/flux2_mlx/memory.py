@@ -102,8 +102,8 @@ def transformer_activations(hidden: int, heads: int, tokens: int, compute_bytes:
 
 
 def text_activations(hidden: int, mlp: int, heads: int, batch: int, compute_bytes: int, fused: bool,
-                     act: Activations = Activations()) -> tuple[int]:
-    L = TEXT_TOKENS
+                     act: Activations = Activations(), tokens: int = TEXT_TOKENS) -> tuple[int]:
+    L = tokens
     scores = 0 if fused else heads * L * L * compute_bytes
     return (int(batch * (act.text_rows * L * (hidden + mlp) * compute_bytes + scores)) + act.fixed,)
 
@@ -222,18 +222,19 @@ def plan_phases(budget: int, *, transformer: Weights, vae: Weights, text_encoder
                 heads: int, te_hidden: int = 0, te_mlp: int = 0, te_heads: int = 0, width: int, height: int,
                 compute_bytes: int, fused_attention: bool, cfg_batch: int = 1, source: str = "ram",
                 vae_ch: int = 128, ref_tokens: int = 0, image_size: tuple[int, int] | None = None,
-                activations: Activations = Activations()) -> MemoryPlan:
+                activations: Activations = Activations(), text_tokens: int = TEXT_TOKENS) -> MemoryPlan:
     """One plan for a run: the VAE stays resident throughout (it is small next to the others); the encoder
     and the transformer each get the whole budget less the VAE in their own phase.
 
     ref_tokens: reference-image tokens the transformer attends to beside the output's; image_size: the
-    largest input image (references, img2img start) the VAE encodes, or None."""
-    tokens = TEXT_TOKENS + (height // 16) * (width // 16) + ref_tokens
+    largest input image (references, img2img start) the VAE encodes, or None; text_tokens: the prompt's
+    padded length."""
+    tokens = text_tokens + (height // 16) * (width // 16) + ref_tokens
     out = MemoryPlan(budget, source)
     budget = usable(budget)
     if text_encoder is not None:
         act = text_activations(te_hidden, te_mlp, te_heads, cfg_batch, compute_bytes, fused_attention,
-                               activations)
+                               activations, text_tokens)
         out.phases.append(_fit("encode", text_encoder, act, vae.total, budget))
     if image_size is not None:
         out.phases.append(_vae_phase("images", activations.vae_encode_maps, vae, *image_size, budget, vae_ch,

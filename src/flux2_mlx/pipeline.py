@@ -158,7 +158,8 @@ def memory_plan_from_files(spec: ModelSpec, files: dict, backend, dtype_bytes: i
                                    width=width, height=height, compute_bytes=dtype_bytes,
                                    fused_attention=dev["fused_attention"], activations=dev["activations"],
                                    cfg_batch=2 if cfg else 1, source=source, vae_ch=vae_cfg.ch,
-                                   ref_tokens=ref_tokens, image_size=image_size)
+                                   ref_tokens=ref_tokens, image_size=image_size,
+                                   text_tokens=spec.text_encoder.max_length)
 
 
 def run_tiled(fn, x: np.ndarray, tile: int, inner: int, outer: int) -> np.ndarray:
