@@ -134,17 +134,16 @@ def denoise_phase(monkeypatch, budget: int, weights, cfg, *, text: int, width: i
                   activations=None):
     """The memory planner's denoise phase (memory.plan_phases) for a transformer alone: `weights` (a
     memory.Weights) of config `cfg` at width x height px and `text` prompt tokens, no text encoder, and an
-    empty VAE whose decode needs nothing. plan_phases takes the prompt length from memory.TEXT_TOKENS
-    (FLUX.2's 512); the callers' forwards run `text` tokens, so it is patched for the test."""
+    empty VAE whose decode needs nothing."""
     import dataclasses
 
     from flux2_mlx import memory
 
-    monkeypatch.setattr(memory, "TEXT_TOKENS", text)
     acts = dataclasses.replace(activations or memory.Activations(), vae_decode_maps=0)
     plan = memory.plan_phases(budget, transformer=weights, vae=memory.Weights("vae", 0, [], []),
                               text_encoder=None, hidden=cfg.hidden_size, heads=cfg.num_heads, width=width,
-                              height=height, compute_bytes=4, fused_attention=fused, activations=acts)
+                              height=height, compute_bytes=4, fused_attention=fused, activations=acts,
+                              text_tokens=text)
     return plan.phase("denoise")
 
 
