@@ -21,6 +21,23 @@ import numpy as np
 
 from flux2_mlx import sampling
 from flux2_mlx.config import MODELS, text_encoder_shapes, transformer_shapes, vae_shapes
+from flux2_mlx.entries import Entry
+from flux2_mlx.weights import F8_E4M3, FP8Blocks
+
+
+def _fp8_entries(entries: dict[str, Entry]) -> dict[str, Entry]:
+    """The decoder layers' matrices as Qwen/Qwen3-*-FP8 stores them: e4m3 codes (random bytes, NaN left
+    out) and one float32 scale per 128 × 128 block."""
+    rng = np.random.default_rng(1)
+
+    def fp8(shape):
+        sign = rng.integers(0, 2, shape, np.uint8) << 7
+        codes = (rng.integers(0, 0x7F, shape, np.uint8) | sign).view(F8_E4M3)
+        blocks = (-(-shape[0] // 128), -(-shape[1] // 128))
+        return FP8Blocks(codes, np.full(blocks, shape[1] ** -0.5 / 64, np.float32), (128, 128))
+
+    return {k: Entry(e.shape, lambda s=e.shape: fp8(s), "F8_E4M3") if ".layers." in k and len(e.shape) == 2
+            else e for k, e in entries.items()}
 
 
 def main() -> None:
@@ -37,6 +54,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true",
                    help="torch: compile the transformer blocks (the untimed warm-up image compiles)")
+    p.add_argument("--fp8-encoder", action="store_true",
+                   help="text-encoder Linears stored as FP8 in 128 x 128 blocks (decoded per layer on torch)")
+    p.add_argument("--fp8-matmul", action="store_true",
+                   help="torch: ... and multiplied in FP8, activations quantized too (implies --fp8-encoder)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -53,7 +74,10 @@ def main() -> None:
     t0 = time.perf_counter()
     transformer = be.load_transformer(t, _numpy_entries(transformer_shapes(t), name), dtype=dtype,
                                       compile=args.compile)
-    encoder = be.load_text_encoder(te, _numpy_entries(text_encoder_shapes(te), name), dtype=dtype)
+    encoder_entries = _numpy_entries(text_encoder_shapes(te), name)
+    fp8 = args.fp8_encoder or args.fp8_matmul
+    encoder_entries = _fp8_entries(encoder_entries) if fp8 else encoder_entries
+    encoder = be.load_text_encoder(te, encoder_entries, dtype=dtype, fp8_matmul=args.fp8_matmul)
     vae = be.load_vae(spec.vae, _numpy_entries(vae_shapes(spec.vae), "float32"),
                       dtype=be.resolve_dtype("float32"))
     print(f"{args.backend} on {device}: built {args.model} ({t.depth}+{t.depth_single_blocks} blocks, "
@@ -93,9 +117,12 @@ def main() -> None:
     best = {k: min(r[k] for r in runs) for k in runs[0]}
     res = {**run_info(), "backend": args.backend, "device": device, "model": args.model, "size": args.size,
            "steps": args.steps, "dtype": name, "blocks": [t.depth, t.depth_single_blocks],
-           "encoder_layers": layers, "best": best, "runs": runs, "peak_memory_gb": be.peak_memory() / 1e9}
+           "encoder_layers": layers, "fp8_encoder": fp8, "fp8_matmul": args.fp8_matmul, "best": best,
+           "runs": runs, "peak_memory_gb": be.peak_memory() / 1e9}
     print(" ".join(f"{k} {v:.3f} s" for k, v in best.items()) + f"; peak {res['peak_memory_gb']:.1f} GB")
-    print(f"| {res['date']} | {device} | {args.backend} | {args.model} {t.depth}+{t.depth_single_blocks} | "
+    kind = f"{args.model} {t.depth}+{t.depth_single_blocks}"
+    kind += ", FP8 encoder" + (" in FP8 matmuls" if args.fp8_matmul else "") if fp8 else ""
+    print(f"| {res['date']} | {device} | {args.backend} | {kind} | "
           f"{args.size}² | {args.steps} | {name} | {best['encode']:.3f} | "
           f"{best['denoise'] / args.steps:.3f} | {best['decode']:.3f} | {best['total']:.3f} |")
     write_json(args.json, res)

@@ -258,6 +258,31 @@ def test_torch_backend_writes_the_same_png_and_its_regenerate_line_reproduces_it
         assert again.read_bytes() == out.read_bytes()
 
 
+def test_fp8_matmul_is_recorded_and_its_regenerate_line_reproduces_it(tiny_repo, tmp_path):
+    """--fp8-matmul on an FP8 text encoder (torch): the PNG records it and the regenerate line, given the
+    same encoder folder, draws the same bytes. On the tiny repo's bf16 encoder it is refused when the encoder
+    loads (after the encode progress bar has started): one error line, exit 2, nothing written."""
+    from test_fp8 import _fp8_checkpoint
+
+    from flux2_mlx.config import tiny_spec
+
+    folder, out, again = tmp_path / "fp8", tmp_path / "fp8.png", tmp_path / "again.png"
+    _fp8_checkpoint(tiny_spec("klein-4b").text_encoder, folder, (16, 16), False)
+    (folder / "config.json").write_bytes((tiny_repo / "text_encoder" / "config.json").read_bytes())
+    fp8 = ["--backend", "torch", "--text-encoder", folder]
+    assert run("generate", *_fox(tiny_repo), *fp8, "--fp8-matmul", "-o", out).exit_code == 0
+    assert json.loads(Image.open(out).info["flux2"])["fp8_matmul"] is True
+    command = run("info", out).output.strip().splitlines()[-1].removeprefix("regenerate: ")
+    assert command.endswith("--backend torch --device cpu --fp8-matmul")
+    assert run(*shlex.split(command)[1:], "--model-path", tiny_repo, "--text-encoder", folder,
+               "-o", again).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+    r = run("generate", *_fox(tiny_repo), "--backend", "torch", "--fp8-matmul", "-o", tmp_path / "no.png")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "--fp8-matmul found no FP8 weights" in errors[0]
+    assert "Traceback" not in r.output and not (tmp_path / "no.png").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--backend", "torch", "--device", "cuda"], "not available here; available: cpu"),
     (["--backend", "torch", "--device", "cuda:7"], "not available here"),
@@ -266,6 +291,7 @@ def test_torch_backend_writes_the_same_png_and_its_regenerate_line_reproduces_it
     (["--backend", "mlx", "--device", "gpu"], "no GPU here"),
     (["--backend", "tpu"], "'tpu' is not one of"),
     (["--backend", "mlx", "--compile"], "compiling the transformer is a torch-backend option"),
+    (["--backend", "mlx", "--fp8-matmul"], "FP8 matmuls are a torch-backend option"),
 ])
 def test_devices_that_are_not_there(tiny_repo, tmp_path, args, message):
     r = run("generate", "x", "--model-path", tiny_repo, *SMALL, *args, "-o", tmp_path / "x.png")

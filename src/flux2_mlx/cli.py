@@ -167,10 +167,13 @@ def _save_png(image, path: Path, meta: dict) -> None:
 @click.option("--compile", "compile_", is_flag=True,
               help="torch: compile the transformer blocks (the first step of a size compiles; later ones run "
                    "faster).")
+@click.option("--fp8-matmul", is_flag=True,
+              help="torch: multiply an FP8 text encoder's weights in FP8, its activations quantized to FP8 "
+                   "too (FP8 tensor cores on a GPU; changes the prompt embeddings, as W8A8 does).")
 @click.option("--dry-run", is_flag=True, help="Show the files and the memory plan; load nothing.")
 def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenizer, width, height, refs, init,
              strength, steps, guidance, negative_prompt, seed, num_images, output, overwrite, dtype, backend,
-             device, memory_budget, stream_from, compile_, dry_run):
+             device, memory_budget, stream_from, compile_, fp8_matmul, dry_run):
     """Generate images from PROMPT and save them as PNGs with their settings embedded. With --ref: edit
     or combine reference images; with --image: image-to-image."""
     from .pipeline import check_size
@@ -211,7 +214,7 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
             return
         settings = dict(prompt=prompt, negative_prompt=negative_prompt, strength=strength, steps=steps,
                         guidance=guidance)
-        _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_)
+        _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_, fp8_matmul)
     except (WeightsError, ValueError, OSError) as e:
         _fail(str(e))
 
@@ -247,12 +250,12 @@ def _memory_plan_without_loading(spec, files, dtype, inputs, guidance, budget):
                                   image_size=inputs.image_size)
 
 
-def _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_):
+def _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_, fp8_matmul):
     """settings: the GenerationRequest's prompt, negative_prompt, strength, steps and guidance."""
     from .pipeline import GenerationRequest, load_pipeline
 
     start = time.perf_counter()
-    pipe = load_pipeline(spec, dtype=dtype, **paths_kw, **budget, compile=compile_)
+    pipe = load_pipeline(spec, dtype=dtype, **paths_kw, **budget, compile=compile_, fp8_matmul=fp8_matmul)
     pipe.settings(settings["steps"], settings["guidance"])  # bad steps fail here, before any model loads
     inputs = pipe.prepare_inputs(**edit)  # a bad image fails here, before any model loads
     request = GenerationRequest(inputs, seeds[0], **settings)
@@ -335,6 +338,8 @@ def _run(pipe, request, plan, seeds, paths, edit):
             meta.update(image=str(edit["image"]), strength=request.strength)
         if pipe.compile:  # fused kernels round differently: the same flag reproduces the same bytes
             meta["compile"] = True
+        if pipe.fp8_matmul:  # FP8 activations change the embeddings
+            meta["fp8_matmul"] = True
         _save_png(image, path, meta)
         click.echo(f"saved {path}")
 
@@ -360,7 +365,8 @@ def read_metadata(path: Path) -> dict:
 # What `flux2 generate` stores and `regenerate_command` reads; float means any finite number.
 _META_TYPES = {"prompt": str, "model": str, "seed": int, "steps": int, "guidance": float, "width": int,
                "height": int, "dtype": str, "negative_prompt": str, "refs": list, "image": str,
-               "strength": float, "backend": str, "device": str, "compile": bool}
+               "strength": float, "backend": str, "device": str, "compile": bool,
+               "fp8_matmul": bool}
 _META_REQUIRED = ("prompt", "model", "seed", "steps", "guidance", "width", "height", "dtype")
 _META_KINDS = {str: "text", int: "a whole number", float: "a number", list: "a list of paths",
                bool: "true or false"}
@@ -400,6 +406,8 @@ def regenerate_command(meta: dict) -> str:
             args += [f"--{key}", meta[key]]
     if meta.get("compile"):
         args.append("--compile")
+    if meta.get("fp8_matmul"):
+        args.append("--fp8-matmul")
     if "negative_prompt" in meta:
         args += ["--negative-prompt", meta["negative_prompt"]]
     for ref in meta.get("refs", []):

@@ -56,7 +56,8 @@ _GGUF_HPARAMS = {
 # a Linear's `X.weight` is F8_E4M3 and `X.weight_scale_inv` holds one float per block of rows × columns
 # (128 × 128 in every Qwen3 release); entries load them as weights.FP8Blocks.
 # Activations are not quantized: we run W-dequantized bf16/f32, unlike the reference's W8A8 (transformers'
-# FP8 Linear also quantizes activations), so embeddings differ slightly from BFL's klein reference.
+# FP8 Linear also quantizes activations), so embeddings differ slightly from BFL's klein reference; torch's
+# --fp8-matmul runs W8A8 too, with its per-token activation scales, one per weight column block.
 _FP8_SCALE = ".weight_scale_inv"
 _FP8_BOOKKEEPING = (_FP8_SCALE, ".input_scale", ".activation_scale")
 _FP8_DTYPES = ("F8_E4M3", "F8_E5M2")

@@ -304,9 +304,10 @@ class Pipeline:
     """
 
     def __init__(self, spec: ModelSpec, backend, files: dict, dtype, memory: str = "phase",
-                 budget_gb: float | None = None, stream_from: str | None = None, compile: bool = False):
+                 budget_gb: float | None = None, stream_from: str | None = None, compile: bool = False,
+                 fp8_matmul: bool = False):
         (self.backend, self.files, self.dtype, self.memory,
-         self.compile) = backend, files, dtype, memory, compile
+         self.compile, self.fp8_matmul) = backend, files, dtype, memory, compile, fp8_matmul
         self.dtype_name = dtype_name(backend, dtype)
         self.backend_name = self.device = None  # set by load_pipeline
         self.budget_gb, self.stream_from = budget_gb, stream_from
@@ -395,7 +396,8 @@ class Pipeline:
             raise WeightsError(f"{path}: this text encoder gives {width} features per token but the "
                                f"transformer takes {self.spec.transformer.context_in_dim}; use "
                                f"{self.spec.text_encoder.repo_id}")
-        return self.backend.load_text_encoder(cfg, source, dtype=self.dtype, streaming=streaming)
+        return self.backend.load_text_encoder(cfg, source, dtype=self.dtype, streaming=streaming,
+                                              fp8_matmul=self.fp8_matmul)
 
     @property
     def loaded(self) -> frozenset[str]:
@@ -655,7 +657,8 @@ def dtype_name(backend, dtype) -> str:
 def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, transformer=None, vae=None,
                   text_encoder=None, tokenizer=None, backend: str = "auto", device: str | None = None,
                   dtype: str | None = None, memory: str = "phase", memory_budget: float | None = None,
-                  stream_from: str | None = None, compile: bool = False) -> Pipeline:
+                  stream_from: str | None = None, compile: bool = False,
+                  fp8_matmul: bool = False) -> Pipeline:
     """Load a FLUX.2 model.
 
     Files come from the explicit paths, else `model_path` (a downloaded repo folder, BFL or diffusers
@@ -670,7 +673,9 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
     "torch" (see `choose_backend`); device: "gpu" / "cpu" on MLX, "cuda", "cuda:N", "mps" or "cpu" on
     torch (default: the GPU when there is one). compile: torch.compile the transformer's resident blocks
     (torch only; the first step of each image size compiles, later ones run the fused kernels).
-    """
+    fp8_matmul: multiply an FP8 text encoder's weights in FP8, its activations quantized to e4m3 per token
+    and 128 columns as transformers' FP8 Linear does (torch only, where torch has FP8 matmuls; a numerics
+    change, recorded in the PNG)."""
     spec = get_spec(model)
     if memory not in ("phase", "resident"):
         raise ValueError(f"unknown memory mode {memory!r}; choose phase or resident")
@@ -678,8 +683,12 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
     if compile and name != "torch":
         raise ValueError(f"compiling the transformer is a torch-backend option, not {name}'s; "
                          f"use backend='torch' or leave compile off")
+    if fp8_matmul and name != "torch":
+        raise ValueError(f"FP8 matmuls are a torch-backend option, not {name}'s; "
+                         f"use backend='torch' or leave fp8_matmul off")
     files = hub.locate(spec, model_path=model_path, transformer=transformer, vae=vae,
                        text_encoder=text_encoder, tokenizer=tokenizer)
-    pipe = Pipeline(spec, be, files, be.resolve_dtype(dtype), memory, memory_budget, stream_from, compile)
+    pipe = Pipeline(spec, be, files, be.resolve_dtype(dtype), memory, memory_budget, stream_from, compile,
+                    fp8_matmul)
     pipe.backend_name, pipe.device = name, device
     return pipe

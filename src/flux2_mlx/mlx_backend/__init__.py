@@ -48,7 +48,10 @@ def load_transformer(cfg, source, *, dtype, streaming=None, compile=False):
     return _load_transformer(cfg, source, dtype=dtype, streaming=streaming)
 
 
-def load_text_encoder(cfg, source, *, dtype, streaming=None):
+def load_text_encoder(cfg, source, *, dtype, streaming=None, fp8_matmul=False):
+    """fp8_matmul: torch's option; MLX decodes FP8 weights on load."""
+    if fp8_matmul:
+        raise ValueError("FP8 matmuls are a torch-backend option; use --backend torch or drop --fp8-matmul")
     return _load_text_encoder(cfg, source, dtype=dtype, streaming=streaming)
 
 

@@ -77,8 +77,11 @@ def load_transformer(cfg, source, *, dtype, streaming=None, compile=False):
     return _load_transformer(cfg, source, dtype=dtype, device=_device, streaming=streaming, compile=compile)
 
 
-def load_text_encoder(cfg, source, *, dtype, streaming=None):
-    return _load_text_encoder(cfg, source, dtype=dtype, device=_device, streaming=streaming)
+def load_text_encoder(cfg, source, *, dtype, streaming=None, fp8_matmul=False):
+    """fp8_matmul: multiply FP8 weights in FP8, the activations quantized per token and 128 columns (a
+    numerics change; refused without FP8 weights or where torch has no FP8 matmul)."""
+    return _load_text_encoder(cfg, source, dtype=dtype, device=_device, streaming=streaming,
+                              fp8_matmul=fp8_matmul)
 
 
 def load_vae(cfg, source, *, dtype):

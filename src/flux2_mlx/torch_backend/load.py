@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from ..config import TextEncoderConfig, TransformerConfig, VAEConfig
-from ..entries import Entry, checked_entries
+from ..entries import FP8_BLOCKS, Entry, checked_entries
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
 from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, F8_E4M3, F8_E5M2, FP8Blocks, GGMLTensor, WeightSource, to_float32
-from .quant_layers import quantized_layer, replace_module
+from .quant_layers import fp8_matmul_kind, quantized_layer, replace_module
 from .stream import StreamedBlock, copy_stream
 from .text_encoder import DecoderLayer, TextEncoder
 from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
@@ -92,13 +92,14 @@ def _empty(make):
         return make()
 
 
-def _fill(module: nn.Module, tensors, place, dtype: torch.dtype) -> nn.Module:
-    """Put (name, host or placed form) pairs into `module`, one tensor at a time."""
+def _fill(module: nn.Module, tensors, place, dtype: torch.dtype, fp8_matmul: str | None = None) -> nn.Module:
+    """Put (name, host or placed form) pairs into `module`, one tensor at a time (FP8 weights multiplied as
+    FP8Linear's `fp8_matmul`)."""
     for name, t in tensors:
         path, _, leaf = name.rpartition(".")
         t = place(t)
         if isinstance(t, (AffineQuant, FP8Blocks)):  # quantized: the layer type follows the stored type
-            replace_module(module, path, quantized_layer(module.get_submodule(path), t, dtype))
+            replace_module(module, path, quantized_layer(module.get_submodule(path), t, dtype, fp8_matmul))
             continue
         owner = module.get_submodule(path)
         if leaf in owner._buffers:
@@ -109,7 +110,7 @@ def _fill(module: nn.Module, tensors, place, dtype: torch.dtype) -> nn.Module:
 
 
 def _assign(module, entries: dict[str, Entry], dtype: torch.dtype, device: torch.device, streaming=None,
-            groups=(), where="weights"):
+            groups=(), where="weights", fp8_matmul: str | None = None):
     """Fill `module`. With `streaming` (a memory.Streaming), the blocks of `groups` ((block list attribute,
     block factory), in execution order) past the first `streaming.resident` become StreamedBlocks."""
     host, place = partial(_host, pin=device.type == "cuda"), partial(_place, device=device, dtype=dtype)
@@ -121,12 +122,13 @@ def _assign(module, entries: dict[str, Entry], dtype: torch.dtype, device: torch
         make = dict(groups)
         blocks = [(f"{attr}.{i}", partial(_empty, make[attr]), block)
                   for (attr, i), block in streamed.items()]
-        place_async, fill = copy_stream(place, lambda m, t: _fill(m, t, place, dtype), device)
+        place_async, fill = copy_stream(place, lambda m, t: _fill(m, t, place, dtype, fp8_matmul), device)
         streamer = Streamer(blocks, fill, host, place_async, streaming.keep_host, where)
         for k, (attr, i) in enumerate(streamed):
             module.get_submodule(attr)[i] = StreamedBlock(streamer, k)
     skip = {f"{attr}.{i}.{rest}" for (attr, i), block in streamed.items() for rest in block}
-    return _fill(module, ((n, host(e.load())) for n, e in entries.items() if n not in skip), place, dtype)
+    tensors = ((n, host(e.load())) for n, e in entries.items() if n not in skip)
+    return _fill(module, tensors, place, dtype, fp8_matmul)
 
 
 def load_transformer(cfg: TransformerConfig, source: WeightSource | dict, *, dtype: torch.dtype,
@@ -156,7 +158,19 @@ def load_vae(cfg: VAEConfig, source: WeightSource | dict, *, dtype: torch.dtype,
 
 
 def load_text_encoder(cfg: TextEncoderConfig, source: WeightSource | dict, *, dtype: torch.dtype,
-                      device: torch.device, streaming=None):
+                      device: torch.device, streaming=None, fp8_matmul: bool = False):
+    """fp8_matmul: multiply FP8 weights on FP8 matmul kernels, the activations quantized to e4m3 (FP8Linear);
+    refused where torch has no such kernel and for weights with no FP8 tensor, before anything is read."""
     entries, where = checked_entries("text_encoder", source, cfg)
+    kind = None
+    if fp8_matmul:
+        if not any(e.stored in FP8_BLOCKS for e in entries.values()):
+            raise ValueError(f"{where}: --fp8-matmul found no FP8 weights to multiply; drop it, or use an "
+                             f"FP8 checkpoint such as Qwen/Qwen3-4B-FP8")
+        kind = fp8_matmul_kind(device, dtype)
+        if kind is None:
+            raise ValueError(f"--fp8-matmul: torch has no FP8 matmul with {str(dtype)[6:]} results on "
+                             f"{device} (it needs CUDA compute capability 8.9+, or the CPU); drop it to "
+                             f"decode FP8 weights per layer")
     groups = (("model.layers", lambda: DecoderLayer(cfg)),)
-    return _assign(_empty(lambda: TextEncoder(cfg)), entries, dtype, device, streaming, groups, where)
+    return _assign(_empty(lambda: TextEncoder(cfg)), entries, dtype, device, streaming, groups, where, kind)

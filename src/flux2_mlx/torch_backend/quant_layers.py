@@ -3,10 +3,13 @@
 GGUF weights are repacked (quant/affine.py) into the affine layout MLX runs: per group of
 `group_size` values w = scale · q + bias, the codes q a little-endian bit stream. FP8 checkpoints keep
 their one-byte codes and block scales. Both stay so in device memory; each call decodes one layer's
-weight into the compute dtype, right before its matmul.
+weight into the compute dtype, right before its matmul, or (FP8, `--fp8-matmul`) quantizes the activations
+to FP8 too and multiplies codes by codes on FP8 matmul kernels.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -62,17 +65,71 @@ class QuantEmbedding(QuantLinear):
         return dequantize(self.weight[ids], self.scales[ids], self.biases[ids], self.bits, self.group_size)
 
 
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def quantize_fp8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (m, k) → e4m3 codes (m, k) and float32 scales (m, ceil(k / group)), x ≈ codes · scale: per row and
+    group of `group` columns, scale = amax / 448 (the largest value maps to e4m3's largest)."""
+    k = x.shape[1]
+    g = F.pad(x.float(), (0, -k % group)).unflatten(1, (-1, group))
+    scale = g.abs().amax(-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX  # an all-zero group: codes 0
+    # The clamp guards the one rounding that can push amax / scale past 448 (no infinity in e4m3fn).
+    codes = (g / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes.flatten(1)[:, :k], scale.squeeze(-1)
+
+
+@functools.cache
+def fp8_matmul_kind(device: torch.device, dtype: torch.dtype) -> str | None:
+    """How FP8Linear can multiply in FP8 on `device` with `dtype` results: "blockwise" (one call with
+    1 × 128 activation and 128 × 128 weight scales: Hopper with cuBLAS ≥ 12.9), "rowwise" (one call per
+    column block: CUDA 8.9+, the CPU), or None. One tiny call of each answers: torch's support depends on
+    the GPU, the cuBLAS it loads and the build, not on the device type alone."""
+    ones = functools.partial(torch.ones, device=device)
+
+    def codes(*shape):
+        return torch.zeros(*shape, device=device).to(torch.float8_e4m3fn)
+
+    def runs(call) -> bool:
+        try:
+            call()
+            return True
+        # AttributeError: a torch without F.scaled_mm; TypeError: a device without float8 tensors (MPS).
+        except (AttributeError, RuntimeError, TypeError, ValueError):
+            return False
+
+    if runs(lambda: F.scaled_mm(codes(16, 128), codes(128, 128).t(), ones(16, 1),
+                                F.ScalingType.BlockWise1x128, ones(4, 1), F.ScalingType.BlockWise128x128,
+                                output_dtype=dtype)):
+        return "blockwise"
+    if runs(lambda: torch._scaled_mm(codes(16, 128), codes(128, 128).t(), ones(16, 1), ones(1, 128),
+                                     out_dtype=dtype)):
+        return "rowwise"
+    return None
+
+
 class FP8Linear(nn.Module):
     """A bias-free Linear held as FP8 codes (out, in) and float32 `scale_inv` per block of rows × columns.
-    The weight is decoded as the numpy loader decodes it (code · scale in float32, one rounding), then cast
-    to the compute dtype: the same values the MLX backend multiplies by."""
+    matmul None: the weight is decoded as the numpy loader decodes it (code · scale in float32, one rounding),
+    then cast to the compute dtype: the same values the MLX backend multiplies by. "blockwise" / "rowwise"
+    (fp8_matmul_kind): the activations are quantized to e4m3 per token and weight column block
+    (quantize_fp8) and multiplied code by code, each product scaled, summed in float32."""
 
     def __init__(self, codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, matmul: str | None = None):
         super().__init__()
         self.block, self.dtype = block, dtype
         self.register_buffer("weight", codes)
         self.register_buffer("scale_inv", scale_inv)
+        (n, k), bk = codes.shape, block[1]
+        if matmul == "blockwise" and (block != (128, 128) or n % 128 or k % 128
+                                      or codes.dtype != torch.float8_e4m3fn):
+            matmul = "rowwise"
+        # CUDA's kernels take only multiples of 16 (as every released FP8 checkpoint's shapes are); the CPU's
+        # take any, short last blocks included. A layer the kernel cannot take decodes its weight instead.
+        if matmul == "rowwise" and codes.is_cuda and (n % 16 or k % 16 or bk % 16):
+            matmul = None
+        self.matmul = matmul
 
     def dense(self) -> torch.Tensor:
         (n, k), (bn, bk) = self.weight.shape, self.block
@@ -80,16 +137,32 @@ class FP8Linear(nn.Module):
         return (self.weight.float() * scale).to(self.dtype)
 
     def forward(self, x):
-        return F.linear(x, self.dense())
+        if self.matmul is None:
+            return F.linear(x, self.dense())
+        (n, _), (bn, bk) = self.weight.shape, self.block
+        codes, scale = quantize_fp8(x.flatten(0, -2), bk)
+        w = self.weight.t()  # (k, n) column-major, as the kernels take the second operand
+        if self.matmul == "blockwise":
+            # cuBLAS's layouts, both column-major: activation scales (m, k blocks), weight scales (k blocks
+            # padded to a multiple of 4, n blocks).
+            sw = F.pad(self.scale_inv, (0, -self.scale_inv.shape[1] % 4)).t()
+            y = F.scaled_mm(codes, w, scale.t().contiguous().t(), F.ScalingType.BlockWise1x128, sw,
+                            F.ScalingType.BlockWise128x128, output_dtype=self.dtype)
+        else:  # column block j: each token's scale j times each output row's weight scale in block j
+            sx, sw = scale.t().contiguous(), self.scale_inv.repeat_interleave(bn, 0)[:n].t().contiguous()
+            y = sum(torch._scaled_mm(codes[:, j * bk:(j + 1) * bk], w[j * bk:(j + 1) * bk], sx[j][:, None],
+                                     sw[j][None], out_dtype=self.dtype).float()
+                    for j in range(len(sx))).to(self.dtype)
+        return y.unflatten(0, x.shape[:-1])
 
 
-def quantized_layer(old: nn.Module, q, dtype: torch.dtype) -> nn.Module:
+def quantized_layer(old: nn.Module, q, dtype: torch.dtype, fp8_matmul: str | None = None) -> nn.Module:
     """A QuantLinear / QuantEmbedding / FP8Linear standing in for `old`, from q: an AffineQuant whose
     weight, scales and biases are already device tensors (weight as uint8 bytes, scales and biases in the
-    compute dtype `dtype`), or an FP8Blocks of device tensors."""
+    compute dtype `dtype`), or an FP8Blocks of device tensors (multiplied as FP8Linear's `matmul`)."""
     if hasattr(q, "scale_inv"):
         if isinstance(old, nn.Linear) and old.bias is None:
-            return FP8Linear(q.codes, q.scale_inv, q.block, dtype)
+            return FP8Linear(q.codes, q.scale_inv, q.block, dtype, fp8_matmul)
         raise ValueError(f"an FP8 tensor cannot stand in for {type(old).__name__}")
     if isinstance(old, nn.Embedding):
         return QuantEmbedding(q.weight, q.scales, q.biases, q.bits, q.group_size)
