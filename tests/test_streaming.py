@@ -49,11 +49,11 @@ def _inputs(side=64, txt=16):
     return args
 
 
-def _plan(path, budget, monkeypatch):
+def _plan(path, budget):
     """The planner's denoise phase for this transformer at SIDE² px and TXT text tokens."""
     w = memory.component_weights("transformer", transformer_entries(WeightSource(path)),
                                  ("double_blocks", "single_blocks"), 4)
-    return w, denoise_phase(monkeypatch, budget, w, CFG, text=TXT, width=SIDE, height=SIDE, fused=False)
+    return w, denoise_phase(budget, w, CFG, text=TXT, width=SIDE, height=SIDE, fused=False)
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +104,10 @@ def test_streamed_gguf_equals_resident(deep, tmp_path):
     assert np.array_equal(np.array(model(*args)), ref)
 
 
-def test_budget_below_the_weights_runs_under_it_as_planned(deep, monkeypatch):
-    w, _ = _plan(deep, 10**12, monkeypatch)
+def test_budget_below_the_weights_runs_under_it_as_planned(deep):
+    w, _ = _plan(deep, 10**12)
     budget = int(0.6 * w.total)
-    _, phase = _plan(deep, budget, monkeypatch)
+    _, phase = _plan(deep, budget)
     assert phase.streamed and 0 < phase.resident_blocks < 12 and phase.peak <= budget
     args = _inputs(SIDE, TXT)
     base = mx.get_active_memory()
@@ -121,11 +121,11 @@ def test_budget_below_the_weights_runs_under_it_as_planned(deep, monkeypatch):
     assert abs(measured / phase.peak - 1) < 0.1, (measured, phase.peak)
 
 
-def test_impossible_budget_is_refused_with_numbers(deep, monkeypatch):
-    w, _ = _plan(deep, 10**12, monkeypatch)
+def test_impossible_budget_is_refused_with_numbers(deep):
+    w, _ = _plan(deep, 10**12)
     with pytest.raises(memory.MemoryPlanError, match=r"denoise needs at least 0\.\d\d GB even streamed .* "
                                                      r"more than the 0\.02 GB usable of the budget"):
-        _plan(deep, 20 * 10**6, monkeypatch)
+        _plan(deep, 20 * 10**6)
 
 
 def test_plan_sizes_quantized_tensors_as_loaded():

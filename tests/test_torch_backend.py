@@ -547,7 +547,7 @@ def planned(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fraction", [None, 0.7], ids=["resident", "streamed"])
-def test_planned_peak_matches_the_measured_host_peak(planned, fraction, monkeypatch):
+def test_planned_peak_matches_the_measured_host_peak(planned, fraction):
     """The plan's peak for the denoise phase within 10 % of the process's peak RSS above where it stood
     before loading (a fresh process; streamed blocks read from disk: kept in RAM, their host copies would be
     the same memory on a CPU)."""
@@ -562,7 +562,7 @@ def test_planned_peak_matches_the_measured_host_peak(planned, fraction, monkeypa
     w = memory.component_weights("transformer", transformer_entries(WeightSource(path)),
                                  ("double_blocks", "single_blocks"), 4)
     budget = 10**12 if fraction is None else int(fraction * w.total)
-    phase = denoise_phase(monkeypatch, budget, w, cfg, text=PLANNED_TEXT, width=16 * PLANNED_IMAGE[1],
+    phase = denoise_phase(budget, w, cfg, text=PLANNED_TEXT, width=16 * PLANNED_IMAGE[1],
                           height=16 * PLANNED_IMAGE[0], fused=dev["fused_attention"],
                           activations=dev["activations"])
     assert phase.streamed == (fraction is not None)
