@@ -309,6 +309,28 @@ def _gguf_string(buf, off: int, what: str, decode: bool = True) -> tuple[str | N
         raise _Corrupt(f"{what} is not valid UTF-8") from None
 
 
+def _gguf_strings(buf, off: int, count: int, what: str, decode: bool) -> tuple[list[str] | None, int]:
+    """`count` GGUF strings from `off`, checked as _gguf_string checks one. A tokenizer's vocabulary and
+    merges hold ~150k each: one tight loop over a memoryview (slicing the memmap itself makes an array
+    object per string) takes a fifth of the time."""
+    mv, end, unpack = memoryview(buf), len(buf), struct.Struct("<Q").unpack_from
+    out = [] if decode else None
+    for i in range(count):
+        if off + 8 > end:
+            raise _Corrupt(f"the file ends inside {what}[{i}]")
+        (n,) = unpack(mv, off)
+        off += 8
+        if n > end - off:
+            raise _Corrupt(f"{what}[{i}] is {n} bytes long, past the end of the file")
+        if decode:
+            try:
+                out.append(str(mv[off:off + n], "utf-8"))
+            except UnicodeDecodeError:
+                raise _Corrupt(f"{what}[{i}] is not valid UTF-8") from None
+        off += n
+    return out, off
+
+
 def _gguf_value(buf, off: int, vtype: int, what: str, decode: bool = True):
     """(value, offset after it) of one GGUF metadata value at `off`; decode=False only skips over it.
     Every count is checked against the bytes left before anything is allocated; arrays of arrays, which
@@ -330,12 +352,7 @@ def _gguf_value(buf, off: int, vtype: int, what: str, decode: bool = True):
             raise _Corrupt(f"{what} is an array of value type {etype}, which GGUF does not allow")
         if count > (len(buf) - off) // 8:
             raise _Corrupt(f"{what} claims {count} strings, more than the file holds")
-        out = [] if decode else None
-        for i in range(count):
-            v, off = _gguf_string(buf, off, f"{what}[{i}]", decode)
-            if decode:
-                out.append(v)
-        return out, off
+        return _gguf_strings(buf, off, count, what, decode)
     if vtype not in _GGUF_SCALARS:
         raise _Corrupt(f"{what} has value type {vtype}, which GGUF does not define")
     dt = np.dtype(_GGUF_SCALARS[vtype])
