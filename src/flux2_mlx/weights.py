@@ -409,7 +409,7 @@ class GGUFFile:
         if version not in (2, 3):
             raise WeightsError(f"{self.path}: GGUF version {version}; flux2-mlx reads versions 2 and 3")
         try:
-            self._parse(buf, n_tensors, n_kv)
+            self._parse(memoryview(buf), n_tensors, n_kv)  # a memmap slice would make an array per string
         except _Corrupt as e:
             raise _fail(self.path, str(e)) from None
 
@@ -417,7 +417,7 @@ class GGUFFile:
         from .quant.ggml import GGMLType, block_info
 
         # The smallest key-value pair takes 13 bytes and the smallest tensor record 32.
-        if n_kv > (buf.size - 24) // 13 or n_tensors > (buf.size - 24) // 32:
+        if n_kv > (len(buf) - 24) // 13 or n_tensors > (len(buf) - 24) // 32:
             raise _Corrupt(f"the header counts {n_kv} metadata keys and {n_tensors} tensors, more than the "
                            f"file can hold")
         off = 24
@@ -425,11 +425,11 @@ class GGUFFile:
             key, off = _gguf_string(buf, off, f"metadata key {i}")
             if key in self._fields:
                 raise _Corrupt(f"metadata key {key!r} appears twice")
-            if off + 4 > buf.size:
+            if off + 4 > len(buf):
                 raise _Corrupt(f"the file ends inside metadata key {key!r}")
             (vtype,) = struct.unpack_from("<I", buf, off)
             self._fields[key] = (vtype, off + 4)
-            long = vtype == _GGUF_ARRAY and off + 16 <= buf.size and \
+            long = vtype == _GGUF_ARRAY and off + 16 <= len(buf) and \
                 struct.unpack_from("<Q", buf, off + 8)[0] > _METADATA_ARRAY_MAX
             value, off = _gguf_value(buf, off + 4, vtype, f"metadata key {key!r}", decode=not long)
             if not long:
@@ -442,12 +442,12 @@ class GGUFFile:
         infos = []
         for i in range(n_tensors):
             name, off = _gguf_string(buf, off, f"the name of tensor {i}")
-            if off + 4 > buf.size:
+            if off + 4 > len(buf):
                 raise _Corrupt(f"the file ends inside tensor {name!r}")
             (n_dims,) = struct.unpack_from("<I", buf, off)
             if not 1 <= n_dims <= _GGML_MAX_DIMS:
                 raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions (1 to {_GGML_MAX_DIMS} allowed)")
-            if off + 16 + 8 * n_dims > buf.size:
+            if off + 16 + 8 * n_dims > len(buf):
                 raise _Corrupt(f"the file ends inside tensor {name!r}")
             dims = struct.unpack_from(f"<{n_dims}Q", buf, off + 4)
             kind, rel = struct.unpack_from("<IQ", buf, off + 4 + 8 * n_dims)
@@ -474,7 +474,7 @@ class GGUFFile:
                 raise _Corrupt(f"tensor {name!r} starts at data byte {rel}, which is not aligned to {align} "
                                f"or overlaps the tensor before it")
             end = start + rel + n_bytes
-            if end > buf.size:
+            if end > len(buf):
                 raise WeightsError(f"{self.path}: truncated (tensor {name!r} lies outside the file); "
                                    f"download it again")
             shape = tuple(int(d) for d in reversed(dims))
