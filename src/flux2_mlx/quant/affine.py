@@ -123,8 +123,12 @@ def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dt
     raw = np.asarray(raw).reshape(rows, -1)
     step = max(1, (1 << 20) // max(1, raw.shape[1] * raw.itemsize))
     chunks = [raw[i:i + step] for i in range(0, rows, step)]
-    with ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
-        parts = list(pool.map(lambda c: _repack_rows(c, t, n, scales_dtype, exact), chunks))
+    work = lambda c: _repack_rows(c, t, n, scales_dtype, exact)
+    if len(chunks) == 1:  # starting a pool's threads costs more than repacking one small tensor
+        parts = [work(chunks[0])]
+    else:
+        with ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
+            parts = list(pool.map(work, chunks))
     first = parts[0]
     cat = (lambda name: getattr(first, name) if len(parts) == 1
            else np.concatenate([getattr(p, name) for p in parts]))
