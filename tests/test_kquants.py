@@ -263,7 +263,7 @@ def test_edge_cases_decode_sanely(name):
 @pytest.mark.parametrize("name", TYPES)
 def test_shapes_chunks_and_determinism(name, monkeypatch):
     fn, _, size, _ = TYPES[name]
-    monkeypatch.setattr(kquants, "_CHUNK", 1024)
+    monkeypatch.setattr(kquants, "CHUNK_BLOCKS", 1024)
     rng = np.random.default_rng(3)
     # 3000 blocks: 3 kernel calls, 50 lockstep groups
     x = rng.standard_normal((3, 256 * 1000)).astype(np.float32)

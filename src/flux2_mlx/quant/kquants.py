@@ -19,7 +19,7 @@ from .jit import f32, fp16, inline, kernel, nint
 __all__ = ["QK_K", "quantize_q2_k", "quantize_q3_k", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k"]
 
 QK_K = 256
-_CHUNK = 4096  # super-blocks per kernel call between the finiteness checks (4 MB of float32)
+CHUNK_BLOCKS = 4096  # super-blocks per kernel call between the finiteness checks (4 MB of float32)
 # super-blocks searched in lockstep; their (n, sub-blocks) rows stay in L2, off 4 KB strides (L1 sets)
 _GROUP = 60
 _EPS = f32(1e-15)  # ggml-quants.c GROUP_MAX_EPS
@@ -442,11 +442,11 @@ def _quantize(a, type_size: int, kernel, *args) -> np.ndarray:
         a = a.astype(f32)  # f16 -> f32 is exact, as in llama-quantize
     flat = np.ascontiguousarray(a).reshape(-1, QK_K)
     out = np.empty((flat.shape[0], type_size), np.uint8)
-    for i in range(0, flat.shape[0], _CHUNK):
-        x = flat[i:i + _CHUNK]
+    for i in range(0, flat.shape[0], CHUNK_BLOCKS):
+        x = flat[i:i + CHUNK_BLOCKS]
         if not np.isfinite(x).all():
             raise ValueError("K-quants need finite input (found inf or nan)")
-        kernel(x, out[i:i + _CHUNK], *args)
+        kernel(x, out[i:i + CHUNK_BLOCKS], *args)
     return out.reshape(*a.shape[:-1], a.shape[-1] // QK_K * type_size)
 
 
