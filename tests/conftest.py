@@ -43,6 +43,13 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core, at most 4 (each imports torch, diffusers, transformers and MLX, about
+    1 GB, and the tiny tests gain little past that); one core runs in-process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 4) if cores > 1 else 0
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     """After a module's last test (its fixtures torn down), the same again: what its tests imported lazily
