@@ -52,12 +52,35 @@ def _numpy_entries(shapes: dict, dtype_name: str) -> dict[str, Entry]:
     return {name: Entry(shape, loader(shape)) for name, shape in shapes.items()}
 
 
-def _mlx(cfg, dtype_name, inp):
+def _gguf(entries: dict[str, Entry], qtype: str | None) -> dict[str, Entry]:
+    """The blocks' Linear weights stored as ggml `qtype`, as in a GGUF that `flux2 convert` wrote (the
+    embedders and the final layer stay in the compute dtype). Speed does not depend on the values, so each
+    distinct shape is quantized once and shared by every block."""
+    if qtype is None:
+        return entries
+    from flux2_mlx.quant import GGMLType, quantize
+    from flux2_mlx.weights import GGMLTensor, to_float32
+
+    cache: dict[tuple, np.ndarray] = {}
+
+    def loader(entry):
+        def load():
+            if entry.shape not in cache:
+                cache[entry.shape] = quantize(to_float32(np.asarray(entry.load())), GGMLType[qtype])
+            return GGMLTensor(cache[entry.shape], qtype, entry.shape)
+        return load
+
+    return {k: Entry(e.shape, loader(e), qtype) if k.startswith(("double_blocks.", "single_blocks."))
+            and len(e.shape) == 2 else e for k, e in entries.items()}
+
+
+def _mlx(cfg, dtype_name, inp, qtype=None):
     from flux2_mlx import mlx_backend as be
 
     dtype = be.resolve_dtype(dtype_name)
     mx.random.seed(0)
-    model = be.load_transformer(cfg, random_entries(transformer_shapes(cfg), dtype), dtype=dtype)
+    entries = _gguf(random_entries(transformer_shapes(cfg), dtype), qtype)
+    model = be.load_transformer(cfg, entries, dtype=dtype)
     a = {k: mx.array(v) for k, v in inp.items()}
     x, ctx = a["x"].astype(dtype), a["ctx"].astype(dtype)
     g = a["g"] if cfg.use_guidance_embed else None
@@ -73,13 +96,13 @@ def _torch_common(threads):
     return torch, sync, lambda out: bool(torch.isfinite(out).all())
 
 
-def _torch(cfg, dtype_name, inp, threads, compile=False):
+def _torch(cfg, dtype_name, inp, threads, compile=False, qtype=None):
     from flux2_mlx import torch_backend as be
 
     torch, sync, finite = _torch_common(threads)
     dtype = be.resolve_dtype(dtype_name)
-    model = be.load_transformer(cfg, _numpy_entries(transformer_shapes(cfg), dtype_name), dtype=dtype,
-                                compile=compile)
+    model = be.load_transformer(cfg, _gguf(_numpy_entries(transformer_shapes(cfg), dtype_name), qtype),
+                                dtype=dtype, compile=compile)
     a = {k: be.from_numpy(v) for k, v in inp.items()}
     x, ctx = a["x"].to(dtype), a["ctx"].to(dtype)
     g = a["g"] if cfg.use_guidance_embed else None
@@ -133,6 +156,8 @@ def main() -> None:
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--gguf", default=None, metavar="TYPE", choices=["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0"],
+                   help="mlx and torch: the blocks' weights stored as this ggml type, as in a converted GGUF")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args()
     if args.width % 16 or args.height % 16:
@@ -159,9 +184,10 @@ def main() -> None:
 
             dtype_name = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
         t0 = time.perf_counter()
-        make = {"mlx": lambda: _mlx(cfg, dtype_name, inp),
-                "torch": lambda: _torch(cfg, dtype_name, inp, args.threads),
-                "torch-compile": lambda: _torch(cfg, dtype_name, inp, args.threads, compile=True),
+        q = args.gguf
+        make = {"mlx": lambda: _mlx(cfg, dtype_name, inp, q),
+                "torch": lambda: _torch(cfg, dtype_name, inp, args.threads, qtype=q),
+                "torch-compile": lambda: _torch(cfg, dtype_name, inp, args.threads, compile=True, qtype=q),
                 "diffusers": lambda: _diffusers(cfg, dtype_name, inp, args.threads)}[name]
         built.append((name, dtype_name, *make()))
         print(f"{name}: built {args.model} {d}+{s} blocks in {dtype_name}: {time.perf_counter() - t0:.1f} s")
@@ -183,7 +209,8 @@ def main() -> None:
                         "double_blocks": d, "single_blocks": s, "full_double_blocks": full.depth,
                         "full_single_blocks": full.depth_single_blocks, "width": args.width,
                         "height": args.height, "text_tokens": n_txt, "dtype": dtype_name,
-                        "threads": args.threads, "seconds_per_step": sec, "times": times,
+                        "threads": args.threads, "gguf": None if name == "diffusers" else args.gguf,
+                        "seconds_per_step": sec, "times": times,
                         "tflop": flops / 1e12, "tflops_per_s": flops / sec / 1e12,
                         "extrapolated_full_seconds_per_step": sec * flops_full / flops,
                         "output_finite": finite(forward())})
@@ -191,7 +218,8 @@ def main() -> None:
     for res in results:
         print(f"| {res['date']} | {res['machine']} | {res['backend']} ({res['versions']}) | {args.model} | "
               f"{d}+{s} of {full.depth}+{full.depth_single_blocks} | {args.width}x{args.height} | "
-              f"{res['dtype']} | {res['seconds_per_step']:.2f} | {res['tflops_per_s']:.3g} | "
+              f"{res['dtype']}{' + ' + res['gguf'] + ' blocks' if res['gguf'] else ''} | "
+              f"{res['seconds_per_step']:.2f} | {res['tflops_per_s']:.3g} | "
               f"{res['extrapolated_full_seconds_per_step']:.1f} |")
     by = {res["backend"]: res for res in results}
     for ours in ("torch", "torch-compile"):

@@ -575,6 +575,41 @@ def test_planned_peak_matches_the_measured_host_peak(planned, fraction):
     assert abs(measured / phase.peak - 1) < 0.1, (measured, phase.peak, phase.resident_blocks)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="checked against CUDA's allocator on a GPU")
+@pytest.mark.parametrize("fraction", [None, 0.7], ids=["resident", "streamed"])
+def test_planned_peak_matches_cuda_max_memory_allocated(planned, fraction):
+    """On a GPU: the denoise phase's planned peak within 10 % of torch.cuda.max_memory_allocated above what
+    was allocated before loading (float32, as on the CPU; streamed blocks read from disk)."""
+    from flux2_mlx.dit_names import transformer_entries
+    from flux2_mlx.sampling import prc_img, prc_txt
+
+    cfg, path = planned
+    device = torch.device(tb.use_device("cuda"))
+    w = memory.component_weights("transformer", transformer_entries(WeightSource(path)),
+                                 ("double_blocks", "single_blocks"), 4)
+    budget = 10**12 if fraction is None else int(fraction * w.total)
+    phase = denoise_phase(budget, w, cfg, text=PLANNED_TEXT, width=16 * PLANNED_IMAGE[1],
+                          height=16 * PLANNED_IMAGE[0], fused=True,
+                          activations=tb.device_memory()["activations"])
+    (h, wd), L = PLANNED_IMAGE, PLANNED_TEXT
+    rng = np.random.default_rng(0)
+    args = [tb.from_numpy(a) for a in (rng.standard_normal((1, h * wd, cfg.in_channels), dtype=np.float32),
+                                       prc_img(h, wd), np.array([0.5], np.float32),
+                                       rng.standard_normal((1, L, cfg.context_in_dim), dtype=np.float32),
+                                       prc_txt(L))]
+    tb.free()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    streaming = memory.Streaming(phase.resident_blocks, False) if phase.streamed else None
+    model = tb.load_transformer(cfg, WeightSource(path, pread=True), dtype=F32, streaming=streaming)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(*args)
+    torch.cuda.synchronize(device)
+    measured = torch.cuda.max_memory_allocated(device) - base
+    assert abs(measured / phase.peak - 1) < 0.1, (measured, phase.peak, phase.resident_blocks)
+
+
 # ---- compiled blocks ---------------------------------------------------------------------------------------
 
 def test_compiled_blocks_equal_eager_beside_streamed_ones(deep):
