@@ -1,6 +1,7 @@
 """The `flux2` command line, end to end on a tiny random model in the real klein repo layout."""
 
 import json
+import runpy
 import shlex
 import subprocess
 import sys
@@ -121,13 +122,14 @@ def test_dry_run_loads_nothing(tiny_repo, tmp_path):
     assert r.exit_code == 0 and "download from black-forest-labs/FLUX.2-dev" in r.output
 
 
-def test_tiny_example_writes_png(tmp_path):
-    """examples/tiny_t2i.py (the README's no-network smoke run): BFL-layout files → load_pipeline → PNG."""
+def test_tiny_example_writes_png(tmp_path, monkeypatch, capsys, recwarn):
+    """examples/tiny_t2i.py (the README's no-network smoke run), run as a script: BFL-layout files →
+    load_pipeline → PNG, without a warning."""
     script = Path(__file__).resolve().parents[1] / "examples" / "tiny_t2i.py"
     out = tmp_path / "tiny.png"
-    r = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "wrote" in r.stdout and "Warning" not in r.stderr
+    monkeypatch.setattr(sys, "argv", [str(script), str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    assert "wrote" in capsys.readouterr().out and not [str(w.message) for w in recwarn]
     image = Image.open(out)
     assert image.size == (128, 96) and image.mode == "RGB"
     assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 100
