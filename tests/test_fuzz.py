@@ -1,4 +1,4 @@
-"""Hostile files: a few thousand seeded mutations of real-layout model files through parsing, `flux2 info`
+"""Hostile files: 1500 seeded mutations of real-layout model files through parsing, `flux2 info`
 and loading (tests/fuzzing.py). A longer run: scripts/fuzz.py --mutations N."""
 
 import fuzzing
