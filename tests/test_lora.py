@@ -290,3 +290,17 @@ def test_dora_is_refused_not_dropped(tmp_path):
         "diffusion_model.img_in.dora_scale": np.ones((256, 1), np.float32)})
     with pytest.raises(WeightsError, match="img_in is a DoRA layer"):
         read_lora(tmp_path / "dora.safetensors", SHAPES)
+
+
+def test_lokr_bare_diffusers_names_on_swapped_final_adaln(tmp_path):
+    """LoKr with bare diffusers module names (SimpleTuner): on norm_out.linear, whose (scale, shift) halves
+    are BFL's (shift, scale), the dense Kronecker product is moved half for half."""
+    rng = np.random.default_rng(10)
+    tensors = {}
+    for k, shape in {"norm_out.linear": (512, 256), "transformer_blocks.1.attn.to_v": (256, 256)}.items():
+        tensors.update({f"{k}.{n}": v for n, v in _lokr_factors(rng, *shape, True).items()})
+        tensors[f"{k}.alpha"] = np.array(4.0, np.float32)
+    save_safetensors(tmp_path / "st.safetensors", tensors)
+    ours = _ours([tmp_path / "st.safetensors"], [1.0])
+    changed = {"final_layer.adaLN_modulation.1", "double_blocks.1.img_attn.qkv"}
+    _assert_same(ours, _diffusers_fused([tmp_path / "st.safetensors"], [1.0]), changed)
