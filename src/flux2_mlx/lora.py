@@ -4,20 +4,24 @@ Reads diffusers/PEFT, BFL (ai-toolkit, BFL's trainer), kohya/musubi and LyCORIS 
 the format detected from the keys (docs/file-formats.md, 'LoRA files'). Each update targets one BFL weight
 and a range of its rows: diffusers' separate Q, K and V land in row thirds of the fused `qkv`. Plain LoRA
 stays low-rank (`LowRank`, for an unmerged branch on quantized weights); LoKr and LoHa are formed densely
-on demand (`Dense`). `Lora.delta` gives the full float32 ΔW for merging into a dense weight.
+on demand (`Dense`). `Lora.delta` gives the full float32 ΔW for merging into a dense weight;
+`merged_entries` merges LoRAs into a dense transformer's entries as they load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
 from .dit_names import transformer_to_diffusers
-from .weights import SafetensorsFile, WeightsError, to_float32
+from .entries import Entry
+from .weights import GGML_QUANTIZED, SafetensorsFile, WeightsError, to_float32
 
 # Module-path prefixes written by the trainers (PEFT wrappers, ai-toolkit, ComfyUI, kohya, LyCORIS).
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_",
@@ -205,4 +209,36 @@ def read_lora(path, shapes: dict[str, tuple[int, ...]]) -> Lora:
                                f"{target} needs {list(want)}; is this LoRA for another model (FLUX.1)?")
         out.terms.setdefault(target, []).append(_place(term, rows))
         out.shapes[target] = tuple(shapes[target])
+    return out
+
+
+def sha256_prefix(path) -> str:
+    """The first 16 hex digits of the file's sha256: what generated images record of a LoRA."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _merged(load, name: str, loras: list[tuple[Lora, float]]) -> np.ndarray:
+    # A copy: a float32 file's load() is a view of the file, which must stay the original weights.
+    w = np.array(to_float32(load()), np.float32)
+    for lora, scale in loras:
+        if name in lora.terms:
+            w += lora.delta(name, scale)
+    return w
+
+
+def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]], where) -> dict[str, Entry]:
+    """The transformer's entries with each weight a LoRA targets loading as float32 W + Σ scale·ΔW. Merged
+    per entry when it loads, so a streamed block carries its merged weights; always from the file's W."""
+    targets = dict.fromkeys(name for lora, _ in loras for name in lora.terms)
+    if any(entries[name].stored in GGML_QUANTIZED for name in targets):
+        raise WeightsError(f"{where}: LoRAs on a quantized (GGUF) transformer are not supported yet; use the "
+                           f"bf16/fp16 file")
+    out = dict(entries)
+    for name in targets:
+        e = entries[name]
+        out[name] = Entry(e.shape, partial(_merged, e.load, name, loras), e.stored)
     return out

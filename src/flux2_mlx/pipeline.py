@@ -10,6 +10,8 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import numbers
+import os
 import platform
 import secrets
 import sys
@@ -40,6 +42,7 @@ from .config import (
 from .dit_names import transformer_entries
 from .encoder_names import gguf_encoder_config, text_encoder_entries
 from .entries import Entry, check_transformer, transformer_config
+from .lora import Lora, merged_entries, read_lora, sha256_prefix
 from .tokenizer import PromptTokenizer, tokenizer_from_gguf
 from .vae_names import vae_entries
 from .weights import WeightsError, WeightSource
@@ -327,6 +330,8 @@ class Pipeline:
         self.vae = backend.load_vae(vae, WeightSource(self.files["vae"]),
                                     dtype=backend.resolve_dtype("float32"))
         self._transformer, self._text_encoder, self._tokenizer = Component(backend), Component(backend), None
+        self._loras: list[tuple[Lora, float]] = []
+        self._lora_info: list[dict] = []  # image.info["loras"]: file name, sha256 prefix, scale
 
     def _path(self, component: str, spec: ModelSpec | None = None) -> Path:
         if self.files.get(component) is None:
@@ -384,6 +389,8 @@ class Pipeline:
 
     def _load_transformer(self, streaming):
         source = WeightSource(self._path("transformer"), pread=streaming is not None)
+        if self._loras:
+            source = merged_entries(transformer_entries(source), self._loras, source.path)
         return self.backend.load_transformer(self.spec.transformer, source, dtype=self.dtype,
                                              streaming=streaming, compile=self.compile)
 
@@ -398,6 +405,27 @@ class Pipeline:
                                f"{self.spec.text_encoder.repo_id}")
         return self.backend.load_text_encoder(cfg, source, dtype=self.dtype, streaming=streaming,
                                               fp8_matmul=self.fp8_matmul)
+
+    @property
+    def loras(self) -> tuple[tuple[str, float], ...]:
+        """The LoRAs applied to the transformer: (path, scale) pairs, as `set_loras` took them."""
+        return tuple((lora.path, scale) for lora, scale in self._loras)
+
+    def set_loras(self, loras) -> None:
+        """Apply these LoRAs ([(path, scale), ...]; [] for none) from the next generation on, merged into the
+        transformer's weights as it reloads from its files. Every file is read and checked first: on an
+        error (ValueError, WeightsError) nothing changes."""
+        pairs = _lora_pairs(loras)
+        shapes = transformer_shapes(self.spec.transformer)
+        read = [(read_lora(path, shapes), scale) for path, scale in pairs]
+        where = self.files["transformer"]
+        merged_entries(transformer_entries(WeightSource(where)), read, where)  # a GGUF file: refused here
+        for lora, _ in read:
+            _warn_unused(lora)
+        self._lora_info = [{"file": Path(path).name, "sha256": sha256_prefix(path), "scale": scale}
+                           for path, scale in pairs]
+        self._loras = read
+        self._transformer.free()  # the next use reloads it, merged from the original weights
 
     @property
     def loaded(self) -> frozenset[str]:
@@ -598,9 +626,38 @@ class Pipeline:
         out.info.update(model=self.spec.name, seed=request.seed, steps=steps, guidance=guidance)
         if inputs.refs:
             out.info["references"] = len(inputs.refs)
+        if self._lora_info:
+            out.info["loras"] = [dict(d) for d in self._lora_info]
         if inputs.init is not None:
             out.info["strength"] = request.strength
         return out
+
+
+def _lora_pairs(loras) -> list[tuple[str, float]]:
+    """[(path, scale), ...] checked: an existing file each, a finite number for a scale (ValueError)."""
+    out = []
+    for item in loras:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(f"a LoRA is a (path, scale) pair, got {item!r}")
+        path, scale = item
+        if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
+            raise ValueError(f"LoRA file not found: {path!r}")
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not np.isfinite(scale):
+            raise ValueError(f"the scale of LoRA {path} must be a number, got {scale!r}")
+        out.append((str(path), float(scale)))
+    return out
+
+
+def _warn_unused(lora: Lora) -> None:
+    """One warning per file for what it carries that is not applied."""
+    parts = []
+    if lora.unmatched:
+        first = ", ".join(lora.unmatched[:3]) + (", …" if len(lora.unmatched) > 3 else "")
+        parts.append(f"{len(lora.unmatched)} keys match no layer of this transformer ({first})")
+    if lora.text_encoder:
+        parts.append(f"its {len(lora.text_encoder)} text-encoder keys are not applied")
+    if parts:
+        warnings.warn(f"LoRA {lora.path}: " + "; ".join(parts), stacklevel=3)
 
 
 def choose_backend(name: str = "auto") -> str:
@@ -658,7 +715,7 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
                   text_encoder=None, tokenizer=None, backend: str = "auto", device: str | None = None,
                   dtype: str | None = None, memory: str = "phase", memory_budget: float | None = None,
                   stream_from: str | None = None, compile: bool = False,
-                  fp8_matmul: bool = False) -> Pipeline:
+                  fp8_matmul: bool = False, loras=()) -> Pipeline:
     """Load a FLUX.2 model.
 
     Files come from the explicit paths, else `model_path` (a downloaded repo folder, BFL or diffusers
@@ -675,7 +732,8 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
     (torch only; the first step of each image size compiles, later ones run the fused kernels).
     fp8_matmul: multiply an FP8 text encoder's weights in FP8, its activations quantized to e4m3 per token
     and 128 columns as transformers' FP8 Linear does (torch only, where torch has FP8 matmuls; a numerics
-    change, recorded in the PNG)."""
+    change, recorded in the PNG). loras: [(path, scale), ...] merged into the transformer's weights (see
+    `Pipeline.set_loras`; dense transformer files only)."""
     spec = get_spec(model)
     if memory not in ("phase", "resident"):
         raise ValueError(f"unknown memory mode {memory!r}; choose phase or resident")
@@ -691,4 +749,6 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
     pipe = Pipeline(spec, be, files, be.resolve_dtype(dtype), memory, memory_budget, stream_from, compile,
                     fp8_matmul)
     pipe.backend_name, pipe.device = name, device
+    if loras:
+        pipe.set_loras(loras)
     return pipe
