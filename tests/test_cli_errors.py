@@ -32,6 +32,9 @@ BROKEN_META = {  # the flux2 text chunk of meta-NAME.png
     "guidance-nan": json.dumps({**GOOD_META, "guidance": float("nan")}),
     "refs-text": json.dumps({**GOOD_META, "refs": "a.png"}),
     "image-no-strength": json.dumps({**GOOD_META, "image": "a.png"}),
+    "loras-paths": json.dumps({**GOOD_META, "loras": ["style.safetensors"]}),
+    "lora-scale-text": json.dumps({**GOOD_META, "loras": [{"file": "s.safetensors", "sha256": "ab",
+                                                           "scale": "0.8"}]}),
 }
 
 CASES = [
@@ -80,6 +83,12 @@ CASES = [
     ((*GEN, "--transformer", "{tmp}/noise.safetensors"), "noise.safetensors"),
     ((*GEN, "--transformer", "{tmp}/noise.gguf"), "noise.gguf"),
     (("generate", "a fox", "-o", "{tmp}/out.png"), "--model-path"),  # no network, empty cache (see `run`)
+    # LoRAs
+    ((*GEN, "--lora", "{tmp}/style.safetensors:strong"), "'strong' is not a number"),
+    ((*GEN, "--lora", "{tmp}/style.safetensors:nan"), "is not a number"),
+    ((*GEN, "--lora", "{tmp}/missing.safetensors"), "no such file"),
+    ((*GEN, "--lora", "{tmp}/notes.txt"), "notes.txt"),
+    ((*GEN, "--lora", "someone/styles/style.safetensors"), "pass a downloaded LoRA file's path"),
     # pictures
     ((*GEN, "--ref", "{tmp}/missing.png"), "no such file"),
     ((*GEN, "--ref", "{tmp}/notes.txt"), "not a readable image"),

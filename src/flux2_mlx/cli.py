@@ -170,10 +170,13 @@ def _save_png(image, path: Path, meta: dict) -> None:
 @click.option("--fp8-matmul", is_flag=True,
               help="torch: multiply an FP8 text encoder's weights in FP8, its activations quantized to FP8 "
                    "too (FP8 tensor cores on a GPU; changes the prompt embeddings, as W8A8 does).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Apply a LoRA at SCALE (default 1; negative subtracts it): a .safetensors file, or "
+                   "owner/repo/file.safetensors on Hugging Face. Repeat to stack several.")
 @click.option("--dry-run", is_flag=True, help="Show the files and the memory plan; load nothing.")
 def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenizer, width, height, refs, init,
              strength, steps, guidance, negative_prompt, seed, num_images, output, overwrite, dtype, backend,
-             device, memory_budget, stream_from, compile_, fp8_matmul, dry_run):
+             device, memory_budget, stream_from, compile_, fp8_matmul, loras, dry_run):
     """Generate images from PROMPT and save them as PNGs with their settings embedded. With --ref: edit
     or combine reference images; with --image: image-to-image."""
     from .pipeline import check_size
@@ -201,6 +204,7 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
     else:
         first = seed[0] if seed else secrets.randbelow(2**31)
         seeds = [first + i for i in range(num_images)]
+    loras = _parse_loras(loras)
     paths = _outputs(output, seeds, overwrite)
     paths_kw = dict(model_path=model_path, transformer=transformer, vae=vae, text_encoder=text_encoder,
                     tokenizer=tokenizer)
@@ -208,15 +212,40 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
     warnings.showwarning = lambda message, *_args, **_kw: click.echo(f"warning: {message}", err=True)
     edit = dict(width=width, height=height, images=list(refs) or None, image=init)
     try:
+        from .hub import lora_file
+
+        # (as given, local file, scale); a missing file fails here, before anything loads
+        loras = [(name, lora_file(name), scale) for name, scale in loras]
         budget = dict(memory_budget=memory_budget, stream_from=stream_from, backend=backend, device=device)
         if dry_run:
+            for _, f, scale in loras:
+                click.echo(f"lora: {f} at {scale:g}")
             _dry_run(spec, paths_kw, dtype, edit, guidance, budget)
             return
         settings = dict(prompt=prompt, negative_prompt=negative_prompt, strength=strength, steps=steps,
                         guidance=guidance)
-        _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_, fp8_matmul)
+        _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_, fp8_matmul, loras)
     except (WeightsError, ValueError, OSError) as e:
         _fail(str(e))
+
+
+def _parse_loras(values) -> list[tuple[str, float]]:
+    """FILE[:SCALE] → (FILE, SCALE). A colon belongs to the file name when the whole names a file."""
+    out = []
+    for value in values:
+        name, colon, tail = value.rpartition(":")
+        if not colon or Path(value).exists():
+            out.append((value, 1.0))
+            continue
+        try:
+            scale = float(tail)
+        except ValueError:
+            scale = math.nan
+        if not math.isfinite(scale):
+            raise click.BadParameter(f"{value}: the scale {tail!r} is not a number; write FILE:SCALE, e.g. "
+                                     f"style.safetensors:0.8", param_hint="--lora")
+        out.append((name, scale))
+    return out
 
 
 def _dry_run(spec, paths_kw, dtype, edit, guidance, budget):
@@ -250,12 +279,14 @@ def _memory_plan_without_loading(spec, files, dtype, inputs, guidance, budget):
                                   image_size=inputs.image_size)
 
 
-def _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_, fp8_matmul):
-    """settings: the GenerationRequest's prompt, negative_prompt, strength, steps and guidance."""
+def _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_, fp8_matmul, loras):
+    """settings: the GenerationRequest's prompt, negative_prompt, strength, steps and guidance; loras:
+    (name as given, local file, scale)."""
     from .pipeline import GenerationRequest, load_pipeline
 
     start = time.perf_counter()
-    pipe = load_pipeline(spec, dtype=dtype, **paths_kw, **budget, compile=compile_, fp8_matmul=fp8_matmul)
+    pipe = load_pipeline(spec, dtype=dtype, **paths_kw, **budget, compile=compile_, fp8_matmul=fp8_matmul,
+                         loras=[(f, scale) for _, f, scale in loras])
     pipe.settings(settings["steps"], settings["guidance"])  # bad steps fail here, before any model loads
     inputs = pipe.prepare_inputs(**edit)  # a bad image fails here, before any model loads
     request = GenerationRequest(inputs, seeds[0], **settings)
@@ -263,8 +294,12 @@ def _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compi
     plan = pipe.plan(inputs.width, inputs.height, request.guidance, inputs)
     if any(p.streamed or p.tile for p in plan.phases):
         click.echo(plan.describe())
+    from .lora import sha256_prefix
+
+    # the file as given, so that the regenerate line finds it again; the digest says which file it was
+    lora_meta = [{"file": name, "sha256": sha256_prefix(f), "scale": scale} for name, f, scale in loras]
     try:
-        _run(pipe, request, plan, seeds, paths, edit)
+        _run(pipe, request, plan, seeds, paths, edit, lora_meta)
     except Exception as e:
         if not _out_of_memory(e):
             raise
@@ -303,7 +338,7 @@ def _oom_message(e: Exception, pipe, request, plan) -> str:
             f"to stream more of the model")
 
 
-def _run(pipe, request, plan, seeds, paths, edit):
+def _run(pipe, request, plan, seeds, paths, edit, lora_meta):
     from tqdm import tqdm
 
     from .sampling import img2img_start
@@ -340,6 +375,8 @@ def _run(pipe, request, plan, seeds, paths, edit):
             meta["compile"] = True
         if pipe.fp8_matmul:  # FP8 activations change the embeddings
             meta["fp8_matmul"] = True
+        if lora_meta:
+            meta["loras"] = lora_meta
         _save_png(image, path, meta)
         click.echo(f"saved {path}")
 
@@ -366,13 +403,17 @@ def read_metadata(path: Path) -> dict:
 _META_TYPES = {"prompt": str, "model": str, "seed": int, "steps": int, "guidance": float, "width": int,
                "height": int, "dtype": str, "negative_prompt": str, "refs": list, "image": str,
                "strength": float, "backend": str, "device": str, "compile": bool,
-               "fp8_matmul": bool}
+               "fp8_matmul": bool, "loras": "loras"}
 _META_REQUIRED = ("prompt", "model", "seed", "steps", "guidance", "width", "height", "dtype")
 _META_KINDS = {str: "text", int: "a whole number", float: "a number", list: "a list of paths",
-               bool: "true or false"}
+               bool: "true or false", "loras": "a list of {file, sha256, scale}"}
 
 
 def _is(value, kind) -> bool:
+    if kind == "loras":
+        return isinstance(value, list) and all(
+            isinstance(v, dict) and set(v) == {"file", "sha256", "scale"} and _is(v["file"], str)
+            and _is(v["sha256"], str) and _is(v["scale"], float) for v in value)
     if isinstance(value, bool) or kind is bool:  # JSON true/false are Python ints
         return isinstance(value, bool) and kind is bool
     if kind is float:
@@ -408,6 +449,8 @@ def regenerate_command(meta: dict) -> str:
         args.append("--compile")
     if meta.get("fp8_matmul"):
         args.append("--fp8-matmul")
+    for lora in meta.get("loras", []):
+        args += ["--lora", f"{lora['file']}:{float(lora['scale'])!r}"]  # repr: the exact scale
     if "negative_prompt" in meta:
         args += ["--negative-prompt", meta["negative_prompt"]]
     for ref in meta.get("refs", []):

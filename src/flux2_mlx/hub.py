@@ -172,8 +172,8 @@ def _wanted(spec: ModelSpec, components) -> str:
 
 
 @contextmanager
-def _hub_errors(repo_id: str, patterns: list[str]):
-    """huggingface_hub's exceptions as one-line WeightsErrors that say what to do."""
+def _hub_errors(repo_id: str, patterns: list[str], hint: str = LOCAL_HINT):
+    """huggingface_hub's exceptions as one-line WeightsErrors that say what to do (`hint`: the local way)."""
     from huggingface_hub import errors as e
 
     what = f"{', '.join(patterns)} from {repo_id}"
@@ -182,21 +182,40 @@ def _hub_errors(repo_id: str, patterns: list[str]):
         yield
     except e.GatedRepoError as err:
         raise WeightsError(f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id} "
-                           f"and log in with `hf auth login`, or {LOCAL_HINT}") from err
+                           f"and log in with `hf auth login`, or {hint}") from err
     except e.RepositoryNotFoundError as err:
         raise WeightsError(f"{repo_id} was not found on huggingface.co (a private repo needs "
-                           f"`hf auth login`); {LOCAL_HINT}") from err
+                           f"`hf auth login`); {hint}") from err
     except offline as err:  # LocalEntryNotFoundError: no connection and not in the cache
         raise WeightsError(f"cannot reach huggingface.co to download {what}, and it is not in the "
-                           f"cache; check the network, or {LOCAL_HINT}") from err
+                           f"cache; check the network, or {hint}") from err
     except e.EntryNotFoundError as err:
-        raise WeightsError(f"{repo_id} has no {', '.join(patterns)}; {LOCAL_HINT}") from err
+        raise WeightsError(f"{repo_id} has no {', '.join(patterns)}; {hint}") from err
     except e.HfHubHTTPError as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise WeightsError(f"downloading {what} failed ({reason}); try again, or {LOCAL_HINT}") from err
+        raise WeightsError(f"downloading {what} failed ({reason}); try again, or {hint}") from err
     except e.HTTPError as err:  # transport errors (httpx in huggingface_hub 1.x/2.x)
         raise WeightsError(f"cannot reach huggingface.co to download {what} ({type(err).__name__}); "
-                           f"check the network, or {LOCAL_HINT}") from err
+                           f"check the network, or {hint}") from err
+
+
+def lora_file(name, cache_dir=None) -> Path:
+    """A LoRA file: a local path, else `owner/repo/path/in/repo.safetensors` on Hugging Face, taken from the
+    HF cache or downloaded into it (one-line WeightsErrors, as for the model files)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    parts = str(name).split("/")
+    # A path that starts somewhere on this machine is a local path, missing or not.
+    local = path.is_absolute() or str(name).startswith((".", "~")) or Path(parts[0]).exists()
+    if local or len(parts) < 3 or not str(name).endswith(".safetensors") or path.exists():
+        raise WeightsError(f"LoRA {name}: no such file; give a .safetensors path, or "
+                           f"owner/repo/file.safetensors on Hugging Face")
+    import huggingface_hub as hf
+
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    with _hub_errors(repo_id, [filename], hint="pass a downloaded LoRA file's path"):
+        return Path(hf.hf_hub_download(repo_id, filename, cache_dir=str(_cache_root(cache_dir))))
 
 
 def _download(spec: ModelSpec, component: str, cache_dir) -> Path:
