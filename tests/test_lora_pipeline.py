@@ -7,7 +7,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import diffusers_run, diffusers_transformer, rel_err, write_gguf
+from conftest import diffusers_run, diffusers_transformer, rel_err
 from test_lora import KOHYA_TARGETS, SHAPES, _diffusers_modules, _low_rank, _rank
 
 from flux2_mlx import load_pipeline
@@ -159,13 +159,3 @@ def test_bad_loras_are_refused_and_change_nothing(case, tmp_path):
     assert pipe.loras == ((str(files["peft"]), 0.8),)
     assert np.array_equal(_sample(pipe, embeds), before)
 
-
-def test_gguf_transformer_with_a_lora_is_refused_up_front(case, tmp_path):
-    m, _, files = case
-    (tmp_path / "ae.safetensors").symlink_to(m.bfl_dir / "ae.safetensors")
-    quant = {k: "Q8_0" for k, v in m.transformer.items() if v.ndim == 2 and v.shape[1] % 32 == 0}
-    gguf = write_gguf(tmp_path / "t.gguf", m.transformer, quant)
-    with pytest.raises(WeightsError, match=r"^\S*t.gguf: LoRAs on a quantized \(GGUF\) transformer are not "
-                                           r"supported yet; use the bf16/fp16 file$"):
-        load_pipeline(m.spec, transformer=gguf, vae=tmp_path / "ae.safetensors", backend="mlx",
-                      loras=[(files["peft"], 1.0)])

@@ -5,7 +5,8 @@ the format detected from the keys (docs/file-formats.md, 'LoRA files'). Each upd
 and a range of its rows: diffusers' separate Q, K and V land in row thirds of the fused `qkv`. Plain LoRA
 stays low-rank (`LowRank`, for an unmerged branch on quantized weights); LoKr and LoHa are formed densely
 on demand (`Dense`). `Lora.delta` gives the full float32 ΔW for merging into a dense weight;
-`merged_entries` merges LoRAs into a dense transformer's entries as they load.
+`merged_entries` merges LoRAs into a dense transformer's entries as they load, and puts them beside a
+quantized (GGUF) weight as a `LoraQuant` branch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from .dit_names import transformer_to_diffusers
 from .entries import Entry
-from .weights import GGML_QUANTIZED, SafetensorsFile, WeightsError, to_float32
+from .weights import GGML_QUANTIZED, GGMLTensor, SafetensorsFile, WeightsError, to_float32
 
 # Module-path prefixes written by the trainers (PEFT wrappers, ai-toolkit, ComfyUI, kohya, LyCORIS).
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_",
@@ -230,15 +231,49 @@ def _merged(load, name: str, loras: list[tuple[Lora, float]]) -> np.ndarray:
     return w
 
 
-def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]], where) -> dict[str, Entry]:
-    """The transformer's entries with each weight a LoRA targets loading as float32 W + Σ scale·ΔW. Merged
-    per entry when it loads, so a streamed block carries its merged weights; always from the file's W."""
-    targets = dict.fromkeys(name for lora, _ in loras for name in lora.terms)
-    if any(entries[name].stored in GGML_QUANTIZED for name in targets):
-        raise WeightsError(f"{where}: LoRAs on a quantized (GGUF) transformer are not supported yet; use the "
-                           f"bf16/fp16 file")
+@dataclass(frozen=True)
+class LoraQuant:
+    """A quantized weight with its LoRAs beside it, never re-quantized into it: y = Wq·x + up @ (down @ x)
+    + dense @ x. The low-rank terms are stacked along the rank, each scale folded into its up columns, which
+    are zero outside the term's rows (a q, k or v slice of a fused qkv); LoKr and LoHa terms, as large as
+    the rows they update anyway, are summed into `dense`. None: no such terms. The backends' `base` is the
+    GGMLTensor in their host or device form."""
+
+    base: GGMLTensor
+    down: np.ndarray | None  # (rank, in) float32
+    up: np.ndarray | None  # (out, rank) float32
+    dense: np.ndarray | None  # (out, in) float32
+
+
+def _branched(load, name: str, loras: list[tuple[Lora, float]]) -> LoraQuant:
+    base = load()
+    out = base.shape[0]
+    downs, ups, dense = [], [], None
+    for lora, scale in loras:
+        for t in lora.terms.get(name, ()):
+            s = np.float32(scale * t.scale)
+            if isinstance(t, LowRank):
+                up = np.zeros((out, t.up.shape[1]), np.float32)
+                up[t.row:t.row + t.up.shape[0]] = s * t.up
+                downs.append(t.down)
+                ups.append(up)
+            else:
+                m = t.matrix()
+                dense = np.zeros(base.shape, np.float32) if dense is None else dense
+                dense[t.row:t.row + m.shape[0]] += s * m
+    return LoraQuant(base, np.concatenate(downs) if downs else None, np.concatenate(ups, 1) if ups else None,
+                     dense)
+
+
+def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]], where=None
+                   ) -> dict[str, Entry]:
+    """The transformer's entries with each weight a LoRA targets loading as float32 W + Σ scale·ΔW, or, for a
+    quantized (GGUF) weight, as a LoraQuant. Per entry when it loads, so a streamed block carries its LoRAs;
+    always from the file's W. `where` is no longer used (GGUF files were refused by it); callers still pass
+    it."""
     out = dict(entries)
-    for name in targets:
+    for name in dict.fromkeys(name for lora, _ in loras for name in lora.terms):
         e = entries[name]
-        out[name] = Entry(e.shape, partial(_merged, e.load, name, loras), e.stored)
+        make = _branched if e.stored in GGML_QUANTIZED else _merged
+        out[name] = Entry(e.shape, partial(make, e.load, name, loras), e.stored)
     return out

@@ -390,7 +390,7 @@ class Pipeline:
     def _load_transformer(self, streaming):
         source = WeightSource(self._path("transformer"), pread=streaming is not None)
         if self._loras:
-            source = merged_entries(transformer_entries(source), self._loras, source.path)
+            source = merged_entries(transformer_entries(source), self._loras)
         return self.backend.load_transformer(self.spec.transformer, source, dtype=self.dtype,
                                              streaming=streaming, compile=self.compile)
 
@@ -413,13 +413,11 @@ class Pipeline:
 
     def set_loras(self, loras) -> None:
         """Apply these LoRAs ([(path, scale), ...]; [] for none) from the next generation on, merged into the
-        transformer's weights as it reloads from its files. Every file is read and checked first: on an
-        error (ValueError, WeightsError) nothing changes."""
+        transformer's weights as it reloads from its files (beside GGUF-quantized ones, as a separate branch).
+        Every file is read and checked first: on an error (ValueError, WeightsError) nothing changes."""
         pairs = _lora_pairs(loras)
         shapes = transformer_shapes(self.spec.transformer)
         read = [(read_lora(path, shapes), scale) for path, scale in pairs]
-        where = self.files["transformer"]
-        merged_entries(transformer_entries(WeightSource(where)), read, where)  # a GGUF file: refused here
         for lora, _ in read:
             _warn_unused(lora)
         self._lora_info = [{"file": Path(path).name, "sha256": sha256_prefix(path), "scale": scale}
@@ -732,8 +730,8 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
     (torch only; the first step of each image size compiles, later ones run the fused kernels).
     fp8_matmul: multiply an FP8 text encoder's weights in FP8, its activations quantized to e4m3 per token
     and 128 columns as transformers' FP8 Linear does (torch only, where torch has FP8 matmuls; a numerics
-    change, recorded in the PNG). loras: [(path, scale), ...] merged into the transformer's weights (see
-    `Pipeline.set_loras`; dense transformer files only)."""
+    change, recorded in the PNG). loras: [(path, scale), ...] merged into the transformer's weights, or beside
+    its GGUF-quantized ones as a separate branch (see `Pipeline.set_loras`)."""
     spec = get_spec(model)
     if memory not in ("phase", "resident"):
         raise ValueError(f"unknown memory mode {memory!r}; choose phase or resident")

@@ -14,11 +14,12 @@ from mlx.utils import tree_unflatten
 
 from ..config import TextEncoderConfig, TransformerConfig, VAEConfig
 from ..entries import Entry, checked_entries
+from ..lora import LoraQuant
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
 from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, FP8Blocks, GGMLTensor, WeightSource
-from .quant_layers import cast, module_at, quantized_layer, replace_module
+from .quant_layers import LoraLinear, cast, module_at, quantized_layer, replace_module
 from .stream import StreamedBlock
 from .text_encoder import DecoderLayer, TextEncoder
 from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
@@ -31,21 +32,26 @@ def from_numpy(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
     return cast(x, dtype)
 
 
-def _host(raw: np.ndarray | GGMLTensor | FP8Blocks) -> np.ndarray | AffineQuant:
+def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | LoraQuant) -> np.ndarray | AffineQuant | LoraQuant:
     """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout; FP8 decoded: MLX has no
     FP8 matmul)."""
+    if isinstance(raw, LoraQuant):
+        return dataclasses.replace(raw, base=_host(raw.base))
     if isinstance(raw, FP8Blocks):
         return raw.dequantize()
     return repack(raw.data, GGMLType[raw.ggml_type], raw.shape) if isinstance(raw, GGMLTensor) else raw
 
 
-def _place(host: np.ndarray | AffineQuant):
+def _place(host: np.ndarray | AffineQuant | LoraQuant):
     """The same bits copied into MLX memory: the costly part of loading (allocation, page faults, copy)
     with no lazy op, so the prefetch thread may run it (a lazy array cannot cross threads). bf16 travels
     as uint16: no model weight is uint16. An AffineQuant keeps its fields, as MLX arrays. Idempotent."""
     if isinstance(host, AffineQuant):
         return dataclasses.replace(host, weight=_place(host.weight), scales=_place(host.scales),
                                    biases=_place(host.biases))
+    if isinstance(host, LoraQuant):
+        return LoraQuant(_place(host.base), *(None if a is None else _place(a) for a in (host.down, host.up,
+                                                                                          host.dense)))
     if isinstance(host, mx.array):
         return host
     return mx.array(host.view(np.uint16) if host.dtype == BF16 else host)
@@ -55,9 +61,16 @@ def _fill(module, tensors, dtype: mx.Dtype):
     """Put (name, host or placed form) pairs into `module`, one tensor at a time."""
     params = []
     for name, t in tensors:
-        if isinstance(t, AffineQuant):  # quantized: the layer type follows the tensor's ggml type
-            path = name.removesuffix(".weight")
-            replace_module(module, path, quantized_layer(module_at(module, path), _place(t), dtype))
+        if isinstance(t, (AffineQuant, LoraQuant)):  # quantized: the layer type follows the ggml type
+            path, t = name.removesuffix(".weight"), _place(t)
+            old = module_at(module, path)
+            if isinstance(t, LoraQuant):  # the LoRA factors in the compute dtype, as a dense weight would be
+                factors = (None if a is None else cast(a, dtype) for a in (t.down, t.up, t.dense))
+                layer = LoraLinear(quantized_layer(old, t.base, dtype), *factors)
+                mx.eval(layer.parameters())
+            else:
+                layer = quantized_layer(old, t, dtype)
+            replace_module(module, path, layer)
             continue
         a = _place(t)
         a = cast(a.view(mx.bfloat16) if a.dtype == mx.uint16 else a, dtype)  # placed bf16 (see _place)

@@ -31,6 +31,26 @@ def quantized_layer(old: nn.Module, q: AffineQuant, dtype: mx.Dtype) -> nn.Modul
     return layer
 
 
+class LoraLinear(nn.Module):
+    """A quantized Linear with its LoRAs as a separate float branch (lora.LoraQuant): y = base(x) +
+    (x @ downᵀ) @ upᵀ + x @ denseᵀ; the factors absent (None) where the file has no such terms."""
+
+    def __init__(self, base: nn.Module, down, up, dense):
+        super().__init__()
+        self.base = base
+        for name, a in (("down", down), ("up", up), ("dense", dense)):
+            if a is not None:  # absent terms are no attribute: an MLX module's parameters are arrays
+                setattr(self, name, a)
+
+    def __call__(self, x):
+        y = self.base(x)
+        if "down" in self:
+            y = y + (x @ self.down.T) @ self.up.T
+        if "dense" in self:
+            y = y + x @ self.dense.T
+        return y
+
+
 def cast(x: mx.array, dtype: mx.Dtype | None) -> mx.array:
     """x in `dtype` (None: as it is), without a second copy when it already is."""
     return x if dtype is None or x.dtype == dtype else x.astype(dtype)

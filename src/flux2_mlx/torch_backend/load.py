@@ -16,11 +16,12 @@ from torch import nn
 
 from ..config import TextEncoderConfig, TransformerConfig, VAEConfig
 from ..entries import FP8_BLOCKS, Entry, checked_entries
+from ..lora import LoraQuant
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
 from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, F8_E4M3, F8_E5M2, FP8Blocks, GGMLTensor, WeightSource, to_float32
-from .quant_layers import fp8_matmul_kind, quantized_layer, replace_module
+from .quant_layers import LoraLinear, fp8_matmul_kind, quantized_layer, replace_module
 from .stream import StreamedBlock, copy_stream
 from .text_encoder import DecoderLayer, TextEncoder
 from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
@@ -60,9 +61,13 @@ def _device_tensor(t: torch.Tensor, device: torch.device, dtype: torch.dtype | N
     return t.to(device, non_blocking=True).to(dtype or t.dtype)
 
 
-def _host(raw: np.ndarray | GGMLTensor | FP8Blocks, pin: bool) -> torch.Tensor | AffineQuant | FP8Blocks:
+def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | LoraQuant, pin: bool):
     """The host half of loading a tensor: a CPU tensor, GGUF blocks repacked to the affine layout with
-    the packed codes as bytes, or FP8 codes as torch's float8 and their scales in float32."""
+    the packed codes as bytes, FP8 codes as torch's float8 and their scales in float32, or a LoraQuant of
+    such forms."""
+    if isinstance(raw, LoraQuant):
+        return LoraQuant(_host(raw.base, pin), *(None if a is None else host_tensor(a, pin)
+                                                  for a in (raw.down, raw.up, raw.dense)))
     if isinstance(raw, FP8Blocks):
         codes = host_tensor(raw.codes.view(np.uint8), pin).view(_FP8[raw.codes.dtype])
         return dataclasses.replace(raw, codes=codes, scale_inv=host_tensor(to_float32(raw.scale_inv), pin))
@@ -73,9 +78,14 @@ def _host(raw: np.ndarray | GGMLTensor | FP8Blocks, pin: bool) -> torch.Tensor |
     return host_tensor(raw, pin)
 
 
-def _place(host: torch.Tensor | AffineQuant | FP8Blocks, device: torch.device, dtype: torch.dtype):
+def _place(host: torch.Tensor | AffineQuant | FP8Blocks | LoraQuant, device: torch.device,
+           dtype: torch.dtype):
     """The host form on the device, dense tensors and affine scales in `dtype` (codes stay bytes, FP8 scales
-    float32). Idempotent."""
+    float32; LoRA factors in `dtype`, as a dense weight would be). Idempotent."""
+    if isinstance(host, LoraQuant):
+        factors = (None if a is None else _device_tensor(a, device, dtype)
+                   for a in (host.down, host.up, host.dense))
+        return LoraQuant(_place(host.base, device, dtype), *factors)
     if isinstance(host, FP8Blocks):
         return dataclasses.replace(host, codes=_device_tensor(host.codes, device, None),
                                    scale_inv=_device_tensor(host.scale_inv, device, None))
@@ -98,6 +108,10 @@ def _fill(module: nn.Module, tensors, place, dtype: torch.dtype, fp8_matmul: str
     for name, t in tensors:
         path, _, leaf = name.rpartition(".")
         t = place(t)
+        if isinstance(t, LoraQuant):
+            base = quantized_layer(module.get_submodule(path), t.base, dtype, fp8_matmul)
+            replace_module(module, path, LoraLinear(base, t.down, t.up, t.dense))
+            continue
         if isinstance(t, (AffineQuant, FP8Blocks)):  # quantized: the layer type follows the stored type
             replace_module(module, path, quantized_layer(module.get_submodule(path), t, dtype, fp8_matmul))
             continue

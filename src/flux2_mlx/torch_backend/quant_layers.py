@@ -58,6 +58,26 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.dense())
 
 
+class LoraLinear(nn.Module):
+    """A quantized Linear with its LoRAs as a separate branch (lora.LoraQuant): y = base(x) +
+    (x @ downᵀ) @ upᵀ + x @ denseᵀ; the factors absent (None) where the file has no such terms."""
+
+    def __init__(self, base: nn.Module, down, up, dense):
+        super().__init__()
+        self.base = base
+        self.register_buffer("down", down)
+        self.register_buffer("up", up)
+        self.register_buffer("dense", dense)
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.down is not None:
+            y = y + F.linear(F.linear(x, self.down), self.up)
+        if self.dense is not None:
+            y = y + F.linear(x, self.dense)
+        return y
+
+
 class QuantEmbedding(QuantLinear):
     """An Embedding held packed; only the looked-up rows are unpacked."""
 

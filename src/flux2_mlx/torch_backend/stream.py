@@ -30,7 +30,9 @@ class StreamedBlock(nn.Module):
 
 
 def _parts(t) -> tuple[torch.Tensor, ...]:
-    """The device tensors of a placed form: dense, affine-quantized or FP8."""
+    """The device tensors of a placed form: dense, affine-quantized, FP8, or a quantized one with LoRAs."""
+    if hasattr(t, "dense"):
+        return (*_parts(t.base), *(a for a in (t.down, t.up, t.dense) if a is not None))
     if hasattr(t, "scale_inv"):
         return t.codes, t.scale_inv
     return (t.weight, t.scales, t.biases) if hasattr(t, "scales") else (t,)
