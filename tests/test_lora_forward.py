@@ -99,7 +99,7 @@ def case(request, tmp_path_factory):
     lora = read_lora(path, SHAPES)
     assert not lora.unmatched and not lora.text_encoder
     entries = {k: Entry(a.shape, lambda a=a: a) for k, a in BASE.items()}
-    return merged_entries(entries, [(lora, SCALE)], path), _reference(model, CFG, INPUTS)
+    return merged_entries(entries, [(lora, SCALE)]), _reference(model, CFG, INPUTS)
 
 
 @pytest.mark.parametrize("be", [mb, tb], ids=["mlx", "torch"])

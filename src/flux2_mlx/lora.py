@@ -70,10 +70,18 @@ class Lora:
     def delta(self, name: str, user_scale: float = 1.0) -> np.ndarray:
         """The full ΔW (float32) of BFL weight `name` at this user scale."""
         out = np.zeros(self.shapes[name], np.float32)
-        for t in self.terms[name]:
-            m = t.matrix()
-            out[t.row:t.row + m.shape[0]] += np.float32(user_scale * t.scale) * m
+        self.add_to(out, name, user_scale)
         return out
+
+    def add_to(self, w: np.ndarray, name: str, user_scale: float = 1.0) -> None:
+        """w += ΔW in place, term by term into its rows: no full-size ΔW or scaled copy (a klein-4B linear1
+        is 340 MB in float32)."""
+        for t in self.terms[name]:
+            if isinstance(t, LowRank):  # the scale on the small factor, not on the product
+                m = (np.float32(user_scale * t.scale) * t.up) @ t.down
+            else:
+                m = np.float32(user_scale * t.scale) * t.matrix()
+            w[t.row:t.row + m.shape[0]] += m
 
 
 def _modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, np.ndarray]]:
@@ -227,7 +235,7 @@ def _merged(load, name: str, loras: list[tuple[Lora, float]]) -> np.ndarray:
     w = np.array(to_float32(load()), np.float32)
     for lora, scale in loras:
         if name in lora.terms:
-            w += lora.delta(name, scale)
+            lora.add_to(w, name, scale)
     return w
 
 
@@ -265,12 +273,10 @@ def _branched(load, name: str, loras: list[tuple[Lora, float]]) -> LoraQuant:
                      dense)
 
 
-def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]], where=None
-                   ) -> dict[str, Entry]:
+def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]]) -> dict[str, Entry]:
     """The transformer's entries with each weight a LoRA targets loading as float32 W + Σ scale·ΔW, or, for a
     quantized (GGUF) weight, as a LoraQuant. Per entry when it loads, so a streamed block carries its LoRAs;
-    always from the file's W. `where` is no longer used (GGUF files were refused by it); callers still pass
-    it."""
+    always from the file's W."""
     out = dict(entries)
     for name in dict.fromkeys(name for lora, _ in loras for name in lora.terms):
         e = entries[name]
