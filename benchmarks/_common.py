@@ -106,3 +106,25 @@ def write_json(path: str | None, res: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(res, f, indent=2)
+
+
+def gguf_entries(entries: dict[str, Entry], qtype: str | None) -> dict[str, Entry]:
+    """The blocks' Linear weights stored as ggml `qtype`, as in a GGUF that `flux2 convert` wrote (the
+    embedders and the final layer stay in the compute dtype). Speed does not depend on the values, so each
+    distinct shape is quantized once and shared by every block."""
+    if qtype is None:
+        return entries
+    from flux2_mlx.quant import GGMLType, quantize
+    from flux2_mlx.weights import GGMLTensor, to_float32
+
+    cache: dict[tuple, np.ndarray] = {}
+
+    def loader(entry):
+        def load():
+            if entry.shape not in cache:
+                cache[entry.shape] = quantize(to_float32(np.asarray(entry.load())), GGMLType[qtype])
+            return GGMLTensor(cache[entry.shape], qtype, entry.shape)
+        return load
+
+    return {k: Entry(e.shape, loader(e), qtype) if k.startswith(("double_blocks.", "single_blocks."))
+            and len(e.shape) == 2 else e for k, e in entries.items()}

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import run_info
+from _common import gguf_entries, run_info
 
 import numpy as np
 
@@ -94,7 +94,7 @@ def _merge_row(base, shapes, rank: int, scale_full: float, tmp: Path):
         t0 = time.perf_counter()
         lora = read_lora(path, shapes)
         t1 = time.perf_counter()
-        merged = merged_entries(base, [(lora, 1.0)], "bench")
+        merged = merged_entries(base, [(lora, 1.0)])
         for name in lora.terms:  # each merged weight loaded and dropped, as the backends place them
             merged[name].load()
         t2 = time.perf_counter()
@@ -108,7 +108,9 @@ def _merge_row(base, shapes, rank: int, scale_full: float, tmp: Path):
 
 
 def _step_rows(cfg, base, lora, backends, args) -> list[str]:
-    """Each backend's forward with the rank's LoRA merged and without, timed round-robin."""
+    """Each backend's forward with the rank's LoRA and without, timed round-robin: merged into dense weights,
+    or with --gguf beside the quantized blocks (the unmerged branch)."""
+    base = gguf_entries(base, args.gguf)
     h = w = args.size // 16
     rng = np.random.default_rng(1)
     inp = dict(x=rng.standard_normal((1, h * w, cfg.in_channels), np.float32),
@@ -125,7 +127,7 @@ def _step_rows(cfg, base, lora, backends, args) -> list[str]:
         else:
             import flux2_mlx.mlx_backend as be
         args_in = [be.from_numpy(inp[k]) for k in ("x", "x_ids", "t", "ctx", "ctx_ids", "g")]
-        for label, entries in (("none", base), ("merged", merged_entries(base, [(lora, 1.0)], "bench"))):
+        for label, entries in (("none", base), ("merged", merged_entries(base, [(lora, 1.0)]))):
             model = be.load_transformer(cfg, entries, dtype=be.resolve_dtype("float32"))
             built.append((name, label, lambda be=be, model=model: be.to_numpy(model(*args_in))))
     times = {(n, label): [] for n, label, _ in built}
@@ -138,8 +140,9 @@ def _step_rows(cfg, base, lora, backends, args) -> list[str]:
     rows = []
     for name in backends:
         a, b = statistics.median(times[(name, "none")]), statistics.median(times[(name, "merged")])
+        weights = f"float32 + {args.gguf} blocks" if args.gguf else "float32"
         rows.append(f"| {name} | {cfg.depth}+{cfg.depth_single_blocks} | {args.size}² + {args.text_tokens} "
-                    f"text | float32 | {len(lora.terms)} | {a:.2f} | {b:.2f} | {b / a:.3f}× |")
+                    f"text | {weights} | {len(lora.terms)} | {a:.2f} | {b:.2f} | {b / a:.3f}× |")
     return rows
 
 
@@ -154,6 +157,8 @@ def main() -> None:
     p.add_argument("--text-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--gguf", default=None, metavar="TYPE", choices=["Q8_0", "Q4_K"],
+                   help="step timing with the blocks stored as this ggml type: the LoRA runs beside them")
     args = p.parse_args()
 
     full = MODELS["klein-4b"].transformer
@@ -176,9 +181,10 @@ def main() -> None:
             row, lora = _merge_row(base, shapes, rank, scale_full, Path(tmp))
             print(row, flush=True)
             loras.append(lora)
-    print(f"\nstep, rank-{args.ranks[0]} LoRA merged vs none (median of {args.repeats}, round-robin):")
-    print("| backend | blocks | tokens | dtype | weights merged | no LoRA s/step | merged LoRA s/step "
-          "| ratio |")
+    how = f"beside {args.gguf} blocks" if args.gguf else "merged"
+    print(f"\nstep, rank-{args.ranks[0]} LoRA {how} vs none (median of {args.repeats}, round-robin):")
+    print("| backend | blocks | tokens | weights | weights with a LoRA | no LoRA s/step "
+          "| with the LoRA s/step | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in _step_rows(cfg, base, loras[0], args.backend or ["torch"], args):
         print(row)

@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 
-from _common import OPENBLAS, random_entries, run_info, write_json  # first: preloads OpenBLAS
+from _common import OPENBLAS, gguf_entries, random_entries, run_info, write_json  # first: preloads OpenBLAS
 
 import mlx.core as mx
 import numpy as np
@@ -52,34 +52,12 @@ def _numpy_entries(shapes: dict, dtype_name: str) -> dict[str, Entry]:
     return {name: Entry(shape, loader(shape)) for name, shape in shapes.items()}
 
 
-def _gguf(entries: dict[str, Entry], qtype: str | None) -> dict[str, Entry]:
-    """The blocks' Linear weights stored as ggml `qtype`, as in a GGUF that `flux2 convert` wrote (the
-    embedders and the final layer stay in the compute dtype). Speed does not depend on the values, so each
-    distinct shape is quantized once and shared by every block."""
-    if qtype is None:
-        return entries
-    from flux2_mlx.quant import GGMLType, quantize
-    from flux2_mlx.weights import GGMLTensor, to_float32
-
-    cache: dict[tuple, np.ndarray] = {}
-
-    def loader(entry):
-        def load():
-            if entry.shape not in cache:
-                cache[entry.shape] = quantize(to_float32(np.asarray(entry.load())), GGMLType[qtype])
-            return GGMLTensor(cache[entry.shape], qtype, entry.shape)
-        return load
-
-    return {k: Entry(e.shape, loader(e), qtype) if k.startswith(("double_blocks.", "single_blocks."))
-            and len(e.shape) == 2 else e for k, e in entries.items()}
-
-
 def _mlx(cfg, dtype_name, inp, qtype=None):
     from flux2_mlx import mlx_backend as be
 
     dtype = be.resolve_dtype(dtype_name)
     mx.random.seed(0)
-    entries = _gguf(random_entries(transformer_shapes(cfg), dtype), qtype)
+    entries = gguf_entries(random_entries(transformer_shapes(cfg), dtype), qtype)
     model = be.load_transformer(cfg, entries, dtype=dtype)
     a = {k: mx.array(v) for k, v in inp.items()}
     x, ctx = a["x"].astype(dtype), a["ctx"].astype(dtype)
@@ -101,7 +79,7 @@ def _torch(cfg, dtype_name, inp, threads, compile=False, qtype=None):
 
     torch, sync, finite = _torch_common(threads)
     dtype = be.resolve_dtype(dtype_name)
-    model = be.load_transformer(cfg, _gguf(_numpy_entries(transformer_shapes(cfg), dtype_name), qtype),
+    model = be.load_transformer(cfg, gguf_entries(_numpy_entries(transformer_shapes(cfg), dtype_name), qtype),
                                 dtype=dtype, compile=compile)
     a = {k: be.from_numpy(v) for k, v in inp.items()}
     x, ctx = a["x"].to(dtype), a["ctx"].to(dtype)
