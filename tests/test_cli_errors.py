@@ -88,6 +88,8 @@ CASES = [
     ((*GEN, "--lora", "{tmp}/style.safetensors:nan"), "is not a number"),
     ((*GEN, "--lora", "{tmp}/missing.safetensors"), "no such file"),
     ((*GEN, "--lora", "{tmp}/notes.txt"), "notes.txt"),
+    ((*GEN, "--lora", "{tmp}/half.safetensors"), "half.safetensors"),  # truncated
+    ((*GEN, "--lora", TRANSFORMER), "flux-2-klein-4b.safetensors"),  # a model, not a LoRA
     ((*GEN, "--lora", "someone/styles/style.safetensors"), "pass a downloaded LoRA file's path"),
     # pictures
     ((*GEN, "--ref", "{tmp}/missing.png"), "no such file"),
