@@ -294,10 +294,8 @@ def _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compi
     plan = pipe.plan(inputs.width, inputs.height, request.guidance, inputs)
     if any(p.streamed or p.tile for p in plan.phases):
         click.echo(plan.describe())
-    from .lora import sha256_prefix
-
     # the file as given, so that the regenerate line finds it again; the digest says which file it was
-    lora_meta = [{"file": name, "sha256": sha256_prefix(f), "scale": scale} for name, f, scale in loras]
+    lora_meta = [{**record, "file": name} for (name, _, _), record in zip(loras, pipe.lora_records)]
     try:
         _run(pipe, request, plan, seeds, paths, edit, lora_meta)
     except Exception as e:

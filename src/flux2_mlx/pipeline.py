@@ -411,6 +411,12 @@ class Pipeline:
         """The LoRAs applied to the transformer: (path, scale) pairs, as `set_loras` took them."""
         return tuple((lora.path, scale) for lora, scale in self._loras)
 
+    @property
+    def lora_records(self) -> list[dict]:
+        """What generated images record of each LoRA: {"file": its name, "sha256": the first 16 hex digits of
+        its digest, "scale"}, in `loras` order."""
+        return [dict(d) for d in self._lora_info]
+
     def set_loras(self, loras) -> None:
         """Apply these LoRAs ([(path, scale), ...]; [] for none) from the next generation on, merged into the
         transformer's weights as it reloads from its files (beside GGUF-quantized ones, as a separate branch).
@@ -625,7 +631,7 @@ class Pipeline:
         if inputs.refs:
             out.info["references"] = len(inputs.refs)
         if self._lora_info:
-            out.info["loras"] = [dict(d) for d in self._lora_info]
+            out.info["loras"] = self.lora_records
         if inputs.init is not None:
             out.info["strength"] = request.strength
         return out
