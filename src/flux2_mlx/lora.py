@@ -41,6 +41,8 @@ class LowRank:
     down: np.ndarray  # (r, in) float32
     row: int
     scale: float
+    # PEFT's DoRA `lora_magnitude_vector` (rows,): the merged rows are rescaled to these norms
+    magnitude: np.ndarray | None = None
 
     def matrix(self) -> np.ndarray:
         return self.up @ self.down
@@ -53,6 +55,7 @@ class Dense:
     make: Callable[[], np.ndarray]
     row: int
     scale: float
+    magnitude: None = None  # DoRA comes as PEFT's LowRank only
 
     def matrix(self) -> np.ndarray:
         return self.make()
@@ -67,21 +70,31 @@ class Lora:
     unmatched: list[str] = field(default_factory=list)  # keys for no layer of this model: warn
     text_encoder: list[str] = field(default_factory=list)  # not applied: warn
 
+    @property
+    def dora(self) -> bool:
+        return any(t.magnitude is not None for ts in self.terms.values() for t in ts)
+
     def delta(self, name: str, user_scale: float = 1.0) -> np.ndarray:
-        """The full ΔW (float32) of BFL weight `name` at this user scale."""
+        """The full ΔW (float32) of BFL weight `name` at this user scale (not DoRA: it rescales W too)."""
+        if self.dora:
+            raise ValueError(f"{self.path} is a DoRA LoRA: merge it into W with add_to")
         out = np.zeros(self.shapes[name], np.float32)
         self.add_to(out, name, user_scale)
         return out
 
     def add_to(self, w: np.ndarray, name: str, user_scale: float = 1.0) -> None:
         """w += ΔW in place, term by term into its rows: no full-size ΔW or scaled copy (a klein-4B linear1
-        is 340 MB in float32)."""
+        is 340 MB in float32). A DoRA term then scales each of its rows to its magnitude, as PEFT merges:
+        W' = m / ‖W + sΔW‖_row · (W + sΔW), the user scale inside the norm, m not scaled."""
         for t in self.terms[name]:
             if isinstance(t, LowRank):  # the scale on the small factor, not on the product
                 m = (np.float32(user_scale * t.scale) * t.up) @ t.down
             else:
                 m = np.float32(user_scale * t.scale) * t.matrix()
-            w[t.row:t.row + m.shape[0]] += m
+            rows = w[t.row:t.row + m.shape[0]]
+            rows += m
+            if t.magnitude is not None:
+                rows *= (t.magnitude / np.linalg.norm(rows, axis=1))[:, None]
 
 
 def _modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, np.ndarray]]:
@@ -137,8 +150,11 @@ def _alpha_scale(alpha, rank: int, rslora: bool = False) -> float:
 def _term(path, module: str, t: dict, peft: tuple) -> tuple[LowRank | Dense, tuple]:
     """One module's tensors → its term and the (rows, in) shape of its update (checked by the caller)."""
     alpha = float(t["alpha"].reshape(-1)[0]) if "alpha" in t else None
-    if "dora_scale" in t or any(r.startswith("lora_magnitude_vector") for r in t):
-        raise WeightsError(f"{path}: {module} is a DoRA layer (magnitude vector); DoRA is not supported yet")
+    if "dora_scale" in t:  # kohya/LyCORIS DoRA: its norm axis and scaling are not checked against a reference
+        raise WeightsError(f"{path}: {module} is a kohya/LyCORIS DoRA layer (dora_scale), not supported yet")
+    magnitude = t.get("lora_magnitude_vector", t.get("lora_magnitude_vector.weight"))
+    if magnitude is not None and "lora_B.weight" not in t:  # PEFT writes DoRA with lora_A/B only
+        raise WeightsError(f"{path}: {module} has a DoRA magnitude vector without PEFT's lora_A/lora_B")
     if "lokr_w1" in t or "lokr_w1_a" in t:
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
         w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
@@ -153,13 +169,17 @@ def _term(path, module: str, t: dict, peft: tuple) -> tuple[LowRank | Dense, tup
                 (a1.shape[0], b1.shape[1]))
     up = t.get("lora_B.weight", t.get("lora_up.weight"))
     down = t.get("lora_A.weight", t.get("lora_down.weight"))
-    if up is None or down is None or up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+    if (up is None or down is None or up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]
+            or (magnitude is not None and magnitude.size != up.shape[0])):
         raise WeightsError(f"{path}: {module}: incomplete or mismatched LoRA tensors "
                            f"({', '.join(sorted(t))})")
     rslora = False
     if alpha is None and "lora_A.weight" in t:  # PEFT keeps alpha in the adapter config, not per layer
         alpha, rslora = peft
-    return LowRank(up, down, 0, _alpha_scale(alpha, down.shape[0], rslora)), (up.shape[0], down.shape[1])
+    if magnitude is not None:
+        magnitude = magnitude.reshape(-1)
+    scale = _alpha_scale(alpha, down.shape[0], rslora)
+    return LowRank(up, down, 0, scale, magnitude), (up.shape[0], down.shape[1])
 
 
 def _place(term: LowRank | Dense, rows: np.ndarray) -> LowRank | Dense:
@@ -170,7 +190,11 @@ def _place(term: LowRank | Dense, rows: np.ndarray) -> LowRank | Dense:
     if isinstance(term, LowRank):
         up = np.empty_like(term.up)
         up[order] = term.up
-        return LowRank(up, term.down, lo, term.scale)
+        magnitude = None
+        if term.magnitude is not None:
+            magnitude = np.empty_like(term.magnitude)
+            magnitude[order] = term.magnitude
+        return LowRank(up, term.down, lo, term.scale, magnitude)
     make = term.make
 
     def permuted():
@@ -277,9 +301,16 @@ def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]]) -
     """The transformer's entries with each weight a LoRA targets loading as float32 W + Σ scale·ΔW, or, for a
     quantized (GGUF) weight, as a LoraQuant. Per entry when it loads, so a streamed block carries its LoRAs;
     always from the file's W."""
+    dora = [lora for lora, _ in loras if lora.dora]
+    # PEFT's stacked DoRA adapters merge in turn but run additively: two references that disagree
+    if dora and len(loras) > 1:
+        raise WeightsError(f"{dora[0].path} is a DoRA LoRA, which cannot be stacked with other LoRAs yet")
     out = dict(entries)
     for name in dict.fromkeys(name for lora, _ in loras for name in lora.terms):
         e = entries[name]
+        if dora and e.stored in GGML_QUANTIZED:
+            raise WeightsError("DoRA on a quantized (GGUF) transformer is not supported yet; use the "
+                               "bf16/fp16 file")
         make = _branched if e.stored in GGML_QUANTIZED else _merged
         out[name] = Entry(e.shape, partial(make, e.load, name, loras), e.stored)
     return out
