@@ -68,3 +68,15 @@ def test_dora_stacked_or_on_gguf_is_refused(dora_file, tmp_path):
     with pytest.raises(WeightsError, match=r"^DoRA on a quantized \(GGUF\) transformer is not supported yet; "
                                            r"use the bf16/fp16 file$"):
         merged_entries(quant, [(lora, 1.0)])
+
+
+def test_set_loras_refuses_stacked_dora_before_changing_anything(dora_file, tiny_models, tmp_path):
+    from flux2_mlx import load_pipeline
+
+    m = tiny_models("klein-4b")
+    _bfl_file(tmp_path / "b.safetensors", 2)
+    pipe = load_pipeline(m.spec, model_path=m.bfl_dir, loras=[(tmp_path / "b.safetensors", 0.5)])
+    before = pipe.loras
+    with pytest.raises(WeightsError, match="cannot be stacked"):
+        pipe.set_loras([(dora_file, 1.0), (tmp_path / "b.safetensors", 0.5)])
+    assert pipe.loras == before

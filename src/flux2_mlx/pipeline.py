@@ -424,6 +424,8 @@ class Pipeline:
         pairs = _lora_pairs(loras)
         shapes = transformer_shapes(self.spec.transformer)
         read = [(read_lora(path, shapes), scale) for path, scale in pairs]
+        # headers only: what merged_entries refuses (DoRA stacked or on GGUF) fails now, not at the next run
+        merged_entries(transformer_entries(WeightSource(self.files["transformer"])), read)
         for lora, _ in read:
             _warn_unused(lora)
         self._lora_info = [{"file": Path(path).name, "sha256": sha256_prefix(path), "scale": scale}
