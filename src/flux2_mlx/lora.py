@@ -4,7 +4,7 @@ Reads diffusers/PEFT, BFL (ai-toolkit, BFL's trainer), kohya/musubi and LyCORIS 
 the format detected from the keys (docs/file-formats.md, 'LoRA files'). Each update targets one BFL weight
 and a range of its rows: diffusers' separate Q, K and V land in row thirds of the fused `qkv`. Plain LoRA
 stays low-rank (`LowRank`, for an unmerged branch on quantized weights); LoKr and LoHa are formed densely
-on demand (`Dense`). `Lora.delta` gives the full float32 ΔW for merging into a dense weight;
+on demand (`Dense`). `Lora.add_to` adds the update into a float32 dense weight;
 `merged_entries` merges LoRAs into a dense transformer's entries as they load, and puts them beside a
 quantized (GGUF) weight as a `LoraQuant` branch.
 """
@@ -44,9 +44,6 @@ class LowRank:
     # PEFT's DoRA `lora_magnitude_vector` (rows,): the merged rows are rescaled to these norms
     magnitude: np.ndarray | None = None
 
-    def matrix(self) -> np.ndarray:
-        return self.up @ self.down
-
 
 @dataclass(frozen=True)
 class Dense:
@@ -65,7 +62,6 @@ class Dense:
 class Lora:
     path: str
     format: str
-    shapes: dict[str, tuple[int, ...]]  # of the targeted BFL weights
     terms: dict[str, list[LowRank | Dense]] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)  # keys for no layer of this model: warn
     text_encoder: list[str] = field(default_factory=list)  # not applied: warn
@@ -73,14 +69,6 @@ class Lora:
     @property
     def dora(self) -> bool:
         return any(t.magnitude is not None for ts in self.terms.values() for t in ts)
-
-    def delta(self, name: str, user_scale: float = 1.0) -> np.ndarray:
-        """The full ΔW (float32) of BFL weight `name` at this user scale (not DoRA: it rescales W too)."""
-        if self.dora:
-            raise ValueError(f"{self.path} is a DoRA LoRA: merge it into W with add_to")
-        out = np.zeros(self.shapes[name], np.float32)
-        self.add_to(out, name, user_scale)
-        return out
 
     def add_to(self, w: np.ndarray, name: str, user_scale: float = 1.0) -> None:
         """w += ΔW in place, term by term into its rows: no full-size ΔW or scaled copy (a klein-4B linear1
@@ -215,7 +203,7 @@ def read_lora(path, shapes: dict[str, tuple[int, ...]]) -> Lora:
     fmt = _guess(keys)
     modules = _modules(shapes)
     peft = _peft_alpha(f.metadata)
-    out = Lora(str(path), fmt, {})
+    out = Lora(str(path), fmt)
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key in keys:
         if key.startswith(_TEXT_ENCODER):
@@ -241,7 +229,6 @@ def read_lora(path, shapes: dict[str, tuple[int, ...]]) -> Lora:
             raise WeightsError(f"{path}: LoRA layer {module} has shape {list(shape)} but the model's "
                                f"{target} needs {list(want)}; is this LoRA for another model (FLUX.1)?")
         out.terms.setdefault(target, []).append(_place(term, rows))
-        out.shapes[target] = tuple(shapes[target])
     return out
 
 
