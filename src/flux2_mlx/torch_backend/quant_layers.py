@@ -150,6 +150,11 @@ class FP8Linear(nn.Module):
         if matmul == "rowwise" and codes.is_cuda and (n % 16 or k % 16 or bk % 16):
             matmul = None
         self.matmul = matmul
+        # The weight scales in the kernel's layout, once, not per call. blockwise: k blocks padded to a
+        # multiple of 4 (read transposed: column-major); rowwise: per column block, each output row's scale.
+        self.register_buffer("matmul_scales", None if matmul is None else
+                             F.pad(scale_inv, (0, -scale_inv.shape[1] % 4)) if matmul == "blockwise" else
+                             scale_inv.repeat_interleave(block[0], 0)[:n].t().contiguous())
 
     def dense(self) -> torch.Tensor:
         (n, k), (bn, bk) = self.weight.shape, self.block
@@ -159,17 +164,16 @@ class FP8Linear(nn.Module):
     def forward(self, x):
         if self.matmul is None:
             return F.linear(x, self.dense())
-        (n, _), (bn, bk) = self.weight.shape, self.block
+        bk = self.block[1]
         codes, scale = quantize_fp8(x.flatten(0, -2), bk)
         w = self.weight.t()  # (k, n) column-major, as the kernels take the second operand
         if self.matmul == "blockwise":
             # cuBLAS's layouts, both column-major: activation scales (m, k blocks), weight scales (k blocks
             # padded to a multiple of 4, n blocks).
-            sw = F.pad(self.scale_inv, (0, -self.scale_inv.shape[1] % 4)).t()
-            y = F.scaled_mm(codes, w, scale.t().contiguous().t(), F.ScalingType.BlockWise1x128, sw,
-                            F.ScalingType.BlockWise128x128, output_dtype=self.dtype)
+            y = F.scaled_mm(codes, w, scale.t().contiguous().t(), F.ScalingType.BlockWise1x128,
+                            self.matmul_scales.t(), F.ScalingType.BlockWise128x128, output_dtype=self.dtype)
         else:  # column block j: each token's scale j times each output row's weight scale in block j
-            sx, sw = scale.t().contiguous(), self.scale_inv.repeat_interleave(bn, 0)[:n].t().contiguous()
+            sx, sw = scale.t().contiguous(), self.matmul_scales
             y = sum(torch._scaled_mm(codes[:, j * bk:(j + 1) * bk], w[j * bk:(j + 1) * bk], sx[j][:, None],
                                      sw[j][None], out_dtype=self.dtype).float()
                     for j in range(len(sx))).to(self.dtype)
