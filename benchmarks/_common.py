@@ -34,7 +34,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flux2_mlx.entries import Entry  # noqa: E402
-from flux2_mlx.weights import BF16  # noqa: E402
+from flux2_mlx.weights import BF16, f32_to_bf16  # noqa: E402
 
 
 def random_entries(shapes: dict[str, tuple[int, ...]], dtype,
@@ -126,5 +126,25 @@ def gguf_entries(entries: dict[str, Entry], qtype: str | None) -> dict[str, Entr
             return GGMLTensor(cache[entry.shape], qtype, entry.shape)
         return load
 
-    return {k: Entry(e.shape, loader(e), qtype) if k.startswith(("double_blocks.", "single_blocks."))
-            and len(e.shape) == 2 else e for k, e in entries.items()}
+    blocks = set(block_linears({k: e.shape for k, e in entries.items()}))
+    return {k: Entry(e.shape, loader(e), qtype) if k in blocks else e for k, e in entries.items()}
+
+
+def block_linears(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The transformer blocks' Linear weights: what convert quantizes and what LoRAs mostly target."""
+    blocks = ("double_blocks.", "single_blocks.")
+    return [k for k, s in shapes.items() if k.startswith(blocks) and len(s) == 2]
+
+
+def numpy_entries(shapes: dict, dtype_name: str) -> dict[str, Entry]:
+    """N(0, 1/fan_in) weights (norm scales 1) drawn one tensor at a time, bf16 as the project's BF16 bits."""
+    rng = np.random.default_rng(0)
+
+    def loader(shape):
+        def load():
+            a = np.ones(shape, np.float32) if len(shape) == 1 else (
+                rng.standard_normal(shape, np.float32) * np.float32(shape[-1] ** -0.5))
+            return f32_to_bf16(a) if dtype_name == "bfloat16" else a.astype(dtype_name)
+        return load
+
+    return {name: Entry(shape, loader(shape)) for name, shape in shapes.items()}

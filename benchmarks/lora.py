@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import gguf_entries, run_info
+from _common import block_linears, gguf_entries, numpy_entries, run_info
 
 import numpy as np
 
@@ -58,25 +58,15 @@ class PeakRSS:
 
 def _base(shapes) -> dict[str, Entry]:
     """bf16 N(0, 1/fan_in) weights (norm scales 1), generated once and kept, as a file's would be."""
-    rng = np.random.default_rng(0)
-    out = {}
-    for name, shape in shapes.items():
-        a = np.ones(shape, np.float32) if len(shape) == 1 else (
-            rng.standard_normal(shape, np.float32) * np.float32(shape[-1] ** -0.5))
-        out[name] = Entry(shape, lambda a=f32_to_bf16(a): a, "BF16")
-    return out
-
-
-def _block_linears(shapes) -> list[str]:
-    blocks = ("double_blocks.", "single_blocks.")
-    return [k for k, s in shapes.items() if k.startswith(blocks) and len(s) == 2]
+    drawn = numpy_entries(shapes, "bfloat16")
+    return {k: Entry(e.shape, lambda a=e.load(): a, "BF16") for k, e in drawn.items()}
 
 
 def _peft_file(path: Path, shapes, rank: int) -> None:
     """A bf16 PEFT LoRA on every block Linear, with diffusers' module names (Q, K, V apart), alpha = rank."""
     rng = np.random.default_rng(rank)
     tensors = {}
-    for name in _block_linears(shapes):
+    for name in block_linears(shapes):
         rows, cols = shapes[name]
         for module, part in transformer_to_diffusers({name: np.arange(rows)}).items():
             m = f"transformer.{module.removesuffix('.weight')}"
@@ -166,8 +156,8 @@ def main() -> None:
     shapes = transformer_shapes(cfg)
     full_shapes = transformer_shapes(full)
     # read + merge and the file grow with the block Linears' weights: scaled up to the full model
-    scale_full = (sum(np.prod(full_shapes[k]) for k in _block_linears(full_shapes))
-                  / sum(np.prod(shapes[k]) for k in _block_linears(shapes)))
+    scale_full = (sum(np.prod(full_shapes[k]) for k in block_linears(full_shapes))
+                  / sum(np.prod(shapes[k]) for k in block_linears(shapes)))
     info = run_info()
     print(f"{info['date']}, {info['machine']}, klein-4b {cfg.depth}+{cfg.depth_single_blocks} of "
           f"{full.depth}+{full.depth_single_blocks} blocks")

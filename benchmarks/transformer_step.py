@@ -13,15 +13,14 @@ import os
 import statistics
 import time
 
-from _common import OPENBLAS, gguf_entries, random_entries, run_info, write_json  # first: preloads OpenBLAS
+# first: preloads OpenBLAS
+from _common import OPENBLAS, gguf_entries, numpy_entries, random_entries, run_info, write_json
 
 import mlx.core as mx
 import numpy as np
 
 from flux2_mlx.config import MODELS, TransformerConfig, transformer_shapes
-from flux2_mlx.entries import Entry
 from flux2_mlx.sampling import prc_img, prc_txt
-from flux2_mlx.weights import f32_to_bf16
 
 
 def forward_flops(cfg: TransformerConfig, n_img: int, n_txt: int) -> float:
@@ -36,20 +35,6 @@ def forward_flops(cfg: TransformerConfig, n_img: int, n_txt: int) -> float:
     double = 2 * L * (H * 3 * H + H * H + H * 2 * M + M * H) + attn  # both streams together
     single = 2 * L * (H * (3 * H + 2 * M) + (H + M) * H) + attn
     return float(embed + vec + final + cfg.depth * double + cfg.depth_single_blocks * single)
-
-
-def _numpy_entries(shapes: dict, dtype_name: str) -> dict[str, Entry]:
-    """N(0, 1/fan_in) weights (norm scales 1) drawn one tensor at a time, bf16 as the project's BF16 bits."""
-    rng = np.random.default_rng(0)
-
-    def loader(shape):
-        def load():
-            a = np.ones(shape, np.float32) if len(shape) == 1 else (
-                rng.standard_normal(shape, np.float32) * np.float32(shape[-1] ** -0.5))
-            return f32_to_bf16(a) if dtype_name == "bfloat16" else a.astype(dtype_name)
-        return load
-
-    return {name: Entry(shape, loader(shape)) for name, shape in shapes.items()}
 
 
 def _mlx(cfg, dtype_name, inp, qtype=None):
@@ -79,7 +64,7 @@ def _torch(cfg, dtype_name, inp, threads, compile=False, qtype=None):
 
     torch, sync, finite = _torch_common(threads)
     dtype = be.resolve_dtype(dtype_name)
-    model = be.load_transformer(cfg, gguf_entries(_numpy_entries(transformer_shapes(cfg), dtype_name), qtype),
+    model = be.load_transformer(cfg, gguf_entries(numpy_entries(transformer_shapes(cfg), dtype_name), qtype),
                                 dtype=dtype, compile=compile)
     a = {k: be.from_numpy(v) for k, v in inp.items()}
     x, ctx = a["x"].to(dtype), a["ctx"].to(dtype)
