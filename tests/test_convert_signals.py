@@ -74,8 +74,11 @@ def _partials(folder):
 
 
 def _traceback_through_our_code(err: str) -> bool:
-    """CPython's own start-up (site, runpy finding the package) reports a Ctrl-C with a traceback of frozen
-    frames only, before any of the project's code runs; anything else is ours."""
+    """CPython's own start-up reports a Ctrl-C before any of the project's code runs: with a traceback of
+    frozen frames only (runpy finding the package), or as a failure to import site (while it runs the .pth
+    files) or runpy (while runpy imports the stdlib); anything else is ours."""
+    if err.startswith(("Fatal Python error: init_import_site:", "Could not import runpy module\n")):
+        return False
     frames = [line for line in err.splitlines() if line.lstrip().startswith('File "')]
     return "Traceback" in err and not all(f.lstrip().startswith('File "<frozen ') for f in frames)
 
