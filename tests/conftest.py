@@ -30,6 +30,17 @@ def _mlx_multiplies_with_torchs_blas() -> None:
         ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
 
 
+def _one_share_of_the_cores_per_worker() -> None:
+    """Under pytest-xdist each worker gets its share of the cores for torch's and MKL's thread pools;
+    two workers each spinning two threads on two cores wait on each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(max(1, cores // workers)))
+
+
+_one_share_of_the_cores_per_worker()
 _mlx_multiplies_with_torchs_blas()
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network
