@@ -310,30 +310,37 @@ def write_qwen_tokenizer(path) -> None:
     tok.save(str(path))
 
 
-_TEKKEN_FILES: dict[str, bytes] = {}  # what save_pretrained wrote, by file name: converted once a session
-
-
 def write_tekken_tokenizer(folder):
     """mistral-common's real Tekken vocabulary converted to tokenizer.json by transformers (as the
-    Mistral-Small repos ship it) → (tekken.json path, tokenizer.json path). The conversion (~3 s) runs
-    once; later calls write the same files."""
+    Mistral-Small repos ship it) → (tekken.json path, tokenizer.json path). The conversion (~3 s) runs once
+    per installed transformers/mistral-common pair, for every xdist worker and later session: its output is
+    kept in the temporary folder, written atomically under a lock."""
+    import fcntl
+    import shutil
     import tempfile
     import warnings
     from pathlib import Path
 
     import mistral_common
+    import transformers
     from transformers.integrations.mistral import convert_tekken_tokenizer
 
     src = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tekken_240911.json")
-    if not _TEKKEN_FILES:
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            convert_tekken_tokenizer(src).save_pretrained(tmp)
-            _TEKKEN_FILES.update({p.name: p.read_bytes() for p in Path(tmp).iterdir()})
+    cache = (Path(tempfile.gettempdir()) / f"flux2-tests-{os.getuid()}" /
+             f"tekken-{transformers.__version__}-{mistral_common.__version__}")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / "tekken.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cache.is_dir():
+            tmp = Path(tempfile.mkdtemp(dir=cache.parent))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                convert_tekken_tokenizer(src).save_pretrained(tmp)
+            tmp.rename(cache)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, data in _TEKKEN_FILES.items():
-        (folder / name).write_bytes(data)
+    for f in cache.iterdir():
+        shutil.copyfile(f, folder / f.name)
     return src, folder / "tokenizer.json"
 
 
