@@ -119,6 +119,11 @@ def prepare_init(image, width: int | None = None, height: int | None = None) -> 
     asked size and centre-cropped."""
     img = open_image(image, "--image")
     check_reference(img, "the --image")
+    return to_array(init_geometry(img, width, height))
+
+
+def init_geometry(img: Image.Image, width: int | None = None, height: int | None = None) -> Image.Image:
+    """prepare_init's pixels before scaling to [-1, 1]; an inpainting mask goes through the same."""
     own = crop_to_16(cap_pixels(img, INIT_PIXELS))
     size = (width or own.width, height or own.height)
-    return to_array(own if own.size == size else ImageOps.fit(img, size, Image.Resampling.LANCZOS))
+    return own if own.size == size else ImageOps.fit(img, size, Image.Resampling.LANCZOS)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from . import hub, sampling
+from . import hub, masks, sampling
 from . import images as edit_images
 from . import memory as memory_plan
 from .config import (
@@ -221,19 +221,23 @@ class EncodedImages(NamedTuple):
 
 @dataclasses.dataclass
 class Inputs:
-    """What one edit starts from (`Pipeline.prepare_inputs`): the output size, the prepared reference
-    images and img2img start image as (H, W, 3) arrays in [-1, 1], and, once encoded, their latent tokens.
-    Reuse one for several seeds of one pipeline and the images are encoded once."""
+    """What one edit starts from (`Pipeline.prepare_inputs`): the generated size, the prepared reference
+    images and img2img start image as (H, W, 3) arrays in [-1, 1], for inpainting the mask and what the
+    result is composed on (masks.Masked), and, once encoded, their latent tokens. Reuse one for several
+    seeds of one pipeline and the images are encoded once."""
 
     width: int
     height: int
     refs: list[np.ndarray] = dataclasses.field(default_factory=list)
     init: np.ndarray | None = None
     encoded: EncodedImages | None = None
+    masked: masks.Masked | None = None
 
     @property
     def ref_tokens(self) -> int:
-        return sum(r.shape[0] * r.shape[1] for r in self.refs) // 256
+        # an inpainting's start image is also its first reference
+        conditions = self.refs + ([self.init] if self.masked is not None else [])
+        return sum(r.shape[0] * r.shape[1] for r in conditions) // 256
 
     @property
     def image_size(self) -> tuple[int, int] | None:
@@ -243,21 +247,38 @@ class Inputs:
 
 
 def prepare_inputs(model: str, width: int | None = None, height: int | None = None, images=None,
-                   image=None) -> Inputs:
-    """Read and prepare reference images (paths or PIL images, at most 10) and an img2img start image
-    for `model` (its name picks the recommended reference count). Loads no model.
+                   image=None, mask=None, *, mask_crop: int | None = None, mask_blur: float = 0.0,
+                   expand=None) -> Inputs:
+    """Read and prepare reference images (paths or PIL images, at most 10), an img2img start image and
+    an inpainting mask or outpainting borders for `model` (its name picks the recommended reference
+    count). Loads no model.
 
     The output size defaults to the start image's size, else the first reference's processed size,
-    else 1024×1024; a width or height given alone keeps the other from that image.
+    else 1024×1024; a width or height given alone keeps the other from that image. mask, mask_crop,
+    mask_blur, expand: see masks.prepare_masked.
     """
+    inpaint = mask is not None or expand is not None
+    if not inpaint and (mask_crop is not None or mask_blur):
+        raise ValueError("mask_crop and mask_blur work only with a mask (or expand)")
+    if inpaint and image is None:
+        raise ValueError("a mask needs the picture it covers: pass image= (--image PICTURE)")
+    if mask_crop is not None and mask_crop < 0 or mask_blur < 0:
+        raise ValueError(f"mask_crop and mask_blur must be ≥ 0 px, got {mask_crop} and {mask_blur}")
     refs = edit_images.prepare_references(images, model) if images else []
-    init = edit_images.prepare_init(image, width, height) if image is not None else None
+    masked = None
+    if inpaint:
+        masked = masks.prepare_masked(image, mask, width, height, mask_crop, mask_blur, expand)
+        check_size(*masked.source.size)
+        init = masked.init
+        width, height = init.shape[1], init.shape[0]
+    else:
+        init = edit_images.prepare_init(image, width, height) if image is not None else None
     source = init if init is not None else (refs[0] if refs else None)
     if source is not None:
         width, height = width or source.shape[1], height or source.shape[0]
     width, height = width or 1024, height or 1024
     check_size(width, height)
-    return Inputs(width, height, refs, init)
+    return Inputs(width, height, refs, init, masked=masked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +296,7 @@ class GenerationRequest:
     strength: float = DEFAULT_STRENGTH
     steps: int | None = None
     guidance: float | None = None
+    keep_unmasked: bool = True  # inpainting: pixels outside the (feathered) mask keep the source's bytes
 
 
 class Component:
@@ -354,9 +376,9 @@ class Pipeline:
         return self._memory_plans[key]
 
     def prepare_inputs(self, width: int | None = None, height: int | None = None, images=None,
-                       image=None) -> Inputs:
+                       image=None, mask=None, **masking) -> Inputs:
         """See the module function `prepare_inputs`."""
-        return prepare_inputs(self.spec.name, width, height, images, image)
+        return prepare_inputs(self.spec.name, width, height, images, image, mask, **masking)
 
     def _encode_images(self, inputs: Inputs, plan) -> EncodedImages:
         """The images of `inputs`, encoded once per Inputs: each image alone at its own size, as the VAE
@@ -377,9 +399,12 @@ class Pipeline:
                                     a[None], tile)
 
             refs = [encode(r) for r in inputs.refs]
+            init = encode(inputs.init) if inputs.init is not None else None
+            # Inpainting also shows the model its start image, as the first reference (t = 10), as
+            # diffusers' Flux2KleinInpaintPipeline does.
+            refs = [init] + refs if inputs.masked is not None else refs
             tokens = np.concatenate([r.reshape(1, -1, r.shape[-1]) for r in refs], axis=1) if refs else None
             ids = sampling.prc_refs([r.shape[:2] for r in refs]) if refs else None
-            init = encode(inputs.init) if inputs.init is not None else None
             init = None if init is None else init.reshape(1, -1, init.shape[-1])
             inputs.encoded = EncodedImages(tokens, ids, init)
         return inputs.encoded
@@ -424,7 +449,7 @@ class Pipeline:
         pairs = _lora_pairs(loras)
         shapes = transformer_shapes(self.spec.transformer)
         read = [(read_lora(path, shapes), scale) for path, scale in pairs]
-        # headers only: what merged_entries refuses (DoRA stacked or on GGUF) fails now, not at the next run
+        # headers only: what merged_entries refuses (a per-column LyCORIS DoRA on GGUF) fails now, not later
         merged_entries(transformer_entries(WeightSource(self.files["transformer"])), read)
         for lora, _ in read:
             _warn_unused(lora)
@@ -559,7 +584,15 @@ class Pipeline:
         noise = sampling.make_noise(request.seed, h, w, spec.latent_channels)
         init = images.init_latents
         x = be.from_numpy(noise if init is None else sampling.noised(init, noise, schedule[start]))
-        for x in sampling.denoise(velocity, x, schedule[start:]):
+        blend = None
+        if inputs.masked is not None:
+            cells = inputs.masked.cells
+            keep, repaint = be.from_numpy(np.float32(1) - cells), be.from_numpy(cells)
+
+            def blend(x, t):  # the kept cells back at time t: the start latent, noised with the same noise
+                return keep * be.from_numpy(sampling.noised(init, noise, t)) + repaint * x
+
+        for x in sampling.denoise(velocity, x, schedule[start:], blend):
             be.evaluate(x)
             yield x
 
@@ -573,14 +606,17 @@ class Pipeline:
 
     def _request_from(self, prompt=None, *, prompt_embeds=None, negative_prompt=None,
                       negative_prompt_embeds=None, width=None, height=None, images=None, image=None,
-                      strength=DEFAULT_STRENGTH, inputs=None, steps=None, guidance=None,
-                      seed: int) -> GenerationRequest:
+                      mask=None, mask_crop=None, mask_blur=0.0, expand=None, keep_unmasked=True,
+                      strength=None, inputs=None, steps=None, guidance=None, seed: int) -> GenerationRequest:
+        masking = dict(mask_crop=mask_crop, mask_blur=mask_blur, expand=expand)
         if inputs is None:
-            inputs = self.prepare_inputs(width, height, images, image)
-        elif any(v is not None for v in (width, height, images, image)):
-            raise ValueError("pass either inputs= or width/height/images/image, not both")
+            inputs = self.prepare_inputs(width, height, images, image, mask, **masking)
+        elif any(v is not None for v in (width, height, images, image, mask, mask_crop, expand)) or mask_blur:
+            raise ValueError("pass either inputs= or width/height/images/image/mask…, not both")
+        if strength is None:  # an outpainting's new borders hold nothing worth starting from
+            strength = 1.0 if expand is not None else DEFAULT_STRENGTH
         return GenerationRequest(inputs, seed, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
-                                 strength, steps, guidance)
+                                 strength, steps, guidance, keep_unmasked)
 
     def iter_steps(self, prompt=None, *, request: GenerationRequest | None = None,
                    **settings) -> Iterator[np.ndarray]:
@@ -609,15 +645,32 @@ class Pipeline:
             img = np.nan_to_num(img)
         return Image.fromarray(np.round((np.clip(img, -1, 1) + 1) * 127.5).astype(np.uint8))
 
+    def render(self, latents: np.ndarray, request: GenerationRequest) -> Image.Image:
+        """The request's final picture from its latents: decoded and, for an inpainting, put back on its
+        source (masks.paste_back)."""
+        inputs = request.inputs
+        image = self.decode(latents, inputs.width, inputs.height)
+        if inputs.masked is None:
+            return image
+        return masks.paste_back(inputs.masked, image, request.keep_unmasked)
+
     def generate(self, prompt=None, *, request: GenerationRequest | None = None, **settings) -> Image.Image:
         """Text-to-image, editing and image-to-image, from a prompt string or embeddings
         (1, L, context_in_dim).
 
         Keywords: prompt_embeds, negative_prompt, negative_prompt_embeds, width, height, images, image,
-        strength, inputs, steps, guidance, seed; or instead one `GenerationRequest` as request=.
+        mask, mask_crop, mask_blur, expand, keep_unmasked, strength, inputs, steps, guidance, seed; or
+        instead one `GenerationRequest` as request=.
         images: up to 10 reference images (paths or PIL images) the result draws on. image: a start image
         for image-to-image; `strength` (0..1] is how much of the schedule runs from it (1: all, as from pure
-        noise). width/height default to the start image's size, else the first reference's, else 1024.
+        noise; default 0.6, 1 with expand). width/height default to the start image's size, else the first
+        reference's, else 1024.
+        mask (a path, PIL image or array; white = repaint, black = keep) inpaints `image`: after each step
+        the kept part is put back, and the start image is also a reference, as diffusers'
+        Flux2KleinInpaintPipeline does. expand=(left, top, right, bottom) px outpaints: the canvas grows
+        and its new borders are repainted. mask_crop=PX generates only the mask's box grown by PX (at
+        width x height if given, else at its own size), mask_blur=PX feathers the mask; keep_unmasked
+        (default True): every pixel outside the feathered mask keeps the source's bytes.
         `inputs` (from `prepare_inputs`) replaces width/height/images/image and keeps the encoded images
         for the next seed. `seed=None` draws one. The settings used (seed included) are in `image.info`.
         To render one prompt with many seeds, encode once with `encode()` and pass `prompt_embeds`.
@@ -627,7 +680,7 @@ class Pipeline:
             settings["seed"] = secrets.randbelow(2**31) if seed is None else int(seed)
         request = self._request(prompt, request, settings)
         inputs = request.inputs
-        out = self.decode(self.sample(request=request), inputs.width, inputs.height)
+        out = self.render(self.sample(request=request), request)
         steps, guidance = self.settings(request.steps, request.guidance)
         out.info.update(model=self.spec.name, seed=request.seed, steps=steps, guidance=guidance)
         if inputs.refs:
@@ -636,6 +689,8 @@ class Pipeline:
             out.info["loras"] = self.lora_records
         if inputs.init is not None:
             out.info["strength"] = request.strength
+        if inputs.masked is not None:
+            out.info["keep_unmasked"] = request.keep_unmasked
         return out
 
 

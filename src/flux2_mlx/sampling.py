@@ -90,8 +90,11 @@ def noised(x0: np.ndarray, noise: np.ndarray, t: float) -> np.ndarray:
     return (np.float32(t) * noise + np.float32(1 - t) * x0).astype(np.float32)
 
 
-def denoise(velocity: Velocity, x, timesteps: list[float]) -> Iterator:
-    """Euler steps x ← x + (t_next − t)·v(x, t), never evaluating t = 0; yields x after each step."""
+def denoise(velocity: Velocity, x, timesteps: list[float], blend=None) -> Iterator:
+    """Euler steps x ← x + (t_next − t)·v(x, t), never evaluating t = 0; yields x after each step.
+    blend(x, t_next), if given, replaces x after each step (inpainting puts the kept region back)."""
     for t_curr, t_next in zip(timesteps[:-1], timesteps[1:]):
         x = x + (t_next - t_curr) * velocity(x, t_curr)
+        if blend is not None:
+            x = blend(x, t_next)
         yield x
