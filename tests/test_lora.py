@@ -290,16 +290,6 @@ def test_flux1_lora_names_layer_and_both_shapes(tmp_path):
         read_lora(tmp_path / "f1.safetensors", SHAPES)
 
 
-def test_kohya_dora_is_refused_not_dropped(tmp_path):
-    """kohya/LyCORIS `dora_scale` (PEFT's lora_magnitude_vector is applied: test_lora_dora)."""
-    up, down = _low_rank(np.random.default_rng(0), 256, 256, 4)
-    save_safetensors(tmp_path / "dora.safetensors", {
-        "diffusion_model.img_in.lora_A.weight": down[:, :128], "diffusion_model.img_in.lora_B.weight": up,
-        "diffusion_model.img_in.dora_scale": np.ones((256, 1), np.float32)})
-    with pytest.raises(WeightsError, match=r"img_in is a kohya/LyCORIS DoRA layer \(dora_scale\)"):
-        read_lora(tmp_path / "dora.safetensors", SHAPES)
-
-
 def test_lokr_bare_diffusers_names_on_swapped_final_adaln(tmp_path):
     """LoKr with bare diffusers module names (SimpleTuner): on norm_out.linear, whose (scale, shift) halves
     are BFL's (shift, scale), the dense Kronecker product is moved half for half."""

@@ -4,9 +4,9 @@ Reads diffusers/PEFT, BFL (ai-toolkit, BFL's trainer), kohya/musubi and LyCORIS 
 the format detected from the keys (docs/file-formats.md, 'LoRA files'). Each update targets one BFL weight
 and a range of its rows: diffusers' separate Q, K and V land in row thirds of the fused `qkv`. Plain LoRA
 stays low-rank (`LowRank`, for an unmerged branch on quantized weights); LoKr and LoHa are formed densely
-on demand (`Dense`). `Lora.add_to` adds the update into a float32 dense weight;
-`merged_entries` merges LoRAs into a dense transformer's entries as they load, and puts them beside a
-quantized (GGUF) weight as a `LoraQuant` branch.
+on demand (`Dense`); either may carry a DoRA magnitude (`Dora`). `Lora.add_to` adds the update into a float32
+dense weight; `merged_entries` merges LoRAs into a dense transformer's entries as they load, and puts them
+beside a quantized (GGUF) weight as a `LoraQuant` branch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -34,6 +34,31 @@ _KEY = re.compile(r"^(?P<module>.+?)\.(?P<role>lora_[AB]\.weight|lora_down\.weig
 
 
 @dataclass(frozen=True)
+class Dora:
+    """A DoRA term's magnitudes, applied as its trainer runs it (W the file's weight, sΔW the term's update
+    at the user's scale s, norms per row):
+    - PEFT (`lora_magnitude_vector`, per row): the rows so far, this update added, are rescaled by
+      m / ‖W + sΔW‖. That is PEFT's unmerged forward, where an adapter's DoRA rescales the output of the
+      adapters before it; its merge instead takes the norm of the already merged weight.
+    - LyCORIS (`dora_scale`, per row (out, 1), or per input column (1, in) when trained with
+      wd_on_out=False): (W + ΔW)·k − W is added, k = s·(m / (‖W + ΔW‖ + ε) − 1) + 1, the user's scale
+      blending the rescale rather than scaling ΔW."""
+
+    magnitude: np.ndarray  # (rows,), or (in,) when `columns`
+    peft: bool
+    columns: bool = False
+
+    def factor(self, base: np.ndarray, update: np.ndarray, user_scale: float) -> np.ndarray:
+        """The term's rescale: r = m / ‖W + sΔW‖ (PEFT, `update` = sΔW) or k (LyCORIS, `update` = ΔW), from
+        the base rows it covers."""
+        norms = np.linalg.norm(base + update, axis=0 if self.columns else 1)
+        if self.peft:
+            return self.magnitude / norms
+        k = self.magnitude / (norms + np.finfo(np.float32).eps)
+        return np.float32(user_scale) * (k - 1) + 1
+
+
+@dataclass(frozen=True)
 class LowRank:
     """ΔW[row:row + up.shape[0]] += scale · up @ down; `scale` includes alpha / rank."""
 
@@ -41,8 +66,7 @@ class LowRank:
     down: np.ndarray  # (r, in) float32
     row: int
     scale: float
-    # PEFT's DoRA `lora_magnitude_vector` (rows,): the merged rows are rescaled to these norms
-    magnitude: np.ndarray | None = None
+    dora: Dora | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +76,7 @@ class Dense:
     make: Callable[[], np.ndarray]
     row: int
     scale: float
-    magnitude: None = None  # DoRA comes as PEFT's LowRank only
+    dora: Dora | None = None
 
     def matrix(self) -> np.ndarray:
         return self.make()
@@ -68,21 +92,31 @@ class Lora:
 
     @property
     def dora(self) -> bool:
-        return any(t.magnitude is not None for ts in self.terms.values() for t in ts)
+        return any(t.dora is not None for ts in self.terms.values() for t in ts)
 
-    def add_to(self, w: np.ndarray, name: str, user_scale: float = 1.0) -> None:
+    def add_to(self, w: np.ndarray, name: str, user_scale: float = 1.0,
+               base: np.ndarray | None = None) -> None:
         """w += ΔW in place, term by term into its rows: no full-size ΔW or scaled copy (a klein-4B linear1
-        is 340 MB in float32). A DoRA term then scales each of its rows to its magnitude, as PEFT merges:
-        W' = m / ‖W + sΔW‖_row · (W + sΔW), the user scale inside the norm, m not scaled."""
+        is 340 MB in float32). DoRA terms (see Dora) take their norms from `base`, the file's weight, which
+        is w itself when not given."""
+        if base is None and self.dora:
+            base = w.copy()
         for t in self.terms[name]:
-            if isinstance(t, LowRank):  # the scale on the small factor, not on the product
-                m = (np.float32(user_scale * t.scale) * t.up) @ t.down
-            else:
-                m = np.float32(user_scale * t.scale) * t.matrix()
+            lycoris = t.dora is not None and not t.dora.peft  # LyCORIS: the user's scale is not on ΔW
+            s = np.float32(t.scale if lycoris else user_scale * t.scale)
+            m = (s * t.up) @ t.down if isinstance(t, LowRank) else s * t.matrix()  # scaled on the small side
             rows = w[t.row:t.row + m.shape[0]]
-            rows += m
-            if t.magnitude is not None:
-                rows *= (t.magnitude / np.linalg.norm(rows, axis=1))[:, None]
+            if t.dora is None:
+                rows += m
+                continue
+            b = base[t.row:t.row + m.shape[0]]
+            k = t.dora.factor(b, m, user_scale)
+            k = k if t.dora.columns else k[:, None]
+            if t.dora.peft:
+                rows += m
+                rows *= k
+            else:
+                rows += b * (k - 1) + m * k
 
 
 def _modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, np.ndarray]]:
@@ -135,14 +169,32 @@ def _alpha_scale(alpha, rank: int, rslora: bool = False) -> float:
     return float(alpha) / (np.sqrt(rank) if rslora else rank)
 
 
+def _dora(path, module: str, t: dict, shape: tuple[int, int]) -> Dora | None:
+    """The module's DoRA magnitudes, checked against the (rows, in) shape of its update."""
+    magnitude = t.get("lora_magnitude_vector", t.get("lora_magnitude_vector.weight"))
+    if magnitude is not None:
+        if "lora_B.weight" not in t:  # PEFT writes DoRA with lora_A/B only
+            raise WeightsError(f"{path}: {module} has a DoRA magnitude vector without PEFT's lora_A/lora_B")
+        dora = Dora(magnitude.reshape(-1), peft=True)
+    elif "dora_scale" in t:  # LyCORIS keeps the norm's axis in the shape: (out, 1) or (1, in)
+        scale = t["dora_scale"]
+        dora = Dora(scale.reshape(-1), peft=False, columns=scale.ndim == 2 and scale.shape[1] != 1)
+    else:
+        return None
+    if dora.magnitude.size != shape[1 if dora.columns else 0]:
+        raise WeightsError(f"{path}: {module}: its DoRA magnitudes ({dora.magnitude.size}) do not fit its "
+                           f"update of shape {list(shape)}")
+    return dora
+
+
 def _term(path, module: str, t: dict, peft: tuple) -> tuple[LowRank | Dense, tuple]:
     """One module's tensors → its term and the (rows, in) shape of its update (checked by the caller)."""
+    term, shape = _update(path, module, t, peft)
+    return replace(term, dora=_dora(path, module, t, shape)), shape
+
+
+def _update(path, module: str, t: dict, peft: tuple) -> tuple[LowRank | Dense, tuple]:
     alpha = float(t["alpha"].reshape(-1)[0]) if "alpha" in t else None
-    if "dora_scale" in t:  # kohya/LyCORIS DoRA: its norm axis and scaling are not checked against a reference
-        raise WeightsError(f"{path}: {module} is a kohya/LyCORIS DoRA layer (dora_scale), not supported yet")
-    magnitude = t.get("lora_magnitude_vector", t.get("lora_magnitude_vector.weight"))
-    if magnitude is not None and "lora_B.weight" not in t:  # PEFT writes DoRA with lora_A/B only
-        raise WeightsError(f"{path}: {module} has a DoRA magnitude vector without PEFT's lora_A/lora_B")
     if "lokr_w1" in t or "lokr_w1_a" in t:
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
         w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
@@ -157,17 +209,13 @@ def _term(path, module: str, t: dict, peft: tuple) -> tuple[LowRank | Dense, tup
                 (a1.shape[0], b1.shape[1]))
     up = t.get("lora_B.weight", t.get("lora_up.weight"))
     down = t.get("lora_A.weight", t.get("lora_down.weight"))
-    if (up is None or down is None or up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]
-            or (magnitude is not None and magnitude.size != up.shape[0])):
+    if up is None or down is None or up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
         raise WeightsError(f"{path}: {module}: incomplete or mismatched LoRA tensors "
                            f"({', '.join(sorted(t))})")
     rslora = False
     if alpha is None and "lora_A.weight" in t:  # PEFT keeps alpha in the adapter config, not per layer
         alpha, rslora = peft
-    if magnitude is not None:
-        magnitude = magnitude.reshape(-1)
-    scale = _alpha_scale(alpha, down.shape[0], rslora)
-    return LowRank(up, down, 0, scale, magnitude), (up.shape[0], down.shape[1])
+    return LowRank(up, down, 0, _alpha_scale(alpha, down.shape[0], rslora)), (up.shape[0], down.shape[1])
 
 
 def _place(term: LowRank | Dense, rows: np.ndarray) -> LowRank | Dense:
@@ -175,23 +223,19 @@ def _place(term: LowRank | Dense, rows: np.ndarray) -> LowRank | Dense:
     swapped halves) applied to the up matrix or the dense product."""
     lo = int(rows.min())
     order = rows - lo
-    if isinstance(term, LowRank):
-        up = np.empty_like(term.up)
-        up[order] = term.up
-        magnitude = None
-        if term.magnitude is not None:
-            magnitude = np.empty_like(term.magnitude)
-            magnitude[order] = term.magnitude
-        return LowRank(up, term.down, lo, term.scale, magnitude)
-    make = term.make
 
-    def permuted():
-        m = make()
-        out = np.empty_like(m)
-        out[order] = m
+    def permuted(a: np.ndarray) -> np.ndarray:
+        out = np.empty_like(a)
+        out[order] = a
         return out
 
-    return Dense(permuted, lo, term.scale)
+    dora = term.dora
+    if dora is not None and not dora.columns:
+        dora = replace(dora, magnitude=permuted(dora.magnitude))
+    if isinstance(term, LowRank):
+        return LowRank(permuted(term.up), term.down, lo, term.scale, dora)
+    make = term.make
+    return Dense(lambda: permuted(make()), lo, term.scale, dora)
 
 
 def read_lora(path, shapes: dict[str, tuple[int, ...]]) -> Lora:
@@ -242,62 +286,83 @@ def sha256_prefix(path) -> str:
 
 
 def _merged(load, name: str, loras: list[tuple[Lora, float]]) -> np.ndarray:
-    # A copy: a float32 file's load() is a view of the file, which must stay the original weights.
-    w = np.array(to_float32(load()), np.float32)
+    base = to_float32(load())
+    w = np.array(base, np.float32)  # a copy: a float32 file's load() is a view of the file
     for lora, scale in loras:
         if name in lora.terms:
-            lora.add_to(w, name, scale)
+            lora.add_to(w, name, scale, base)
     return w
 
 
 @dataclass(frozen=True)
 class LoraQuant:
-    """A quantized weight with its LoRAs beside it, never re-quantized into it: y = Wq·x + up @ (down @ x)
-    + dense @ x. The low-rank terms are stacked along the rank, each scale folded into its up columns, which
-    are zero outside the term's rows (a q, k or v slice of a fused qkv); LoKr and LoHa terms, as large as
-    the rows they update anyway, are summed into `dense`. None: no such terms. The backends' `base` is the
-    GGMLTensor in their host or device form."""
+    """A quantized weight with its LoRAs beside it, never re-quantized into it: y = base_scale ⊙ (Wq·x) +
+    up @ (down @ x) + dense @ x. The low-rank terms are stacked along the rank, each scale folded into its up
+    columns, which are zero outside the term's rows (a q, k or v slice of a fused qkv); LoKr and LoHa terms,
+    as large as the rows they update anyway, are summed into `dense`; DoRA's per-row rescales of the base
+    output are in `base_scale`. None: no such terms. The backends' `base` is the GGMLTensor in their host or
+    device form."""
 
     base: GGMLTensor
     down: np.ndarray | None  # (rank, in) float32
     up: np.ndarray | None  # (out, rank) float32
     dense: np.ndarray | None  # (out, in) float32
+    base_scale: np.ndarray | None = None  # (out,) float32
+
+    def factors(self) -> tuple:
+        return self.down, self.up, self.dense, self.base_scale
 
 
 def _branched(load, name: str, loras: list[tuple[Lora, float]]) -> LoraQuant:
     base = load()
     out = base.shape[0]
-    downs, ups, dense = [], [], None
+    downs, ups, dense, base_scale, w = [], [], None, None, None
     for lora, scale in loras:
         for t in lora.terms.get(name, ()):
-            s = np.float32(scale * t.scale)
-            if isinstance(t, LowRank):
+            lycoris = t.dora is not None and not t.dora.peft
+            s = np.float32(t.scale if lycoris else scale * t.scale)
+            m = t.matrix() if isinstance(t, Dense) else None
+            rows = slice(t.row, t.row + (m if m is not None else t.up).shape[0])
+            k = np.ones((rows.stop - rows.start, 1), np.float32)
+            if t.dora is not None:
+                w = base.dequantize() if w is None else w  # for the norms only (see Dora)
+                update = s * (m if m is not None else t.up @ t.down)
+                k = t.dora.factor(w[rows], update, scale)[:, None]
+                base_scale = np.ones(out, np.float32) if base_scale is None else base_scale
+                if t.dora.peft:  # rescales the base output and every term before it on these rows
+                    base_scale[rows] *= k[:, 0]
+                    for u in ups:
+                        u[rows] *= k
+                    if dense is not None:
+                        dense[rows] *= k
+                else:
+                    base_scale[rows] += k[:, 0] - 1
+            if m is None:
                 up = np.zeros((out, t.up.shape[1]), np.float32)
-                up[t.row:t.row + t.up.shape[0]] = s * t.up
+                up[rows] = (s * t.up) * k
                 downs.append(t.down)
                 ups.append(up)
             else:
-                m = t.matrix()
                 dense = np.zeros(base.shape, np.float32) if dense is None else dense
-                dense[t.row:t.row + m.shape[0]] += s * m
+                dense[rows] += (s * m) * k
     return LoraQuant(base, np.concatenate(downs) if downs else None, np.concatenate(ups, 1) if ups else None,
-                     dense)
+                     dense, base_scale)
 
 
 def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]]) -> dict[str, Entry]:
     """The transformer's entries with each weight a LoRA targets loading as float32 W + Σ scale·ΔW, or, for a
     quantized (GGUF) weight, as a LoraQuant. Per entry when it loads, so a streamed block carries its LoRAs;
     always from the file's W."""
-    dora = [lora for lora, _ in loras if lora.dora]
-    # PEFT's stacked DoRA adapters merge in turn but run additively: two references that disagree
-    if dora and len(loras) > 1:
-        raise WeightsError(f"{dora[0].path} is a DoRA LoRA, which cannot be stacked with other LoRAs yet")
     out = dict(entries)
     for name in dict.fromkeys(name for lora, _ in loras for name in lora.terms):
         e = entries[name]
-        if dora and e.stored in GGML_QUANTIZED:
-            raise WeightsError("DoRA on a quantized (GGUF) transformer is not supported yet; use the "
-                               "bf16/fp16 file")
-        make = _branched if e.stored in GGML_QUANTIZED else _merged
+        quantized = e.stored in GGML_QUANTIZED
+        for lora, _ in loras:
+            if quantized and any(t.dora is not None and t.dora.columns for t in lora.terms.get(name, ())):
+                # its rescale would apply to the input of the quantized matmul: a second pass over Wq
+                raise WeightsError(f"{lora.path}: {name} is a LyCORIS DoRA trained per input column "
+                                   f"(wd_on_out=False), which cannot run beside a quantized (GGUF) weight; "
+                                   f"use the bf16/fp16 transformer file")
+        make = _branched if quantized else _merged
         out[name] = Entry(e.shape, partial(make, e.load, name, loras), e.stored)
     return out

@@ -50,8 +50,7 @@ def _place(host: np.ndarray | AffineQuant | LoraQuant):
         return dataclasses.replace(host, weight=_place(host.weight), scales=_place(host.scales),
                                    biases=_place(host.biases))
     if isinstance(host, LoraQuant):
-        return LoraQuant(_place(host.base), *(None if a is None else _place(a) for a in (host.down, host.up,
-                                                                                          host.dense)))
+        return LoraQuant(_place(host.base), *(None if a is None else _place(a) for a in host.factors()))
     if isinstance(host, mx.array):
         return host
     return mx.array(host.view(np.uint16) if host.dtype == BF16 else host)
@@ -65,7 +64,7 @@ def _fill(module, tensors, dtype: mx.Dtype):
             path, t = name.removesuffix(".weight"), _place(t)
             old = module_at(module, path)
             if isinstance(t, LoraQuant):  # the LoRA factors in the compute dtype, as a dense weight would be
-                factors = (None if a is None else cast(a, dtype) for a in (t.down, t.up, t.dense))
+                factors = (None if a is None else cast(a, dtype) for a in t.factors())
                 layer = LoraLinear(quantized_layer(old, t.base, dtype), *factors)
                 mx.eval(layer.parameters())
             else:

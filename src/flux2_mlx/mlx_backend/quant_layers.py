@@ -32,18 +32,20 @@ def quantized_layer(old: nn.Module, q: AffineQuant, dtype: mx.Dtype) -> nn.Modul
 
 
 class LoraLinear(nn.Module):
-    """A quantized Linear with its LoRAs as a separate float branch (lora.LoraQuant): y = base(x) +
-    (x @ downᵀ) @ upᵀ + x @ denseᵀ; the factors absent (None) where the file has no such terms."""
+    """A quantized Linear with its LoRAs as a separate float branch (lora.LoraQuant): y = base_scale ⊙
+    base(x) + (x @ downᵀ) @ upᵀ + x @ denseᵀ; the factors absent (None) where the file has no such terms."""
 
-    def __init__(self, base: nn.Module, down, up, dense):
+    def __init__(self, base: nn.Module, down, up, dense, base_scale=None):
         super().__init__()
         self.base = base
-        for name, a in (("down", down), ("up", up), ("dense", dense)):
+        for name, a in (("down", down), ("up", up), ("dense", dense), ("base_scale", base_scale)):
             if a is not None:  # absent terms are no attribute: an MLX module's parameters are arrays
                 setattr(self, name, a)
 
     def __call__(self, x):
         y = self.base(x)
+        if "base_scale" in self:
+            y = y * self.base_scale
         if "down" in self:
             y = y + (x @ self.down.T) @ self.up.T
         if "dense" in self:

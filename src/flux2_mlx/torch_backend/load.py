@@ -66,8 +66,8 @@ def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | LoraQuant, pin: bool):
     the packed codes as bytes, FP8 codes as torch's float8 and their scales in float32, or a LoraQuant of
     such forms."""
     if isinstance(raw, LoraQuant):
-        return LoraQuant(_host(raw.base, pin), *(None if a is None else host_tensor(a, pin)
-                                                  for a in (raw.down, raw.up, raw.dense)))
+        factors = (None if a is None else host_tensor(a, pin) for a in raw.factors())
+        return LoraQuant(_host(raw.base, pin), *factors)
     if isinstance(raw, FP8Blocks):
         codes = host_tensor(raw.codes.view(np.uint8), pin).view(_FP8[raw.codes.dtype])
         return dataclasses.replace(raw, codes=codes, scale_inv=host_tensor(to_float32(raw.scale_inv), pin))
@@ -83,8 +83,7 @@ def _place(host: torch.Tensor | AffineQuant | FP8Blocks | LoraQuant, device: tor
     """The host form on the device, dense tensors and affine scales in `dtype` (codes stay bytes, FP8 scales
     float32; LoRA factors in `dtype`, as a dense weight would be). Idempotent."""
     if isinstance(host, LoraQuant):
-        factors = (None if a is None else _device_tensor(a, device, dtype)
-                   for a in (host.down, host.up, host.dense))
+        factors = (None if a is None else _device_tensor(a, device, dtype) for a in host.factors())
         return LoraQuant(_place(host.base, device, dtype), *factors)
     if isinstance(host, FP8Blocks):
         return dataclasses.replace(host, codes=_device_tensor(host.codes, device, None),
@@ -110,7 +109,7 @@ def _fill(module: nn.Module, tensors, place, dtype: torch.dtype, fp8_matmul: str
         t = place(t)
         if isinstance(t, LoraQuant):
             base = quantized_layer(module.get_submodule(path), t.base, dtype, fp8_matmul)
-            replace_module(module, path, LoraLinear(base, t.down, t.up, t.dense))
+            replace_module(module, path, LoraLinear(base, *t.factors()))
             continue
         if isinstance(t, (AffineQuant, FP8Blocks)):  # quantized: the layer type follows the stored type
             replace_module(module, path, quantized_layer(module.get_submodule(path), t, dtype, fp8_matmul))

@@ -59,18 +59,21 @@ class QuantLinear(nn.Module):
 
 
 class LoraLinear(nn.Module):
-    """A quantized Linear with its LoRAs as a separate branch (lora.LoraQuant): y = base(x) +
+    """A quantized Linear with its LoRAs as a separate branch (lora.LoraQuant): y = base_scale ⊙ base(x) +
     (x @ downᵀ) @ upᵀ + x @ denseᵀ; the factors absent (None) where the file has no such terms."""
 
-    def __init__(self, base: nn.Module, down, up, dense):
+    def __init__(self, base: nn.Module, down, up, dense, base_scale=None):
         super().__init__()
         self.base = base
         self.register_buffer("down", down)
         self.register_buffer("up", up)
         self.register_buffer("dense", dense)
+        self.register_buffer("base_scale", base_scale)
 
     def forward(self, x):
         y = self.base(x)
+        if self.base_scale is not None:
+            y = y * self.base_scale
         if self.down is not None:
             y = y + F.linear(F.linear(x, self.down), self.up)
         if self.dense is not None:
