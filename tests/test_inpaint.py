@@ -80,3 +80,51 @@ def test_inpaint_matches_diffusers(tiny_models, case):
     plain = pipe.sample(prompt_embeds=embeds, negative_prompt_embeds=neg, image=image, strength=strength,
                         steps=steps, guidance=guidance, seed=seed)
     assert rel_err(ours, plain) > 1e-3  # the mask and the conditioning image are live
+
+
+def _textured(w, h, seed):
+    """A photo-like picture: smooth shapes plus per-pixel grain, which no VAE round trip keeps exactly."""
+    grain = np.random.default_rng(seed).integers(-40, 41, (h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(_photo(w, h, seed), np.int16) + grain, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def klein(tiny_models):
+    m = tiny_models("klein-4b")
+    return m, load_pipeline(m.spec, model_path=m.bfl_dir), _case(m, "klein-4b", seed=6)[0]
+
+
+def test_keep_unmasked_keeps_every_source_byte(klein):
+    """Outside the feathered mask every pixel is the source's; beyond the feather (3 sigma) too; inside,
+    the picture is new. Without keep_unmasked the kept area is the VAE's round trip, not the bytes."""
+    m, pipe, embeds = klein
+    source, mask = _textured(96, 64, 41), _mask(96, 64, (30, 18, 70, 50))
+    kw = dict(prompt_embeds=embeds, image=source, mask=mask, mask_blur=3, strength=1.0, steps=2, seed=2)
+    out = np.asarray(pipe.generate(**kw), np.int16)
+    src = np.asarray(source, np.int16)
+    feathered = np.asarray(mask.filter(__import__("PIL.ImageFilter").ImageFilter.GaussianBlur(3)))
+    assert (feathered == 0).sum() > 0.4 * feathered.size
+    assert np.array_equal(out[feathered == 0], src[feathered == 0])
+    beyond = np.ones((64, 96), bool)
+    beyond[18 - 9:50 + 9, 30 - 9:70 + 9] = False
+    assert np.array_equal(out[beyond], src[beyond])
+    assert np.abs(out - src)[24:44, 36:64].mean() > 20  # repainted
+    loose = np.asarray(pipe.generate(**kw, keep_unmasked=False), np.int16)
+    assert np.abs(loose - src)[feathered == 0].max() > 20
+    assert np.array_equal(loose[feathered == 255], out[feathered == 255])
+
+
+def test_mask_crop_generates_only_the_box(klein):
+    """Without a size, mask_crop generates the mask's box grown by the margin, rounded out to 16 px (at
+    least 64): a small generation; everything outside the box is the source's."""
+    m, pipe, embeds = klein
+    source, mask = _textured(160, 128, 42), _mask(160, 128, (100, 76, 120, 96))
+    inputs = pipe.prepare_inputs(image=source, mask=mask, mask_crop=8)
+    assert inputs.masked.box == (78, 54, 142, 118) and (inputs.width, inputs.height) == (64, 64)
+    out = np.asarray(pipe.generate(prompt_embeds=embeds, inputs=inputs, strength=1.0, steps=2, seed=3,
+                                   keep_unmasked=False), np.int16)
+    src = np.asarray(source, np.int16)
+    outside = np.ones((128, 160), bool)
+    outside[54:118, 78:142] = False
+    assert out.shape == src.shape and np.array_equal(out[outside], src[outside])
+    assert np.abs(out - src)[80:92, 102:118].mean() > 20

@@ -88,7 +88,7 @@ def check_paints(mask: Image.Image, cells: np.ndarray | None = None) -> None:
         raise ValueError("the mask is black everywhere: nothing to repaint (white = repaint, black = keep)")
     if cells is not None and not cells.any():
         raise ValueError("the mask's white areas miss the centre of every 16-px cell, so nothing would be "
-                         "repainted; widen the strokes (or add --mask-blur)")
+                         "repainted; widen the strokes to 16 px or more")
 
 
 def crop_region(mask: Image.Image, width: int, height: int, pad: int) -> tuple[int, int, int, int]:
