@@ -105,3 +105,22 @@ def test_pipeline_with_a_gguf_transformer_and_loras(files, tiny_models, tmp_path
         pipe.set_loras([])
         assert np.array_equal(pipe.sample(**kw), base), b
     assert rel_err(outs["mlx"], outs["torch"]) <= 1e-4
+
+
+def test_planner_counts_the_branch_beside_quantized_weights(files):
+    """What the LoRAs add beside quantized weights (factors, a LoKr's dense term, a DoRA rescale) is what the
+    memory planner adds: the torch model's held bytes grow by the planned amount."""
+    from test_lora_dora import _lycoris_file
+
+    path, _ = files["Q4_K"]
+    dora, _ = _lycoris_file(path.parent, "locon", True, seed=4)
+    loras = _loras(files, [("peft", 0.7), ("lokr", 0.9)]) + [(read_lora(dora, SHAPES), 0.5)]
+    sizes = []
+    for entries in (transformer_entries(WeightSource(path)),
+                    merged_entries(transformer_entries(WeightSource(path)), loras)):
+        model = tb.load_transformer(CFG, entries, dtype=torch.float32)
+        held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        planned = memory.component_weights("transformer", entries, ("double_blocks", "single_blocks"), 4)
+        sizes.append((held, planned.total))
+    (held0, planned0), (held1, planned1) = sizes
+    assert held1 - held0 == planned1 - planned0 > 0

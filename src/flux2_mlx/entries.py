@@ -31,6 +31,7 @@ class Entry:
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray | GGMLTensor]
     stored: str = ""  # the file's type name ("BF16", "Q4_K", ...) when known: the memory planner sizes by it
+    beside: int = 0  # values loaded beside the stored tensor in the compute dtype (a LoRA branch)
 
 
 def stored_type(source, key: str) -> str:

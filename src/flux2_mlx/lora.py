@@ -364,5 +364,16 @@ def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]]) -
                                    f"(wd_on_out=False), which cannot run beside a quantized (GGUF) weight; "
                                    f"use the bf16/fp16 transformer file")
         make = _branched if quantized else _merged
-        out[name] = Entry(e.shape, partial(make, e.load, name, loras), e.stored)
+        out[name] = Entry(e.shape, partial(make, e.load, name, loras), e.stored,
+                          _branch_size(e.shape, name, loras) if quantized else 0)
     return out
+
+
+def _branch_size(shape: tuple[int, int], name: str, loras: list[tuple[Lora, float]]) -> int:
+    """How many values _branched puts beside a quantized weight: the stacked factors, one dense matrix
+    for all LoKr/LoHa terms, the DoRA rescale."""
+    terms = [t for lora, _ in loras for t in lora.terms.get(name, ())]
+    rank = sum(t.up.shape[1] for t in terms if isinstance(t, LowRank))
+    dense = any(isinstance(t, Dense) for t in terms)
+    dora = any(t.dora is not None for t in terms)
+    return rank * (shape[0] + shape[1]) + dense * shape[0] * shape[1] + dora * shape[0]

@@ -84,7 +84,7 @@ def component_weights(name: str, entries: dict, block_lists: tuple[str, ...], co
     blocks: dict[tuple[int, int], int] = {}
     fixed = 0
     for key, e in entries.items():
-        b = tensor_bytes(e.stored, tuple(e.shape), compute_bytes, fp8_kept)
+        b = tensor_bytes(e.stored, tuple(e.shape), compute_bytes, fp8_kept) + e.beside * compute_bytes
         k = block_key(key, block_lists)
         if k:
             blocks[k[:2]] = blocks.get(k[:2], 0) + b

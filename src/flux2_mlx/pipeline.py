@@ -120,10 +120,10 @@ def _shape_entries(shapes: dict) -> dict[str, Entry]:
 
 def memory_plan_from_files(spec: ModelSpec, files: dict, backend, dtype_bytes: int, width: int, height: int,
                            *, budget_gb: float | None = None, stream_from: str | None = None,
-                           cfg: bool = False, ref_tokens: int = 0,
-                           image_size: tuple[int, int] | None = None) -> memory_plan.MemoryPlan:
+                           cfg: bool = False, ref_tokens: int = 0, image_size: tuple[int, int] | None = None,
+                           loras: list[tuple[Lora, float]] = ()) -> memory_plan.MemoryPlan:
     """The memory plan for one run, from the files' headers (shapes and stored types; nothing is loaded).
-    ref_tokens and image_size: see memory_plan.plan_phases.
+    ref_tokens and image_size: see memory_plan.plan_phases. loras: what beside quantized weights they add.
 
     budget_gb None: the backend's limit (Metal's recommended working set, or 80 % of RAM). stream_from
     None: "ram" when the host has room for a copy of what is streamed beside the budget, else "disk".
@@ -137,6 +137,7 @@ def memory_plan_from_files(spec: ModelSpec, files: dict, backend, dtype_bytes: i
     t_entries = (transformer_entries(WeightSource(tpath)) if tpath is not None
                  else _shape_entries(transformer_shapes(spec.transformer)))
     tcfg = _transformer_config(spec, t_entries, tpath) if tpath is not None else spec.transformer
+    t_entries = merged_entries(t_entries, list(loras)) if loras else t_entries
     t = memory_plan.component_weights("transformer", t_entries, ("double_blocks", "single_blocks"),
                                       dtype_bytes)
     vae_cfg = component_config(vae_config_from, Path(vpath), spec.vae) if vpath is not None else spec.vae
@@ -372,7 +373,8 @@ class Pipeline:
         if key not in self._memory_plans:
             self._memory_plans[key] = memory_plan_from_files(
                 self.spec, self.files, self.backend, DTYPE_BYTES[self.dtype_name], width, height,
-                budget_gb=budget_gb, stream_from=self.stream_from, cfg=cfg, ref_tokens=refs, image_size=size)
+                budget_gb=budget_gb, stream_from=self.stream_from, cfg=cfg, ref_tokens=refs, image_size=size,
+                loras=self._loras)
         return self._memory_plans[key]
 
     def prepare_inputs(self, width: int | None = None, height: int | None = None, images=None,
@@ -456,6 +458,7 @@ class Pipeline:
         self._lora_info = [{"file": Path(path).name, "sha256": sha256_prefix(path), "scale": scale}
                            for path, scale in pairs]
         self._loras = read
+        self._memory_plans.clear()  # a LoRA branch beside quantized weights takes memory of its own
         self._transformer.free()  # the next use reloads it, merged from the original weights
 
     @property

@@ -277,7 +277,7 @@ class GGMLTensor:
 
     def dequantize(self) -> np.ndarray:
         """float32 values, decoded by gguf-py's reference codec. The loaders repack the blocks instead; a
-        DoRA LoRA beside a quantized weight reads it once for its row norms, and the tests check against it."""
+        DoRA LoRA beside a quantized weight reads it once for its row norms; the tests check against it."""
         from gguf import GGMLQuantizationType, quants
 
         return np.asarray(quants.dequantize(self.data, GGMLQuantizationType[self.ggml_type]),
