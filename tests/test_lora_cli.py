@@ -66,3 +66,34 @@ def test_a_lora_in_the_hugging_face_cache(tmp_path):
     (tmp_path / "models--someone--styles" / "refs" / "main").write_text("0123abcd")
     found = hub.lora_file("someone/styles/v2/style.safetensors", cache_dir=tmp_path)
     assert found.read_bytes() == (snapshot / "v2" / "style.safetensors").read_bytes()
+
+
+def test_dry_run_plans_the_lora_branch_beside_a_gguf_transformer(tiny_repo, tmp_path):
+    """The LoRA is read with the transformer file's shapes (the tiny ones here, not klein-4B's), and what
+    it adds beside quantized weights is in the plan."""
+    from conftest import write_gguf
+
+    from flux2_mlx.config import get_spec
+    from flux2_mlx.lora import read_lora
+    from flux2_mlx.pipeline import memory_plan_from_files, open_backend
+    from flux2_mlx.weights import SafetensorsFile, to_float32
+
+    f = SafetensorsFile(tiny_repo / "flux-2-klein-4b.safetensors")
+    weights = {k: to_float32(f.get(k)) for k in f.keys()}
+    gguf = write_gguf(tmp_path / "t.gguf", weights, {k: "Q8_0" for k, a in weights.items()
+                                                     if a.ndim == 2 and a.shape[1] % 32 == 0})
+    tensors = _bfl_file(tmp_path / "style.safetensors", seed=1)
+    r = run("generate", *BASE, "--model-path", tiny_repo, "--transformer", gguf, "--lora",
+            tmp_path / "style.safetensors", "--dry-run", "-o", tmp_path / "x.png")
+    assert r.exit_code == 0, r.output
+    assert "denoise  transformer" in r.output and not (tmp_path / "x.png").exists()
+
+    shapes = {k: a.shape for k, a in weights.items()}
+    lora = read_lora(tmp_path / "style.safetensors", shapes)
+    files = {"transformer": gguf, "vae": tiny_repo / "vae"}
+    be = open_backend("mlx")[0]
+    plans = [memory_plan_from_files(get_spec("klein-4b"), files, be, 4, 32, 32, loras=loras)
+             for loras in ([], [(lora, 0.5)])]
+    # every targeted weight is Q8_0 (its width is whole 32-blocks): each adds its factors, float32 here
+    beside = sum(a.size for k, a in tensors.items() if ".lora_" in k)
+    assert plans[1].phase("denoise").weights - plans[0].phase("denoise").weights == 4 * beside

@@ -220,7 +220,7 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
         if dry_run:
             for _, f, scale in loras:
                 click.echo(f"lora: {f} at {scale:g}")
-            _dry_run(spec, paths_kw, dtype, edit, guidance, budget)
+            _dry_run(spec, paths_kw, dtype, edit, guidance, budget, loras)
             return
         settings = dict(prompt=prompt, negative_prompt=negative_prompt, strength=strength, steps=steps,
                         guidance=guidance)
@@ -248,7 +248,7 @@ def _parse_loras(values) -> list[tuple[str, float]]:
     return out
 
 
-def _dry_run(spec, paths_kw, dtype, edit, guidance, budget):
+def _dry_run(spec, paths_kw, dtype, edit, guidance, budget, loras=()):
     from . import hub
     from .pipeline import prepare_inputs
 
@@ -264,19 +264,29 @@ def _dry_run(spec, paths_kw, dtype, edit, guidance, budget):
         sizes = ", ".join(f"{r.shape[1]}x{r.shape[0]}" for r in inputs.refs)
         click.echo(f"output {inputs.width}x{inputs.height}"
                    + (f"; references {sizes} ({inputs.ref_tokens} tokens)" if sizes else ""))
-    click.echo(_memory_plan_without_loading(spec, located, dtype, inputs, guidance, budget).describe())
+    click.echo(_memory_plan_without_loading(spec, located, dtype, inputs, guidance, budget, loras).describe())
 
 
-def _memory_plan_without_loading(spec, files, dtype, inputs, guidance, budget):
-    """The memory plan from file headers only (components not downloaded are sized from their shapes)."""
+def _memory_plan_without_loading(spec, files, dtype, inputs, guidance, budget, loras=()):
+    """The memory plan from file headers only (components not downloaded are sized from their shapes);
+    loras: (name, local file, scale), read for what they add beside quantized weights."""
+    from .config import transformer_shapes
+    from .dit_names import transformer_entries
+    from .lora import read_lora
     from .pipeline import DTYPE_BYTES, dtype_name, memory_plan_from_files, open_backend, uses_cfg
+    from .weights import WeightSource
 
     be, _, _ = open_backend(budget["backend"], budget["device"])
     size = DTYPE_BYTES[dtype_name(be, be.resolve_dtype(dtype))]
+    shapes = transformer_shapes(spec.transformer)
+    if loras and files.get("transformer") is not None:  # the file's own shapes, as the pipeline reads them
+        entries = transformer_entries(WeightSource(files["transformer"]))
+        shapes = {k: tuple(e.shape) for k, e in entries.items()}
     return memory_plan_from_files(spec, files, be, size, inputs.width, inputs.height,
                                   budget_gb=budget["memory_budget"], stream_from=budget["stream_from"],
                                   cfg=uses_cfg(spec, guidance), ref_tokens=inputs.ref_tokens,
-                                  image_size=inputs.image_size)
+                                  image_size=inputs.image_size,
+                                  loras=[(read_lora(f, shapes), scale) for _, f, scale in loras])
 
 
 def _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_, fp8_matmul, loras):
