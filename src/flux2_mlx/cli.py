@@ -144,8 +144,21 @@ def _save_png(image, path: Path, meta: dict) -> None:
 @click.option("--image", "init", type=click.Path(dir_okay=False, path_type=Path),
               help="Image-to-image: start from this picture instead of pure noise.")
 @click.option("--strength", type=click.FloatRange(0, 1, min_open=True),
-              help=f"With --image: how much of the schedule runs (default {DEFAULT_STRENGTH:g}); "
-                   f"1 ignores the image's content.")
+              help=f"With --image: how much of the schedule runs (default {DEFAULT_STRENGTH:g}, 1 with "
+                   f"--expand); 1 ignores the image's content.")
+@click.option("--mask", type=click.Path(dir_okay=False, path_type=Path), metavar="IMAGE",
+              help="Inpaint the --image: white = repaint, black = keep (the alpha, if it has transparency); "
+                   "drawn at the image's size or any other of its shape.")
+@click.option("--mask-crop", type=click.IntRange(min=0), metavar="PX",
+              help="Generate only the mask's box grown by PX and paste it back (at -W x -H if given, else "
+                   "at its own resolution).")
+@click.option("--mask-blur", type=click.FloatRange(min=0), default=0, metavar="PX",
+              help="Feather the mask's edge by a Gaussian blur of PX.")
+@click.option("--keep-unmasked/--no-keep-unmasked", default=True, show_default=True,
+              help="Pixels outside the (feathered) mask keep the --image's exact bytes.")
+@click.option("--expand", metavar="L,T,R,B",
+              help="Outpaint: grow the --image's canvas by these px (one number: every side), each rounded "
+                   "up to a multiple of 16, and generate the new borders.")
 @click.option("--steps", type=click.IntRange(min=1), help="Default: the model's (klein 4, base and dev 50).")
 @click.option("--guidance", type=click.FloatRange(min=0), help="Default: the model's (4 for dev and base).")
 @click.option("--negative-prompt", help="Base variants only (true CFG); default the empty prompt.")
@@ -175,18 +188,26 @@ def _save_png(image, path: Path, meta: dict) -> None:
                    "owner/repo/file.safetensors on Hugging Face. Repeat to stack several.")
 @click.option("--dry-run", is_flag=True, help="Show the files and the memory plan; load nothing.")
 def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenizer, width, height, refs, init,
-             strength, steps, guidance, negative_prompt, seed, num_images, output, overwrite, dtype, backend,
-             device, memory_budget, stream_from, compile_, fp8_matmul, loras, dry_run):
+             strength, mask, mask_crop, mask_blur, keep_unmasked, expand, steps, guidance, negative_prompt,
+             seed, num_images, output, overwrite, dtype, backend, device, memory_budget, stream_from,
+             compile_, fp8_matmul, loras, dry_run):
     """Generate images from PROMPT and save them as PNGs with their settings embedded. With --ref: edit
-    or combine reference images; with --image: image-to-image."""
+    or combine reference images; with --image: image-to-image, with --mask inpainting, with --expand
+    outpainting."""
     from .pipeline import check_size
     from .weights import WeightsError
 
     spec = MODELS[model]
-    if strength is not None and init is None:
-        raise click.BadParameter("works only with --image PICTURE; add one or drop --strength",
-                                 param_hint="--strength")
-    strength = DEFAULT_STRENGTH if strength is None else strength
+    for name, value in (("--strength", strength), ("--mask", mask), ("--expand", expand)):
+        if value is not None and init is None:
+            raise click.BadParameter(f"works only with --image PICTURE; add one or drop {name}",
+                                     param_hint=name)
+    for name, value in (("--mask-crop", mask_crop), ("--mask-blur", mask_blur or None),
+                        ("--no-keep-unmasked", None if keep_unmasked else True)):
+        if value is not None and mask is None and expand is None:
+            raise click.BadParameter("works only with --mask or --expand", param_hint=name)
+    expand = _parse_expand(expand) if expand is not None else None
+    strength = (1.0 if expand else DEFAULT_STRENGTH) if strength is None else strength
     try:
         check_size(width or 1024, height or 1024)
     except ValueError as e:
@@ -210,7 +231,8 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
                     tokenizer=tokenizer)
     # Library warnings (a truncated prompt, a NaN image) become one plain line each.
     warnings.showwarning = lambda message, *_args, **_kw: click.echo(f"warning: {message}", err=True)
-    edit = dict(width=width, height=height, images=list(refs) or None, image=init)
+    edit = dict(width=width, height=height, images=list(refs) or None, image=init, mask=mask,
+                mask_crop=mask_crop, mask_blur=mask_blur, expand=expand)
     try:
         from .hub import lora_file
 
@@ -223,10 +245,24 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
             _dry_run(spec, paths_kw, dtype, edit, guidance, budget, loras)
             return
         settings = dict(prompt=prompt, negative_prompt=negative_prompt, strength=strength, steps=steps,
-                        guidance=guidance)
+                        guidance=guidance, keep_unmasked=keep_unmasked)
         _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_, fp8_matmul, loras)
     except (WeightsError, ValueError, OSError) as e:
         _fail(str(e))
+
+
+def _parse_expand(value: str) -> list[int]:
+    """"L,T,R,B" or one "N" for every side → four px counts, not all zero."""
+    try:
+        sides = [int(v) for v in value.split(",")]
+    except ValueError:
+        sides = []
+    if len(sides) == 1:
+        sides *= 4
+    if len(sides) != 4 or min(sides) < 0 or not any(sides):
+        raise click.BadParameter(f"{value!r}: give LEFT,TOP,RIGHT,BOTTOM px (or one number for all four), "
+                                 f"whole numbers ≥ 0, not all 0", param_hint="--expand")
+    return sides
 
 
 def _parse_loras(values) -> list[tuple[str, float]]:
@@ -290,7 +326,8 @@ def _memory_plan_without_loading(spec, files, dtype, inputs, guidance, budget, l
 
 
 def _generate(spec, paths_kw, edit, settings, seeds, paths, dtype, budget, compile_, fp8_matmul, loras):
-    """settings: the GenerationRequest's prompt, negative_prompt, strength, steps and guidance; loras:
+    """settings: the GenerationRequest's prompt, negative_prompt, strength, steps, guidance and
+    keep_unmasked; loras:
     (name as given, local file, scale)."""
     from .pipeline import GenerationRequest, load_pipeline
 
@@ -368,10 +405,10 @@ def _run(pipe, request, plan, seeds, paths, edit, lora_meta):
                             desc="denoise", unit="step"):
             pass
         with tqdm(total=1, desc="decode", unit="image") as bar:
-            image = pipe.decode(latents, width, height)
+            image = pipe.render(latents, request)
             bar.update()
         meta = dict(prompt=request.prompt, model=pipe.spec.name, seed=seed, steps=steps, guidance=guidance,
-                    width=width, height=height, dtype=pipe.dtype_name, backend=pipe.backend_name,
+                    width=image.width, height=image.height, dtype=pipe.dtype_name, backend=pipe.backend_name,
                     device=pipe.device, version=__version__)
         if request.negative_prompt is not None:
             meta["negative_prompt"] = request.negative_prompt
@@ -379,6 +416,8 @@ def _run(pipe, request, plan, seeds, paths, edit, lora_meta):
             meta["refs"] = [str(r) for r in edit["images"]]
         if edit["image"] is not None:
             meta.update(image=str(edit["image"]), strength=request.strength)
+        if inputs.masked is not None:
+            meta.update(_mask_meta(edit, request.keep_unmasked, (width, height)))
         if pipe.compile:  # fused kernels round differently: the same flag reproduces the same bytes
             meta["compile"] = True
         if pipe.fp8_matmul:  # FP8 activations change the embeddings
@@ -387,6 +426,21 @@ def _run(pipe, request, plan, seeds, paths, edit, lora_meta):
             meta["loras"] = lora_meta
         _save_png(image, path, meta)
         click.echo(f"saved {path}")
+
+
+def _mask_meta(edit: dict, keep_unmasked: bool, size: tuple[int, int]) -> dict:
+    """An inpainting's settings as the PNG records them: the mask file as given, the crop, feather and
+    outpainting borders, and the crop's generation size when -W/-H gave one."""
+    meta = dict(keep_unmasked=keep_unmasked, mask_blur=edit["mask_blur"])
+    if edit["mask"] is not None:
+        meta["mask"] = str(edit["mask"])
+    if edit["expand"] is not None:
+        meta["expand"] = list(edit["expand"])
+    if edit["mask_crop"] is not None:
+        meta["mask_crop"] = edit["mask_crop"]
+        if edit["width"] or edit["height"]:
+            meta["mask_crop_size"] = list(size)
+    return meta
 
 
 def read_metadata(path: Path) -> dict:
@@ -411,10 +465,12 @@ def read_metadata(path: Path) -> dict:
 _META_TYPES = {"prompt": str, "model": str, "seed": int, "steps": int, "guidance": float, "width": int,
                "height": int, "dtype": str, "negative_prompt": str, "refs": list, "image": str,
                "strength": float, "backend": str, "device": str, "compile": bool,
-               "fp8_matmul": bool, "loras": "loras"}
+               "fp8_matmul": bool, "loras": "loras", "mask": str, "mask_crop": int, "mask_blur": float,
+               "keep_unmasked": bool, "expand": "sizes", "mask_crop_size": "sizes"}
 _META_REQUIRED = ("prompt", "model", "seed", "steps", "guidance", "width", "height", "dtype")
 _META_KINDS = {str: "text", int: "a whole number", float: "a number", list: "a list of paths",
-               bool: "true or false", "loras": "a list of {file, sha256, scale}"}
+               bool: "true or false", "loras": "a list of {file, sha256, scale}",
+               "sizes": "a list of whole numbers ≥ 0"}
 
 
 def _is(value, kind) -> bool:
@@ -422,6 +478,8 @@ def _is(value, kind) -> bool:
         return isinstance(value, list) and all(
             isinstance(v, dict) and set(v) == {"file", "sha256", "scale"} and _is(v["file"], str)
             and _is(v["sha256"], str) and _is(v["scale"], float) for v in value)
+    if kind == "sizes":
+        return isinstance(value, list) and all(_is(v, int) and v >= 0 for v in value)
     if isinstance(value, bool) or kind is bool:  # JSON true/false are Python ints
         return isinstance(value, bool) and kind is bool
     if kind is float:
@@ -437,6 +495,8 @@ def _check_metadata(meta, path: Path) -> None:
     missing = [k for k in _META_REQUIRED if k not in meta]
     if "image" in meta and "strength" not in meta:
         missing.append("strength")
+    if ("mask" in meta or "expand" in meta) and "image" not in meta:
+        missing.append("image")
     if missing:
         raise ValueError(f"{path}: its flux2 settings lack {', '.join(missing)}")
     for key, kind in _META_TYPES.items():
@@ -447,9 +507,14 @@ def _check_metadata(meta, path: Path) -> None:
 
 def regenerate_command(meta: dict) -> str:
     """The `flux2 generate` line that reproduces an image from its metadata."""
-    args = ["flux2", "generate", meta["prompt"], "--model", meta["model"], "--width", str(meta["width"]),
-            "--height", str(meta["height"]), "--steps", str(meta["steps"]),
-            "--guidance", f"{meta['guidance']:g}", "--seed", str(meta["seed"]), "--dtype", meta["dtype"]]
+    # an outpainting's size is the grown canvas, a crop's is the picture's: neither is a -W/-H
+    size = meta.get("mask_crop_size") or ([] if "expand" in meta or "mask_crop" in meta
+                                          else [meta["width"], meta["height"]])
+    args = ["flux2", "generate", meta["prompt"], "--model", meta["model"]]
+    if size:
+        args += ["--width", str(size[0]), "--height", str(size[1])]
+    args += ["--steps", str(meta["steps"]), "--guidance", f"{meta['guidance']:g}",
+             "--seed", str(meta["seed"]), "--dtype", meta["dtype"]]
     for key in ("backend", "device"):  # absent from PNGs made before there were two backends
         if key in meta:
             args += [f"--{key}", meta[key]]
@@ -464,7 +529,17 @@ def regenerate_command(meta: dict) -> str:
     for ref in meta.get("refs", []):
         args += ["--ref", ref]
     if "image" in meta:
-        args += ["--image", meta["image"], "--strength", f"{meta['strength']:g}"]
+        args += ["--image", meta["image"], "--strength", f"{meta['strength']!r}"]
+    if "mask" in meta:
+        args += ["--mask", meta["mask"]]
+    if "expand" in meta:
+        args += ["--expand", ",".join(str(v) for v in meta["expand"])]
+    if "mask_crop" in meta:
+        args += ["--mask-crop", str(meta["mask_crop"])]
+    if meta.get("mask_blur"):
+        args += ["--mask-blur", f"{float(meta['mask_blur'])!r}"]
+    if meta.get("keep_unmasked") is False:
+        args.append("--no-keep-unmasked")
     return shlex.join(args)
 
 
