@@ -246,6 +246,27 @@ def test_loha_against_numpy(tmp_path):
     assert rel_err(_delta(lora, "double_blocks.1.img_attn.qkv.weight"), want) <= 1e-6
 
 
+def test_onetrainer_names_equal_the_same_factors_under_peft_names(tmp_path):
+    """OneTrainer writes diffusers module paths the kohya way (`lora_transformer_` prefix, underscores,
+    lora_down/up and a per-module alpha): the same merge as those factors under PEFT names with lora_alpha."""
+    rng = np.random.default_rng(5)
+    peft, onetrainer = {}, {}
+    for d, bfl in _diffusers_modules().items():
+        rows, cols = SHAPES[f"{bfl}.weight"]
+        up, down = _low_rank(rng, rows // 3 if bfl.endswith("qkv") else rows, cols, 4)
+        peft[f"transformer.{d}.lora_A.weight"], peft[f"transformer.{d}.lora_B.weight"] = down, up
+        k = "lora_transformer_" + d.replace(".", "_")
+        onetrainer[f"{k}.lora_down.weight"], onetrainer[f"{k}.lora_up.weight"] = down, up
+        onetrainer[f"{k}.alpha"] = np.array(6.0, np.float32)
+    meta = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 6})}
+    save_safetensors(tmp_path / "peft.safetensors", peft, meta)
+    save_safetensors(tmp_path / "onetrainer.safetensors", onetrainer)
+    assert read_lora(tmp_path / "onetrainer.safetensors", SHAPES).format == "kohya"
+    ours, theirs = (_ours([tmp_path / f"{n}.safetensors"], [0.9]) for n in ("onetrainer", "peft"))
+    assert all(np.array_equal(ours[k], theirs[k]) for k in BASE)
+    assert {k for k in BASE if not np.array_equal(ours[k], BASE[k])} == {f"{m}.weight" for m in TARGETS}
+
+
 def test_peft_adapter_names_and_unmatched_and_text_encoder_keys(tmp_path):
     """`.default.` adapter names read like plain PEFT keys; keys for layers this model lacks (a block past
     its depth, FLUX.1's img_mod) are listed, text-encoder keys are listed apart, nothing is applied."""
