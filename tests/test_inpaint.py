@@ -50,36 +50,42 @@ def diffusers_inpaint(m, variant, embeds, neg, seed, *, steps, guidance, **call)
     return final["latents"].numpy()
 
 
-# (variant, guidance, image size, mask box, strength, padding_mask_crop): masks with edges inside 16-px
-# cells, so some cells are half kept.
+# (variant, guidance, image size, mask box, strength, padding_mask_crop, extra): masks with edges inside
+# 16-px cells, so some cells are half kept.
 CASES = {
-    "centred": ("klein-4b", 1.0, (96, 64), (24, 20, 72, 44), 0.6, None),
-    "border": ("klein-4b", 1.0, (96, 64), (0, 40, 40, 64), 1.0, None),
-    "crop": ("klein-4b", 1.0, (128, 96), (72, 24, 104, 56), 0.6, 8),
-    "base-cfg": ("klein-base-4b", 4.0, (64, 96), (8, 24, 56, 72), 1.0, None),
-    "base-cfg-crop": ("klein-base-4b", 4.0, (96, 64), (0, 0, 30, 20), 1.0, 4),
+    "centred+reference": ("klein-4b", 1.0, (96, 64), (24, 20, 72, 44), 0.6, None, "reference"),
+    "border-torch": ("klein-4b", 1.0, (96, 64), (0, 40, 40, 64), 1.0, None, "torch"),
+    "crop": ("klein-4b", 1.0, (128, 96), (72, 24, 104, 56), 0.6, 8, None),
+    "base-cfg": ("klein-base-4b", 4.0, (64, 96), (8, 24, 56, 72), 1.0, None, None),
+    "base-cfg-crop": ("klein-base-4b", 4.0, (96, 64), (0, 0, 30, 20), 1.0, 4, None),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_inpaint_matches_diffusers(tiny_models, case):
-    variant, guidance, (W, H), box, strength, crop = CASES[case]
+    """Also with a reference image (diffusers' image_reference, after the start image: t = 20) and on the
+    torch backend. A crop's generation size is diffusers' (the picture's): width/height."""
+    variant, guidance, (W, H), box, strength, crop, extra = CASES[case]
     m = tiny_models(variant)
     embeds, neg = _case(m, variant, seed=5)
     image, mask = _photo(W, H, 31), _mask(W, H, box)
+    reference = _photo(80, 70, 32) if extra == "reference" else None
     steps, seed = 4, 13
-    pipe = load_pipeline(m.spec, model_path=m.bfl_dir)
-    size = {} if crop is None else dict(width=W, height=H, mask_crop=crop)  # diffusers' crop generation size
+    pipe = load_pipeline(m.spec, model_path=m.bfl_dir, backend="torch" if extra == "torch" else "mlx")
+    size = {} if crop is None else dict(width=W, height=H, mask_crop=crop)
     ours = pipe.sample(prompt_embeds=embeds, negative_prompt_embeds=neg, image=image, mask=mask,
-                       strength=strength, steps=steps, guidance=guidance, seed=seed, **size)
+                       images=reference and [reference], strength=strength, steps=steps, guidance=guidance,
+                       seed=seed, **size)
     want = diffusers_inpaint(m, variant, embeds, neg, seed, steps=steps, guidance=guidance, image=image,
-                             mask_image=mask, strength=strength, padding_mask_crop=crop,
-                             output_type="pil" if crop else "latent")
+                             mask_image=mask, image_reference=reference, strength=strength,
+                             padding_mask_crop=crop, output_type="pil" if crop else "latent")
     assert ours.shape == want.shape == (1, (W // 16) * (H // 16), 128)
     assert rel_err(ours, want) <= 1e-4
-    plain = pipe.sample(prompt_embeds=embeds, negative_prompt_embeds=neg, image=image, strength=strength,
-                        steps=steps, guidance=guidance, seed=seed)
-    assert rel_err(ours, plain) > 1e-3  # the mask and the conditioning image are live
+    if case == "centred+reference":  # the mask, the start image as a condition and the reference are live
+        for live in (dict(mask=_mask(W, H, (40, 20, 72, 44))), dict(images=None)):
+            kw = {**dict(image=image, mask=mask, images=[reference]), **live}
+            other = pipe.sample(prompt_embeds=embeds, strength=strength, steps=steps, seed=seed, **kw)
+            assert rel_err(ours, other) > 1e-3
 
 
 def _textured(w, h, seed):

@@ -10,6 +10,7 @@ from PIL import Image
 from test_cli import run
 from test_inpaint import _mask, _textured
 
+from flux2_mlx.cli import regenerate_command
 from flux2_mlx.pipeline import prepare_inputs
 
 pytestmark = pytest.mark.usefixtures("short_prompts")
@@ -35,28 +36,35 @@ def _regenerate(out, tiny_repo, again):
     return command
 
 
-@pytest.mark.parametrize("flags", [["--mask-blur", "1.5"], ["--mask-crop", "4", "--no-keep-unmasked"]])
-def test_inpaint_is_recorded_and_regenerated(tiny_repo, pictures, tmp_path, flags):
+def test_inpaint_is_recorded_and_regenerated(tiny_repo, pictures, tmp_path):
+    """--mask-crop and --mask-blur: the crop (generated at its own 80x64 px) pasted back, every pixel
+    outside the feathered mask the photo's own; the regenerate line makes the same file."""
     photo, out = pictures / "photo.png", tmp_path / "out.png"
+    flags = ["--mask-crop", "4", "--mask-blur", "1.5"]
     r = run("generate", "a cat", "--model-path", tiny_repo, "--image", photo, "--mask", pictures / "mask.png",
             "--strength", 0.75, "--steps", 2, "--seed", 4, *flags, "-o", out)
     assert r.exit_code == 0, r.output
     meta = json.loads(Image.open(out).info["flux2"])
     assert meta["mask"] == str(pictures / "mask.png") and (meta["width"], meta["height"]) == (96, 64)
-    assert meta["keep_unmasked"] == ("--no-keep-unmasked" not in flags)
+    assert meta["keep_unmasked"] is True and "mask_crop_size" not in meta
     command = _regenerate(out, tiny_repo, tmp_path / "again.png")
-    assert " ".join(flags) in command
+    assert "--mask-crop 4 --mask-blur 1.5" in command and "--width" not in command
     assert (tmp_path / "again.png").read_bytes() == out.read_bytes()
     got, src = np.asarray(Image.open(out), np.int16), np.asarray(Image.open(photo), np.int16)
-    kept = np.asarray(prepare_inputs("klein-4b", image=photo, mask=pictures / "mask.png",
-                                     mask_blur=meta["mask_blur"]).masked.mask) == 0
-    if "--mask-crop" in flags:  # only the box changes: the mask's bounding box (its faint upscaling ringing
-        kept[:] = True          # included) grown by 4 px, rounded out to 16
-        x1, y1, x2, y2 = prepare_inputs("klein-4b", image=photo, mask=pictures / "mask.png",
-                                        mask_crop=4).masked.box
-        kept[y1:y2, x1:x2] = False
-    assert kept.sum() > 1000 and np.array_equal(got[kept], src[kept])
+    inputs = prepare_inputs("klein-4b", image=photo, mask=pictures / "mask.png", mask_crop=4, mask_blur=1.5)
+    assert (inputs.width, inputs.height) == (80, 64)  # the box: the feather's faint tail counts
+    kept = np.asarray(inputs.masked.mask) == 0
+    assert kept.sum() > 3000 and np.array_equal(got[kept], src[kept])
     assert np.abs(got - src)[24:40, 32:64].mean() > 10
+
+
+def test_regenerate_line_of_every_mask_setting():
+    meta = dict(prompt="p", model="klein-4b", seed=1, steps=4, guidance=1.0, width=96, height=64,
+                dtype="float32", image="a.png", strength=0.75, mask="m.png", mask_crop=8, mask_blur=0.0,
+                mask_crop_size=[128, 96], keep_unmasked=False)
+    assert regenerate_command(meta) == ("flux2 generate p --model klein-4b --width 128 --height 96 --steps 4 "
+                                        "--guidance 1 --seed 1 --dtype float32 --image a.png --strength 0.75 "
+                                        "--mask m.png --mask-crop 8 --no-keep-unmasked")
 
 
 def test_outpaint_keeps_the_picture_and_grows_the_canvas(tiny_repo, pictures, tmp_path):
