@@ -56,6 +56,9 @@ def test_inpaint_is_recorded_and_regenerated(tiny_repo, pictures, tmp_path):
     kept = np.asarray(inputs.masked.mask) == 0
     assert kept.sum() > 3000 and np.array_equal(got[kept], src[kept])
     assert np.abs(got - src)[24:40, 32:64].mean() > 10
+    r = run("generate", "a cat", "--model-path", tiny_repo, "--image", photo, "--mask", pictures / "mask.png",
+            *flags, "--dry-run")
+    assert f"output 96x64; generating the mask's box {inputs.masked.box} at 80x64" in r.output
 
 
 def test_regenerate_line_of_every_mask_setting():

@@ -298,7 +298,11 @@ def _dry_run(spec, paths_kw, dtype, edit, guidance, budget, loras=()):
     inputs = prepare_inputs(spec.name, **edit)
     if inputs.refs or inputs.init is not None:
         sizes = ", ".join(f"{r.shape[1]}x{r.shape[0]}" for r in inputs.refs)
-        click.echo(f"output {inputs.width}x{inputs.height}"
+        masked = inputs.masked
+        width, height = masked.source.size if masked is not None else (inputs.width, inputs.height)
+        box = masked is not None and masked.box
+        click.echo(f"output {width}x{height}"
+                   + (f"; generating the mask's box {box} at {inputs.width}x{inputs.height}" if box else "")
                    + (f"; references {sizes} ({inputs.ref_tokens} tokens)" if sizes else ""))
     click.echo(_memory_plan_without_loading(spec, located, dtype, inputs, guidance, budget, loras).describe())
 
