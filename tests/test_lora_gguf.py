@@ -124,3 +124,28 @@ def test_planner_counts_the_branch_beside_quantized_weights(files):
         sizes.append((held, planned.total))
     (held0, planned0), (held1, planned1) = sizes
     assert held1 - held0 == planned1 - planned0 > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_ggml_type_takes_the_branch(files, tmp_path, backend):
+    """One file with every block type the converters write on the LoRAs' targets, round-robin, against the
+    values the backends hold (Q6_K, Q3_K and Q2_K are re-quantized for MLX's groups), a DoRA's norms too."""
+    from test_lora_dora import _lycoris_file
+
+    from flux2_mlx.lora import held_values
+    from flux2_mlx.weights import GGMLTensor
+
+    kinds = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+    targets = [k for k in read_lora(files["bfl"], SHAPES).terms if SHAPES[k][1] % 256 == 0]
+    types = {k: kinds[i % len(kinds)] for i, k in enumerate(targets)}
+    assert set(types.values()) == set(kinds)
+    path = write_gguf(tmp_path / "mixed.gguf", BASE, types)
+    dora, _ = _lycoris_file(tmp_path, "locon", True, seed=5)
+    loras = _loras(files, [("bfl", 0.8), ("lokr", 0.6)]) + [(read_lora(dora, SHAPES), 0.7)]
+    entries = transformer_entries(WeightSource(path))
+    _, ours = _forward(backend, merged_entries(entries, loras))
+    held = {k: e.load() for k, e in entries.items()}
+    held = {k: held_values(t) if isinstance(t, GGMLTensor) else t for k, t in held.items()}
+    _, want = _forward(backend, merged_entries({k: Entry(a.shape, lambda a=a: a) for k, a in held.items()},
+                                               loras))
+    assert rel_err(ours, want) <= 1e-5

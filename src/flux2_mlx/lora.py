@@ -22,6 +22,8 @@ import numpy as np
 
 from .dit_names import transformer_to_diffusers
 from .entries import Entry
+from .quant.affine import dequantize_mlx, repack
+from .quant.ggml import GGMLType
 from .weights import GGML_QUANTIZED, GGMLTensor, SafetensorsFile, WeightsError, to_float32
 
 # Module-path prefixes written by the trainers (PEFT wrappers, ai-toolkit, ComfyUI, kohya, LyCORIS).
@@ -325,7 +327,7 @@ def _branched(load, name: str, loras: list[tuple[Lora, float]]) -> LoraQuant:
             rows = slice(t.row, t.row + (m if m is not None else t.up).shape[0])
             k = np.ones((rows.stop - rows.start, 1), np.float32)
             if t.dora is not None:
-                w = base.dequantize() if w is None else w  # for the norms only (see Dora)
+                w = held_values(base) if w is None else w  # for the norms only (see Dora)
                 update = s * (m if m is not None else t.up @ t.down)
                 k = t.dora.factor(w[rows], update, scale)[:, None]
                 base_scale = np.ones(out, np.float32) if base_scale is None else base_scale
@@ -347,6 +349,12 @@ def _branched(load, name: str, loras: list[tuple[Lora, float]]) -> LoraQuant:
                 dense[rows] += (s * m) * k
     return LoraQuant(base, np.concatenate(downs) if downs else None, np.concatenate(ups, 1) if ups else None,
                      dense, base_scale)
+
+
+def held_values(t: GGMLTensor) -> np.ndarray:
+    """The float32 values both backends multiply by for a GGUF tensor: its blocks repacked to MLX's affine
+    layout (exact for most types, re-quantized for Q6_K, Q3_K and Q2_K), decoded."""
+    return dequantize_mlx(repack(t.data, GGMLType[t.ggml_type], t.shape))
 
 
 def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]]) -> dict[str, Entry]:

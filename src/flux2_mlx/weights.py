@@ -276,8 +276,8 @@ class GGMLTensor:
     shape: tuple[int, ...]
 
     def dequantize(self) -> np.ndarray:
-        """float32 values, decoded by gguf-py's reference codec. The loaders repack the blocks instead; a
-        DoRA LoRA beside a quantized weight reads it once for its row norms; the tests check against it."""
+        """float32 values, decoded by gguf-py's reference codec. The loaders never call it (they repack
+        the blocks); it is what the tests check them against."""
         from gguf import GGMLQuantizationType, quants
 
         return np.asarray(quants.dequantize(self.data, GGMLQuantizationType[self.ggml_type]),

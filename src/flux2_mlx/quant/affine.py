@@ -177,8 +177,7 @@ def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float3
 
 
 def dequantize_mlx(q: AffineQuant) -> np.ndarray:
-    """w = scale * code + bias in float32, as mx.dequantize computes it with float32 scales (for the
-    tests)."""
+    """w = scale * code + bias in float32, as mx.dequantize computes it with float32 scales."""
     codes = unpack_codes(q.weight, q.bits).astype(np.float32)
     *lead, n = codes.shape
     g = codes.reshape(*lead, n // q.group_size, q.group_size)
