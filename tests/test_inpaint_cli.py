@@ -89,13 +89,15 @@ def test_outpaint_keeps_the_picture_and_grows_the_canvas(tiny_repo, pictures, tm
 
 def test_mask_alpha_and_resolution(pictures):
     """A mask with transparency paints where it is opaque; one drawn at half size is scaled to the
-    image's, not misaligned."""
+    image's, not misaligned; an array of 0..1 is a mask too."""
     half = prepare_inputs("klein-4b", image=pictures / "photo.png", mask=pictures / "mask.png")
     layer = prepare_inputs("klein-4b", image=pictures / "photo.png", mask=pictures / "layer.png")
     want = np.zeros((64, 96), np.uint8)
     want[16:48, 24:72] = 255
     assert np.array_equal(np.asarray(half.masked.mask) >= 128, want > 0)
     assert np.array_equal(np.asarray(layer.masked.mask), want)
+    array = prepare_inputs("klein-4b", image=pictures / "photo.png", mask=want[..., None] / 255.0)
+    assert np.array_equal(array.masked.cells, layer.masked.cells) and array.masked.cells.sum() == 6
 
 
 @pytest.mark.parametrize("args,message", [
