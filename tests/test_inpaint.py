@@ -56,8 +56,7 @@ CASES = {
     "centred+reference": ("klein-4b", 1.0, (96, 64), (24, 20, 72, 44), 0.6, None, "reference"),
     "border-torch": ("klein-4b", 1.0, (96, 64), (0, 40, 40, 64), 1.0, None, "torch"),
     "crop": ("klein-4b", 1.0, (128, 96), (72, 24, 104, 56), 0.6, 8, None),
-    "base-cfg": ("klein-base-4b", 4.0, (64, 96), (8, 24, 56, 72), 1.0, None, None),
-    "base-cfg-crop": ("klein-base-4b", 4.0, (96, 64), (0, 0, 30, 20), 1.0, 4, None),
+    "base-cfg-crop": ("klein-base-4b", 4.0, (64, 96), (0, 0, 30, 20), 1.0, 4, None),
 }
 
 
@@ -81,11 +80,10 @@ def test_inpaint_matches_diffusers(tiny_models, case):
                              padding_mask_crop=crop, output_type="pil" if crop else "latent")
     assert ours.shape == want.shape == (1, (W // 16) * (H // 16), 128)
     assert rel_err(ours, want) <= 1e-4
-    if case == "centred+reference":  # the mask, the start image as a condition and the reference are live
-        for live in (dict(mask=_mask(W, H, (40, 20, 72, 44))), dict(images=None)):
-            kw = {**dict(image=image, mask=mask, images=[reference]), **live}
-            other = pipe.sample(prompt_embeds=embeds, strength=strength, steps=steps, seed=seed, **kw)
-            assert rel_err(ours, other) > 1e-3
+    if case == "centred+reference":  # the mask is live (the images are: diffusers' result depends on them)
+        other = pipe.sample(prompt_embeds=embeds, image=image, mask=_mask(W, H, (40, 20, 72, 44)),
+                            images=[reference], strength=strength, steps=steps, seed=seed)
+        assert rel_err(ours, other) > 1e-3
 
 
 def _textured(w, h, seed):
