@@ -18,13 +18,14 @@ pytestmark = pytest.mark.usefixtures("short_prompts")
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
-    """A grainy 96x64 photo, its mask drawn at half resolution, and a mask with transparency."""
+    """A grainy 96x64 photo, its mask drawn at half resolution, and a mask with transparency (the photo
+    with the area to repaint erased)."""
     d = tmp_path_factory.mktemp("inpaint")
     _textured(96, 64, 7).save(d / "photo.png")
     _mask(48, 32, (12, 8, 36, 24)).save(d / "mask.png")
-    rgba = np.zeros((64, 96, 4), np.uint8)
-    rgba[..., :3] = 255  # white everywhere: only the alpha says where to paint
-    rgba[16:48, 24:72, 3] = 255
+    rgba = np.full((64, 96, 4), 255, np.uint8)
+    rgba[..., :3] = 0  # black everywhere: only the alpha says where to paint
+    rgba[16:48, 24:72, 3] = 0
     Image.fromarray(rgba, "RGBA").save(d / "layer.png")
     return d
 
@@ -88,7 +89,7 @@ def test_outpaint_keeps_the_picture_and_grows_the_canvas(tiny_repo, pictures, tm
 
 
 def test_mask_alpha_and_resolution(pictures):
-    """A mask with transparency paints where it is opaque; one drawn at half size is scaled to the
+    """A mask with transparency paints where it is transparent; one drawn at half size is scaled to the
     image's, not misaligned; an array of 0..1 is a mask too."""
     half = prepare_inputs("klein-4b", image=pictures / "photo.png", mask=pictures / "mask.png")
     layer = prepare_inputs("klein-4b", image=pictures / "photo.png", mask=pictures / "layer.png")

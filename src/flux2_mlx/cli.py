@@ -147,8 +147,8 @@ def _save_png(image, path: Path, meta: dict) -> None:
               help=f"With --image: how much of the schedule runs (default {DEFAULT_STRENGTH:g}, 1 with "
                    f"--expand); 1 ignores the image's content.")
 @click.option("--mask", type=click.Path(dir_okay=False, path_type=Path), metavar="IMAGE",
-              help="Inpaint the --image: white = repaint, black = keep (the alpha, if it has transparency); "
-                   "drawn at the image's size or any other of its shape.")
+              help="Inpaint the --image: white = repaint, black = keep (with transparency: transparent = "
+                   "repaint); drawn at the image's size or any other of its shape.")
 @click.option("--mask-crop", type=click.IntRange(min=0), metavar="PX",
               help="Generate only the mask's box grown by PX and paste it back (at -W x -H if given, else "
                    "at its own resolution).")

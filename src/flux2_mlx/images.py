@@ -30,13 +30,9 @@ def reference_pixels(count: int) -> int:
     return 2024 * 2024 if count == 1 else 1024 * 1024
 
 
-def open_image(source, what: str = "image") -> Image.Image:
-    """A path or PIL image → upright 8-bit RGB.
-
-    EXIF orientation is applied; transparency (RGBA, LA, palette or colour-key) is composited on white
-    rather than dropped, so a cut-out does not sit on black; 16-bit greyscale is scaled, not clipped;
-    CMYK, palette, greyscale and other modes are converted.
-    """
+def read_image(source, what: str = "image") -> Image.Image:
+    """A path or PIL image → upright (EXIF orientation applied), in its own mode; 16-bit greyscale scaled to
+    8-bit "L", not clipped. A file that is missing or not an image is a ValueError naming `what` and it."""
     if isinstance(source, Image.Image):
         img = source
     else:
@@ -55,7 +51,20 @@ def open_image(source, what: str = "image") -> Image.Image:
         # convert("L") would clip 16-bit values at 255; scale 0..65535 to 0..255 instead.
         a = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    return img
+
+
+def has_alpha(img: Image.Image) -> bool:
+    """RGBA, LA, palette or colour-key transparency."""
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def open_image(source, what: str = "image") -> Image.Image:
+    """A path or PIL image → upright 8-bit RGB (read_image). Transparency is composited on white rather
+    than dropped, so a cut-out does not sit on black; CMYK, palette, greyscale and other modes are
+    converted."""
+    img = read_image(source, what)
+    if has_alpha(img):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)

@@ -6,13 +6,12 @@ Numpy and Pillow only.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps
 
-from .images import check_reference, init_geometry, open_image, to_array
+from .images import check_reference, has_alpha, init_geometry, open_image, read_image, to_array
 
 ASPECT_TOLERANCE = 0.01  # a mask may differ from its image's aspect ratio by rounding, not by a crop
 
@@ -20,8 +19,9 @@ ASPECT_TOLERANCE = 0.01  # a mask may differ from its image's aspect ratio by ro
 def open_mask(source) -> Image.Image:
     """A path, PIL image or array (H, W) / (H, W, 1), uint8 0..255 or float 0..1 → an "L" image.
 
-    A mask with transparency uses its alpha (opaque = repaint: white strokes on a transparent layer);
-    an opaque one (alpha 255 everywhere, as many editors save) its luminance.
+    A mask with transparency repaints where it is transparent, as OpenAI's image edits and ComfyUI read
+    one (the photo with the area to redo erased); an opaque one (alpha 255 everywhere, as many editors
+    save) uses its luminance.
     """
     if isinstance(source, np.ndarray):
         a = source[..., 0] if source.ndim == 3 and source.shape[-1] == 1 else source
@@ -30,25 +30,11 @@ def open_mask(source) -> Image.Image:
         if a.dtype != np.uint8:
             a = np.round(np.clip(np.asarray(a, np.float64), 0, 1) * 255).astype(np.uint8)
         return Image.fromarray(a, "L")
-    if isinstance(source, Image.Image):
-        img = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"mask {path}: no such file")
-        try:
-            img = Image.open(path)
-            img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ValueError(f"mask {path} is not a readable image ({e}); use a PNG") from None
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    img = read_image(source, "mask")
+    if has_alpha(img):
         alpha = img.convert("RGBA").getchannel("A")
         if alpha.getextrema()[0] < 255:
-            return alpha
-    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
-        a = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L")
+            return ImageOps.invert(alpha)
     return img.convert("L")
 
 
