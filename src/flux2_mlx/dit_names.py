@@ -2,7 +2,8 @@
 
 Canonical names are BFL's, so BFL files map by identity (less a wrapper prefix such as
 `model.diffusion_model.`); diffusers files are renamed, their Q, K and V concatenated and the final
-adaLN halves swapped. Entries load numpy arrays, or `GGMLTensor`s for quantized GGUF tensors.
+adaLN halves swapped. Entries load numpy arrays, `GGMLTensor`s for quantized GGUF tensors, or for FP8 / NVFP4
+layers (comfy_quant) their ScaledFP8 / NVFP4 weights.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 
 import numpy as np
 
+from .comfy_quant import scaled_entries
 from .entries import Entry, check_stored, stored_type
 from .filekind import refuse_other_kind
 from .weights import GGMLTensor, WeightsError, WeightSource
@@ -86,12 +88,17 @@ def transformer_entries(source: WeightSource) -> dict[str, Entry]:
     refuse_other_kind(source.path, keys, "transformer")
     prefix = _strip_prefix(keys)
     names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+    scaled, used = scaled_entries(source, names, prefix)
     if any(n.startswith(("double_blocks.", "single_blocks.", "img_in.")) for n in names):
-        return check_stored({n: Entry(source.shape(k), lambda k=k: source.get(k), stored_type(source, k))
-                             for n, k in names.items()}, source.path)
+        plain = {n: Entry(source.shape(k), lambda k=k: source.get(k), stored_type(source, k))
+                 for n, k in names.items() if n not in used}
+        return check_stored(plain | scaled, source.path)
     if not any(n.startswith(("transformer_blocks.", "x_embedder.")) for n in names):
         raise WeightsError(f"{source.path}: no FLUX.2 transformer tensors found (neither BFL nor "
                            f"diffusers names); is this the right file?")
+    if scaled:  # diffusers' split Q, K, V would each have their own per-tensor scales
+        raise WeightsError(f"{source.path}: FP8/NVFP4 layers under diffusers names, which flux2-mlx does not "
+                           f"read; use the BFL-named file (FLUX.2's own releases are)")
     out: dict[str, Entry] = {}
     used: set[str] = set()
     for bfl, parts, how in _DIT_RULES:

@@ -20,6 +20,7 @@ from .config import (
     transformer_shapes,
     vae_shapes,
 )
+from .quant.scaled import SCALED_TYPES
 from .weights import GGML_QUANTIZED, GGMLTensor, WeightsError
 
 
@@ -58,7 +59,7 @@ def check_stored(entries: dict[str, Entry], where, quantized: bool = True,
                                f"is damaged")
         if not e.stored or e.stored in _DENSE_WEIGHTS:
             continue
-        if e.stored not in GGML_QUANTIZED + (FP8_BLOCKS if fp8 else ()):
+        if e.stored not in GGML_QUANTIZED + SCALED_TYPES + (FP8_BLOCKS if fp8 else ()):
             raise WeightsError(f"{where}: tensor {name} is stored as {e.stored}, which flux2-mlx does not "
                                f"run as a weight (it runs {', '.join(_DENSE_WEIGHTS + GGML_QUANTIZED)})")
         if not quantized or len(e.shape) != 2 or not name.endswith(".weight"):

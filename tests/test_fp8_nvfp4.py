@@ -1,0 +1,143 @@
+"""BFL's / Comfy-Org's FP8 and NVFP4 transformer files (ComfyUI's mixed-precision layers): built by
+comfy-kitchen's own quantizers, read strictly, decoded bit for bit as comfy-kitchen decodes them, and run
+natively (MLX's nvfp4 / mxfp8 matmuls; torch decoding each layer just in time)."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from comfy_kitchen.tensor.fp8 import TensorCoreFP8Layout
+from comfy_kitchen.tensor.nvfp4 import TensorCoreNVFP4Layout
+from conftest import random_transformer, rel_err
+
+from flux2_mlx.config import tiny_spec
+from flux2_mlx.dit_names import transformer_entries
+from flux2_mlx.quant.scaled import NVFP4, ScaledFP8, mlx_layout
+from flux2_mlx.weights import F8_E4M3, WeightSource, f32_to_bf16, save_safetensors, to_float32
+
+CFG = tiny_spec("klein-4b").transformer
+LAYOUT = {"float8_e4m3fn": TensorCoreFP8Layout, "nvfp4": TensorCoreNVFP4Layout}
+# Formats cycled over the matrices: "nvfp4!" is nvfp4 with full_precision_matrix_mult, None plain bf16.
+CYCLE = ["nvfp4", "float8_e4m3fn", None, "nvfp4", "nvfp4!", "float8_e4m3fn"]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy().view(F8_E4M3)
+    return t.numpy()
+
+
+def comfy_quantize(a: np.ndarray, fmt: str, scale=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({suffix: tensor} as comfy-kitchen serializes the layer, comfy-kitchen's eager dequantization)."""
+    layout = LAYOUT[fmt]
+    q, params = layout.quantize(torch.from_numpy(a), scale=scale)
+    parts = {s: _np(t) for s, t in layout.state_dict_tensors(q, params).items()}
+    return parts, layout.dequantize(q, params).numpy()
+
+
+def write_file(path, tensors, formats, layout="tensors", prefix="model.diffusion_model."):
+    """A BFL-named transformer file with the matrices of `formats` quantized, marked per layer by
+    `.comfy_quant` tensors ("tensors"), the header's `_quantization_metadata` ("header") or ComfyUI's legacy
+    `scaled_fp8` names ("legacy"). Returns the dequantized weights (comfy-kitchen's values, float32)."""
+    out, dense, layers = {}, {}, {}
+    for k, a in tensors.items():
+        fmt = formats.get(k)
+        if fmt is None:
+            out[prefix + k] = f32_to_bf16(a)
+            dense[k] = to_float32(out[prefix + k])
+            continue
+        layer = k.removesuffix(".weight")
+        parts, dense[k] = comfy_quantize(a, fmt.rstrip("!"))
+        conf = {"format": fmt.rstrip("!")}
+        if fmt.endswith("!"):
+            conf["full_precision_matrix_mult"] = True
+        if layout == "legacy":
+            out[f"{prefix}{k}"], out[f"{prefix}{layer}.scale_weight"] = parts[""], parts["_scale"]
+            out[f"{prefix}{layer}.scale_input"] = np.float32(1.0).reshape(())
+            continue
+        out.update({f"{prefix}{k}{s}": t for s, t in parts.items()})
+        out[f"{prefix}{layer}.input_scale"] = np.float32(0.5).reshape(())
+        if layout == "tensors":
+            out[f"{prefix}{layer}.comfy_quant"] = np.frombuffer(json.dumps(conf).encode(), np.uint8)
+        layers[prefix + layer] = conf
+    meta = None
+    if layout == "header":
+        meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    if layout == "legacy":
+        out[prefix + "scaled_fp8"] = np.zeros(0, np.uint8).view(F8_E4M3)
+    save_safetensors(path, out, meta)
+    return dense
+
+
+def _formats(tensors, cycle=CYCLE):
+    matrices = [k for k, a in tensors.items() if a.ndim == 2]
+    return {k: f for k, f in zip(matrices, cycle * len(matrices)) if f is not None}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny klein transformer, every layout written once: {layout: (path, dense weights)}."""
+    root = tmp_path_factory.mktemp("comfy_quant")
+    tensors = random_transformer(CFG, seed=7)
+    legacy = {k: "float8_e4m3fn" for k in _formats(tensors)}
+    files = {"tensors": (tensors, _formats(tensors), "model.diffusion_model."),
+             "header": (tensors, _formats(tensors), ""),
+             "legacy": (tensors, legacy, "model.diffusion_model.")}
+    return {name: (root / f"{name}.safetensors", write_file(root / f"{name}.safetensors", t, f, name, p))
+            for name, (t, f, p) in files.items()}
+
+
+@pytest.mark.parametrize("layout", ["tensors", "header", "legacy"])
+def test_each_layout_loads_strictly_and_decodes_as_comfy_kitchen(tiny, layout):
+    path, dense = tiny[layout]
+    entries = transformer_entries(WeightSource(path))
+    assert entries.keys() == dense.keys()
+    stored = {e.stored for e in entries.values()}
+    assert stored == ({"FP8", "BF16"} if layout == "legacy" else {"FP8", "NVFP4", "BF16"})
+    for k, e in entries.items():
+        a = e.load()
+        ours = a.dequantize() if isinstance(a, (ScaledFP8, NVFP4)) else to_float32(a)
+        assert ours.shape == e.shape and np.array_equal(ours.view(np.uint32), dense[k].view(np.uint32)), k
+
+
+def _pattern(n: int, k: int) -> np.ndarray:
+    """Values NVFP4 holds exactly with weight_scale_2 = 1: E2M1 codes times a power of two per (row, block),
+    neither symmetric in a byte's two codes nor across the scale tiles; each block holds a ±6."""
+    i, j = np.arange(n)[:, None], np.arange(k)[None, :]
+    codes = (3 * i + 5 * j + (j // 16)) % 16
+    codes = np.where(j % 16 == i % 16, 7 + 8 * (i % 2), codes)  # the block's largest magnitude, 6
+    exp = (7 * i + 3 * (j // 16)) % 9 - 4
+    return (np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)[codes]
+            * np.exp2(exp)).astype(np.float32)
+
+
+def test_nibble_order_and_scale_swizzle_on_a_non_symmetric_pattern():
+    w = _pattern(144, 96)  # two 128-row tiles, 6 blocks a row padded to 8: every swizzle edge
+    parts, ref = comfy_quantize(w, "nvfp4", scale=1.0)
+    t = NVFP4(parts[""], parts["_scale"].view(np.uint8), np.float32(parts["_scale_2"]))
+    assert np.array_equal(t.dequantize(), w) and np.array_equal(ref, w)
+    p = t.packed
+    swapped = NVFP4(((p << 4) | (p >> 4)).astype(np.uint8), t.block_scales, t.scale)
+    assert not np.array_equal(swapped.dequantize(), w)  # low nibble first would be wrong
+    flat = np.zeros_like(t.block_scales)
+    flat[:144, :6] = t.block_scales.reshape(-1)[:144 * 6].reshape(144, 6)
+    assert not np.allclose(NVFP4(p, flat, t.scale).dequantize(), w)  # row-major scales would be wrong
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "nvfp4"])
+def test_mlx_layout_holds_the_same_values(fmt):
+    import mlx.core as mx
+
+    a = np.random.default_rng(1).standard_normal((144, 64)).astype(np.float32)
+    parts, ref = comfy_quantize(a, fmt)
+    t = (ScaledFP8(parts[""], np.float32(parts["_scale"])) if fmt == "float8_e4m3fn" else
+         NVFP4(parts[""], parts["_scale"].view(np.uint8), np.float32(parts["_scale_2"])))
+    q = mlx_layout(t)
+    group, bits = (16, 4) if q.mode == "nvfp4" else (32, 8)
+    values = mx.dequantize(mx.array(q.weight), mx.array(q.scales), group_size=group, bits=bits, mode=q.mode,
+                           dtype=mx.float32)
+    # the per-tensor scale goes on the matmul's output: the layout holds the values at scale 1, exactly
+    assert np.array_equal(np.array(values), dataclasses.replace(t, scale=np.float32(1)).dequantize())
+    assert q.scale == t.scale and rel_err(np.array(values) * q.scale, ref) < 1e-7
