@@ -14,7 +14,9 @@ from conftest import random_transformer, rel_err
 
 from flux2_mlx.config import tiny_spec
 from flux2_mlx.dit_names import transformer_entries
+from flux2_mlx.entries import Entry
 from flux2_mlx.quant.scaled import NVFP4, ScaledFP8, mlx_layout
+from flux2_mlx.sampling import prc_img, prc_txt
 from flux2_mlx.weights import F8_E4M3, WeightSource, f32_to_bf16, save_safetensors, to_float32
 
 CFG = tiny_spec("klein-4b").transformer
@@ -141,3 +143,49 @@ def test_mlx_layout_holds_the_same_values(fmt):
     # the per-tensor scale goes on the matmul's output: the layout holds the values at scale 1, exactly
     assert np.array_equal(np.array(values), dataclasses.replace(t, scale=np.float32(1)).dequantize())
     assert q.scale == t.scale and rel_err(np.array(values) * q.scale, ref) < 1e-7
+
+
+def _dense_entries(dense):
+    return {k: Entry(a.shape, lambda a=a: a) for k, a in dense.items()}
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 6, CFG.in_channels)).astype(np.float32)
+    ctx = rng.standard_normal((1, 16, CFG.context_in_dim)).astype(np.float32)
+    return x, prc_img(2, 3), np.array([0.6], np.float32), ctx, prc_txt(16), np.array([3.5], np.float32)
+
+
+def _mlx_forward(model):
+    import mlx.core as mx
+
+    return np.array(model(*(mx.array(a) for a in _inputs())))
+
+
+@pytest.fixture(scope="module")
+def mlx_outputs(tiny):
+    """MLX forwards: the native file and the same values loaded dense, per layout."""
+    import mlx.core as mx
+
+    from flux2_mlx.mlx_backend import load_transformer
+
+    out = {}
+    for layout in ("tensors", "legacy"):
+        path, dense = tiny[layout]
+        native = load_transformer(CFG, WeightSource(path), dtype=mx.float32)
+        out[layout] = (native, _mlx_forward(native),
+                       _mlx_forward(load_transformer(CFG, _dense_entries(dense), dtype=mx.float32)))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["tensors", "legacy"])
+def test_mlx_runs_the_file_natively_as_the_dense_model_of_its_values(mlx_outputs, layout):
+    from flux2_mlx.mlx_backend.quant_layers import FPLinear
+
+    model, ours, ref = mlx_outputs[layout]
+    blk = model.double_blocks[0]
+    if layout == "tensors":  # CYCLE over the matrices in order: txt_in is the 2nd, time_in.in_layer the 3rd
+        assert (model.img_in.mode, model.txt_in.mode) == ("nvfp4", "mxfp8")
+        assert not isinstance(model.time_in.in_layer, FPLinear)
+    assert isinstance(blk.img_attn.qkv, FPLinear)
+    assert rel_err(ours, ref) < 1e-5

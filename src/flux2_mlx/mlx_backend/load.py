@@ -17,9 +17,10 @@ from ..entries import Entry, checked_entries
 from ..lora import LoraQuant
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
+from ..quant.scaled import NVFP4, FPQuant, ScaledFP8, mlx_layout
 from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, FP8Blocks, GGMLTensor, WeightSource
-from .quant_layers import LoraLinear, cast, module_at, quantized_layer, replace_module
+from .quant_layers import FPLinear, LoraLinear, cast, module_at, quantized_layer, replace_module
 from .stream import StreamedBlock
 from .text_encoder import DecoderLayer, TextEncoder
 from .transformer import DoubleStreamBlock, Flux2, SingleStreamBlock
@@ -32,13 +33,16 @@ def from_numpy(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
     return cast(x, dtype)
 
 
-def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | LoraQuant) -> np.ndarray | AffineQuant | LoraQuant:
-    """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout; FP8 decoded: MLX has no
-    FP8 matmul)."""
+def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | LoraQuant
+          ) -> np.ndarray | AffineQuant | FPQuant | LoraQuant:
+    """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout; block-scaled FP8 decoded:
+    MLX has no such matmul; per-tensor-scaled FP8 and NVFP4 repacked for its mxfp8 / nvfp4 modes)."""
     if isinstance(raw, LoraQuant):
         return dataclasses.replace(raw, base=_host(raw.base))
     if isinstance(raw, FP8Blocks):
         return raw.dequantize()
+    if isinstance(raw, (ScaledFP8, NVFP4)):
+        return mlx_layout(raw)
     return repack(raw.data, GGMLType[raw.ggml_type], raw.shape) if isinstance(raw, GGMLTensor) else raw
 
 
@@ -49,6 +53,9 @@ def _place(host: np.ndarray | AffineQuant | LoraQuant):
     if isinstance(host, AffineQuant):
         return dataclasses.replace(host, weight=_place(host.weight), scales=_place(host.scales),
                                    biases=_place(host.biases))
+    if isinstance(host, FPQuant):
+        return dataclasses.replace(host, weight=_place(host.weight), scales=_place(host.scales),
+                                   scale=_place(np.asarray(host.scale, np.float32)))
     if isinstance(host, LoraQuant):
         return LoraQuant(_place(host.base), *(None if a is None else _place(a) for a in host.factors()))
     if isinstance(host, mx.array):
@@ -60,6 +67,11 @@ def _fill(module, tensors, dtype: mx.Dtype):
     """Put (name, host or placed form) pairs into `module`, one tensor at a time."""
     params = []
     for name, t in tensors:
+        if isinstance(t, FPQuant):
+            t = _place(t)
+            layer = FPLinear(t.weight, t.scales, t.scale, t.mode)
+            replace_module(module, name.removesuffix(".weight"), layer)
+            continue
         if isinstance(t, (AffineQuant, LoraQuant)):  # quantized: the layer type follows the ggml type
             path, t = name.removesuffix(".weight"), _place(t)
             old = module_at(module, path)

@@ -1,7 +1,8 @@
-"""MLX quantized layers made from raw ggml blocks: each tensor's ggml type picks its layer.
+"""MLX quantized layers made from raw ggml blocks (each tensor's ggml type picks its layer) and from
+per-tensor-scaled FP8 / NVFP4 weights.
 
-GGUF weights are repacked (quant/affine.py) into MLX's affine layout and run on MLX's
-quantized matmul; they are never expanded to a dense copy.
+GGUF weights are repacked (quant/affine.py) into MLX's affine layout, FP8 and NVFP4 (quant/scaled.py) into
+its mxfp8 / nvfp4 layouts; all run on MLX's quantized matmul and are never expanded to a dense copy.
 """
 
 from __future__ import annotations
@@ -29,6 +30,21 @@ def quantized_layer(old: nn.Module, q: AffineQuant, dtype: mx.Dtype) -> nn.Modul
     layer.weight, layer.scales, layer.biases = q.weight, cast(q.scales, dtype), cast(q.biases, dtype)
     mx.eval(layer.parameters())
     return layer
+
+
+class FPLinear(nn.Module):
+    """A bias-free Linear held in MLX's `nvfp4` or `mxfp8` layout (quant.scaled.FPQuant), its float32
+    per-tensor scale applied to the matmul's output."""
+
+    def __init__(self, weight: mx.array, scales: mx.array, scale: mx.array, mode: str):
+        super().__init__()
+        self.weight, self.scales, self.scale = weight, scales, scale
+        self.mode, self.group_size, self.bits = mode, *{"nvfp4": (16, 4), "mxfp8": (32, 8)}[mode]
+
+    def __call__(self, x):
+        y = mx.quantized_matmul(x, self.weight, self.scales, transpose=True, group_size=self.group_size,
+                                bits=self.bits, mode=self.mode)
+        return (y * self.scale).astype(x.dtype)
 
 
 class LoraLinear(nn.Module):
