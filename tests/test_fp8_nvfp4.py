@@ -188,4 +188,24 @@ def test_mlx_runs_the_file_natively_as_the_dense_model_of_its_values(mlx_outputs
         assert (model.img_in.mode, model.txt_in.mode) == ("nvfp4", "mxfp8")
         assert not isinstance(model.time_in.in_layer, FPLinear)
     assert isinstance(blk.img_attn.qkv, FPLinear)
+    if layout == "tensors":  # 5th matrix: nvfp4 with full_precision_matrix_mult, decoded once
+        assert not isinstance(model.double_stream_modulation_img.lin, FPLinear)
     assert rel_err(ours, ref) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["tensors", "legacy"])
+def test_torch_decodes_per_layer_as_the_dense_model_and_matches_mlx(tiny, mlx_outputs, layout):
+    import flux2_mlx.torch_backend as tb
+    from flux2_mlx.torch_backend.quant_layers import ScaledLinear
+
+    path, dense = tiny[layout]
+    model = tb.load_transformer(CFG, WeightSource(path), dtype=torch.float32)
+    assert isinstance(model.double_blocks[0].img_attn.qkv, ScaledLinear)
+    if layout == "tensors":  # full_precision_matrix_mult changes nothing here: every layer decodes per call
+        assert isinstance(model.double_stream_modulation_img.lin, ScaledLinear)
+    with torch.no_grad():
+        ours = model(*(tb.from_numpy(a) for a in _inputs())).numpy()
+        ref = tb.load_transformer(CFG, _dense_entries(dense), dtype=torch.float32)(
+            *(tb.from_numpy(a) for a in _inputs())).numpy()
+    assert np.array_equal(ours, ref)  # the same float32 weights, decoded in the same order
+    assert rel_err(ours, mlx_outputs[layout][1]) < 1e-5

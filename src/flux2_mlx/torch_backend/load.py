@@ -19,6 +19,7 @@ from ..entries import FP8_BLOCKS, Entry, checked_entries
 from ..lora import LoraQuant
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
+from ..quant.scaled import NVFP4, FPQuant, ScaledFP8, nvfp4_lsb_first
 from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, F8_E4M3, F8_E5M2, FP8Blocks, GGMLTensor, WeightSource, to_float32
 from .quant_layers import LoraLinear, fp8_matmul_kind, quantized_layer, replace_module
@@ -61,16 +62,24 @@ def _device_tensor(t: torch.Tensor, device: torch.device, dtype: torch.dtype | N
     return t.to(device, non_blocking=True).to(dtype or t.dtype)
 
 
-def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | LoraQuant, pin: bool):
+def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | LoraQuant, pin: bool):
     """The host half of loading a tensor: a CPU tensor, GGUF blocks repacked to the affine layout with
-    the packed codes as bytes, FP8 codes as torch's float8 and their scales in float32, or a LoraQuant of
-    such forms."""
+    the packed codes as bytes, FP8 codes as torch's float8 and their scales in float32, NVFP4 codes as bytes
+    (low nibble first) with their block scales in row order, or a LoraQuant of such forms."""
     if isinstance(raw, LoraQuant):
         factors = (None if a is None else host_tensor(a, pin) for a in raw.factors())
         return LoraQuant(_host(raw.base, pin), *factors)
     if isinstance(raw, FP8Blocks):
         codes = host_tensor(raw.codes.view(np.uint8), pin).view(_FP8[raw.codes.dtype])
         return dataclasses.replace(raw, codes=codes, scale_inv=host_tensor(to_float32(raw.scale_inv), pin))
+    if isinstance(raw, ScaledFP8):
+        codes = host_tensor(np.ascontiguousarray(raw.codes).view(np.uint8), pin).view(torch.float8_e4m3fn)
+        scale = host_tensor(np.asarray(raw.scale, np.float32), pin)
+        return dataclasses.replace(raw, codes=codes, scale=scale)
+    if isinstance(raw, NVFP4):
+        q = nvfp4_lsb_first(raw)
+        return dataclasses.replace(q, weight=host_tensor(q.weight, pin), scales=host_tensor(q.scales, pin),
+                                   scale=host_tensor(np.asarray(q.scale, np.float32), pin))
     if isinstance(raw, GGMLTensor):
         q = repack(raw.data, GGMLType[raw.ggml_type], raw.shape)
         return dataclasses.replace(q, weight=host_tensor(q.weight.view(np.uint8), pin),
@@ -88,6 +97,13 @@ def _place(host: torch.Tensor | AffineQuant | FP8Blocks | LoraQuant, device: tor
     if isinstance(host, FP8Blocks):
         return dataclasses.replace(host, codes=_device_tensor(host.codes, device, None),
                                    scale_inv=_device_tensor(host.scale_inv, device, None))
+    if isinstance(host, ScaledFP8):
+        return dataclasses.replace(host, codes=_device_tensor(host.codes, device, None),
+                                   scale=_device_tensor(host.scale, device, None))
+    if isinstance(host, FPQuant):
+        return dataclasses.replace(host, weight=_device_tensor(host.weight, device, None),
+                                   scales=_device_tensor(host.scales, device, None),
+                                   scale=_device_tensor(host.scale, device, None))
     if isinstance(host, AffineQuant):
         return dataclasses.replace(host, weight=_device_tensor(host.weight, device, None),
                                    scales=_device_tensor(host.scales, device, dtype),
@@ -111,7 +127,7 @@ def _fill(module: nn.Module, tensors, place, dtype: torch.dtype, fp8_matmul: str
             base = quantized_layer(module.get_submodule(path), t.base, dtype, fp8_matmul)
             replace_module(module, path, LoraLinear(base, *t.factors()))
             continue
-        if isinstance(t, (AffineQuant, FP8Blocks)):  # quantized: the layer type follows the stored type
+        if isinstance(t, (AffineQuant, FP8Blocks, ScaledFP8, FPQuant)):  # the layer follows the stored type
             replace_module(module, path, quantized_layer(module.get_submodule(path), t, dtype, fp8_matmul))
             continue
         owner = module.get_submodule(path)

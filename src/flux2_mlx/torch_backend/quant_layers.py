@@ -1,4 +1,5 @@
-"""PyTorch quantized layers: GGUF blocks and block-scaled FP8 weights, held as stored.
+"""PyTorch quantized layers: GGUF blocks, block-scaled FP8 and per-tensor-scaled FP8 / NVFP4 weights, held
+as stored.
 
 GGUF weights are repacked (quant/affine.py) into the affine layout MLX runs: per group of
 `group_size` values w = scale · q + bias, the codes q a little-endian bit stream. FP8 checkpoints keep
@@ -14,6 +15,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..quant.scaled import E2M1, FPQuant, ScaledFP8
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -183,10 +186,43 @@ class FP8Linear(nn.Module):
         return y.unflatten(0, x.shape[:-1])
 
 
+class ScaledLinear(nn.Module):
+    """A bias-free Linear held as a per-tensor-scaled FP8 or NVFP4 weight (quant/scaled.py), decoded as the
+    numpy loader decodes it (float32, the scales multiplied first) into the compute dtype just before its
+    matmul. `weight`: float8 codes (n, k), or NVFP4 codes as bytes (n, k/2), low nibble first, with
+    `block_scales` E4M3 bytes (n, k/16) in row order; `scale` float32."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 block_scales: torch.Tensor | None = None):
+        super().__init__()
+        self.dtype = dtype
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("block_scales", block_scales)
+        self.register_buffer("e2m1", None if block_scales is None else
+                             torch.tensor(E2M1.tolist(), device=weight.device), persistent=False)
+
+    def dense(self) -> torch.Tensor:
+        if self.block_scales is None:
+            return (self.weight.float() * self.scale).to(self.dtype)
+        block = self.block_scales.view(torch.float8_e4m3fn).float() * self.scale
+        codes = self.e2m1[unpack(self.weight, 4).long()].unflatten(-1, (-1, 16))
+        return (codes * block[..., None]).flatten(-2).to(self.dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.dense())
+
+
 def quantized_layer(old: nn.Module, q, dtype: torch.dtype, fp8_matmul: str | None = None) -> nn.Module:
-    """A QuantLinear / QuantEmbedding / FP8Linear standing in for `old`, from q: an AffineQuant whose
-    weight, scales and biases are already device tensors (weight as uint8 bytes, scales and biases in the
-    compute dtype `dtype`), or an FP8Blocks of device tensors (multiplied as FP8Linear's `matmul`)."""
+    """A QuantLinear / QuantEmbedding / FP8Linear / ScaledLinear standing in for `old`, from q: an
+    AffineQuant whose weight, scales and biases are already device tensors (weight as uint8 bytes, scales
+    and biases in the compute dtype `dtype`), an FP8Blocks of device tensors (multiplied as FP8Linear's
+    `matmul`), or a ScaledFP8 / FPQuant (NVFP4) of device tensors."""
+    if isinstance(q, (ScaledFP8, FPQuant)):
+        if isinstance(old, nn.Linear) and old.bias is None:
+            return (ScaledLinear(q.codes, q.scale, dtype) if isinstance(q, ScaledFP8) else
+                    ScaledLinear(q.weight, q.scale, dtype, q.scales))
+        raise ValueError(f"a quantized tensor cannot stand in for {type(old).__name__}")
     if hasattr(q, "scale_inv"):
         if isinstance(old, nn.Linear) and old.bias is None:
             return FP8Linear(q.codes, q.scale_inv, q.block, dtype, fp8_matmul)
