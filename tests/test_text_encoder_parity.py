@@ -176,7 +176,9 @@ def test_left_pad_rows_follow_the_zero_convention(refs):
 
 
 def test_bfloat16_weights_run_without_nan(refs):
-    ref = refs("mistral")
+    """On the short prompts: the left padding (27 of 64 tokens, the rows that could turn NaN) is there as at
+    512, and MLX's CPU bf16 matmul is 8x slower for the 448 more."""
+    ref = refs("mistral").short
     ours = _ours(ref, ref.dir, dtype=mx.bfloat16)
     assert np.isfinite(ours).all()
     assert rel_err(ours, ref.expected) <= 3e-2
