@@ -4,6 +4,8 @@ natively (MLX's nvfp4 / mxfp8 matmuls; torch decoding each layer just in time)."
 
 import dataclasses
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from flux2_mlx.dit_names import transformer_entries
 from flux2_mlx.entries import Entry
 from flux2_mlx.quant.scaled import NVFP4, ScaledFP8, mlx_layout
 from flux2_mlx.sampling import prc_img, prc_txt
-from flux2_mlx.weights import F8_E4M3, WeightSource, f32_to_bf16, save_safetensors, to_float32
+from flux2_mlx.weights import F8_E4M3, WeightsError, WeightSource, f32_to_bf16, save_safetensors, to_float32
 
 CFG = tiny_spec("klein-4b").transformer
 LAYOUT = {"float8_e4m3fn": TensorCoreFP8Layout, "nvfp4": TensorCoreNVFP4Layout}
@@ -209,3 +211,58 @@ def test_torch_decodes_per_layer_as_the_dense_model_and_matches_mlx(tiny, mlx_ou
             *(tb.from_numpy(a) for a in _inputs())).numpy()
     assert np.array_equal(ours, ref)  # the same float32 weights, decoded in the same order
     assert rel_err(ours, mlx_outputs[layout][1]) < 1e-5
+
+
+def test_info_tells_the_format_of_each_layer_kind_and_the_memory_counts_them_as_stored(tiny):
+    from flux2_mlx.info import describe
+    from flux2_mlx.memory import component_weights
+
+    path, dense = tiny["tensors"]
+    lines = describe(path)
+    assert ("linear layers: 10 NVFP4, 9 FP8, 5 BF16, 5 NVFP4 full-precision matmul; MLX decodes the "
+            "full-precision-matmul ones once to the compute dtype") in lines
+    assert any(line.split() == ["double_blocks.*.img_attn.qkv", "1", "NVFP4,", "1", "FP8"] for line in lines)
+    entries = transformer_entries(WeightSource(path))
+    w = component_weights("transformer", entries, ("double_blocks", "single_blocks"), 2)
+
+    def size(n, stored):  # NVFP4: half a byte a weight and an E4M3 byte per 16; FP8 and MLX's E8M0 per 32
+        return {"NVFP4": n // 2 + n // 16, "FP8": n + n // 32}.get(stored, 2 * n)
+
+    assert w.total == sum(size(math.prod(e.shape), e.stored) for e in entries.values())
+
+
+def _one_layer(tmp_path, fmt="nvfp4", marker=None, drop=(), replace=None, shape=(32, 64)):
+    """A file holding one marked layer (img_in) with its tensors as comfy-kitchen writes them, edited."""
+    a = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    parts, _ = comfy_quantize(a, fmt)
+    p = "model.diffusion_model.img_in."
+    out = {p + "weight" + s: t for s, t in parts.items() if "weight" + s not in drop}
+    out[p + "comfy_quant"] = np.frombuffer(json.dumps(marker or {"format": fmt}).encode(), np.uint8)
+    out.update({p + k: v for k, v in (replace or {}).items()})
+    save_safetensors(tmp_path / "bad.safetensors", out)
+    return tmp_path / "bad.safetensors"
+
+
+@pytest.mark.parametrize("case, message", [
+    ({"marker": {"format": "int4_awq"}}, "layer img_in is marked as format 'int4_awq', which flux2-mlx does "
+                                         "not run (it runs float8_e4m3fn, nvfp4)"),
+    ({"replace": {"weight_scale": np.zeros((32, 4), np.uint8).view(F8_E4M3)}},
+     "layer img_in: weight_scale is F8_E4M3 [32, 4], expected F8_E4M3 [128, 4] (block scales of a 32 × 64 "
+     "NVFP4 weight in 128 × 4 tiles)"),
+    ({"fmt": "float8_e4m3fn", "drop": ("weight_scale",)}, "layer img_in is marked float8_e4m3fn but has no "
+                                                          "weight_scale"),
+    ({"replace": {"weight": np.zeros((32, 12), np.uint8)}},  # K = 24: one and a half blocks
+     "layer img_in is marked nvfp4 but its weight is U8 [32, 12]; NVFP4 rows are uint8 pairs of codes, whole "
+     "blocks of 16"),
+    ({"drop": ("weight_scale_2",)}, "layer img_in is marked nvfp4 but has no weight_scale_2"),
+])
+def test_bad_input_is_one_error_line_naming_the_file_and_the_layer(tmp_path, case, message):
+    from click.testing import CliRunner
+
+    from flux2_mlx.cli import main
+
+    path = _one_layer(tmp_path, **case)
+    with pytest.raises(WeightsError, match="^" + re.escape(f"{path}: {message}")):
+        transformer_entries(WeightSource(path))
+    r = CliRunner().invoke(main, ["info", str(path)])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [f"error: {path}: {message}"]

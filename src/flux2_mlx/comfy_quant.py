@@ -32,8 +32,9 @@ def _json(raw: bytes | str, what: str):
         raise WeightsError(f"{what} is not JSON; the file is damaged") from None
 
 
-def _markers(source, names: dict[str, str], prefix: str) -> dict[str, dict]:
-    """layer (canonical name, no `.weight`) → its marker's config."""
+def layer_markers(source, names: dict[str, str], prefix: str) -> dict[str, dict]:
+    """layer (canonical name, no `.weight`) → its marker's config; `names`: canonical name → key in `source`,
+    `prefix` the wrapper prefix stripped from them."""
     out: dict[str, dict] = {}
     meta = getattr(source, "metadata", {}).get("_quantization_metadata")  # shape-only stand-ins have none
     if meta is not None:
@@ -66,7 +67,7 @@ def scaled_entries(source, names: dict[str, str], prefix: str) -> tuple[dict[str
     where = source.path
     out: dict[str, Entry] = {}
     used: set[str] = set()
-    for layer, conf in _markers(source, names, prefix).items():
+    for layer, conf in layer_markers(source, names, prefix).items():
         fmt = conf.get("format") if isinstance(conf, dict) else None
         if fmt not in FORMATS:
             raise WeightsError(f"{where}: layer {layer} is marked as format {fmt!r}, which flux2-mlx does "

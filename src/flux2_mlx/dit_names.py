@@ -75,7 +75,8 @@ def _concat_rows(parts: list) -> np.ndarray | GGMLTensor:
     return np.concatenate(parts, axis=0)
 
 
-def _strip_prefix(keys: list[str]) -> str:
+def wrapper_prefix(keys: list[str]) -> str:
+    """The wrapper prefix (`model.diffusion_model.`, ...) most keys start with, or ""."""
     for p in _PREFIXES:
         if keys and sum(k.startswith(p) for k in keys) > len(keys) // 2:
             return p
@@ -86,7 +87,7 @@ def transformer_entries(source: WeightSource) -> dict[str, Entry]:
     """Canonical DiT tensors of a BFL or diffusers checkpoint (layout detected from the keys)."""
     keys = source.keys()
     refuse_other_kind(source.path, keys, "transformer")
-    prefix = _strip_prefix(keys)
+    prefix = wrapper_prefix(keys)
     names = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
     scaled, used = scaled_entries(source, names, prefix)
     if any(n.startswith(("double_blocks.", "single_blocks.", "img_in.")) for n in names):

@@ -8,14 +8,19 @@ and can loop until memory runs out on a damaged one.
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from pathlib import Path
 
+from .comfy_quant import layer_markers
 from .config import MODELS, VAEConfig, text_encoder_shapes, transformer_shapes, vae_config_from, vae_shapes
-from .dit_names import transformer_entries
+from .dit_names import transformer_entries, wrapper_prefix
 from .encoder_names import text_encoder_entries
 from .entries import check_keys, transformer_config
 from .filekind import encoder_base, file_kind
+from .memory import tensor_bytes
 from .pipeline import component_config, encoder_config
+from .quant.scaled import SCALED_TYPES
 from .vae_names import vae_entries
 from .weights import INDEX_NAMES, GGUFFile, WeightsError, WeightSource
 
@@ -40,6 +45,33 @@ def _transformer(source: WeightSource) -> str:
         return f"FLUX.2 transformer: {' / '.join(same)} (tensors cannot tell distilled, base and kv apart)"
     return (f"FLUX.2 transformer: no registered variant (hidden {cfg.hidden_size}, {cfg.depth} double + "
             f"{cfg.depth_single_blocks} single blocks)")
+
+
+def _scaled(source: WeightSource) -> tuple[list[str], int] | None:
+    """For a transformer with FP8 / NVFP4 layers (ComfyUI markers): lines giving the format of each layer
+    kind, and its bytes on MLX (those layers as stored, the full-precision-matmul ones and the rest in
+    bfloat16). None for other files."""
+    entries = transformer_entries(source)
+    if not any(e.stored in SCALED_TYPES for e in entries.values()):
+        return None
+    prefix = wrapper_prefix(source.keys())
+    names = {k[len(prefix):]: k for k in source.keys() if k.startswith(prefix)}
+    full = {f"{layer}.weight" for layer, conf in layer_markers(source, names, prefix).items()
+            if conf.get("full_precision_matrix_mult")}
+    kinds: dict[str, Counter] = {}
+    mlx = 0
+    for name, e in entries.items():
+        mlx += 2 * math.prod(e.shape) if name in full else tensor_bytes(e.stored, tuple(e.shape), 2)
+        if len(e.shape) == 2:
+            kind = re.sub(r"\.\d+\.", ".*.", name.removesuffix(".weight"))
+            fmt = e.stored + " full-precision matmul" * (name in full) if e.stored in SCALED_TYPES else "BF16"
+            kinds.setdefault(kind, Counter())[fmt] += 1
+    count = Counter(f for c in kinds.values() for f in c.elements())
+    lines = ["linear layers: " + ", ".join(f"{n} {f}" for f, n in count.most_common())
+             + ("; MLX decodes the full-precision-matmul ones once to the compute dtype" if full else "")]
+    lines += [f"  {kind:44} " + ", ".join(f"{n} {f}" for f, n in kinds[kind].most_common())
+              for kind in sorted(kinds)]
+    return lines, mlx
 
 
 def _text_encoder(source: WeightSource) -> str:
@@ -111,7 +143,11 @@ def _describe(path: Path) -> list[str]:
     for name, (count, nbytes, _) in sorted(per_type.items(), key=lambda kv: -kv[1][1]):
         lines.append(f"  {name:8} {count:5} tensors  {_gib(nbytes)}")
     mlx = sum(elems * MLX_BITS.get(name, 16) / 8 for name, (_, _, elems) in per_type.items())
+    scaled = _scaled(source) if kind not in ("text_encoder", "vae") else None
+    how = "quantized weights as repacked with 16-bit scales, dense weights in bfloat16"
+    if scaled:
+        lines += scaled[0]
+        mlx, how = scaled[1], "FP8 / NVFP4 layers as stored, the others in bfloat16"
     total = sum(v[1] for v in per_type.values())
-    lines.append(f"size: {_gib(total)}; on MLX about {_gib(mlx)} (quantized weights as repacked with 16-bit "
-                 f"scales, dense weights in bfloat16)")
+    lines.append(f"size: {_gib(total)}; on MLX about {_gib(mlx)} ({how})")
     return lines

@@ -57,6 +57,10 @@ def tensor_bytes(stored: str, shape: tuple[int, ...], compute_bytes: int, fp8_ke
     n = math.prod(shape)
     if fp8_kept and stored in FP8_BLOCKS:
         return n + 4 * -(-n // (128 * 128))
+    if stored == "NVFP4":  # 4-bit codes and an E4M3 byte per 16, on both backends
+        return n // 2 + n // 16
+    if stored == "FP8":  # a byte a weight (MLX adds its unit E8M0 byte per 32)
+        return n + n // 32
     fmt = affine_format(GGMLType[stored]) if stored in GGMLType.__members__ else None
     if fmt is None:
         return n * compute_bytes
