@@ -266,3 +266,39 @@ def test_bad_input_is_one_error_line_naming_the_file_and_the_layer(tmp_path, cas
         transformer_entries(WeightSource(path))
     r = CliRunner().invoke(main, ["info", str(path)])
     assert r.exit_code == 2 and r.output.strip().splitlines() == [f"error: {path}: {message}"]
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_streamed_blocks_load_their_quantized_layers_the_same_way(tiny, mlx_outputs, backend):
+    import mlx.core as mx
+
+    import flux2_mlx.mlx_backend as mb
+    import flux2_mlx.torch_backend as tb
+    from flux2_mlx.memory import Streaming
+
+    be, dtype = (mb, mx.float32) if backend == "mlx" else (tb, torch.float32)
+    model = be.load_transformer(CFG, WeightSource(tiny["tensors"][0]), dtype=dtype,
+                                streaming=Streaming(1, False))
+    ours = be.to_numpy(model(*(be.from_numpy(a) for a in _inputs())))
+    assert rel_err(ours, mlx_outputs["tensors"][1]) < (1e-12 if backend == "mlx" else 1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
+@pytest.mark.parametrize("input_scale", [0.05, None])
+def test_fp8_matmul_equals_its_float64_emulation_and_nears_the_decoded_weight(device, input_scale):
+    from flux2_mlx.torch_backend.quant_layers import E4M3_MAX, ScaledLinear
+
+    rng = np.random.default_rng(3)
+    parts, dense = comfy_quantize(rng.standard_normal((64, 96)).astype(np.float32) / 10, "float8_e4m3fn")
+    codes = torch.from_numpy(parts[""].view(np.uint8)).view(torch.float8_e4m3fn).to(device)
+    scale = torch.from_numpy(parts["_scale"]).to(device)
+    act = None if input_scale is None else torch.tensor(input_scale, device=device)
+    layer = ScaledLinear(codes, scale, torch.float32, input_scale=act, fp8_matmul=True)
+    x = torch.from_numpy(rng.standard_normal((2, 5, 96)).astype(np.float32)).to(device)
+    y = layer(x).cpu().double().numpy()
+    sx = act if act is not None else x.abs().amax() / E4M3_MAX  # float32, as the layer rounds it
+    xq = (x / sx).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).double().cpu().numpy()
+    emulated = xq @ codes.double().cpu().numpy().T * float(sx) * float(parts["_scale"])
+    assert rel_err(y, emulated) < 1e-6
+    assert rel_err(y, x.cpu().numpy() @ dense.T) < 3e-2  # the activations' rounding to e4m3

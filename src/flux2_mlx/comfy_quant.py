@@ -4,8 +4,8 @@ are (ComfyUI's mixed-precision layers), read strictly into one Entry per weight.
 A layer is marked by a `<layer>.comfy_quant` uint8 tensor holding JSON (`{"format": "nvfp4"}`), by the
 header's `_quantization_metadata` (`{"layers": {layer: {"format": ...}}}`), or, in ComfyUI's older
 `scaled_fp8` files (a `scaled_fp8` tensor present), by an F8_E4M3 weight with `scale_weight` /
-`scale_input` beside it. Unmarked layers are plain tensors. Activation scales (`input_scale`) are read
-over: the weights run on their own (weight-only).
+`scale_input` beside it. Unmarked layers are plain tensors. FP8 layers keep their activation scale
+(`input_scale`) for torch's FP8 matmuls; NVFP4's is read over (NVFP4 runs weight-only).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .weights import WeightsError, to_float32
 FORMATS = {"float8_e4m3fn": "FP8", "nvfp4": "NVFP4"}
 # Per-layer tensors besides `.weight`, under both naming schemes (legacy scaled_fp8 second).
 _SCALES = {"weight_scale": "weight_scale", "scale_weight": "weight_scale"}
-_IGNORED = ("input_scale", "scale_input", "comfy_quant")
+_INPUT_SCALES = ("input_scale", "scale_input")
 
 
 def _json(raw: bytes | str, what: str):
@@ -72,7 +72,8 @@ def scaled_entries(source, names: dict[str, str], prefix: str) -> tuple[dict[str
         if fmt not in FORMATS:
             raise WeightsError(f"{where}: layer {layer} is marked as format {fmt!r}, which flux2-mlx does "
                                f"not run (it runs {', '.join(FORMATS)})")
-        parts = {s: names[f"{layer}.{s}"] for s in ("weight", *_SCALES, *_IGNORED, "weight_scale_2")
+        parts = {s: names[f"{layer}.{s}"] for s in ("weight", *_SCALES, *_INPUT_SCALES, "comfy_quant",
+                                                    "weight_scale_2")
                  if f"{layer}.{s}" in names}
         used.update(f"{layer}.{s}" for s in parts)
         if "weight" not in parts:
@@ -89,9 +90,12 @@ def scaled_entries(source, names: dict[str, str], prefix: str) -> tuple[dict[str
         if fmt == "float8_e4m3fn":
             if dtype != "F8_E4M3":
                 raise WeightsError(f"{where}: layer {layer} is marked {fmt} but its weight is {dtype}")
-            _scalar(source, scale, layer, where)
-            load = lambda w=w, s=scale, layer=layer, full=full: ScaledFP8(
-                source.get(w), _scalar(source, s, layer, where), full)
+            act = next((parts[s] for s in _INPUT_SCALES if s in parts), None)
+            for s in (scale, act) if act else (scale,):
+                _scalar(source, s, layer, where)
+            load = lambda w=w, s=scale, a=act, layer=layer, full=full: ScaledFP8(
+                source.get(w), _scalar(source, s, layer, where), full,
+                None if a is None else _scalar(source, a, layer, where))
             out[f"{layer}.weight"] = Entry(shape, load, "FP8")
             continue
         n, k = shape[0], shape[1] * 2

@@ -25,11 +25,13 @@ E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6],
 @dataclass(frozen=True, eq=False)
 class ScaledFP8:
     """An FP8 weight with one float32 scale. full_precision: the file asks for its matmul in the compute
-    dtype (the marker's `full_precision_matrix_mult`)."""
+    dtype (the marker's `full_precision_matrix_mult`). input_scale: the file's activation scale, for FP8
+    matmuls that quantize the activations too (W8A8), None when it has none."""
 
     codes: np.ndarray  # F8_E4M3 bits (n, k)
     scale: np.float32
     full_precision: bool = False
+    input_scale: np.float32 | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

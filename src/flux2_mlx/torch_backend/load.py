@@ -74,8 +74,9 @@ def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | LoraQua
         return dataclasses.replace(raw, codes=codes, scale_inv=host_tensor(to_float32(raw.scale_inv), pin))
     if isinstance(raw, ScaledFP8):
         codes = host_tensor(np.ascontiguousarray(raw.codes).view(np.uint8), pin).view(torch.float8_e4m3fn)
-        scale = host_tensor(np.asarray(raw.scale, np.float32), pin)
-        return dataclasses.replace(raw, codes=codes, scale=scale)
+        scale, act = (None if s is None else host_tensor(np.asarray(s, np.float32), pin)
+                      for s in (raw.scale, raw.input_scale))
+        return dataclasses.replace(raw, codes=codes, scale=scale, input_scale=act)
     if isinstance(raw, NVFP4):
         q = nvfp4_lsb_first(raw)
         return dataclasses.replace(q, weight=host_tensor(q.weight, pin), scales=host_tensor(q.scales, pin),
@@ -98,8 +99,9 @@ def _place(host: torch.Tensor | AffineQuant | FP8Blocks | LoraQuant, device: tor
         return dataclasses.replace(host, codes=_device_tensor(host.codes, device, None),
                                    scale_inv=_device_tensor(host.scale_inv, device, None))
     if isinstance(host, ScaledFP8):
+        act = None if host.input_scale is None else _device_tensor(host.input_scale, device, None)
         return dataclasses.replace(host, codes=_device_tensor(host.codes, device, None),
-                                   scale=_device_tensor(host.scale, device, None))
+                                   scale=_device_tensor(host.scale, device, None), input_scale=act)
     if isinstance(host, FPQuant):
         return dataclasses.replace(host, weight=_device_tensor(host.weight, device, None),
                                    scales=_device_tensor(host.scales, device, None),

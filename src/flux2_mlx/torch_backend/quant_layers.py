@@ -190,15 +190,20 @@ class ScaledLinear(nn.Module):
     """A bias-free Linear held as a per-tensor-scaled FP8 or NVFP4 weight (quant/scaled.py), decoded as the
     numpy loader decodes it (float32, the scales multiplied first) into the compute dtype just before its
     matmul. `weight`: float8 codes (n, k), or NVFP4 codes as bytes (n, k/2), low nibble first, with
-    `block_scales` E4M3 bytes (n, k/16) in row order; `scale` float32."""
+    `block_scales` E4M3 bytes (n, k/16) in row order; `scale` float32.
+    fp8_matmul (FP8 only): multiply on torch's FP8 kernel instead (W8A8, as BFL's FP8 files are meant to
+    run): the activations quantized to e4m3 by the file's `input_scale`, or by their largest magnitude / 448
+    where it has none, each product scaled by both per-tensor scales."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
-                 block_scales: torch.Tensor | None = None):
+                 block_scales: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+                 fp8_matmul: bool = False):
         super().__init__()
-        self.dtype = dtype
+        self.dtype, self.fp8_matmul = dtype, fp8_matmul and block_scales is None
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.register_buffer("block_scales", block_scales)
+        self.register_buffer("input_scale", input_scale)
         self.register_buffer("e2m1", None if block_scales is None else
                              torch.tensor(E2M1.tolist(), device=weight.device), persistent=False)
 
@@ -210,7 +215,23 @@ class ScaledLinear(nn.Module):
         return (codes * block[..., None]).flatten(-2).to(self.dtype)
 
     def forward(self, x):
-        return F.linear(x, self.dense())
+        if not self.fp8_matmul:
+            return F.linear(x, self.dense())
+        x2 = x.flatten(0, -2).float()
+        sx = self.input_scale if self.input_scale is not None else x2.abs().amax().clamp(min=1e-12) / E4M3_MAX
+        codes = (x2 / sx).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)  # e4m3fn has no infinity
+        y = torch._scaled_mm(codes, self.weight.t(), sx.reshape(()).float(), self.scale.reshape(()),
+                             out_dtype=self.dtype)
+        return y.unflatten(0, x.shape[:-1])
+
+
+def _scaled_mm_runs(q, dtype: torch.dtype) -> bool:
+    """Whether an FP8 layer multiplies on FP8 kernels: on CUDA GPUs that have them (8.9+), where the layer
+    does not ask for a full-precision matmul and its sides are multiples of 16 (as cuBLAS needs). Elsewhere
+    its weight is decoded, and the activations are not rounded to FP8."""
+    n, k = q.codes.shape
+    return (q.codes.is_cuda and not q.full_precision and n % 16 == 0 and k % 16 == 0
+            and fp8_matmul_kind(q.codes.device, dtype) is not None)
 
 
 def quantized_layer(old: nn.Module, q, dtype: torch.dtype, fp8_matmul: str | None = None) -> nn.Module:
@@ -219,9 +240,11 @@ def quantized_layer(old: nn.Module, q, dtype: torch.dtype, fp8_matmul: str | Non
     and biases in the compute dtype `dtype`), an FP8Blocks of device tensors (multiplied as FP8Linear's
     `matmul`), or a ScaledFP8 / FPQuant (NVFP4) of device tensors."""
     if isinstance(q, (ScaledFP8, FPQuant)):
+        if isinstance(old, nn.Linear) and old.bias is None and isinstance(q, FPQuant):
+            return ScaledLinear(q.weight, q.scale, dtype, q.scales)
         if isinstance(old, nn.Linear) and old.bias is None:
-            return (ScaledLinear(q.codes, q.scale, dtype) if isinstance(q, ScaledFP8) else
-                    ScaledLinear(q.weight, q.scale, dtype, q.scales))
+            return ScaledLinear(q.codes, q.scale, dtype, input_scale=q.input_scale,
+                                fp8_matmul=_scaled_mm_runs(q, dtype))
         raise ValueError(f"a quantized tensor cannot stand in for {type(old).__name__}")
     if hasattr(q, "scale_inv"):
         if isinstance(old, nn.Linear) and old.bias is None:
