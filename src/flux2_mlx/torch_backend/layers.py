@@ -1,6 +1,7 @@
 """Shared PyTorch building blocks of the FLUX.2 DiT: norms, RoPE, attention, embedders, modulation.
 
-Imports only torch and the stdlib. Names follow BFL's flux2 src/flux2/model.py.
+Imports only torch and the stdlib. Names follow BFL's flux2 src/flux2/model.py. A deliberate mirror of
+mlx_backend/layers.py: change both.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Decoder-only text encoders (Mistral-Small-3.2 text stack, Qwen3) up to FLUX.2's deepest output layer.
 
 Imports only torch and config. Attribute names mirror HF transformers (modeling_mistral.py,
-modeling_qwen3.py), so the key map is the identity on `model.…` names.
+modeling_qwen3.py), so the key map is the identity on `model.…` names. A deliberate mirror of
+mlx_backend/text_encoder.py: change both.
 """
 
 from __future__ import annotations

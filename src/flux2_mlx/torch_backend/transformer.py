@@ -1,6 +1,7 @@
 """The FLUX.2 flow transformer (dev, klein 4B/9B) in PyTorch, attribute names as in BFL's checkpoint.
 
-Imports only torch, config and layers (flux2 src/flux2/model.py).
+Imports only torch, config and layers (flux2 src/flux2/model.py). A deliberate mirror of
+mlx_backend/transformer.py, block for block (the two backends are one model in two frameworks): change both.
 """
 
 from __future__ import annotations

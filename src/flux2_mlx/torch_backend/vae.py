@@ -1,6 +1,7 @@
 """The FLUX.2 autoencoder in PyTorch, attribute names as in BFL's `ae.safetensors`.
 
-Imports only torch and config (flux2 src/flux2/autoencoder.py). The convolutions
+Imports only torch and config (flux2 src/flux2/autoencoder.py); a deliberate mirror of mlx_backend/vae.py
+(change both). The convolutions
 run channels-first as PyTorch's do; `encode` and `decode` take and return channels-last (NHWC) tensors,
 the layout the MLX backend and the pipeline use.
 """
