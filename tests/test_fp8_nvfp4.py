@@ -302,3 +302,22 @@ def test_fp8_matmul_equals_its_float64_emulation_and_nears_the_decoded_weight(de
     emulated = xq @ codes.double().cpu().numpy().T * float(sx) * float(parts["_scale"])
     assert rel_err(y, emulated) < 1e-6
     assert rel_err(y, x.cpu().numpy() @ dense.T) < 3e-2  # the activations' rounding to e4m3
+
+
+def test_a_lora_merges_into_the_decoded_weight_which_is_then_held_dense(tiny, tmp_path):
+    from flux2_mlx.config import transformer_shapes
+    from flux2_mlx.lora import merged_entries, read_lora
+
+    path, dense = tiny["tensors"]
+    rng = np.random.default_rng(5)
+    name = "double_blocks.0.img_attn.qkv"  # NVFP4 in the "tensors" file
+    n, k = dense[name + ".weight"].shape
+    down, up = (rng.standard_normal(s).astype(np.float32) / 10 for s in ((4, k), (n, 4)))
+    save_safetensors(tmp_path / "lora.safetensors", {f"diffusion_model.{name}.lora_A.weight": down,
+                                                     f"diffusion_model.{name}.lora_B.weight": up})
+    lora = read_lora(tmp_path / "lora.safetensors", transformer_shapes(CFG))
+    entries = transformer_entries(WeightSource(path))
+    assert entries[name + ".weight"].stored == "NVFP4"
+    merged = merged_entries(entries, [(lora, 0.7)])[name + ".weight"]
+    assert merged.stored == "F32"  # the memory planner counts it dense
+    assert rel_err(merged.load(), dense[name + ".weight"] + 0.7 * up @ down) < 1e-6
