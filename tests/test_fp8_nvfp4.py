@@ -321,3 +321,14 @@ def test_a_lora_merges_into_the_decoded_weight_which_is_then_held_dense(tiny, tm
     merged = merged_entries(entries, [(lora, 0.7)])[name + ".weight"]
     assert merged.stored == "F32"  # the memory planner counts it dense
     assert rel_err(merged.load(), dense[name + ".weight"] + 0.7 * up @ down) < 1e-6
+
+
+def test_convert_reads_the_decoded_values(tiny, tmp_path):
+    from flux2_mlx import convert as conv
+
+    path, dense = tiny["tensors"]
+    out = conv.convert(path, tmp_path / "out.gguf", "BF16", progress=False, jobs=1)
+    back = {k: to_float32(e.load()) for k, e in transformer_entries(WeightSource(out)).items()}
+    # BF16 holds the decoded values rounded once (norms stay float32)
+    assert all(np.array_equal(back[k], to_float32(f32_to_bf16(a))) or np.array_equal(back[k], a)
+               for k, a in dense.items())
