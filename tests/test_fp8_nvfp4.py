@@ -332,3 +332,18 @@ def test_convert_reads_the_decoded_values(tiny, tmp_path):
     # BF16 holds the decoded values rounded once (norms stay float32)
     assert all(np.array_equal(back[k], to_float32(f32_to_bf16(a))) or np.array_equal(back[k], a)
                for k, a in dense.items())
+
+
+def test_pipeline_runs_an_fp8_nvfp4_transformer(tiny_models, tmp_path):
+    from flux2_mlx import load_pipeline
+
+    m = tiny_models("klein-4b")
+    path = tmp_path / "flux-2-klein-4b-nvfp4mixed.safetensors"
+    dense = write_file(path, m.transformer, _formats(m.transformer, ["float8_e4m3fn", "nvfp4"]))
+    save_safetensors(tmp_path / "decoded.safetensors", dense)
+    embeds = (np.random.default_rng(1).standard_normal((1, 16, m.spec.transformer.context_in_dim))
+              .astype(np.float32))
+    kw = dict(prompt_embeds=embeds, width=32, height=48, steps=2, seed=3)
+    q, ref = (load_pipeline(m.spec, transformer=p, vae=m.bfl_dir / "ae.safetensors").sample(**kw)
+              for p in (path, tmp_path / "decoded.safetensors"))
+    assert rel_err(q, ref) < 1e-3  # the same picture (8-bit pixels; the file vs the original weights: 0.05)
