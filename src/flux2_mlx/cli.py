@@ -108,16 +108,25 @@ def _check_writable(folder: Path, hint: str) -> None:
                                  param_hint=hint) from None
 
 
-def _save_png(image, path: Path, meta: dict) -> None:
-    """Write via a temporary name and rename, so an interrupted run leaves no half-written PNG."""
-    from PIL.PngImagePlugin import PngInfo
+def png_bytes(image, meta: dict) -> bytes:
+    """The PNG file of `image` with its settings in the `flux2` text chunk (also what `flux2 serve` sends)."""
+    import io
 
-    from .atomic import atomic_write
+    from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text(META_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _save_png(image, path: Path, meta: dict) -> None:
+    """Write via a temporary name and rename, so an interrupted run leaves no half-written PNG."""
+    from .atomic import atomic_write
+
     with atomic_write(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        tmp.write_bytes(png_bytes(image, meta))
 
 
 @main.command()
@@ -393,8 +402,7 @@ def _run(pipe, request, plan, seeds, paths, edit, lora_meta):
     from .sampling import img2img_start
 
     inputs = request.inputs
-    width, height = inputs.width, inputs.height
-    steps, guidance = pipe.settings(request.steps, request.guidance)
+    steps, _ = pipe.settings(request.steps, request.guidance)
     with tqdm(total=1, desc="encode", unit="prompt") as bar:
         ctx, neg = pipe.conditioning(request, plan)
         bar.update()
@@ -411,25 +419,33 @@ def _run(pipe, request, plan, seeds, paths, edit, lora_meta):
         with tqdm(total=1, desc="decode", unit="image") as bar:
             image = pipe.render(latents, request)
             bar.update()
-        meta = dict(prompt=request.prompt, model=pipe.spec.name, seed=seed, steps=steps, guidance=guidance,
-                    width=image.width, height=image.height, dtype=pipe.dtype_name, backend=pipe.backend_name,
-                    device=pipe.device, version=__version__)
-        if request.negative_prompt is not None:
-            meta["negative_prompt"] = request.negative_prompt
-        if edit["images"]:
-            meta["refs"] = [str(r) for r in edit["images"]]
-        if edit["image"] is not None:
-            meta.update(image=str(edit["image"]), strength=request.strength)
-        if inputs.masked is not None:
-            meta.update(_mask_meta(edit, request.keep_unmasked, (width, height)))
-        if pipe.compile:  # fused kernels round differently: the same flag reproduces the same bytes
-            meta["compile"] = True
-        if pipe.fp8_matmul:  # FP8 activations change the embeddings
-            meta["fp8_matmul"] = True
-        if lora_meta:
-            meta["loras"] = lora_meta
-        _save_png(image, path, meta)
+        _save_png(image, path, image_metadata(pipe, request, seed, image, edit, lora_meta))
         click.echo(f"saved {path}")
+
+
+def image_metadata(pipe, request, seed: int, image, edit: dict, lora_meta: list) -> dict:
+    """What the PNG of one seed records (`flux2 info` reads it back); `edit`: generate's image options, the
+    files as given."""
+    inputs = request.inputs
+    steps, guidance = pipe.settings(request.steps, request.guidance)
+    meta = dict(prompt=request.prompt, model=pipe.spec.name, seed=seed, steps=steps, guidance=guidance,
+                width=image.width, height=image.height, dtype=pipe.dtype_name, backend=pipe.backend_name,
+                device=pipe.device, version=__version__)
+    if request.negative_prompt is not None:
+        meta["negative_prompt"] = request.negative_prompt
+    if edit["images"]:
+        meta["refs"] = [str(r) for r in edit["images"]]
+    if edit["image"] is not None:
+        meta.update(image=str(edit["image"]), strength=request.strength)
+    if inputs.masked is not None:
+        meta.update(_mask_meta(edit, request.keep_unmasked, (inputs.width, inputs.height)))
+    if pipe.compile:  # fused kernels round differently: the same flag reproduces the same bytes
+        meta["compile"] = True
+    if pipe.fp8_matmul:  # FP8 activations change the embeddings
+        meta["fp8_matmul"] = True
+    if lora_meta:
+        meta["loras"] = lora_meta
+    return meta
 
 
 def _mask_meta(edit: dict, keep_unmasked: bool, size: tuple[int, int]) -> dict:
