@@ -12,7 +12,7 @@ import pytest
 import torch
 from comfy_kitchen.tensor.fp8 import TensorCoreFP8Layout
 from comfy_kitchen.tensor.nvfp4 import TensorCoreNVFP4Layout
-from conftest import random_transformer, rel_err
+from conftest import random_transformer, random_vae, rel_err
 
 from flux2_mlx.config import tiny_spec
 from flux2_mlx.dit_names import transformer_entries
@@ -334,16 +334,16 @@ def test_convert_reads_the_decoded_values(tiny, tmp_path):
                for k, a in dense.items())
 
 
-def test_pipeline_runs_an_fp8_nvfp4_transformer(tiny_models, tmp_path):
+def test_pipeline_runs_an_fp8_nvfp4_transformer(tiny, tmp_path):
     from flux2_mlx import load_pipeline
 
-    m = tiny_models("klein-4b")
-    path = tmp_path / "flux-2-klein-4b-nvfp4mixed.safetensors"
-    dense = write_file(path, m.transformer, _formats(m.transformer, ["float8_e4m3fn", "nvfp4"]))
+    spec = tiny_spec("klein-4b")
+    path, dense = tiny["tensors"]
     save_safetensors(tmp_path / "decoded.safetensors", dense)
-    embeds = (np.random.default_rng(1).standard_normal((1, 16, m.spec.transformer.context_in_dim))
-              .astype(np.float32))
+    save_safetensors(tmp_path / "original.safetensors", random_transformer(CFG, seed=7))
+    save_safetensors(tmp_path / "ae.safetensors", random_vae(spec.vae))
+    embeds = np.random.default_rng(1).standard_normal((1, 16, CFG.context_in_dim)).astype(np.float32)
     kw = dict(prompt_embeds=embeds, width=32, height=48, steps=2, seed=3)
-    q, ref = (load_pipeline(m.spec, transformer=p, vae=m.bfl_dir / "ae.safetensors").sample(**kw)
-              for p in (path, tmp_path / "decoded.safetensors"))
-    assert rel_err(q, ref) < 1e-3  # the same picture (8-bit pixels; the file vs the original weights: 0.05)
+    q, ref, original = (load_pipeline(spec, transformer=p, vae=tmp_path / "ae.safetensors").sample(**kw)
+                        for p in (path, tmp_path / "decoded.safetensors", tmp_path / "original.safetensors"))
+    assert rel_err(q, ref) < 1e-5 < 1e-2 < rel_err(q, original)  # the file's values, not the original's
