@@ -11,32 +11,42 @@ import numpy as np
 import pytest
 import torch
 from comfy_kitchen.tensor.fp8 import TensorCoreFP8Layout
+from comfy_kitchen.tensor.mxfp8 import TensorCoreMXFP8Layout
 from comfy_kitchen.tensor.nvfp4 import TensorCoreNVFP4Layout
 from conftest import random_transformer, random_vae, rel_err
 
 from flux2_mlx.config import tiny_spec
 from flux2_mlx.dit_names import transformer_entries
 from flux2_mlx.entries import Entry
-from flux2_mlx.quant.scaled import NVFP4, ScaledFP8, mlx_layout
+from flux2_mlx.quant.scaled import MXFP8, NVFP4, ScaledFP8, mlx_layout
 from flux2_mlx.sampling import prc_img, prc_txt
-from flux2_mlx.weights import F8_E4M3, WeightsError, WeightSource, f32_to_bf16, save_safetensors, to_float32
+from flux2_mlx.weights import (
+    F8_E4M3,
+    F8_E8M0,
+    WeightsError,
+    WeightSource,
+    f32_to_bf16,
+    save_safetensors,
+    to_float32,
+)
 
 CFG = tiny_spec("klein-4b").transformer
-LAYOUT = {"float8_e4m3fn": TensorCoreFP8Layout, "nvfp4": TensorCoreNVFP4Layout}
+LAYOUT = {"float8_e4m3fn": TensorCoreFP8Layout, "nvfp4": TensorCoreNVFP4Layout,
+          "mxfp8": TensorCoreMXFP8Layout}
 # Formats cycled over the matrices: "nvfp4!" is nvfp4 with full_precision_matrix_mult, None plain bf16.
-CYCLE = ["nvfp4", "float8_e4m3fn", None, "nvfp4", "nvfp4!", "float8_e4m3fn"]
+CYCLE = ["nvfp4", "float8_e4m3fn", None, "nvfp4", "nvfp4!", "float8_e4m3fn", "mxfp8"]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.float8_e4m3fn:
-        return t.view(torch.uint8).numpy().view(F8_E4M3)
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu):
+        return t.view(torch.uint8).numpy().view(F8_E4M3 if t.dtype == torch.float8_e4m3fn else F8_E8M0)
     return t.numpy()
 
 
 def comfy_quantize(a: np.ndarray, fmt: str, scale=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """({suffix: tensor} as comfy-kitchen serializes the layer, comfy-kitchen's eager dequantization)."""
     layout = LAYOUT[fmt]
-    q, params = layout.quantize(torch.from_numpy(a), scale=scale)
+    q, params = layout.quantize(torch.from_numpy(a), **({} if fmt == "mxfp8" else {"scale": scale}))
     parts = {s: _np(t) for s, t in layout.state_dict_tensors(q, params).items()}
     return parts, layout.dequantize(q, params).numpy()
 
@@ -99,10 +109,10 @@ def test_each_layout_loads_strictly_and_decodes_as_comfy_kitchen(tiny, layout):
     entries = transformer_entries(WeightSource(path))
     assert entries.keys() == dense.keys()
     stored = {e.stored for e in entries.values()}
-    assert stored == ({"FP8", "BF16"} if layout == "legacy" else {"FP8", "NVFP4", "BF16"})
+    assert stored == ({"FP8", "BF16"} if layout == "legacy" else {"FP8", "MXFP8", "NVFP4", "BF16"})
     for k, e in entries.items():
         a = e.load()
-        ours = a.dequantize() if isinstance(a, (ScaledFP8, NVFP4)) else to_float32(a)
+        ours = a.dequantize() if isinstance(a, (ScaledFP8, NVFP4, MXFP8)) else to_float32(a)
         assert ours.shape == e.shape and np.array_equal(ours.view(np.uint32), dense[k].view(np.uint32)), k
 
 
@@ -130,21 +140,23 @@ def test_nibble_order_and_scale_swizzle_on_a_non_symmetric_pattern():
     assert not np.allclose(NVFP4(p, flat, t.scale).dequantize(), w)  # row-major scales would be wrong
 
 
-@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "nvfp4", "mxfp8"])
 def test_mlx_layout_holds_the_same_values(fmt):
     import mlx.core as mx
 
     a = np.random.default_rng(1).standard_normal((144, 64)).astype(np.float32)
     parts, ref = comfy_quantize(a, fmt)
-    t = (ScaledFP8(parts[""], np.float32(parts["_scale"])) if fmt == "float8_e4m3fn" else
-         NVFP4(parts[""], parts["_scale"].view(np.uint8), np.float32(parts["_scale_2"])))
+    t = {"float8_e4m3fn": lambda: ScaledFP8(parts[""], np.float32(parts["_scale"])),
+         "nvfp4": lambda: NVFP4(parts[""], parts["_scale"].view(np.uint8), np.float32(parts["_scale_2"])),
+         "mxfp8": lambda: MXFP8(parts[""], parts["_scale"].view(np.uint8))}[fmt]()
     q = mlx_layout(t)
     group, bits = (16, 4) if q.mode == "nvfp4" else (32, 8)
-    values = mx.dequantize(mx.array(q.weight), mx.array(q.scales), group_size=group, bits=bits, mode=q.mode,
-                           dtype=mx.float32)
-    # the per-tensor scale goes on the matmul's output: the layout holds the values at scale 1, exactly
-    assert np.array_equal(np.array(values), dataclasses.replace(t, scale=np.float32(1)).dequantize())
-    assert q.scale == t.scale and rel_err(np.array(values) * q.scale, ref) < 1e-7
+    values = np.array(mx.dequantize(mx.array(q.weight), mx.array(q.scales), group_size=group, bits=bits,
+                                    mode=q.mode, dtype=mx.float32))
+    # a per-tensor scale goes on the matmul's output: the layout holds the values at scale 1, exactly
+    assert np.array_equal(values, t.dequantize() if fmt == "mxfp8" else
+                          dataclasses.replace(t, scale=np.float32(1)).dequantize())
+    assert rel_err(values * q.scale, ref) < 1e-7 and np.array_equal(t.dequantize(), ref)
 
 
 def _dense_entries(dense):
@@ -185,9 +197,10 @@ def test_mlx_runs_the_file_natively_as_the_dense_model_of_its_values(mlx_outputs
     from flux2_mlx.mlx_backend.quant_layers import FPLinear
 
     model, ours, ref = mlx_outputs[layout]
-    blk = model.double_blocks[0]
+    blk = model.double_blocks[1]
     if layout == "tensors":  # CYCLE over the matrices in order: txt_in is the 2nd, time_in.in_layer the 3rd
-        assert (model.img_in.mode, model.txt_in.mode) == ("nvfp4", "mxfp8")
+        assert [m.mode for m in (model.img_in, model.txt_in, model.single_stream_modulation.lin)] == [
+            "nvfp4", "mxfp8", "mxfp8"]  # FP8 runs as mxfp8, and so does MXFP8
         assert not isinstance(model.time_in.in_layer, FPLinear)
     assert isinstance(blk.img_attn.qkv, FPLinear)
     if layout == "tensors":  # 5th matrix: nvfp4 with full_precision_matrix_mult, decoded once
@@ -202,7 +215,7 @@ def test_torch_decodes_per_layer_as_the_dense_model_and_matches_mlx(tiny, mlx_ou
 
     path, dense = tiny[layout]
     model = tb.load_transformer(CFG, WeightSource(path), dtype=torch.float32)
-    assert isinstance(model.double_blocks[0].img_attn.qkv, ScaledLinear)
+    assert isinstance(model.double_blocks[1].img_attn.qkv, ScaledLinear)
     if layout == "tensors":  # full_precision_matrix_mult changes nothing here: every layer decodes per call
         assert isinstance(model.double_stream_modulation_img.lin, ScaledLinear)
     with torch.no_grad():
@@ -219,14 +232,14 @@ def test_info_tells_the_format_of_each_layer_kind_and_the_memory_counts_them_as_
 
     path, dense = tiny["tensors"]
     lines = describe(path)
-    assert ("linear layers: 10 NVFP4, 9 FP8, 5 BF16, 5 NVFP4 full-precision matmul; MLX decodes the "
+    assert ("linear layers: 9 NVFP4, 8 FP8, 4 BF16, 4 NVFP4 full-precision matmul, 4 MXFP8; MLX decodes the "
             "full-precision-matmul ones once to the compute dtype") in lines
-    assert any(line.split() == ["double_blocks.*.img_attn.qkv", "1", "NVFP4,", "1", "FP8"] for line in lines)
+    assert ["double_blocks.*.txt_attn.qkv", "1", "MXFP8,", "1", "NVFP4"] in [line.split() for line in lines]
     entries = transformer_entries(WeightSource(path))
     w = component_weights("transformer", entries, ("double_blocks", "single_blocks"), 2)
 
-    def size(n, stored):  # NVFP4: half a byte a weight and an E4M3 byte per 16; FP8 and MLX's E8M0 per 32
-        return {"NVFP4": n // 2 + n // 16, "FP8": n + n // 32}.get(stored, 2 * n)
+    def size(n, stored):  # NVFP4: half a byte a weight and an E4M3 byte per 16; FP8 and MXFP8: E8M0 per 32
+        return {"NVFP4": n // 2 + n // 16, "FP8": n + n // 32, "MXFP8": n + n // 32}.get(stored, 2 * n)
 
     assert w.total == sum(size(math.prod(e.shape), e.stored) for e in entries.values())
 
@@ -245,7 +258,7 @@ def _one_layer(tmp_path, fmt="nvfp4", marker=None, drop=(), replace=None, shape=
 
 @pytest.mark.parametrize("case, message", [
     ({"marker": {"format": "int4_awq"}}, "layer img_in is marked as format 'int4_awq', which flux2-mlx does "
-                                         "not run (it runs float8_e4m3fn, nvfp4)"),
+                                         "not run (it runs float8_e4m3fn, mxfp8, nvfp4)"),
     ({"replace": {"weight_scale": np.zeros((32, 4), np.uint8).view(F8_E4M3)}},
      "layer img_in: weight_scale is F8_E4M3 [32, 4], expected F8_E4M3 [128, 4] (block scales of a 32 × 64 "
      "NVFP4 weight in 128 × 4 tiles)"),
@@ -310,7 +323,7 @@ def test_a_lora_merges_into_the_decoded_weight_which_is_then_held_dense(tiny, tm
 
     path, dense = tiny["tensors"]
     rng = np.random.default_rng(5)
-    name = "double_blocks.0.img_attn.qkv"  # NVFP4 in the "tensors" file
+    name = "double_blocks.1.img_attn.qkv"  # NVFP4 in the "tensors" file
     n, k = dense[name + ".weight"].shape
     down, up = (rng.standard_normal(s).astype(np.float32) / 10 for s in ((4, k), (n, 4)))
     save_safetensors(tmp_path / "lora.safetensors", {f"diffusion_model.{name}.lora_A.weight": down,

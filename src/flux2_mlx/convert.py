@@ -38,7 +38,7 @@ from .entries import check_keys, transformer_config
 from .filekind import encoder_base, file_kind
 from .quant import recipes
 from .quant.ggml import GGMLType, quantize, row_bytes
-from .quant.scaled import NVFP4, ScaledFP8
+from .quant.scaled import SCALED
 from .weights import GGML_QUANTIZED, FP8Blocks, GGMLTensor, GGUFFile, WeightsError, WeightSource, to_float32
 
 __all__ = ["ConversionPlan", "convert", "plan_conversion"]
@@ -276,7 +276,7 @@ def _chunks(t: Tensor, parts: int = 1):
     """float32 row chunks of at most CHUNK_BYTES / parts bytes (at least one row each). Raw ggml blocks
     are decoded a chunk at a time by gguf-py's reference codec: exactly the values the source holds."""
     a = t.load()
-    a = a.dequantize() if isinstance(a, (FP8Blocks, ScaledFP8, NVFP4)) else a
+    a = a.dequantize() if isinstance(a, (FP8Blocks, *SCALED)) else a
     step = max(1, CHUNK_BYTES // (4 * t.shape[-1] * parts))
     if isinstance(a, GGMLTensor):
         kind = gguf.GGMLQuantizationType[a.ggml_type]

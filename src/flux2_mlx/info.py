@@ -147,7 +147,7 @@ def _describe(path: Path) -> list[str]:
     how = "quantized weights as repacked with 16-bit scales, dense weights in bfloat16"
     if scaled:
         lines += scaled[0]
-        mlx, how = scaled[1], "FP8 / NVFP4 layers as stored, the others in bfloat16"
+        mlx, how = scaled[1], "FP8 / MXFP8 / NVFP4 layers as stored, the others in bfloat16"
     total = sum(v[1] for v in per_type.values())
     lines.append(f"size: {_gib(total)}; on MLX about {_gib(mlx)} ({how})")
     return lines

@@ -24,7 +24,7 @@ from .dit_names import transformer_to_diffusers
 from .entries import Entry
 from .quant.affine import dequantize_mlx, repack
 from .quant.ggml import GGMLType
-from .quant.scaled import NVFP4, SCALED_TYPES, ScaledFP8
+from .quant.scaled import SCALED, SCALED_TYPES
 from .weights import GGML_QUANTIZED, GGMLTensor, SafetensorsFile, WeightsError, to_float32
 
 # Module-path prefixes written by the trainers (PEFT wrappers, ai-toolkit, ComfyUI, kohya, LyCORIS).
@@ -290,7 +290,7 @@ def sha256_prefix(path) -> str:
 
 def _merged(load, name: str, loras: list[tuple[Lora, float]]) -> np.ndarray:
     base = load()
-    base = base.dequantize() if isinstance(base, (ScaledFP8, NVFP4)) else to_float32(base)
+    base = base.dequantize() if isinstance(base, SCALED) else to_float32(base)
     w = np.array(base, np.float32)  # a copy: a float32 file's load() is a view of the file
     for lora, scale in loras:
         if name in lora.terms:
@@ -374,7 +374,7 @@ def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]]) -
                                    f"(wd_on_out=False), which cannot run beside a quantized (GGUF) weight; "
                                    f"use the bf16/fp16 transformer file")
         make = _branched if quantized else _merged
-        # An FP8 / NVFP4 weight is merged like a dense one, and held dense.
+        # An FP8 / MXFP8 / NVFP4 weight is merged like a dense one, and held dense.
         stored = "F32" if e.stored in SCALED_TYPES else e.stored
         out[name] = Entry(e.shape, partial(make, e.load, name, loras), stored,
                           _branch_size(e.shape, name, loras) if quantized else 0)

@@ -59,7 +59,7 @@ def tensor_bytes(stored: str, shape: tuple[int, ...], compute_bytes: int, fp8_ke
         return n + 4 * -(-n // (128 * 128))
     if stored == "NVFP4":  # 4-bit codes and an E4M3 byte per 16, on both backends
         return n // 2 + n // 16
-    if stored == "FP8":  # a byte a weight (MLX adds its unit E8M0 byte per 32)
+    if stored in ("FP8", "MXFP8"):  # a byte a weight and an E8M0 byte per 32 (FP8: MLX's, all 2⁰)
         return n + n // 32
     fmt = affine_format(GGMLType[stored]) if stored in GGMLType.__members__ else None
     if fmt is None:

@@ -22,10 +22,11 @@ import numpy as np
 BF16 = np.dtype([("bf16", "<u2")])
 F8_E4M3 = np.dtype([("f8_e4m3", "u1")])  # torch.float8_e4m3fn: bias 7, no inf, 0x7F/0xFF = NaN
 F8_E5M2 = np.dtype([("f8_e5m2", "u1")])  # torch.float8_e5m2: the high byte of an IEEE float16
+F8_E8M0 = np.dtype([("f8_e8m0", "u1")])  # torch.float8_e8m0fnu: 2^(bits - 127), MXFP8's block scales
 
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BF16,
-    "F8_E4M3": F8_E4M3, "F8_E5M2": F8_E5M2,
+    "F8_E4M3": F8_E4M3, "F8_E5M2": F8_E5M2, "F8_E8M0": F8_E8M0,
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
     "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }

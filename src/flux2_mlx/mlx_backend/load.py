@@ -17,7 +17,7 @@ from ..entries import Entry, checked_entries
 from ..lora import LoraQuant
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
-from ..quant.scaled import NVFP4, FPQuant, ScaledFP8, mlx_layout
+from ..quant.scaled import MXFP8, NVFP4, FPQuant, ScaledFP8, mlx_layout
 from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, FP8Blocks, GGMLTensor, WeightSource
 from .quant_layers import FPLinear, LoraLinear, cast, module_at, quantized_layer, replace_module
@@ -33,15 +33,15 @@ def from_numpy(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
     return cast(x, dtype)
 
 
-def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | LoraQuant
+def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | MXFP8 | LoraQuant
           ) -> np.ndarray | AffineQuant | FPQuant | LoraQuant:
     """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout; block-scaled FP8 decoded:
-    MLX has no such matmul; per-tensor-scaled FP8 and NVFP4 repacked for its mxfp8 / nvfp4 modes)."""
+    MLX has no such matmul; per-tensor-scaled FP8, MXFP8 and NVFP4 repacked for its mxfp8 / nvfp4 modes)."""
     if isinstance(raw, LoraQuant):
         return dataclasses.replace(raw, base=_host(raw.base))
     if isinstance(raw, FP8Blocks):
         return raw.dequantize()
-    if isinstance(raw, (ScaledFP8, NVFP4)):
+    if isinstance(raw, (ScaledFP8, NVFP4, MXFP8)):
         return mlx_layout(raw)
     return repack(raw.data, GGMLType[raw.ggml_type], raw.shape) if isinstance(raw, GGMLTensor) else raw
 

@@ -19,7 +19,7 @@ from ..entries import FP8_BLOCKS, Entry, checked_entries
 from ..lora import LoraQuant
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
-from ..quant.scaled import NVFP4, FPQuant, ScaledFP8, nvfp4_lsb_first
+from ..quant.scaled import MXFP8, NVFP4, FPQuant, ScaledFP8, nvfp4_lsb_first
 from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, F8_E4M3, F8_E5M2, FP8Blocks, GGMLTensor, WeightSource, to_float32
 from .quant_layers import LoraLinear, fp8_matmul_kind, quantized_layer, replace_module
@@ -62,10 +62,11 @@ def _device_tensor(t: torch.Tensor, device: torch.device, dtype: torch.dtype | N
     return t.to(device, non_blocking=True).to(dtype or t.dtype)
 
 
-def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | LoraQuant, pin: bool):
+def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | MXFP8 | LoraQuant, pin: bool):
     """The host half of loading a tensor: a CPU tensor, GGUF blocks repacked to the affine layout with
     the packed codes as bytes, FP8 codes as torch's float8 and their scales in float32, NVFP4 codes as bytes
-    (low nibble first) with their block scales in row order, or a LoraQuant of such forms."""
+    (low nibble first) and MXFP8 codes as float8, their block scales in row order (FPQuant), or a LoraQuant
+    of such forms."""
     if isinstance(raw, LoraQuant):
         factors = (None if a is None else host_tensor(a, pin) for a in raw.factors())
         return LoraQuant(_host(raw.base, pin), *factors)
@@ -77,9 +78,13 @@ def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | LoraQua
         scale, act = (None if s is None else host_tensor(np.asarray(s, np.float32), pin)
                       for s in (raw.scale, raw.input_scale))
         return dataclasses.replace(raw, codes=codes, scale=scale, input_scale=act)
-    if isinstance(raw, NVFP4):
-        q = nvfp4_lsb_first(raw)
-        return dataclasses.replace(q, weight=host_tensor(q.weight, pin), scales=host_tensor(q.scales, pin),
+    if isinstance(raw, (NVFP4, MXFP8)):
+        q = (nvfp4_lsb_first(raw) if isinstance(raw, NVFP4) else
+             FPQuant(np.ascontiguousarray(raw.codes).view(np.uint8), raw.scales(), np.float32(1), "mxfp8"))
+        weight = host_tensor(q.weight, pin)
+        weight = weight.view(torch.float8_e4m3fn) if q.mode == "mxfp8" else weight
+        return dataclasses.replace(q, weight=weight,
+                                   scales=host_tensor(np.ascontiguousarray(q.scales), pin),
                                    scale=host_tensor(np.asarray(q.scale, np.float32), pin))
     if isinstance(raw, GGMLTensor):
         q = repack(raw.data, GGMLType[raw.ggml_type], raw.shape)

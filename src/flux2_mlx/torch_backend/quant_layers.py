@@ -187,10 +187,11 @@ class FP8Linear(nn.Module):
 
 
 class ScaledLinear(nn.Module):
-    """A bias-free Linear held as a per-tensor-scaled FP8 or NVFP4 weight (quant/scaled.py), decoded as the
-    numpy loader decodes it (float32, the scales multiplied first) into the compute dtype just before its
-    matmul. `weight`: float8 codes (n, k), or NVFP4 codes as bytes (n, k/2), low nibble first, with
-    `block_scales` E4M3 bytes (n, k/16) in row order; `scale` float32.
+    """A bias-free Linear held as an FP8, MXFP8 or NVFP4 weight (quant/scaled.py), decoded as the numpy
+    loader decodes it (float32, the scales multiplied first) into the compute dtype just before its matmul.
+    `weight`: float8 codes (n, k) with no `block_scales` (FP8) or E8M0 bytes (n, k/32) (MXFP8), or NVFP4
+    codes as bytes (n, k/2), low nibble first, with E4M3 `block_scales` (n, k/16); scales in row order;
+    `scale` float32.
     fp8_matmul (FP8 only): multiply on torch's FP8 kernel instead (W8A8, as BFL's FP8 files are meant to
     run): the activations quantized to e4m3 by the file's `input_scale`, or by their largest magnitude / 448
     where it has none, each product scaled by both per-tensor scales."""
@@ -204,12 +205,16 @@ class ScaledLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("block_scales", block_scales)
         self.register_buffer("input_scale", input_scale)
-        self.register_buffer("e2m1", None if block_scales is None else
+        self.register_buffer("e2m1", None if weight.dtype != torch.uint8 else
                              torch.tensor(E2M1.tolist(), device=weight.device), persistent=False)
 
     def dense(self) -> torch.Tensor:
         if self.block_scales is None:
             return (self.weight.float() * self.scale).to(self.dtype)
+        if self.weight.dtype == torch.float8_e4m3fn:  # MXFP8: each block times 2^(e - 127), e = 0 giving 0
+            e = self.block_scales.to(torch.int32)
+            block = torch.where(e == 0, 0, e << 23).view(torch.float32)
+            return (self.weight.float().unflatten(-1, (-1, 32)) * block[..., None]).flatten(-2).to(self.dtype)
         block = self.block_scales.view(torch.float8_e4m3fn).float() * self.scale
         codes = self.e2m1[unpack(self.weight, 4).long()].unflatten(-1, (-1, 16))
         return (codes * block[..., None]).flatten(-2).to(self.dtype)
