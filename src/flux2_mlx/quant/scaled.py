@@ -1,4 +1,4 @@
-"""Per-tensor-scaled FP8 and NVFP4 weights, as BFL's and Comfy-Org's quantized FLUX.2 files store them
+"""FP8, MXFP8 and NVFP4 weights, as BFL's and Comfy-Org's quantized FLUX.2 files store them
 (ComfyUI's mixed-precision layers, written by comfy-kitchen), their exact decoding, and the repack into
 MLX's `nvfp4` / `mxfp8` layouts. Numpy only.
 
