@@ -1,4 +1,4 @@
-"""Which layers of a safetensors transformer are quantized the way BFL's and Comfy-Org's FP8 / NVFP4 files
+"""Which layers of a safetensors transformer are quantized the way BFL's and Comfy-Org's quantized files
 are (ComfyUI's mixed-precision layers: FP8, MXFP8, NVFP4), read strictly into one Entry per weight.
 Numpy only.
 
@@ -6,7 +6,7 @@ A layer is marked by a `<layer>.comfy_quant` uint8 tensor holding JSON (`{"forma
 header's `_quantization_metadata` (`{"layers": {layer: {"format": ...}}}`), or, in ComfyUI's older
 `scaled_fp8` files (a `scaled_fp8` tensor present), by an F8_E4M3 weight with `scale_weight` /
 `scale_input` beside it. Unmarked layers are plain tensors. FP8 layers keep their activation scale
-(`input_scale`) for torch's FP8 matmuls; NVFP4's is read over (NVFP4 runs weight-only).
+(`input_scale`) for torch's FP8 matmuls; the others' is read over (MXFP8 and NVFP4 run weight-only).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from .quant.scaled import MXFP8, NVFP4, ScaledFP8, scale_grid
 from .weights import WeightsError, to_float32
 
 FORMATS = ("float8_e4m3fn", "mxfp8", "nvfp4")
-# Per-layer tensors besides `.weight`, under both naming schemes (legacy scaled_fp8 second).
-_SCALES = {"weight_scale": "weight_scale", "scale_weight": "weight_scale"}
+# Per-layer scales under both naming schemes (legacy scaled_fp8 second).
+_SCALES = ("weight_scale", "scale_weight")
 _INPUT_SCALES = ("input_scale", "scale_input")
 
 
