@@ -620,6 +620,66 @@ def models():
 
 
 @main.command()
+@click.option("-m", "--model", type=click.Choice(list(MODELS)), default="klein-4b", show_default=True)
+@click.option("--model-path", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A downloaded model folder (BFL or diffusers layout).")
+@click.option("--transformer", "--weights", "transformer", type=click.Path(exists=True, path_type=Path),
+              help="Transformer: a .safetensors file or a diffusers transformer/ folder.")
+@click.option("--vae", type=click.Path(exists=True, path_type=Path), help="ae.safetensors or a vae/ folder.")
+@click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), help="A text_encoder/ folder.")
+@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
+              help="tokenizer.json or its folder.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Default: bfloat16 on a GPU, float32 on CPU.")
+@_backend_options
+@click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), metavar="GB",
+              help="Memory the model may use; components that do not fit are streamed block by block.")
+@click.option("--stream-from", type=click.Choice(["ram", "disk"]), help="As for generate.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The interface to listen on; anything but loopback should have an --api-key.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8188, show_default=True)
+@click.option("--api-key", metavar="KEY", envvar="FLUX2_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on every API request (env FLUX2_API_KEY).")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also save every image here as a PNG with its settings.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Jobs that may wait; more get 429.")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=50, show_default=True,
+              help="The largest request body (images included).")
+def serve(model, model_path, transformer, vae, text_encoder, tokenizer, dtype, backend, device, memory_budget,
+          stream_from, host, port, api_key, output_dir, max_queue, max_upload_mb):
+    """Serve the model over HTTP: OpenAI's images API (/v1/images/generations, /v1/images/edits), jobs with
+    progress events (/v1/jobs), and a web page at /. Needs pip install 'flux2-mlx[serve]'."""
+    try:
+        import uvicorn
+
+        from .server import ImageServer
+    except ModuleNotFoundError as e:
+        _fail(f"flux2 serve needs {e.name}: pip install 'flux2-mlx[serve]'")
+    from .pipeline import load_pipeline
+    from .weights import WeightsError
+
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _check_writable(output_dir, "--output-dir")
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can "
+                   f"use the server", err=True)
+    spec = MODELS[model]
+    kw = dict(model_path=model_path, transformer=transformer, vae=vae, text_encoder=text_encoder,
+              tokenizer=tokenizer, dtype=dtype, backend=backend, device=device, memory_budget=memory_budget,
+              stream_from=stream_from)
+    server = ImageServer(lambda: load_pipeline(spec, **kw), spec, api_key=api_key, output_dir=output_dir,
+                         max_queue=max_queue, max_upload=int(max_upload_mb * 2**20))
+    server.start()
+    try:
+        server.wait_ready()  # a missing or wrong file is an error line now, not a server that fails every job
+    except (WeightsError, ValueError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"serving {model} on http://{host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(server.app, host=host, port=port, log_level="warning")
+
+
+@main.command()
 @click.argument("src")
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-t", "--type", "qtype", required=True, metavar="TYPE",

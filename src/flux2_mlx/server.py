@@ -1,0 +1,578 @@
+"""`flux2 serve`: a local HTTP server for apps. OpenAI's images API (generations, edits), a job queue with
+progress events, and a web page, on Starlette + uvicorn (`pip install 'flux2-mlx[serve]'`).
+
+One worker thread loads the pipeline and runs one job at a time, so MLX and torch only ever run on that
+thread; request handlers check the input, queue jobs and read their events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import dataclasses
+import io
+import json
+import math
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .config import DEFAULT_STRENGTH, ModelSpec
+
+MAX_IMAGES = 8  # n, as OpenAI's API allows at most 10 and a local GPU makes them one by one
+MAX_STEPS = 1000
+KEEP_JOBS = 256  # finished jobs (and their images) kept in memory for the gallery and /files
+FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
+STATIC = Path(__file__).with_name("static")
+# OpenAI request fields that mean nothing for a local FLUX.2 model; apps send them, so they are ignored.
+IGNORED = {"background", "moderation", "output_compression", "partial_images", "quality", "style", "user",
+           "safety_identifier", "input_fidelity", "complexity"}
+OURS = {"seed", "steps", "guidance", "negative_prompt", "strength", "loras"}
+FIELDS = {"prompt", "model", "n", "size", "response_format", "output_format", "stream"} | OURS | IGNORED
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class ApiError(Exception):
+    """A request the server refuses: an HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, self.status, headers=self.headers)
+
+
+@dataclasses.dataclass
+class Params:
+    """One request's settings, checked. uploads: (file name, PIL image); with a mask the first is the picture
+    to inpaint, the rest references."""
+
+    prompt: str
+    n: int = 1
+    width: int | None = None
+    height: int | None = None
+    response_format: str = "b64_json"
+    output_format: str = "png"
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    negative_prompt: str | None = None
+    strength: float | None = None
+    loras: list = dataclasses.field(default_factory=list)
+    uploads: list = dataclasses.field(default_factory=list)
+    mask: tuple | None = None
+
+    def settings(self) -> dict:
+        """What the job page and the gallery show."""
+        names = [name for name, _ in self.uploads] + ([self.mask[0]] if self.mask else [])
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("uploads", "mask")}
+        return {**out, "files": names}
+
+
+@dataclasses.dataclass
+class Job:
+    id: str
+    params: Params
+    inputs: object  # pipeline.Inputs, prepared when the request came in
+    seeds: list[int]
+    created: float = dataclasses.field(default_factory=time.time)
+    status: str = "queued"
+    step: int = 0
+    total: int = 0
+    started: float | None = None
+    elapsed: float = 0.0
+    eta: float | None = None
+    cancel: bool = False
+    error: ApiError | None = None
+    results: list = dataclasses.field(default_factory=list)  # dicts: token, seed, bytes, media type
+    events: list = dataclasses.field(default_factory=list)  # (name, data) in order; SSE ids are indexes
+
+    def emit(self, name: str, **data) -> None:
+        self.events.append((name, {"id": self.id, **data}))
+
+
+def _number(fields: dict, name: str, kind, lo, hi=None, lo_open=False):
+    """fields[name] as an int or float in [lo, hi] (JSON numbers, or the strings of a multipart form)."""
+    value = fields.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, bool) or isinstance(value, (list, dict)):
+            raise ValueError
+        number = kind(value) if kind is float else int(str(value))
+        if kind is float and not math.isfinite(number):
+            raise ValueError
+    except ValueError:
+        raise ApiError(400, f"{name} must be {'a whole number' if kind is int else 'a number'}, got "
+                            f"{json.dumps(value)[:40]}", name) from None
+    if number < lo or (lo_open and number == lo) or (hi is not None and number > hi):
+        span = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else '∞'}]"
+        raise ApiError(400, f"{name} must be in {span}, got {number}", name)
+    return number
+
+
+def _loras(value) -> list[tuple[str, float]]:
+    """loras: a list of "file[:scale]" strings or {"file", "scale"} objects (files on the server's disk or
+    owner/repo/file.safetensors on Hugging Face)."""
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):  # a multipart form sends JSON text
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = [value]
+    if not isinstance(value, list):
+        raise ApiError(400, "loras must be a list of \"file[:scale]\" or {\"file\", \"scale\"}", "loras")
+    out = []
+    for item in value:
+        if isinstance(item, dict) and isinstance(item.get("file"), str):
+            name, scale = item["file"], item.get("scale", 1.0)
+        elif isinstance(item, str):
+            name, colon, tail = item.rpartition(":")
+            name, scale = (name, tail) if colon and not Path(item).exists() else (item, 1.0)
+        else:
+            raise ApiError(400, f"loras: {json.dumps(item)[:60]} is not \"file[:scale]\" or {{\"file\", "
+                                f"\"scale\"}}", "loras")
+        out.append((name, _number({"scale": scale}, "scale", float, -math.inf)))
+    return out
+
+
+def parse_params(fields: dict, uploads: list, mask, spec: ModelSpec) -> Params:
+    """A request's fields (JSON or multipart strings) checked against `spec`, the served model."""
+    unknown = sorted(set(fields) - FIELDS)
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; this server takes: {', '.join(sorted(FIELDS))}",
+                       unknown[0])
+    prompt = fields.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ApiError(400, "prompt is required: a non-empty string", "prompt")
+    model = fields.get("model")
+    if model not in (None, "", spec.name):
+        raise ApiError(404, f"model {model!r} is not served here; this server runs {spec.name}", "model",
+                       "model_not_found")
+    if fields.get("stream") in (True, "true"):
+        raise ApiError(400, "streaming partial images is not supported; POST /v1/jobs and read "
+                            "/v1/jobs/{id}/events for progress", "stream")
+    p = Params(prompt, uploads=uploads, mask=mask)
+    p.n = _number(fields, "n", int, 1, MAX_IMAGES) or 1
+    size = fields.get("size") or "auto"
+    if size != "auto":
+        match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", str(size))
+        if not match:
+            raise ApiError(400, f"size must be \"WIDTHxHEIGHT\" (e.g. \"1024x1024\") or \"auto\", got "
+                                f"{json.dumps(size)[:40]}", "size")
+        p.width, p.height = int(match[1]), int(match[2])
+    for name, choices in (("response_format", ("b64_json", "url")), ("output_format", tuple(FORMATS))):
+        value = fields.get(name) or getattr(p, name)
+        if value not in choices:
+            raise ApiError(400, f"{name} must be one of {', '.join(choices)}, got {json.dumps(value)[:40]}",
+                           name)
+        setattr(p, name, value)
+    p.seed = _number(fields, "seed", int, 0, 2**32 - 1)
+    p.steps = _number(fields, "steps", int, 1, MAX_STEPS)
+    p.guidance = _number(fields, "guidance", float, 0)
+    if spec.guidance_mode == "none":  # guidance-distilled: as `flux2 generate`, which warns and drops it
+        p.guidance = None
+    p.strength = _number(fields, "strength", float, 0, 1, lo_open=True)
+    if p.strength is not None and mask is None:
+        raise ApiError(400, "strength needs an image to start from: send image and mask to /v1/images/edits",
+                       "strength")
+    negative = fields.get("negative_prompt")
+    if negative not in (None, ""):
+        if spec.guidance_mode != "cfg":
+            raise ApiError(400, f"{spec.name} takes no negative prompt (only klein-base-4b/9b do)",
+                           "negative_prompt")
+        if not isinstance(negative, str):
+            raise ApiError(400, "negative_prompt must be a string", "negative_prompt")
+        p.negative_prompt = negative
+    p.loras = _loras(fields.get("loras"))
+    return p
+
+
+def read_image(name: str, data: bytes, what: str):
+    """(name, PIL image), fully decoded now so that a broken or non-image upload is refused up front."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        raise ApiError(400, f"{what} ({name}) is not an image PNG, JPEG or WebP can read", what,
+                       "invalid_image") from None
+    return name, image
+
+
+class ImageServer:
+    """The queue, the worker thread that owns the pipeline, and the HTTP app (`app`).
+
+    load: makes the pipeline (called on the worker thread); spec: the model it serves. output_dir: where
+    every image is also saved as a PNG (None: kept in memory only)."""
+
+    def __init__(self, load, spec: ModelSpec, *, api_key: str | None = None, output_dir: Path | None = None,
+                 max_queue: int = 16, max_upload: int = 50 * 2**20):
+        self.load, self.spec, self.api_key, self.output_dir = load, spec, api_key, output_dir
+        self.max_queue, self.max_upload = max_queue, max_upload
+        self.pipe = self.load_error = None
+        self.ready = threading.Event()
+        self.cond = threading.Condition()  # guards jobs and queue; the worker waits on it
+        self.jobs: dict[str, Job] = {}
+        self.queue: collections.deque[Job] = collections.deque()
+        self.running: Job | None = None
+        self.last_duration = 1.0  # seconds of the last job: the Retry-After estimate
+        self.files: dict[str, tuple[bytes, str]] = {}  # token → (bytes, media type)
+        self.worker = threading.Thread(target=self._work, name="flux2-worker", daemon=True)
+        api = [("/v1/images/generations", self.generations, ["POST"]),
+               ("/v1/images/edits", self.edits, ["POST"]),
+               ("/v1/jobs", self.submit, ["POST"]), ("/v1/jobs", self.list_jobs, ["GET"]),
+               ("/v1/jobs/{id}", self.job_status, ["GET"]), ("/v1/jobs/{id}", self.cancel, ["DELETE"]),
+               ("/v1/jobs/{id}/events", self.events, ["GET"]), ("/v1/models", self.models, ["GET"])]
+        # The page, its files, health and result files need no key: a result's URL is a 128-bit secret.
+        public = [Route("/", self.page), Route("/static/{name}", self.static), Route("/healthz", self.health),
+                  Route("/files/{name}", self.file)]
+        routes = [Route(path, self._guard(fn), methods=methods) for path, fn, methods in api]
+        self.app = Starlette(routes=public + routes)
+
+    # ---- the worker ----
+
+    def start(self) -> None:
+        """Start the worker, which loads the model first; wait_ready() tells whether that worked."""
+        self.worker.start()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the model is loaded; re-raise its loading error."""
+        self.ready.wait(timeout)
+        if self.load_error is not None:
+            raise self.load_error
+
+    def _work(self) -> None:
+        try:
+            self.pipe = self.load()
+        except Exception as e:  # noqa: BLE001 - handed to wait_ready, and every job says so
+            self.load_error = e
+        self.ready.set()
+        while True:
+            with self.cond:
+                while not self.queue:
+                    self.cond.wait()
+                job = self.running = self.queue.popleft()
+                job.status, job.started = "running", time.time()
+            self._run(job)
+            with self.cond:
+                self.running = None
+                self.last_duration = time.time() - job.started
+                self._prune()
+
+    def _run(self, job: Job) -> None:
+        from .pipeline import WeightsError
+
+        try:
+            if self.load_error is not None:
+                raise ApiError(500, f"the model failed to load: {self.load_error}", code="model_not_loaded")
+            self._generate(job)
+            job.status = "succeeded"
+            job.emit("done", **self._summary(job))
+        except _Cancelled:
+            job.status = "cancelled"
+            job.emit("cancelled", step=job.step, total=job.total)
+        except (ValueError, WeightsError, OSError) as e:  # bad input found only while running (a LoRA file)
+            self._fail(job, ApiError(400, str(e)))
+        except ApiError as e:
+            self._fail(job, e)
+        except Exception as e:  # noqa: BLE001 - the server keeps serving; the job says what happened
+            self._fail(job, ApiError(500, f"{type(e).__name__}: {e}", code="server_error"))
+
+    def _fail(self, job: Job, error: ApiError) -> None:
+        job.error, job.status = error, "failed"
+        job.emit("error", message=error.message, status=error.status)
+
+    def _generate(self, job: Job) -> None:
+        """One job as `flux2 generate` runs it (cli._run): encode once, denoise each seed, render, and the
+        PNG with the same metadata."""
+        from . import hub
+        from .cli import image_metadata, png_bytes
+        from .pipeline import GenerationRequest
+        from .sampling import img2img_start
+
+        pipe, p, inputs = self.pipe, job.params, job.inputs
+        loras = [(name, hub.lora_file(name), scale) for name, scale in p.loras]
+        if [(str(f), s) for _, f, s in loras] != [(str(f), s) for f, s in pipe.loras]:
+            pipe.set_loras([(f, s) for _, f, s in loras])
+        lora_meta = [{**record, "file": name} for (name, _, _), record in zip(loras, pipe.lora_records)]
+        strength = DEFAULT_STRENGTH if p.strength is None else p.strength
+        request = GenerationRequest(inputs, job.seeds[0], prompt=p.prompt, negative_prompt=p.negative_prompt,
+                                    strength=strength, steps=p.steps, guidance=p.guidance)
+        steps, _ = pipe.settings(p.steps, p.guidance)
+        run = steps - (img2img_start(steps, strength) if inputs.init is not None else 0)
+        job.total = run * len(job.seeds)
+        job.emit("started", total=job.total, queue_wait=round(job.started - job.created, 3))
+        plan = pipe.plan(inputs.width, inputs.height, request.guidance, inputs)
+        ctx, neg = pipe.conditioning(request, plan)  # cached by prompt: a repeated prompt is not re-encoded
+        encoded = dataclasses.replace(request, prompt=None, prompt_embeds=ctx, negative_prompt=None,
+                                      negative_prompt_embeds=neg)
+        names = [name for name, _ in p.uploads]
+        edit = dict(width=p.width, height=p.height, images=names[1:] if p.mask else names or None,
+                    image=names[0] if p.mask else None, mask=p.mask[0] if p.mask else None,
+                    mask_crop=None, mask_blur=0.0, expand=None)
+        begin = time.perf_counter()
+        for i, seed in enumerate(job.seeds):
+            latents = None
+            for latents in pipe.iter_steps(request=dataclasses.replace(encoded, seed=seed)):
+                job.step += 1
+                job.elapsed = time.perf_counter() - begin
+                job.eta = job.elapsed / job.step * (job.total - job.step)
+                job.emit("progress", step=job.step, total=job.total, image=i, elapsed=round(job.elapsed, 3),
+                         eta=round(job.eta, 3))
+                if job.cancel:  # between steps: the step just made is the last
+                    raise _Cancelled
+            image = pipe.render(latents, request)
+            png = png_bytes(image, image_metadata(pipe, request, seed, image, edit, lora_meta))
+            if self.output_dir is not None:
+                from .atomic import atomic_write
+
+                with atomic_write(self.output_dir / f"{job.id}-{seed}.png") as tmp:
+                    tmp.write_bytes(png)
+            self._keep(job, seed, png, image)
+
+    def _keep(self, job: Job, seed: int, png: bytes, image) -> None:
+        fmt, media = FORMATS[job.params.output_format]
+        data = png
+        if fmt != "PNG":  # settings travel in the PNG only; --output-dir keeps the PNG
+            buf = io.BytesIO()
+            image.save(buf, format=fmt, quality=95)
+            data = buf.getvalue()
+        token = f"{secrets.token_hex(16)}.{job.params.output_format}"
+        with self.cond:
+            self.files[token] = (data, media)
+        job.results.append(dict(token=token, seed=seed, data=data))
+        job.emit("image", index=len(job.results) - 1, seed=seed, url=f"/files/{token}")
+
+    def _prune(self) -> None:
+        """Forget the oldest finished jobs and their files beyond KEEP_JOBS (called holding cond)."""
+        finished = [j for j in self.jobs.values() if j.status in FINISHED]
+        for job in finished[:max(0, len(finished) - KEEP_JOBS)]:
+            del self.jobs[job.id]
+            for r in job.results:
+                self.files.pop(r["token"], None)
+
+    # ---- requests ----
+
+    def _guard(self, fn):
+        """The API key check and OpenAI-style errors around an endpoint."""
+        async def endpoint(request: Request):
+            try:
+                if self.api_key is not None:
+                    given = request.headers.get("authorization", "")
+                    if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                        raise ApiError(401, "a wrong or missing API key; send 'Authorization: Bearer KEY'",
+                                       code="invalid_api_key")
+                return await fn(request)
+            except ApiError as e:
+                return e.response()
+        return endpoint
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused with 413 past max_upload before it is all read."""
+        limit = self.max_upload
+        too_big = ApiError(413, f"the request is larger than the server's limit of {limit / 2**20:g} MB "
+                                f"(flux2 serve --max-upload-mb)", code="request_too_large")
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _read(self, request: Request) -> Params:
+        """A JSON or multipart request's Params and prepared inputs, all checked before anything is queued."""
+        body = await self._body(request)
+        kind = request.headers.get("content-type", "")
+        uploads, mask = [], None
+        if kind.startswith("multipart/form-data"):
+            async def replay():
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            form = await Request(request.scope, replay).form(max_part_size=self.max_upload)
+            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+            for key, value in form.multi_items():
+                if isinstance(value, str):
+                    continue
+                data = await value.read()
+                name = Path(value.filename or key).name
+                if key in ("image", "image[]"):
+                    uploads.append(read_image(name, data, f"image[{len(uploads)}]"))
+                elif key == "mask":
+                    mask = read_image(name, data, "mask")
+                else:
+                    raise ApiError(400, f"unknown file field {key!r}; send image (or image[]) and mask", key)
+        else:
+            try:
+                fields = json.loads(body)
+            except (ValueError, RecursionError):
+                raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+            if not isinstance(fields, dict):
+                raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        if mask is not None and not uploads:
+            raise ApiError(400, "a mask needs the image it covers: send image too", "mask")
+        return parse_params(fields, uploads, mask, self.spec)
+
+    async def _queue(self, request: Request, need_images: bool = False) -> Job:
+        from .pipeline import prepare_inputs
+
+        p = await self._read(request)
+        if need_images and not p.uploads:
+            raise ApiError(400, "image is required: one or more reference images (image or image[])", "image")
+        images = [im for _, im in p.uploads]
+        kw = dict(images=images[1:] or None, image=images[0], mask=p.mask[1]) if p.mask else dict(
+            images=images or None)
+        try:  # reads and scales the images: off the event loop
+            inputs = await asyncio.to_thread(prepare_inputs, self.spec.name, p.width, p.height, **kw)
+        except ValueError as e:
+            raise ApiError(400, str(e), "size" if "width and height" in str(e) or " MP" in str(e) else None)
+        first = secrets.randbelow(2**31) if p.seed is None else p.seed
+        job = Job(secrets.token_hex(8), p, inputs, [first + i for i in range(p.n)])
+        with self.cond:
+            if len(self.queue) >= self.max_queue:
+                wait = max(1, math.ceil(self.last_duration * (len(self.queue) + 1)))
+                raise ApiError(429, f"the queue is full ({self.max_queue} jobs waiting); retry in {wait} s",
+                               code="queue_full", headers={"Retry-After": str(wait)})
+            self.jobs[job.id] = job
+            self.queue.append(job)
+            job.emit("queued", position=len(self.queue))
+            self.cond.notify()
+        return job
+
+    async def _finished(self, job: Job) -> Job:
+        while job.status not in FINISHED:
+            await asyncio.sleep(0.02)
+        return job
+
+    def _images_response(self, request: Request, job: Job) -> JSONResponse:
+        """OpenAI's images response: b64_json or url per image, plus our seed."""
+        if job.error is not None:
+            return job.error.response()
+        if job.status == "cancelled":
+            return ApiError(409, "the job was cancelled", code="cancelled").response()
+        p, base = job.params, str(request.base_url).rstrip("/")
+        data = [{"b64_json": base64.b64encode(r["data"]).decode()} if p.response_format == "b64_json"
+                else {"url": f"{base}/files/{r['token']}"} for r in job.results]
+        for item, r in zip(data, job.results):
+            item.update(seed=r["seed"], revised_prompt=None)
+        return JSONResponse(dict(created=int(job.created), data=data, output_format=p.output_format,
+                                 size=f"{job.inputs.width}x{job.inputs.height}"))
+
+    async def generations(self, request: Request):
+        job = await self._queue(request)
+        return self._images_response(request, await self._finished(job))
+
+    async def edits(self, request: Request):
+        job = await self._queue(request, need_images=True)
+        return self._images_response(request, await self._finished(job))
+
+    async def submit(self, request: Request):
+        job = await self._queue(request)
+        return JSONResponse(self._summary(job), 202)
+
+    def _summary(self, job: Job) -> dict:
+        with self.cond:
+            position = next((i + 1 for i, j in enumerate(self.queue) if j is job), 0)
+        error = job.error and {"message": job.error.message, "status": job.error.status}
+        return dict(id=job.id, object="job", status=job.status, created=job.created, started=job.started,
+                    step=job.step,
+                    total=job.total, elapsed=round(job.elapsed, 3), eta=job.eta and round(job.eta, 3),
+                    queue_position=position, settings=job.params.settings(), seeds=job.seeds,
+                    size=f"{job.inputs.width}x{job.inputs.height}", error=error,
+                    images=[dict(url=f"/files/{r['token']}", seed=r["seed"]) for r in job.results])
+
+    def _job(self, request: Request) -> Job:
+        job = self.jobs.get(request.path_params["id"])
+        if job is None:
+            raise ApiError(404, f"no job {request.path_params['id']!r}", "id", "job_not_found")
+        return job
+
+    async def job_status(self, request: Request):
+        return JSONResponse(self._summary(self._job(request)))
+
+    async def list_jobs(self, request: Request):
+        with self.cond:
+            jobs = list(self.jobs.values())
+        return JSONResponse({"object": "list", "data": [self._summary(j) for j in reversed(jobs)]})
+
+    async def cancel(self, request: Request):
+        """A queued job leaves the queue; a running one stops after the step it is making."""
+        job = self._job(request)
+        with self.cond:
+            if job.status in FINISHED:
+                raise ApiError(409, f"job {job.id} has already {job.status}", "id", "job_finished")
+            if job in self.queue:
+                self.queue.remove(job)
+                job.status = "cancelled"
+                job.emit("cancelled", step=0, total=job.total)
+            job.cancel = True
+        return JSONResponse(self._summary(job))
+
+    async def events(self, request: Request):
+        """Server-sent events: queued, started, progress (step, total, elapsed, eta), image, then one of
+        done, error, cancelled. A reconnecting client's Last-Event-ID resumes after that event."""
+        job = self._job(request)
+        start = int(request.headers.get("last-event-id", -1)) + 1
+
+        async def stream():
+            sent = start
+            while True:
+                while sent < len(job.events):
+                    name, data = job.events[sent]
+                    yield f"id: {sent}\nevent: {name}\ndata: {json.dumps(data)}\n\n"
+                    sent += 1
+                    if name in ("done", "error", "cancelled"):
+                        return
+                await asyncio.sleep(0.02)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def models(self, request: Request):
+        spec = self.spec
+        return JSONResponse({"object": "list", "data": [dict(
+            id=spec.name, object="model", created=0, owned_by="black-forest-labs",
+            default_steps=spec.default_steps, default_guidance=spec.default_guidance,
+            guidance_mode=spec.guidance_mode)]})
+
+    async def health(self, request: Request):
+        status = "error" if self.load_error is not None else "ok" if self.ready.is_set() else "loading"
+        with self.cond:
+            queued, running = len(self.queue), self.running and self.running.id
+        return JSONResponse(dict(status=status, model=self.spec.name, queued=queued, running=running),
+                            503 if status == "error" else 200)
+
+    async def file(self, request: Request):
+        found = self.files.get(request.path_params["name"])
+        if found is None:
+            return ApiError(404, "no such file (results are kept for the last jobs only)").response()
+        return Response(found[0], media_type=found[1])
+
+    async def page(self, request: Request):
+        return FileResponse(STATIC / "index.html")
+
+    async def static(self, request: Request):
+        path = STATIC / request.path_params["name"]
+        if path.parent != STATIC or not path.is_file():
+            return ApiError(404, "no such file").response()
+        return FileResponse(path)
+
+
+class _Cancelled(Exception):
+    """A job's DELETE, seen between two steps."""
