@@ -53,8 +53,9 @@ def comfy_quantize(a: np.ndarray, fmt: str, scale=None) -> tuple[dict[str, np.nd
 
 def write_file(path, tensors, formats, layout="tensors", prefix="model.diffusion_model."):
     """A BFL-named transformer file with the matrices of `formats` quantized, marked per layer by
-    `.comfy_quant` tensors ("tensors"), the header's `_quantization_metadata` ("header") or ComfyUI's legacy
-    `scaled_fp8` names ("legacy"). Returns the dequantized weights (comfy-kitchen's values, float32)."""
+    `.comfy_quant` tensors ("tensors"), the header's `_quantization_metadata` ("header"), both, as ComfyUI
+    saves them ("both"), or ComfyUI's legacy `scaled_fp8` names ("legacy"). Returns the dequantized
+    weights (comfy-kitchen's values, float32)."""
     out, dense, layers = {}, {}, {}
     for k, a in tensors.items():
         fmt = formats.get(k)
@@ -73,11 +74,11 @@ def write_file(path, tensors, formats, layout="tensors", prefix="model.diffusion
             continue
         out.update({f"{prefix}{k}{s}": t for s, t in parts.items()})
         out[f"{prefix}{layer}.input_scale"] = np.float32(0.5).reshape(())
-        if layout == "tensors":
+        if layout in ("tensors", "both"):
             out[f"{prefix}{layer}.comfy_quant"] = np.frombuffer(json.dumps(conf).encode(), np.uint8)
         layers[prefix + layer] = conf
     meta = None
-    if layout == "header":
+    if layout in ("header", "both"):
         meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
     if layout == "legacy":
         out[prefix + "scaled_fp8"] = np.zeros(0, np.uint8).view(F8_E4M3)
@@ -98,12 +99,13 @@ def tiny(tmp_path_factory):
     legacy = {k: "float8_e4m3fn" for k in _formats(tensors)}
     files = {"tensors": (tensors, _formats(tensors), "model.diffusion_model."),
              "header": (tensors, _formats(tensors), ""),
+             "both": (tensors, _formats(tensors), "model.diffusion_model."),
              "legacy": (tensors, legacy, "model.diffusion_model.")}
     return {name: (root / f"{name}.safetensors", write_file(root / f"{name}.safetensors", t, f, name, p))
             for name, (t, f, p) in files.items()}
 
 
-@pytest.mark.parametrize("layout", ["tensors", "header", "legacy"])
+@pytest.mark.parametrize("layout", ["tensors", "header", "both", "legacy"])
 def test_each_layout_loads_strictly_and_decodes_as_comfy_kitchen(tiny, layout):
     path, dense = tiny[layout]
     entries = transformer_entries(WeightSource(path))
