@@ -205,8 +205,10 @@ class ScaledLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("block_scales", block_scales)
         self.register_buffer("input_scale", input_scale)
-        self.register_buffer("e2m1", None if weight.dtype != torch.uint8 else
-                             torch.tensor(E2M1.tolist(), device=weight.device), persistent=False)
+        # NVFP4: a byte's two values (low nibble first) in one lookup, no unpacked codes
+        lut = torch.tensor(E2M1.tolist(), device=weight.device)
+        self.register_buffer("pairs", None if weight.dtype != torch.uint8 else
+                             torch.stack([lut.repeat(16), lut.repeat_interleave(16)], -1), persistent=False)
 
     def dense(self) -> torch.Tensor:
         if self.block_scales is None:
@@ -216,7 +218,7 @@ class ScaledLinear(nn.Module):
             block = torch.where(e == 0, 0, e << 23).view(torch.float32)
             return (self.weight.float().unflatten(-1, (-1, 32)) * block[..., None]).flatten(-2).to(self.dtype)
         block = self.block_scales.view(torch.float8_e4m3fn).float() * self.scale
-        codes = self.e2m1[unpack(self.weight, 4).long()].unflatten(-1, (-1, 16))
+        codes = self.pairs[self.weight.int()].flatten(-2).unflatten(-1, (-1, 16))
         return (codes * block[..., None]).flatten(-2).to(self.dtype)
 
     def forward(self, x):
