@@ -217,12 +217,13 @@ def multipart(fields: dict, files: list) -> tuple[bytes, dict]:
     ("/v1/images/edits", ({"prompt": "x"}, [("image[]", "notes.png", b"not a picture")]), 400, "image[0]"),
     ("/v1/images/edits", ({"prompt": "x"}, [("image", "huge.png", bytes(2**20 + 1))]), 413, None),
     ("/v1/images/edits", ({"prompt": "x"}, []), 400, "image"),
+    ("/v1/images/edits", b"--x\r\nnot a form", 400, None),
     ("/v1/images/generations", {"prompt": "x"}, 401, None),
 ])
 def test_bad_input_is_a_4xx_with_an_openai_error_and_writes_nothing(served, path, body, status, param):
     before = sorted(served.out.iterdir())
     jobs = len(served.srv.jobs)
-    headers = None
+    headers = {"Content-Type": "multipart/form-data; boundary=x"} if path.endswith("edits") else None
     if isinstance(body, tuple):
         body, headers = multipart(*body)
     key = "wrong" if status == 401 else KEY
@@ -239,3 +240,21 @@ def test_a_wrong_key_is_refused_by_the_openai_client(served):
     client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         client.images.generate(prompt="a fox", extra_body=SMALL)
+
+
+def test_serve_command(tiny_repo, monkeypatch, tmp_path):
+    """flux2 serve loads the model before listening (a bad file is one error line), warns when it listens
+    beyond loopback without a key, and hands the app to uvicorn."""
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
+    out = tmp_path / "out"
+    serve = ["serve", "--model-path", str(tiny_repo)]
+    r = CliRunner().invoke(main, [*serve, "--host", "0.0.0.0", "--port", "9000", "--output-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "warning: listening on 0.0.0.0 without --api-key" in r.output and out.is_dir()
+    assert ran == {"host": "0.0.0.0", "port": 9000, "log_level": "warning"}
+    r = CliRunner().invoke(main, [*serve, "--api-key", "k"])
+    assert r.exit_code == 0 and "warning" not in r.output
+    ran.clear()
+    r = CliRunner().invoke(main, [*serve, "--transformer", str(tiny_repo / "vae" / "config.json")])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and not ran, r.output

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -405,7 +406,10 @@ class ImageServer:
             async def replay():
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            form = await Request(request.scope, replay).form(max_part_size=self.max_upload)
+            try:
+                form = await Request(request.scope, replay).form(max_part_size=self.max_upload)
+            except HTTPException as e:  # Starlette's word for a malformed form
+                raise ApiError(400, f"a malformed multipart form: {e.detail}", code="invalid_form") from None
             fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
             for key, value in form.multi_items():
                 if isinstance(value, str):
@@ -528,7 +532,8 @@ class ImageServer:
         """Server-sent events: queued, started, progress (step, total, elapsed, eta), image, then one of
         done, error, cancelled. A reconnecting client's Last-Event-ID resumes after that event."""
         job = self._job(request)
-        start = int(request.headers.get("last-event-id", -1)) + 1
+        last = request.headers.get("last-event-id", "-1")
+        start = int(last) + 1 if last.lstrip("-").isdigit() else 0
 
         async def stream():
             sent = start
