@@ -237,6 +237,8 @@ def test_info_tells_the_format_of_each_layer_kind_and_the_memory_counts_them_as_
     assert ("linear layers: 9 NVFP4, 8 FP8, 4 BF16, 4 NVFP4 full-precision matmul, 4 MXFP8; MLX decodes the "
             "full-precision-matmul ones once to the compute dtype") in lines
     assert ["double_blocks.*.txt_attn.qkv", "1", "MXFP8,", "1", "NVFP4"] in [line.split() for line in lines]
+    assert lines[-1] == ("size: 5.9 MiB; on MLX about 7.9 MiB (FP8 / MXFP8 / NVFP4 layers as stored, the "
+                         "rest in bfloat16; on torch about 5.9 MiB)")
     entries = transformer_entries(WeightSource(path))
     w = component_weights("transformer", entries, ("double_blocks", "single_blocks"), 2)
 

@@ -47,10 +47,10 @@ def _transformer(source: WeightSource) -> str:
             f"{cfg.depth_single_blocks} single blocks)")
 
 
-def _scaled(source: WeightSource) -> tuple[list[str], int] | None:
-    """For a transformer with FP8 / NVFP4 layers (ComfyUI markers): lines giving the format of each layer
-    kind, and its bytes on MLX (those layers as stored, the full-precision-matmul ones and the rest in
-    bfloat16). None for other files."""
+def _scaled(source: WeightSource) -> tuple[list[str], int, int] | None:
+    """For a transformer with FP8 / MXFP8 / NVFP4 layers (ComfyUI markers): lines giving the format of each
+    layer kind, and its bytes on MLX and on torch (those layers as stored, except the full-precision-matmul
+    ones MLX decodes; the rest in bfloat16). None for other files."""
     entries = transformer_entries(source)
     if not any(e.stored in SCALED_TYPES for e in entries.values()):
         return None
@@ -59,9 +59,11 @@ def _scaled(source: WeightSource) -> tuple[list[str], int] | None:
     full = {f"{layer}.weight" for layer, conf in layer_markers(source, names, prefix).items()
             if conf.get("full_precision_matrix_mult")}
     kinds: dict[str, Counter] = {}
-    mlx = 0
+    mlx = held = 0
     for name, e in entries.items():
-        mlx += 2 * math.prod(e.shape) if name in full else tensor_bytes(e.stored, tuple(e.shape), 2)
+        n = math.prod(e.shape)
+        mlx += 2 * n if name in full else tensor_bytes(e.stored, tuple(e.shape), 2)
+        held += n if e.stored == "FP8" else tensor_bytes(e.stored, tuple(e.shape), 2)  # no E8M0 bytes
         if len(e.shape) == 2:
             kind = re.sub(r"\.\d+\.", ".*.", name.removesuffix(".weight"))
             fmt = e.stored + " full-precision matmul" * (name in full) if e.stored in SCALED_TYPES else "BF16"
@@ -71,7 +73,7 @@ def _scaled(source: WeightSource) -> tuple[list[str], int] | None:
              + ("; MLX decodes the full-precision-matmul ones once to the compute dtype" if full else "")]
     lines += [f"  {kind:44} " + ", ".join(f"{n} {f}" for f, n in kinds[kind].most_common())
               for kind in sorted(kinds)]
-    return lines, mlx
+    return lines, mlx, held
 
 
 def _text_encoder(source: WeightSource) -> str:
@@ -147,7 +149,8 @@ def _describe(path: Path) -> list[str]:
     how = "quantized weights as repacked with 16-bit scales, dense weights in bfloat16"
     if scaled:
         lines += scaled[0]
-        mlx, how = scaled[1], "FP8 / MXFP8 / NVFP4 layers as stored, the others in bfloat16"
+        mlx = scaled[1]
+        how = f"FP8 / MXFP8 / NVFP4 layers as stored, the rest in bfloat16; on torch about {_gib(scaled[2])}"
     total = sum(v[1] for v in per_type.values())
     lines.append(f"size: {_gib(total)}; on MLX about {_gib(mlx)} ({how})")
     return lines
