@@ -258,3 +258,24 @@ def test_serve_command(tiny_repo, monkeypatch, tmp_path):
     ran.clear()
     r = CliRunner().invoke(main, [*serve, "--transformer", str(tiny_repo / "vae" / "config.json")])
     assert r.exit_code == 2 and r.output.startswith("error: ") and not ran, r.output
+
+
+def test_rapid_submissions_lose_nothing(served):
+    """200 submissions from 8 threads against a queue of 16: every accepted job finishes, the rest got 429."""
+    answers = []
+
+    def submit(count):
+        for _ in range(count):
+            status, _, body = call(served, "POST", "/v1/jobs", {"prompt": "a fox", **SMALL})
+            answers.append((status, body))
+
+    threads = [threading.Thread(target=submit, args=(25,)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 200 and {status for status, _ in answers} <= {202, 429}
+    accepted = [body["id"] for status, body in answers if status == 202]
+    assert 16 <= len(accepted) < 200
+    assert all(wait_for(served, i)["status"] == "succeeded" for i in accepted)
+    assert all(body["error"]["code"] == "queue_full" for status, body in answers if status == 429)

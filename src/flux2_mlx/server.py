@@ -383,18 +383,17 @@ class ImageServer:
         return endpoint
 
     async def _body(self, request: Request) -> bytes:
-        """The request body, refused with 413 past max_upload before it is all read."""
+        """The request body; past max_upload a 413, the rest of the body read and dropped unkept (a client
+        still sending would otherwise see a reset connection instead of the answer)."""
         limit = self.max_upload
-        too_big = ApiError(413, f"the request is larger than the server's limit of {limit / 2**20:g} MB "
-                                f"(flux2 serve --max-upload-mb)", code="request_too_large")
-        if int(request.headers.get("content-length") or 0) > limit:
-            raise too_big
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request is larger than the server's limit of {limit / 2**20:g} MB "
+                                f"(flux2 serve --max-upload-mb)", code="request_too_large")
         return b"".join(chunks)
 
     async def _read(self, request: Request) -> Params:
