@@ -321,23 +321,39 @@ def test_fp8_matmul_equals_its_float64_emulation_and_nears_the_decoded_weight(de
     assert rel_err(y, x.cpu().numpy() @ dense.T) < 3e-2  # the activations' rounding to e4m3
 
 
-def test_a_lora_merges_into_the_decoded_weight_which_is_then_held_dense(tiny, tmp_path):
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_a_lora_runs_beside_the_stored_layers(tiny, tmp_path, backend):
+    """A LoRA (with a LyCORIS DoRA) on FP8, MXFP8 and NVFP4 layers stays a branch beside them, never a dense
+    copy; one forward equals the decoded model with the LoRAs merged."""
+    from test_lora_dora import BACKENDS, _dense_entries, _forward, _lycoris_file
+
     from flux2_mlx.config import transformer_shapes
     from flux2_mlx.lora import merged_entries, read_lora
 
     path, dense = tiny["tensors"]
+    shapes = transformer_shapes(CFG)
     rng = np.random.default_rng(5)
-    name = "double_blocks.1.img_attn.qkv"  # NVFP4 in the "tensors" file
-    n, k = dense[name + ".weight"].shape
-    down, up = (rng.standard_normal(s).astype(np.float32) / 10 for s in ((4, k), (n, 4)))
-    save_safetensors(tmp_path / "lora.safetensors", {f"diffusion_model.{name}.lora_A.weight": down,
-                                                     f"diffusion_model.{name}.lora_B.weight": up})
-    lora = read_lora(tmp_path / "lora.safetensors", transformer_shapes(CFG))
+    tensors = {}
+    # NVFP4, FP8, MXFP8, and NVFP4 marked for a full-precision matmul (MLX holds it decoded: merged there)
+    for name in ("double_blocks.1.img_attn.qkv", "double_blocks.1.img_mlp.0", "single_blocks.1.linear1",
+                 "double_blocks.0.img_mlp.0"):
+        n, k = shapes[name + ".weight"]
+        down, up = (rng.standard_normal(s).astype(np.float32) / 10 for s in ((4, k), (n, 4)))
+        tensors[f"diffusion_model.{name}.lora_A.weight"] = down
+        tensors[f"diffusion_model.{name}.lora_B.weight"] = up
+    save_safetensors(tmp_path / "lora.safetensors", tensors)
+    dora, _ = _lycoris_file(tmp_path, "locon", True, seed=6)
+    loras = [(read_lora(tmp_path / "lora.safetensors", shapes), 0.7), (read_lora(dora, shapes), 0.5)]
     entries = transformer_entries(WeightSource(path))
-    assert entries[name + ".weight"].stored == "NVFP4"
-    merged = merged_entries(entries, [(lora, 0.7)])[name + ".weight"]
-    assert merged.stored == "F32"  # the memory planner counts it dense
-    assert rel_err(merged.load(), dense[name + ".weight"] + 0.7 * up @ down) < 1e-6
+    targeted = {e.stored for name, e in entries.items() if any(name in lo.terms for lo, _ in loras)}
+    assert {"FP8", "MXFP8", "NVFP4"} <= targeted
+    be = BACKENDS[backend]
+    merged = merged_entries(entries, loras)
+    assert merged["double_blocks.1.img_attn.qkv.weight"].stored == "NVFP4"  # planned as stored + the branch
+    ours = _forward(be, merged)
+    want = _forward(be, merged_entries(_dense_entries(dense), loras))
+    assert rel_err(ours, want) <= 1e-5
+    assert rel_err(want, _forward(be, _dense_entries(dense))) > 1e-2
 
 
 def test_convert_reads_the_decoded_values(tiny, tmp_path):

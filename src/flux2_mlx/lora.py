@@ -24,7 +24,7 @@ from .dit_names import transformer_to_diffusers
 from .entries import Entry
 from .quant.affine import dequantize_mlx, repack
 from .quant.ggml import GGMLType
-from .quant.scaled import SCALED, SCALED_TYPES
+from .quant.scaled import MXFP8, NVFP4, SCALED, SCALED_TYPES, ScaledFP8
 from .weights import GGML_QUANTIZED, GGMLTensor, SafetensorsFile, WeightsError, to_float32
 
 # Module-path prefixes written by the trainers (PEFT wrappers, ai-toolkit, ComfyUI, kohya, LyCORIS).
@@ -288,9 +288,12 @@ def sha256_prefix(path) -> str:
     return h.hexdigest()[:16]
 
 
+# The stored types a LoRA runs beside, never merged into: GGUF blocks, FP8 / MXFP8 / NVFP4 layers.
+QUANTIZED = (*GGML_QUANTIZED, *SCALED_TYPES)
+
+
 def _merged(load, name: str, loras: list[tuple[Lora, float]]) -> np.ndarray:
-    base = load()
-    base = base.dequantize() if isinstance(base, SCALED) else to_float32(base)
+    base = to_float32(load())
     w = np.array(base, np.float32)  # a copy: a float32 file's load() is a view of the file
     for lora, scale in loras:
         if name in lora.terms:
@@ -307,7 +310,7 @@ class LoraQuant:
     output are in `base_scale`. None: no such terms. The backends' `base` is the GGMLTensor in their host or
     device form."""
 
-    base: GGMLTensor
+    base: GGMLTensor | ScaledFP8 | NVFP4 | MXFP8
     down: np.ndarray | None  # (rank, in) float32
     up: np.ndarray | None  # (out, rank) float32
     dense: np.ndarray | None  # (out, in) float32
@@ -315,6 +318,16 @@ class LoraQuant:
 
     def factors(self) -> tuple:
         return self.down, self.up, self.dense, self.base_scale
+
+    def merged(self, w: np.ndarray) -> np.ndarray:
+        """base_scale ⊙ W + up @ down + dense in float32: the branch folded into the weight, for a backend
+        that holds this base decoded (MLX: a layer marked for a full-precision matmul)."""
+        out = np.array(w, np.float32) if self.base_scale is None else w * self.base_scale[:, None]
+        if self.up is not None:
+            out += self.up @ self.down
+        if self.dense is not None:
+            out += self.dense
+        return out
 
 
 def _branched(load, name: str, loras: list[tuple[Lora, float]]) -> LoraQuant:
@@ -353,30 +366,31 @@ def _branched(load, name: str, loras: list[tuple[Lora, float]]) -> LoraQuant:
                      dense, base_scale)
 
 
-def held_values(t: GGMLTensor) -> np.ndarray:
-    """The float32 values both backends multiply by for a GGUF tensor: its blocks repacked to MLX's affine
-    layout (exact for most types, re-quantized for Q6_K, Q3_K and Q2_K), decoded."""
+def held_values(t: GGMLTensor | ScaledFP8 | NVFP4 | MXFP8) -> np.ndarray:
+    """The float32 values both backends multiply by for a quantized tensor: an FP8 / MXFP8 / NVFP4 layer's
+    exact decoding; GGUF blocks repacked to MLX's affine layout (exact for most types, re-quantized for
+    Q6_K, Q3_K and Q2_K), decoded."""
+    if isinstance(t, SCALED):
+        return t.dequantize()
     return dequantize_mlx(repack(t.data, GGMLType[t.ggml_type], t.shape))
 
 
 def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]]) -> dict[str, Entry]:
     """The transformer's entries with each weight a LoRA targets loading as float32 W + Σ scale·ΔW, or, for a
-    quantized (GGUF) weight, as a LoraQuant. Per entry when it loads, so a streamed block carries its LoRAs;
-    always from the file's W."""
+    quantized (GGUF, FP8, MXFP8, NVFP4) weight, as a LoraQuant. Per entry when it loads, so a streamed block
+    carries its LoRAs; always from the file's W."""
     out = dict(entries)
     for name in dict.fromkeys(name for lora, _ in loras for name in lora.terms):
         e = entries[name]
-        quantized = e.stored in GGML_QUANTIZED
+        quantized = e.stored in QUANTIZED
         for lora, _ in loras:
             if quantized and any(t.dora is not None and t.dora.columns for t in lora.terms.get(name, ())):
                 # its rescale would apply to the input of the quantized matmul: a second pass over Wq
                 raise WeightsError(f"{lora.path}: {name} is a LyCORIS DoRA trained per input column "
-                                   f"(wd_on_out=False), which cannot run beside a quantized (GGUF) weight; "
+                                   f"(wd_on_out=False), which cannot run beside a quantized weight; "
                                    f"use the bf16/fp16 transformer file")
         make = _branched if quantized else _merged
-        # An FP8 / MXFP8 / NVFP4 weight is merged like a dense one, and held dense.
-        stored = "F32" if e.stored in SCALED_TYPES else e.stored
-        out[name] = Entry(e.shape, partial(make, e.load, name, loras), stored,
+        out[name] = Entry(e.shape, partial(make, e.load, name, loras), e.stored,
                           _branch_size(e.shape, name, loras) if quantized else 0)
     return out
 

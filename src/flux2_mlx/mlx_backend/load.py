@@ -37,8 +37,9 @@ def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | MXFP8 |
           ) -> np.ndarray | AffineQuant | FPQuant | LoraQuant:
     """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout; block-scaled FP8 decoded:
     MLX has no such matmul; per-tensor-scaled FP8, MXFP8 and NVFP4 repacked for its mxfp8 / nvfp4 modes)."""
-    if isinstance(raw, LoraQuant):
-        return dataclasses.replace(raw, base=_host(raw.base))
+    if isinstance(raw, LoraQuant):  # a base MLX holds decoded takes its LoRAs merged
+        base = _host(raw.base)
+        return raw.merged(base) if isinstance(base, np.ndarray) else dataclasses.replace(raw, base=base)
     if isinstance(raw, FP8Blocks):
         return raw.dequantize()
     if isinstance(raw, (ScaledFP8, NVFP4, MXFP8)):
@@ -63,24 +64,25 @@ def _place(host: np.ndarray | AffineQuant | LoraQuant):
     return mx.array(host.view(np.uint16) if host.dtype == BF16 else host)
 
 
+def _quantized_layer(old, q: AffineQuant | FPQuant, dtype: mx.Dtype):
+    if isinstance(q, FPQuant):
+        return FPLinear(q.weight, q.scales, q.scale, q.mode)
+    return quantized_layer(old, q, dtype)
+
+
 def _fill(module, tensors, dtype: mx.Dtype):
     """Put (name, host or placed form) pairs into `module`, one tensor at a time."""
     params = []
     for name, t in tensors:
-        if isinstance(t, FPQuant):
-            t = _place(t)
-            layer = FPLinear(t.weight, t.scales, t.scale, t.mode)
-            replace_module(module, name.removesuffix(".weight"), layer)
-            continue
-        if isinstance(t, (AffineQuant, LoraQuant)):  # quantized: the layer type follows the ggml type
+        if isinstance(t, (AffineQuant, FPQuant, LoraQuant)):  # quantized: the layer follows the stored type
             path, t = name.removesuffix(".weight"), _place(t)
             old = module_at(module, path)
             if isinstance(t, LoraQuant):  # the LoRA factors in the compute dtype, as a dense weight would be
                 factors = (None if a is None else cast(a, dtype) for a in t.factors())
-                layer = LoraLinear(quantized_layer(old, t.base, dtype), *factors)
+                layer = LoraLinear(_quantized_layer(old, t.base, dtype), *factors)
                 mx.eval(layer.parameters())
             else:
-                layer = quantized_layer(old, t, dtype)
+                layer = _quantized_layer(old, t, dtype)
             replace_module(module, path, layer)
             continue
         a = _place(t)
