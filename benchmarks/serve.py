@@ -75,7 +75,12 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=0.1, help="seconds each client waits between polls")
     p.add_argument("--backend", default="torch", choices=["mlx", "torch"])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's, one per core)")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from conftest import write_tiny_repo
     from test_serve import start_server
@@ -97,9 +102,11 @@ def main() -> None:
         loaded = [run_job(url, body, args.clients, args.interval) for _ in range(args.repeats)]
         busy, answers = min(t for t, _ in loaded), sum(n for _, n in loaded) // args.repeats
         stop()
-    print("| size | steps | clients | interval s | alone s | under load s | ratio | status answers per job |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.size}² | {args.steps} | {args.clients} | {args.interval:g} | {alone:.2f} | {busy:.2f} | "
+    print("| backend | threads | size | steps | clients | interval s | alone s | under load s | ratio "
+          "| status answers per job |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.backend} | {args.threads or 'default'} | {args.size}² | {args.steps} | {args.clients} | "
+          f"{args.interval:g} | {alone:.2f} | {busy:.2f} | "
           f"{busy / alone:.3f} | {answers} |")
 
 
