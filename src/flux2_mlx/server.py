@@ -31,7 +31,7 @@ from .config import DEFAULT_STRENGTH, ModelSpec
 
 MAX_IMAGES = 8  # n, as OpenAI's API allows at most 10 and a local GPU makes them one by one
 MAX_STEPS = 1000
-KEEP_JOBS = 256  # finished jobs (and their images) kept in memory for the gallery and /files
+KEEP_JOBS = 100  # finished jobs (and their images) kept in memory for the gallery and /files
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 STATIC = Path(__file__).with_name("static")
 # OpenAI request fields that mean nothing for a local FLUX.2 model; apps send them, so they are ignored.
@@ -87,8 +87,10 @@ class Params:
 class Job:
     id: str
     params: Params
-    inputs: object  # pipeline.Inputs, prepared when the request came in
+    inputs: object  # pipeline.Inputs, prepared when the request came in; dropped once the job ends
     seeds: list[int]
+    size: str = ""
+    settings: dict = dataclasses.field(default_factory=dict)
     created: float = dataclasses.field(default_factory=time.time)
     status: str = "queued"
     step: int = 0
@@ -101,8 +103,16 @@ class Job:
     results: list = dataclasses.field(default_factory=list)  # dicts: token, seed, bytes, media type
     events: list = dataclasses.field(default_factory=list)  # (name, data) in order; SSE ids are indexes
 
+    def __post_init__(self):
+        self.size, self.settings = f"{self.inputs.width}x{self.inputs.height}", self.params.settings()
+
     def emit(self, name: str, **data) -> None:
         self.events.append((name, {"id": self.id, **data}))
+
+    def release(self) -> None:
+        """Drop the prepared and uploaded images (up to 10 references a job) once they cannot be used."""
+        self.inputs = None
+        self.params = dataclasses.replace(self.params, uploads=[], mask=None)
 
 
 def _number(fields: dict, name: str, kind, lo, hi=None, lo_open=False):
@@ -269,6 +279,7 @@ class ImageServer:
                 job = self.running = self.queue.popleft()
                 job.status, job.started = "running", time.time()
             self._run(job)
+            job.release()
             with self.cond:
                 self.running = None
                 self.last_duration = time.time() - job.started
@@ -380,6 +391,8 @@ class ImageServer:
                 return await fn(request)
             except ApiError as e:
                 return e.response()
+            except Exception as e:  # noqa: BLE001 - a bug answers as the API does; the server keeps serving
+                return ApiError(500, f"{type(e).__name__}: {e}", code="server_error").response()
         return endpoint
 
     async def _body(self, request: Request) -> bytes:
@@ -410,17 +423,21 @@ class ImageServer:
             except HTTPException as e:  # Starlette's word for a malformed form
                 raise ApiError(400, f"a malformed multipart form: {e.detail}", code="invalid_form") from None
             fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-            for key, value in form.multi_items():
-                if isinstance(value, str):
-                    continue
-                data = await value.read()
-                name = Path(value.filename or key).name
-                if key in ("image", "image[]"):
-                    uploads.append(read_image(name, data, f"image[{len(uploads)}]"))
-                elif key == "mask":
-                    mask = read_image(name, data, "mask")
-                else:
-                    raise ApiError(400, f"unknown file field {key!r}; send image (or image[]) and mask", key)
+            try:
+                for key, value in form.multi_items():
+                    if isinstance(value, str):
+                        continue
+                    data = await value.read()
+                    name = Path(value.filename or key).name
+                    if key in ("image", "image[]"):
+                        uploads.append(read_image(name, data, f"image[{len(uploads)}]"))
+                    elif key == "mask":
+                        mask = read_image(name, data, "mask")
+                    else:
+                        raise ApiError(400, f"unknown file field {key!r}; send image (or image[]) and mask",
+                                       key)
+            finally:
+                await form.close()  # the uploads' temporary files
         else:
             try:
                 fields = json.loads(body)
@@ -475,7 +492,7 @@ class ImageServer:
         for item, r in zip(data, job.results):
             item.update(seed=r["seed"], revised_prompt=None)
         return JSONResponse(dict(created=int(job.created), data=data, output_format=p.output_format,
-                                 size=f"{job.inputs.width}x{job.inputs.height}"))
+                                 size=job.size))
 
     async def generations(self, request: Request):
         job = await self._queue(request)
@@ -496,8 +513,8 @@ class ImageServer:
         return dict(id=job.id, object="job", status=job.status, created=job.created, started=job.started,
                     step=job.step,
                     total=job.total, elapsed=round(job.elapsed, 3), eta=job.eta and round(job.eta, 3),
-                    queue_position=position, settings=job.params.settings(), seeds=job.seeds,
-                    size=f"{job.inputs.width}x{job.inputs.height}", error=error,
+                    queue_position=position, settings=job.settings, seeds=job.seeds, size=job.size,
+                    error=error,
                     images=[dict(url=f"/files/{r['token']}", seed=r["seed"]) for r in job.results])
 
     def _job(self, request: Request) -> Job:
@@ -522,6 +539,7 @@ class ImageServer:
                 raise ApiError(409, f"job {job.id} has already {job.status}", "id", "job_finished")
             if job in self.queue:
                 self.queue.remove(job)
+                job.release()
                 job.status = "cancelled"
                 job.emit("cancelled", step=0, total=job.total)
             job.cancel = True
