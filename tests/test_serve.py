@@ -91,18 +91,24 @@ def cli_png(tiny_repo, path, *args):
     return path.read_bytes()
 
 
+@pytest.fixture(scope="module")
+def fox(served, tiny_repo, tmp_path_factory):
+    """`flux2 generate "a red fox"` at 32x32, 1 step, seed 5: the PNG the server must send for the same."""
+    return cli_png(tiny_repo, tmp_path_factory.mktemp("fox") / "fox.png")
+
+
 def png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def test_openai_generate_equals_flux2_generate(served, tiny_repo, tmp_path):
+def test_openai_generate_equals_flux2_generate(served, fox):
     """The same PNG, metadata included, as `flux2 generate` with the same settings; also kept on disk."""
     r = served.client.images.generate(model="klein-4b", prompt="a red fox", size="32x32",
                                       response_format="b64_json", extra_body={"seed": 5, "steps": 1})
     got = base64.b64decode(r.data[0].b64_json)
-    assert got == cli_png(tiny_repo, tmp_path / "cli.png")
+    assert got == fox
     assert got in [p.read_bytes() for p in served.out.glob("*-5.png")]
     r = served.client.images.generate(prompt="a red fox", n=2, response_format="url", output_format="jpeg",
                                       extra_body={"seed": 9, **SMALL})
@@ -279,3 +285,27 @@ def test_rapid_submissions_lose_nothing(served):
     assert 16 <= len(accepted) < 200
     assert all(wait_for(served, i)["status"] == "succeeded" for i in accepted)
     assert all(body["error"]["code"] == "queue_full" for status, body in answers if status == 429)
+
+
+def test_loras_per_request_equal_flux2_generate(served, fox, tiny_repo, tmp_path, monkeypatch):
+    """A request's loras are applied for it (and recorded as generate records them); the next request
+    without any runs the plain model again."""
+    from flux2_mlx.config import transformer_shapes
+    from flux2_mlx.weights import save_safetensors
+
+    rng = np.random.default_rng(1)
+    layer = "double_blocks.0.img_attn.qkv"
+    rows, cols = transformer_shapes(served.srv.pipe.spec.transformer)[f"{layer}.weight"]
+    save_safetensors(tmp_path / "style.safetensors", {  # rank 4 on one fused QKV, in ai-toolkit's names
+        f"diffusion_model.{layer}.lora_A.weight": rng.standard_normal((4, cols), np.float32),
+        f"diffusion_model.{layer}.lora_B.weight": rng.standard_normal((rows, 4), np.float32)})
+    monkeypatch.chdir(tmp_path)
+    body = {"prompt": "a red fox", "size": "32x32", "steps": 1, "seed": 5}
+    styled = cli_png(tiny_repo, tmp_path / "cli.png", "--lora", "style.safetensors:0.7")
+    for loras, expected in (([{"file": "style.safetensors", "scale": 0.7}], styled), ([], fox)):
+        status, _, r = call(served, "POST", "/v1/images/generations", {**body, "loras": loras})
+        assert status == 200, r
+        assert base64.b64decode(r["data"][0]["b64_json"]) == expected
+    assert styled != fox
+    status, _, r = call(served, "POST", "/v1/images/generations", {**body, "loras": ["missing.safetensors"]})
+    assert status == 400 and "missing.safetensors" in r["error"]["message"]
