@@ -264,6 +264,10 @@ def test_serve_command(tiny_repo, monkeypatch, tmp_path):
     ran.clear()
     r = CliRunner().invoke(main, [*serve, "--transformer", str(tiny_repo / "vae" / "config.json")])
     assert r.exit_code == 2 and r.output.startswith("error: ") and not ran, r.output
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        r = CliRunner().invoke(main, [*serve, "--port", port])
+    assert r.exit_code == 2 and r.output.startswith(f"error: cannot listen on 127.0.0.1:{port}") and not ran
 
 
 def test_rapid_submissions_lose_nothing(served):

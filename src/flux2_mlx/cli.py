@@ -661,6 +661,13 @@ def serve(model, model_path, transformer, vae, text_encoder, tokenizer, dtype, b
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         _check_writable(output_dir, "--output-dir")
+    try:  # a port in use is one error line before minutes of loading, not uvicorn's after them
+        import socket
+
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host")
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can "
                    f"use the server", err=True)
