@@ -100,7 +100,7 @@ class Job:
     eta: float | None = None
     cancel: bool = False
     error: ApiError | None = None
-    results: list = dataclasses.field(default_factory=list)  # dicts: token, seed, bytes, media type
+    results: list = dataclasses.field(default_factory=list)  # dicts: token (the /files name), seed, data
     events: list = dataclasses.field(default_factory=list)  # (name, data) in order; SSE ids are indexes
 
     def __post_init__(self):
@@ -121,7 +121,7 @@ def _number(fields: dict, name: str, kind, lo, hi=None, lo_open=False):
     if value is None or value == "":
         return None
     try:
-        if isinstance(value, bool) or isinstance(value, (list, dict)):
+        if isinstance(value, (bool, list, dict)):
             raise ValueError
         number = kind(value) if kind is float else int(str(value))
         if kind is float and not math.isfinite(number):
@@ -286,7 +286,7 @@ class ImageServer:
                 self._prune()
 
     def _run(self, job: Job) -> None:
-        from .pipeline import WeightsError
+        from .weights import WeightsError
 
         try:
             if self.load_error is not None:
