@@ -92,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         write_tiny_repo(Path(folder))
         spec = MODELS["klein-4b"]
-        srv = ImageServer(lambda: load_pipeline(spec, model_path=folder, backend=args.backend), spec)
+        srv = ImageServer(lambda name: load_pipeline(name, model_path=folder, backend=args.backend), [spec])
         srv.start()
         srv.wait_ready()
         url, stop = start_server(srv)

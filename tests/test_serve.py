@@ -47,16 +47,28 @@ def start_server(srv: ImageServer):
     return f"http://127.0.0.1:{port}", stop
 
 
+def base_transformer(tiny_repo, folder):
+    """klein base has klein's shapes: the tiny transformer, linked under klein base's file name."""
+    link = folder / MODELS["klein-base-4b"].transformer_file
+    link.symlink_to(tiny_repo / MODELS["klein-4b"].transformer_file)
+    return link
+
+
 @pytest.fixture(scope="module")
 def served(short_prompts, tiny_repo, tmp_path_factory):
     out = tmp_path_factory.mktemp("served")
-    spec = MODELS["klein-4b"]
-    srv = ImageServer(lambda: load_pipeline(spec, model_path=tiny_repo), spec, api_key=KEY, output_dir=out,
+    base = base_transformer(tiny_repo, tmp_path_factory.mktemp("base"))
+
+    def load(name):
+        return load_pipeline(name, model_path=tiny_repo,
+                             transformer=base if name == "klein-base-4b" else None)
+
+    srv = ImageServer(load, [MODELS["klein-4b"], MODELS["klein-base-4b"]], api_key=KEY, output_dir=out,
                       max_upload=2**20)
     srv.start()
     srv.wait_ready()
     url, stop = start_server(srv)
-    yield SimpleNamespace(srv=srv, url=url, out=out,
+    yield SimpleNamespace(srv=srv, url=url, out=out, base=base,
                           client=openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0))
     stop()
 
@@ -115,7 +127,8 @@ def test_openai_generate_equals_flux2_generate(served, fox):
     assert [d.model_extra["seed"] for d in r.data] == [9, 10]
     with urllib.request.urlopen(r.data[1].url) as f:  # result URLs are secrets: no key needed
         assert Image.open(f).format == "JPEG"
-    assert [m.id for m in served.client.models.list()] == ["klein-4b"]
+    assert [(m.id, m.model_extra["loaded"]) for m in served.client.models.list()] == [
+        ("klein-4b", True), ("klein-base-4b", False)]
     assert call(served, "GET", "/healthz", key=None)[2]["status"] == "ok"
 
 
@@ -313,3 +326,23 @@ def test_loras_per_request_equal_flux2_generate(served, fox, tiny_repo, tmp_path
     assert styled != fox
     status, _, r = call(served, "POST", "/v1/images/generations", {**body, "loras": ["missing.safetensors"]})
     assert status == 400 and "missing.safetensors" in r["error"]["message"]
+
+
+def test_models_switch_when_a_request_names_another(served, tiny_repo, tmp_path):
+    """klein-base-4b (true CFG, a negative prompt) is loaded when a request names it, the job's events say
+    so, the PNG is generate's; a request naming no model stays on it; naming klein-4b switches back."""
+    base = {"prompt": "a red fox", "size": "32x32", "steps": 1, "seed": 5, "model": "klein-base-4b",
+            "negative_prompt": "blurry"}
+    _, _, job = call(served, "POST", "/v1/jobs", base)
+    events = sse(served, job["id"])
+    assert ("model", {"id": job["id"], "model": "klein-base-4b", "previous": "klein-4b"}) in events
+    expected = cli_png(tiny_repo, tmp_path / "base.png", "--model", "klein-base-4b", "--transformer",
+                       served.base, "--negative-prompt", "blurry")
+    assert events[-1][0] == "done", events
+    with urllib.request.urlopen(served.url + events[-1][1]["images"][0]["url"]) as f:
+        assert f.read() == expected
+    _, _, job = call(served, "POST", "/v1/jobs", {**base, "model": None})
+    assert "model" not in [n for n, _ in sse(served, job["id"])]
+    assert call(served, "GET", "/healthz")[2]["model"] == "klein-base-4b"
+    _, _, job = call(served, "POST", "/v1/jobs", {"prompt": "a fox", **SMALL, "model": "klein-4b"})
+    assert [d["model"] for n, d in sse(served, job["id"]) if n == "model"] == ["klein-4b"]

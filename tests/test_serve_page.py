@@ -28,7 +28,7 @@ WATCH_PROGRESS = """() => {
 
 def test_page_generates_with_progress_into_the_gallery(short_prompts, tiny_repo, tmp_path):
     spec = MODELS["klein-4b"]
-    srv = ImageServer(lambda: load_pipeline(spec, model_path=tiny_repo), spec)
+    srv = ImageServer(lambda name: load_pipeline(name, model_path=tiny_repo), [spec])
     srv.start()
     srv.wait_ready()
     url, stop = start_server(srv)

@@ -129,9 +129,28 @@ def _save_png(image, path: Path, meta: dict) -> None:
         tmp.write_bytes(png_bytes(image, meta))
 
 
+MODEL_HELP = ("The variant [default: what the files say they are (model_index.json, file names, a GGUF's "
+              "metadata); without files, klein-4b].")
+
+
+def _choose_model(model, model_path, transformer) -> str:
+    """The variant to run (variants.choose), said in a line when it was detected; a contradiction or files
+    that could be several variants are one error line."""
+    from .variants import choose
+    from .weights import WeightsError
+
+    try:
+        name, detection = choose(model, model_path, transformer)
+    except WeightsError as e:
+        _fail(str(e))
+    if model is None and detection is not None:
+        click.echo(f"model {name} ({detection.signal})")
+    return name
+
+
 @main.command()
 @click.argument("prompt")
-@click.option("-m", "--model", type=click.Choice(list(MODELS)), default="klein-4b", show_default=True)
+@click.option("-m", "--model", type=click.Choice(list(MODELS)), help=MODEL_HELP)
 @click.option("--model-path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A downloaded model folder (BFL or diffusers layout).")
 @click.option("--transformer", "--weights", "transformer", type=click.Path(exists=True, path_type=Path),
@@ -206,6 +225,7 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
     from .pipeline import check_size
     from .weights import WeightsError
 
+    model = _choose_model(model, model_path, transformer)
     spec = MODELS[model]
     for name, value in (("--strength", strength), ("--mask", mask), ("--expand", expand)):
         if value is not None and init is None:
@@ -568,8 +588,7 @@ def regenerate_command(meta: dict) -> str:
 @click.option("--plan", "show_plan", is_flag=True,
               help="Also print the memory plan for generating with PATH "
                    "(a model folder or transformer file).")
-@click.option("-m", "--model", type=click.Choice(list(MODELS)), default="klein-4b", show_default=True,
-              help="With --plan: the variant the files belong to.")
+@click.option("-m", "--model", type=click.Choice(list(MODELS)), help="With --plan. " + MODEL_HELP)
 @click.option("-W", "--width", type=click.IntRange(min=16), default=1024, show_default=True,
               help="With --plan: a multiple of 16; width x height at most 4 MP.")
 @click.option("-H", "--height", type=click.IntRange(min=16), default=1024, show_default=True,
@@ -588,12 +607,21 @@ def info(path, show_plan, model, width, height, memory_budget, dtype, backend, d
 
         try:
             from .info import describe
+            from .variants import detect
 
             for line in describe(path):
                 click.echo(line)
+            try:
+                detected = detect(**({"model_path": path} if path.is_dir() else {"transformer": path}))
+            except WeightsError:  # a VAE or text encoder file: no variant to tell
+                detected = None
+            if detected is not None and detected.variant is not None:
+                click.echo(f"variant: {detected.variant} ({detected.signal})")
+            elif detected is not None:
+                click.echo(f"variant: one of {', '.join(detected.candidates)} ({detected.signal} fit all)")
             if show_plan:
                 check_size(width, height)
-                spec = MODELS[model]
+                spec = MODELS[_choose_model(model, *((path, None) if path.is_dir() else (None, path)))]
                 files = hub.locate(spec, **({"model_path": path} if path.is_dir() else {"transformer": path}))
                 budget = dict(memory_budget=memory_budget, stream_from=None, backend=backend, device=device)
                 plan = _memory_plan_without_loading(spec, files, dtype, Inputs(width, height), None, budget)
@@ -620,11 +648,13 @@ def models():
 
 
 @main.command()
-@click.option("-m", "--model", type=click.Choice(list(MODELS)), default="klein-4b", show_default=True)
+@click.option("-m", "--model", "models", type=click.Choice(list(MODELS)), multiple=True,
+              help="The model loaded at start [default: klein-4b]. Repeat to let requests switch to others, "
+                   "taken from the Hugging Face cache (downloaded on first use).")
 @click.option("--model-path", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A downloaded model folder (BFL or diffusers layout).")
+              help="The first model's downloaded folder (BFL or diffusers layout).")
 @click.option("--transformer", "--weights", "transformer", type=click.Path(exists=True, path_type=Path),
-              help="Transformer: a .safetensors file or a diffusers transformer/ folder.")
+              help="The first model's transformer: a .safetensors file or a diffusers transformer/ folder.")
 @click.option("--vae", type=click.Path(exists=True, path_type=Path), help="ae.safetensors or a vae/ folder.")
 @click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), help="A text_encoder/ folder.")
 @click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
@@ -645,8 +675,8 @@ def models():
               help="Jobs that may wait; more get 429.")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=50, show_default=True,
               help="The largest request body (images included).")
-def serve(model, model_path, transformer, vae, text_encoder, tokenizer, dtype, backend, device, memory_budget,
-          stream_from, host, port, api_key, output_dir, max_queue, max_upload_mb):
+def serve(models, model_path, transformer, vae, text_encoder, tokenizer, dtype, backend, device,
+          memory_budget, stream_from, host, port, api_key, output_dir, max_queue, max_upload_mb):
     """Serve the model over HTTP: OpenAI's images API (/v1/images/generations, /v1/images/edits), jobs with
     progress events (/v1/jobs), and a web page at /. Needs pip install 'flux2-mlx[serve]'."""
     try:
@@ -671,18 +701,25 @@ def serve(model, model_path, transformer, vae, text_encoder, tokenizer, dtype, b
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can "
                    f"use the server", err=True)
-    spec = MODELS[model]
-    kw = dict(model_path=model_path, transformer=transformer, vae=vae, text_encoder=text_encoder,
-              tokenizer=tokenizer, dtype=dtype, backend=backend, device=device, memory_budget=memory_budget,
+    names = list(dict.fromkeys(models or ["klein-4b"]))
+    kw = dict(dtype=dtype, backend=backend, device=device, memory_budget=memory_budget,
               stream_from=stream_from)
-    server = ImageServer(lambda: load_pipeline(spec, **kw), spec, api_key=api_key, output_dir=output_dir,
+    # The file options are the first model's: klein and klein base have the same shapes, so another model
+    # given the same files would run the wrong weights without a word.
+    files = dict(model_path=model_path, transformer=transformer, vae=vae, text_encoder=text_encoder,
+                 tokenizer=tokenizer)
+
+    def load(name):
+        return load_pipeline(name, **kw, **(files if name == names[0] else {}))
+
+    server = ImageServer(load, [MODELS[n] for n in names], api_key=api_key, output_dir=output_dir,
                          max_queue=max_queue, max_upload=int(max_upload_mb * 2**20))
     server.start()
     try:
         server.wait_ready()  # a missing or wrong file is an error line now, not a server that fails every job
     except (WeightsError, ValueError, OSError) as e:
         _fail(str(e))
-    click.echo(f"serving {model} on http://{host}:{port}/ (Ctrl-C stops)")
+    click.echo(f"serving {', '.join(names)} on http://{host}:{port}/ (Ctrl-C stops)")
     uvicorn.run(server.app, host=host, port=port, log_level="warning")
 
 

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import collections
 import dataclasses
+import gc
 import io
 import json
 import math
@@ -62,6 +63,7 @@ class Params:
     to inpaint, the rest references."""
 
     prompt: str
+    model: str
     n: int = 1
     width: int | None = None
     height: int | None = None
@@ -161,8 +163,9 @@ def _loras(value) -> list[tuple[str, float]]:
     return out
 
 
-def parse_params(fields: dict, uploads: list, mask, spec: ModelSpec) -> Params:
-    """A request's fields (JSON or multipart strings) checked against `spec`, the served model."""
+def parse_params(fields: dict, uploads: list, mask, specs: dict[str, ModelSpec], default: str) -> Params:
+    """A request's fields (JSON or multipart strings) checked against the model they name (one of `specs`;
+    none named: `default`)."""
     unknown = sorted(set(fields) - FIELDS)
     if unknown:
         raise ApiError(400, f"unknown field {unknown[0]!r}; this server takes: {', '.join(sorted(FIELDS))}",
@@ -170,14 +173,15 @@ def parse_params(fields: dict, uploads: list, mask, spec: ModelSpec) -> Params:
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ApiError(400, "prompt is required: a non-empty string", "prompt")
-    model = fields.get("model")
-    if model not in (None, "", spec.name):
-        raise ApiError(404, f"model {model!r} is not served here; this server runs {spec.name}", "model",
-                       "model_not_found")
+    model = fields.get("model") or default
+    if model not in specs:
+        raise ApiError(404, f"model {model!r} is not served here; this server runs {', '.join(specs)}",
+                       "model", "model_not_found")
+    spec = specs[model]
     if fields.get("stream") in (True, "true"):
         raise ApiError(400, "streaming partial images is not supported; POST /v1/jobs and read "
                             "/v1/jobs/{id}/events for progress", "stream")
-    p = Params(prompt, uploads=uploads, mask=mask)
+    p = Params(prompt, model, uploads=uploads, mask=mask)
     p.n = _number(fields, "n", int, 1, MAX_IMAGES) or 1
     size = fields.get("size") or "auto"
     if size != "auto":
@@ -227,12 +231,16 @@ def read_image(name: str, data: bytes, what: str):
 class ImageServer:
     """The queue, the worker thread that owns the pipeline, and the HTTP app (`app`).
 
-    load: makes the pipeline (called on the worker thread); spec: the model it serves. output_dir: where
-    every image is also saved as a PNG (None: kept in memory only)."""
+    load(name): makes that model's pipeline (called on the worker thread); specs: the models requests may
+    name, the first loaded at start; another is loaded (the one before freed) when a job names it, and a
+    request that names none gets the last one named. output_dir: where every image is also saved as a PNG
+    (None: kept in memory only)."""
 
-    def __init__(self, load, spec: ModelSpec, *, api_key: str | None = None, output_dir: Path | None = None,
-                 max_queue: int = 16, max_upload: int = 50 * 2**20):
-        self.load, self.spec, self.api_key, self.output_dir = load, spec, api_key, output_dir
+    def __init__(self, load, specs: list[ModelSpec], *, api_key: str | None = None,
+                 output_dir: Path | None = None, max_queue: int = 16, max_upload: int = 50 * 2**20):
+        self.load, self.api_key, self.output_dir = load, api_key, output_dir
+        self.specs = {spec.name: spec for spec in specs}
+        self.default = specs[0].name
         self.max_queue, self.max_upload = max_queue, max_upload
         self.pipe = self.load_error = None
         self.ready = threading.Event()
@@ -268,8 +276,8 @@ class ImageServer:
 
     def _work(self) -> None:
         try:
-            self.pipe = self.load()
-        except Exception as e:  # noqa: BLE001 - handed to wait_ready, and every job says so
+            self.pipe = self.load(self.default)
+        except Exception as e:  # noqa: BLE001 - handed to wait_ready; each job then tries to load again
             self.load_error = e
         self.ready.set()
         while True:
@@ -289,8 +297,8 @@ class ImageServer:
         from .weights import WeightsError
 
         try:
-            if self.load_error is not None:
-                raise ApiError(500, f"the model failed to load: {self.load_error}", code="model_not_loaded")
+            if self.pipe is None or self.pipe.spec.name != job.params.model:
+                self._switch(job)
             self._generate(job)
             job.status = "succeeded"
             job.emit("done", **self._summary(job))
@@ -303,6 +311,18 @@ class ImageServer:
             self._fail(job, e)
         except Exception as e:  # noqa: BLE001 - the server keeps serving; the job says what happened
             self._fail(job, ApiError(500, f"{type(e).__name__}: {e}", code="server_error"))
+
+    def _switch(self, job: Job) -> None:
+        """Load the job's model in place of the one held, which is freed first: two rarely fit."""
+        old, self.pipe = self.pipe, None
+        job.emit("model", model=job.params.model, previous=old and old.spec.name)
+        if old is not None:
+            backend = old.backend
+            del old
+            gc.collect()  # the pipeline's arrays, before the backend returns their memory
+            backend.free()
+        self.pipe = self.load(job.params.model)
+        self.load_error = None
 
     def _fail(self, job: Job, error: ApiError) -> None:
         job.error, job.status = error, "failed"
@@ -447,7 +467,7 @@ class ImageServer:
                 raise ApiError(400, "the body must be a JSON object", code="invalid_json")
         if mask is not None and not uploads:
             raise ApiError(400, "a mask needs the image it covers: send image too", "mask")
-        return parse_params(fields, uploads, mask, self.spec)
+        return parse_params(fields, uploads, mask, self.specs, self.default)
 
     async def _queue(self, request: Request, need_images: bool = False) -> Job:
         from .pipeline import prepare_inputs
@@ -459,7 +479,7 @@ class ImageServer:
         kw = dict(images=images[1:] or None, image=images[0], mask=p.mask[1]) if p.mask else dict(
             images=images or None)
         try:  # reads and scales the images: off the event loop
-            inputs = await asyncio.to_thread(prepare_inputs, self.spec.name, p.width, p.height, **kw)
+            inputs = await asyncio.to_thread(prepare_inputs, p.model, p.width, p.height, **kw)
         except ValueError as e:
             raise ApiError(400, str(e), "size" if "width and height" in str(e) or " MP" in str(e) else None)
         first = secrets.randbelow(2**31) if p.seed is None else p.seed
@@ -471,6 +491,7 @@ class ImageServer:
                                code="queue_full", headers={"Retry-After": str(wait)})
             self.jobs[job.id] = job
             self.queue.append(job)
+            self.default = p.model  # models switch only when a request names another
             job.emit("queued", position=len(self.queue))
             self.cond.notify()
         return job
@@ -567,17 +588,20 @@ class ImageServer:
                                  headers={"Cache-Control": "no-cache"})
 
     async def models(self, request: Request):
-        spec = self.spec
+        """The models requests may name, the loaded one first, with their defaults."""
+        loaded = self.pipe and self.pipe.spec.name
+        specs = sorted(self.specs.values(), key=lambda spec: spec.name != loaded)
         return JSONResponse({"object": "list", "data": [dict(
-            id=spec.name, object="model", created=0, owned_by="black-forest-labs",
+            id=spec.name, object="model", created=0, owned_by="black-forest-labs", loaded=spec.name == loaded,
             default_steps=spec.default_steps, default_guidance=spec.default_guidance,
-            guidance_mode=spec.guidance_mode)]})
+            guidance_mode=spec.guidance_mode) for spec in specs]})
 
     async def health(self, request: Request):
         status = "error" if self.load_error is not None else "ok" if self.ready.is_set() else "loading"
         with self.cond:
             queued, running = len(self.queue), self.running and self.running.id
-        return JSONResponse(dict(status=status, model=self.spec.name, queued=queued, running=running),
+        loaded = self.pipe and self.pipe.spec.name
+        return JSONResponse(dict(status=status, model=loaded, queued=queued, running=running),
                             503 if status == "error" else 200)
 
     async def file(self, request: Request):
