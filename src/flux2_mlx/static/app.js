@@ -2,6 +2,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 const refs = []; // {name, blob, url}: the reference images to send
+const models = {}; // id → /v1/models entry: each model's defaults
 let job = null; // the id of the job being followed
 
 // A server started with --api-key wants it on every API call; the page asks once and remembers it.
@@ -73,7 +74,7 @@ function addCard(url, seed, settings, size) {
   img.alt = settings.prompt;
   const text = document.createElement("figcaption");
   text.className = "settings";
-  const parts = [settings.prompt, `seed ${seed}`, size];
+  const parts = [settings.prompt, settings.model, `seed ${seed}`, size];
   if (settings.steps) parts.push(`${settings.steps} steps`);
   if (settings.guidance != null) parts.push(`guidance ${settings.guidance}`);
   if (settings.files && settings.files.length) parts.push(`refs: ${settings.files.join(", ")}`);
@@ -94,7 +95,7 @@ function addCard(url, seed, settings, size) {
 }
 
 function request() {
-  const fields = { prompt: $("prompt").value, size: `${$("width").value}x${$("height").value}`, n: $("n").value };
+  const fields = { model: $("model").value, prompt: $("prompt").value, size: `${$("width").value}x${$("height").value}`, n: $("n").value };
   if (!$("random").checked && $("seed").value !== "") fields.seed = $("seed").value;
   for (const [id, name] of [["steps", "steps"], ["guidance", "guidance"], ["negative", "negative_prompt"]]) {
     if ($(id).value !== "") fields[name] = $(id).value;
@@ -176,6 +177,16 @@ function onEvent(name, data, submitted) {
   }
 }
 
+// The chosen model's default steps and guidance as placeholders; its negative prompt only where it has one.
+function showDefaults() {
+  const model = models[$("model").value];
+  $("steps").placeholder = model.default_steps;
+  $("guidance").placeholder = model.default_guidance;
+  $("negative-row").hidden = model.guidance_mode !== "cfg";
+  $("guidance").disabled = model.guidance_mode === "none"; // guidance-distilled: the server ignores it
+  if ($("negative-row").hidden) $("negative").value = "";
+}
+
 async function start() {
   $("preset").onchange = () => $("preset").value !== "custom" && setSize($("preset").value);
   for (const id of ["width", "height"]) $(id).oninput = () => ($("preset").value = "custom");
@@ -194,12 +205,12 @@ async function start() {
     [...e.dataTransfer.files].filter((f) => f.type.startsWith("image/")).forEach((f) => addRef(f.name, f));
   };
   try {
-    const model = (await apiJson("/v1/models")).data[0];
-    $("model").textContent = model.id;
-    $("steps").placeholder = model.default_steps;
-    $("guidance").placeholder = model.default_guidance;
-    $("negative-row").hidden = model.guidance_mode !== "cfg";
-    $("guidance").disabled = model.guidance_mode === "none"; // guidance-distilled: the server ignores it
+    for (const model of (await apiJson("/v1/models")).data) { // the loaded one first
+      models[model.id] = model;
+      $("model").append(new Option(model.loaded ? `${model.id} (loaded)` : model.id, model.id));
+    }
+    $("model").onchange = showDefaults;
+    showDefaults();
     const jobs = (await apiJson("/v1/jobs")).data.reverse(); // oldest first: the newest ends on top
     for (const j of jobs) for (const im of j.images) addCard(im.url, im.seed, j.settings, j.size);
     const health = await (await fetch("/healthz")).json();
