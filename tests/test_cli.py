@@ -135,16 +135,37 @@ def test_tiny_example_writes_png(tmp_path, monkeypatch, capsys, recwarn):
     assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 100
 
 
+def base_repo(tiny_repo, folder):
+    """The tiny repo's files laid out as FLUX.2-klein-base-4B is (klein base shares klein's architecture):
+    its transformer under the base repo's file name."""
+    folder.mkdir()
+    (folder / "flux-2-klein-base-4b.safetensors").symlink_to(tiny_repo / "flux-2-klein-4b.safetensors")
+    for name in ("vae", "text_encoder", "tokenizer"):
+        (folder / name).symlink_to(tiny_repo / name)
+    return folder
+
+
 def test_base_variant_runs_true_cfg_with_a_negative_prompt(tiny_repo, tmp_path):
-    """klein base shares klein's architecture: the same files run with CFG and a negative prompt."""
-    kw = ["--model", "klein-base-4b", "--transformer", tiny_repo / "flux-2-klein-4b.safetensors", *SMALL,
-          "--steps", 2, "--seed", 1]  # the base repo names its file flux-2-klein-base-4b; siblings are found
+    """A klein base repo runs as one without -m (its file name says so): CFG and a negative prompt."""
+    kw = ["--model-path", base_repo(tiny_repo, tmp_path / "base"), *SMALL, "--steps", 2, "--seed", 1]
     assert run("generate", "a cat", *kw, "--negative-prompt", "blurry",
                "-o", tmp_path / "a.png").exit_code == 0
     assert run("generate", "a cat", *kw, "-o", tmp_path / "b.png").exit_code == 0
     meta = json.loads(Image.open(tmp_path / "a.png").info["flux2"])
     assert meta["negative_prompt"] == "blurry" and meta["steps"] == 2 and meta["guidance"] == 4.0
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()  # "" vs "blurry"
+
+
+def test_load_pipeline_runs_the_variant_the_files_are(tiny_repo, tmp_path):
+    from flux2_mlx import load_pipeline
+    from flux2_mlx.weights import WeightsError
+
+    repo = base_repo(tiny_repo, tmp_path / "base")
+    pipe = load_pipeline(model_path=repo)
+    assert pipe.spec.guidance_mode == "cfg" and pipe.settings(None, None) == (50, 4.0)  # klein base's
+    with pytest.raises(WeightsError, match=r"the file name flux-2-klein-base-4b\.safetensors says this is "
+                                           r"klein-base-4b, not klein-4b"):
+        load_pipeline("klein-4b", model_path=repo)
 
 
 def test_truncated_prompt_warns_in_one_line(tiny_repo, tmp_path, short_prompts, monkeypatch):

@@ -257,7 +257,8 @@ def test_real_sigint_during_a_run(tiny_repo, tmp_path):
                              str(tiny_repo), "-W", "64", "-H", "48", "--steps", "100000", "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=sigint_as_on_a_terminal)
-    assert proc.stdout.readline().startswith("seed ")  # denoising has begun
+    while not proc.stdout.readline().startswith("seed "):  # after "model klein-4b (…)": denoising has begun
+        assert proc.poll() is None, proc.stderr.read()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

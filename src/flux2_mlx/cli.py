@@ -129,6 +129,7 @@ def _save_png(image, path: Path, meta: dict) -> None:
         tmp.write_bytes(png_bytes(image, meta))
 
 
+_GUIDANCE = {"embedded": "embedded guidance", "none": "no guidance", "cfg": "true CFG"}
 MODEL_HELP = ("The variant [default: what the files say they are (model_index.json, file names, a GGUF's "
               "metadata); without files, klein-4b].")
 
@@ -271,7 +272,7 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
         if dry_run:
             for _, f, scale in loras:
                 click.echo(f"lora: {f} at {scale:g}")
-            _dry_run(spec, paths_kw, dtype, edit, guidance, budget, loras)
+            _dry_run(spec, paths_kw, dtype, edit, steps, guidance, budget, loras)
             return
         settings = dict(prompt=prompt, negative_prompt=negative_prompt, strength=strength, steps=steps,
                         guidance=guidance, keep_unmasked=keep_unmasked)
@@ -313,10 +314,13 @@ def _parse_loras(values) -> list[tuple[str, float]]:
     return out
 
 
-def _dry_run(spec, paths_kw, dtype, edit, guidance, budget, loras=()):
+def _dry_run(spec, paths_kw, dtype, edit, steps, guidance, budget, loras=()):
     from . import hub
     from .pipeline import prepare_inputs
 
+    steps = spec.default_steps if steps is None else steps
+    guidance = spec.default_guidance if guidance is None else guidance
+    click.echo(f"{spec.name}: {steps} steps, guidance {guidance:g} ({_GUIDANCE[spec.guidance_mode]})")
     located = hub.locate(spec, **paths_kw)
     for line in hub.describe(spec, located):
         click.echo(line)
@@ -642,9 +646,8 @@ def info(path, show_plan, model, width, height, memory_budget, dtype, backend, d
 def models():
     """List the FLUX.2 variants with their default steps, guidance and weights."""
     for spec in MODELS.values():
-        how = {"embedded": "embedded guidance", "none": "no guidance", "cfg": "true CFG"}[spec.guidance_mode]
         click.echo(f"{spec.name:14} {spec.default_steps:>2} steps, guidance {spec.default_guidance:g} "
-                   f"({how})  {spec.repo_id}/{spec.transformer_file}")
+                   f"({_GUIDANCE[spec.guidance_mode]})  {spec.repo_id}/{spec.transformer_file}")
 
 
 @main.command()

@@ -39,6 +39,7 @@ from .filekind import encoder_base, file_kind
 from .quant import recipes
 from .quant.ggml import GGMLType, quantize, row_bytes
 from .quant.scaled import SCALED
+from .variants import GGUF_VARIANT_KEY, detect
 from .weights import GGML_QUANTIZED, FP8Blocks, GGMLTensor, GGUFFile, WeightsError, WeightSource, to_float32
 
 __all__ = ["ConversionPlan", "convert", "plan_conversion"]
@@ -103,9 +104,12 @@ def _transformer_plan(source: WeightSource, target: str, model: str | None) -> C
         tensors.append(Tensor(name, tuple(e.shape), recipes.tensor_type(name, e.shape, target), e.load,
                               src_type=e.stored))
     kv = [("general.name", model or source.path.stem, gguf.GGUFValueType.STRING)]
+    if model is None:  # converted from files: the variant they say they are (model_index.json, names)
+        found = detect(transformer=source.path)
+        model = found.variant if found.strong else None
     if model:
         # distilled, base and kv variants have the same tensors: only this key tells them apart
-        kv.append(("flux2.model", model, gguf.GGUFValueType.STRING))
+        kv.append((GGUF_VARIANT_KEY, model, gguf.GGUFValueType.STRING))
     return ConversionPlan("transformer", "flux", tensors, kv)
 
 

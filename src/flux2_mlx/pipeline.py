@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from . import hub, masks, sampling
+from . import hub, masks, sampling, variants
 from . import images as edit_images
 from . import memory as memory_plan
 from .config import (
@@ -101,10 +101,10 @@ def encoder_config(source: WeightSource, base: TextEncoderConfig) -> TextEncoder
 def _transformer_config(spec: ModelSpec, entries, where) -> TransformerConfig:
     """The config the file's shapes describe; another registered variant's shapes are an error."""
     cfg = transformer_config(entries, where, fallback=spec.transformer)
-    other = next((n for n, s in MODELS.items() if s.transformer == cfg), None)
-    if cfg != spec.transformer and other is not None:
-        raise WeightsError(f"{where}: these transformer weights have the shapes of {other}, not {spec.name}: "
-                           f"choose --model {other}")
+    others = [n for n, s in MODELS.items() if s.transformer == cfg]
+    if cfg != spec.transformer and others:
+        raise WeightsError(f"{where}: these transformer weights have the shapes of {' / '.join(others)}, not "
+                           f"{spec.name}: choose --model {' or '.join(others)}")
     return cfg
 
 
@@ -775,12 +775,14 @@ def dtype_name(backend, dtype) -> str:
     raise ValueError(f"{dtype} is not a dtype flux2 runs ({', '.join(DTYPE_BYTES)})")
 
 
-def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, transformer=None, vae=None,
+def load_pipeline(model: str | ModelSpec | None = None, *, model_path=None, transformer=None, vae=None,
                   text_encoder=None, tokenizer=None, backend: str = "auto", device: str | None = None,
                   dtype: str | None = None, memory: str = "phase", memory_budget: float | None = None,
                   stream_from: str | None = None, compile: bool = False,
                   fp8_matmul: bool = False, loras=()) -> Pipeline:
-    """Load a FLUX.2 model.
+    """Load a FLUX.2 model: `model` a registered name (`flux2 models`) or a ModelSpec; None: the variant the
+    files say they are (variants.detect), klein-4b when no file is given. A name that a signal in the files
+    contradicts (a base repo run as distilled) is refused.
 
     Files come from the explicit paths, else `model_path` (a downloaded repo folder, BFL or diffusers
     layout), else the Hugging Face cache, else a download of only the files the model needs.
@@ -798,6 +800,8 @@ def load_pipeline(model: str | ModelSpec = "klein-4b", *, model_path=None, trans
     and 128 columns as transformers' FP8 Linear does (torch only, where torch has FP8 matmuls; a numerics
     change, recorded in the PNG). loras: [(path, scale), ...] merged into the transformer's weights, or beside
     its GGUF-quantized ones as a separate branch (see `Pipeline.set_loras`)."""
+    if not isinstance(model, ModelSpec):
+        model, _ = variants.choose(model and get_spec(model).name, model_path, transformer)
     spec = get_spec(model)
     if memory not in ("phase", "resident"):
         raise ValueError(f"unknown memory mode {memory!r}; choose phase or resident")
