@@ -330,7 +330,8 @@ def test_loras_per_request_equal_flux2_generate(served, fox, tiny_repo, tmp_path
 
 def test_models_switch_when_a_request_names_another(served, tiny_repo, tmp_path):
     """klein-base-4b (true CFG, a negative prompt) is loaded when a request names it, the job's events say
-    so, the PNG is generate's; a request naming no model stays on it; naming klein-4b switches back."""
+    so, the PNG is generate's; a request naming no model stays on it. (Last in the module: it leaves the
+    server on klein base.)"""
     base = {"prompt": "a red fox", "size": "32x32", "steps": 1, "seed": 5, "model": "klein-base-4b",
             "negative_prompt": "blurry"}
     _, _, job = call(served, "POST", "/v1/jobs", base)
@@ -344,5 +345,3 @@ def test_models_switch_when_a_request_names_another(served, tiny_repo, tmp_path)
     _, _, job = call(served, "POST", "/v1/jobs", {**base, "model": None})
     assert "model" not in [n for n, _ in sse(served, job["id"])]
     assert call(served, "GET", "/healthz")[2]["model"] == "klein-base-4b"
-    _, _, job = call(served, "POST", "/v1/jobs", {"prompt": "a fox", **SMALL, "model": "klein-4b"})
-    assert [d["model"] for n, d in sse(served, job["id"]) if n == "model"] == ["klein-4b"]
