@@ -238,6 +238,7 @@ def multipart(fields: dict, files: list) -> tuple[bytes, dict]:
     ("/v1/images/edits", ({"prompt": "x"}, []), 400, "image"),
     ("/v1/images/edits", b"--x\r\nnot a form", 400, None),
     ("/v1/images/generations", {"prompt": "x"}, 401, None),
+    ("/v1/images/generations", {"prompt": "x"}, 403, None),
 ])
 def test_bad_input_is_a_4xx_with_an_openai_error_and_writes_nothing(served, path, body, status, param):
     before = sorted(served.out.iterdir())
@@ -246,6 +247,8 @@ def test_bad_input_is_a_4xx_with_an_openai_error_and_writes_nothing(served, path
     if isinstance(body, tuple):
         body, headers = multipart(*body)
     key = "wrong" if status == 401 else KEY
+    if status == 403:  # a page elsewhere posting through the browser
+        headers = {"Origin": "https://example.com"}
     got, _, answer = call(served, "POST", path, None if isinstance(body, bytes) else body, key=key,
                           raw=body if isinstance(body, bytes) else None, headers=headers)
     assert got == status, answer

@@ -20,6 +20,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from PIL import Image
 from starlette.applications import Starlette
@@ -403,6 +404,13 @@ class ImageServer:
         """The API key check and OpenAI-style errors around an endpoint."""
         async def endpoint(request: Request):
             try:
+                # A web page elsewhere may POST here through the visitor's browser (forms need no CORS
+                # preflight); browsers name that page's origin: only this server's own page is let in.
+                origin = request.headers.get("origin")
+                host = request.headers.get("host")
+                if request.method != "GET" and origin and urlsplit(origin).netloc != host:
+                    raise ApiError(403, f"requests from web pages at {origin} are refused; only this "
+                                        f"server's own page may send them", code="cross_origin")
                 if self.api_key is not None:
                     given = request.headers.get("authorization", "")
                     if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
