@@ -64,7 +64,7 @@ def served(short_prompts, tiny_repo, tmp_path_factory):
                              transformer=base if name == "klein-base-4b" else None)
 
     srv = ImageServer(load, [MODELS["klein-4b"], MODELS["klein-base-4b"]], api_key=KEY, output_dir=out,
-                      max_upload=2**20)
+                      max_upload=2**20, hosts={"127.0.0.1"})
     srv.start()
     srv.wait_ready()
     url, stop = start_server(srv)
@@ -239,6 +239,7 @@ def multipart(fields: dict, files: list) -> tuple[bytes, dict]:
     ("/v1/images/edits", b"--x\r\nnot a form", 400, None),
     ("/v1/images/generations", {"prompt": "x"}, 401, None),
     ("/v1/images/generations", {"prompt": "x"}, 403, None),
+    ("/v1/jobs", {"prompt": "x"}, 403, "host"),
 ])
 def test_bad_input_is_a_4xx_with_an_openai_error_and_writes_nothing(served, path, body, status, param):
     before = sorted(served.out.iterdir())
@@ -247,8 +248,9 @@ def test_bad_input_is_a_4xx_with_an_openai_error_and_writes_nothing(served, path
     if isinstance(body, tuple):
         body, headers = multipart(*body)
     key = "wrong" if status == 401 else KEY
-    if status == 403:  # a page elsewhere posting through the browser
-        headers = {"Origin": "https://example.com"}
+    if status == 403:  # a page elsewhere posting through the browser; a name rebound to 127.0.0.1
+        headers = {"Host": "rebound.example"} if param == "host" else {"Origin": "https://example.com"}
+        param = None
     got, _, answer = call(served, "POST", path, None if isinstance(body, bytes) else body, key=key,
                           raw=body if isinstance(body, bytes) else None, headers=headers)
     assert got == status, answer

@@ -701,7 +701,8 @@ def serve(models, model_path, transformer, vae, text_encoder, tokenizer, dtype, 
             pass
     except OSError as e:
         _fail(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host")
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    if api_key is None and not loopback:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can "
                    f"use the server", err=True)
     names = list(dict.fromkeys(models or ["klein-4b"]))
@@ -716,7 +717,8 @@ def serve(models, model_path, transformer, vae, text_encoder, tokenizer, dtype, 
         return load_pipeline(name, **kw, **(files if name == names[0] else {}))
 
     server = ImageServer(load, [MODELS[n] for n in names], api_key=api_key, output_dir=output_dir,
-                         max_queue=max_queue, max_upload=int(max_upload_mb * 2**20))
+                         max_queue=max_queue, max_upload=int(max_upload_mb * 2**20),
+                         hosts={"127.0.0.1", "localhost", "::1"} if loopback else None)
     server.start()
     try:
         server.wait_ready()  # a missing or wrong file is an error line now, not a server that fails every job

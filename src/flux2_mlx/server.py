@@ -235,10 +235,12 @@ class ImageServer:
     load(name): makes that model's pipeline (called on the worker thread); specs: the models requests may
     name, the first loaded at start; another is loaded (the one before freed) when a job names it, and a
     request that names none gets the last one named. output_dir: where every image is also saved as a PNG
-    (None: kept in memory only)."""
+    (None: kept in memory only). hosts: the only host names requests may be addressed to (a loopback
+    server's own names), or None for any."""
 
     def __init__(self, load, specs: list[ModelSpec], *, api_key: str | None = None,
-                 output_dir: Path | None = None, max_queue: int = 16, max_upload: int = 50 * 2**20):
+                 output_dir: Path | None = None, max_queue: int = 16, max_upload: int = 50 * 2**20,
+                 hosts: set[str] | None = None):
         self.load, self.api_key, self.output_dir = load, api_key, output_dir
         self.specs = {spec.name: spec for spec in specs}
         self.default = specs[0].name
@@ -262,6 +264,8 @@ class ImageServer:
                   Route("/files/{name}", self.file)]
         routes = [Route(path, self._guard(fn), methods=methods) for path, fn, methods in api]
         self.app = Starlette(routes=public + routes)
+        if hosts is not None:
+            self.app = _only_hosts(self.app, hosts)
 
     # ---- the worker ----
 
@@ -626,6 +630,20 @@ class ImageServer:
         if path.parent != STATIC or not path.is_file():
             return ApiError(404, "no such file").response()
         return FileResponse(path)
+
+
+def _only_hosts(app, hosts: set[str]):
+    """Refuse requests addressed to other host names. DNS rebinding: a web page at a name that an attacker
+    points at 127.0.0.1 would be same-origin to a loopback server, and read and drive it."""
+    async def checked(scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if urlsplit(f"//{host}").hostname not in hosts:
+                error = ApiError(403, f"this server answers to {', '.join(sorted(hosts))}, not {host!r}",
+                                 code="unknown_host")
+                return await error.response()(scope, receive, send)
+        await app(scope, receive, send)
+    return checked
 
 
 class _Cancelled(Exception):
