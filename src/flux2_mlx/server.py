@@ -175,7 +175,7 @@ def parse_params(fields: dict, uploads: list, mask, specs: dict[str, ModelSpec],
     if not isinstance(prompt, str) or not prompt.strip():
         raise ApiError(400, "prompt is required: a non-empty string", "prompt")
     model = fields.get("model") or default
-    if model not in specs:
+    if not isinstance(model, str) or model not in specs:
         raise ApiError(404, f"model {model!r} is not served here; this server runs {', '.join(specs)}",
                        "model", "model_not_found")
     spec = specs[model]
@@ -224,7 +224,7 @@ def read_image(name: str, data: bytes, what: str):
         image = Image.open(io.BytesIO(data))
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-        raise ApiError(400, f"{what} ({name}) is not an image PNG, JPEG or WebP can read", what,
+        raise ApiError(400, f"{what} ({name}) is not a readable image (PNG, JPEG, WebP, …)", what,
                        "invalid_image") from None
     return name, image
 
