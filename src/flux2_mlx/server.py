@@ -442,7 +442,7 @@ class ImageServer:
         return b"".join(chunks)
 
     async def _read(self, request: Request) -> Params:
-        """A JSON or multipart request's Params and prepared inputs, all checked before anything is queued."""
+        """A JSON or multipart request's Params, its uploads decoded; all checked before anything queues."""
         body = await self._body(request)
         kind = request.headers.get("content-type", "")
         uploads, mask = [], None
@@ -492,7 +492,7 @@ class ImageServer:
             images=images or None)
         try:  # reads and scales the images: off the event loop
             inputs = await asyncio.to_thread(prepare_inputs, p.model, p.width, p.height, **kw)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # a size, a reference too small or too narrow, a mask's shape
             raise ApiError(400, str(e), "size" if "width and height" in str(e) or " MP" in str(e) else None)
         first = secrets.randbelow(2**31) if p.seed is None else p.seed
         job = Job(secrets.token_hex(8), p, inputs, [first + i for i in range(p.n)])
