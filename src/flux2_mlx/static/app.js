@@ -207,7 +207,7 @@ async function start() {
   try {
     for (const model of (await apiJson("/v1/models")).data) { // the loaded one first
       models[model.id] = model;
-      $("model").append(new Option(model.loaded ? `${model.id} (loaded)` : model.id, model.id));
+      $("model").append(new Option(model.id, model.id));
     }
     $("model").onchange = showDefaults;
     showDefaults();
