@@ -14,11 +14,12 @@ MLX's `nvfp4` / `mxfp8` layouts. Numpy only.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..weights import fp8_e4m3_to_f32
+from ..weights import F8_E4M3, F8_E8M0, fp8_e4m3_to_f32
 
 # Entry.stored of these layers (the file's own dtypes, F8_E4M3 / U8, say nothing of the scales).
 SCALED_TYPES = ("FP8", "NVFP4", "MXFP8")
@@ -149,3 +150,126 @@ def mlx_layout(t: ScaledFP8 | NVFP4 | MXFP8) -> FPQuant | np.ndarray:
     # mxfp8 multiplies each E4M3 code by 2^(e - 127): with e = 127 the codes as they are.
     codes = np.ascontiguousarray(t.codes).view(np.uint8).view("<u4")
     return FPQuant(codes, np.full((n, k // 32), 127, np.uint8), t.scale, "mxfp8")
+
+
+# ---- Quantizers, for `flux2 convert --type fp8 / nvfp4 / mxfp8`: comfy-kitchen's quantize_per_tensor_fp8,
+# quantize_nvfp4 and quantize_mxfp8 (its eager backend, float32 input) operation for operation, so a file
+# written here holds the bytes comfy-kitchen would write for the same float32 weights. ----
+
+E4M3_MAX, E2M1_MAX = np.float32(448), np.float32(6)
+
+
+def f32_to_e4m3(a: np.ndarray) -> np.ndarray:
+    """float32 → E4M3 bytes, rounded to nearest even (torch's `.to(float8_e4m3fn)`) for |a| ≤ 448."""
+    a = np.asarray(a, np.float32)
+    bits = a.view(np.uint32)
+    sign = ((bits >> 24) & 0x80).astype(np.uint8)
+    mag = bits & 0x7FFFFFFF
+    normal = mag >= 0x3C800000  # 2^-6, E4M3's smallest normal
+    r = (mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20  # the mantissa rounded to 3 bits, carries into the exponent
+    code = np.where(normal, r.astype(np.int64) - ((127 - 7) << 3),
+                    np.rint(np.abs(a) * np.float32(512)).astype(np.int64))  # subnormals: steps of 2^-9
+    return (code.astype(np.uint8) | sign).view(F8_E4M3)
+
+
+def e2m1_codes(a: np.ndarray) -> np.ndarray:
+    """float32 in [-6, 6] → E2M1 codes (uint8 0..15), nearest even as torchao's _f32_to_floatx_unpacked."""
+    m = np.abs(a)
+    code = ((m > .25).astype(np.uint8) + (m >= .75) + (m > 1.25) + (m >= 1.75) + (m > 2.5) + (m >= 3.5)
+            + (m > 5))
+    return code | (np.signbit(a).astype(np.uint8) << 3)
+
+
+def swizzle(scales: np.ndarray) -> np.ndarray:
+    """(rows, cols) block scales → cuBLAS's 128 × 4 tiles, shape (roundup(rows, 128), roundup(cols, 4)),
+    zero-padded (the inverse of `unswizzle`; comfy-kitchen's to_blocked)."""
+    rows, cols = scales.shape
+    rb, cb = -(-rows // 128), -(-cols // 4)
+    padded = np.zeros((rb * 128, cb * 4), scales.dtype)
+    padded[:rows, :cols] = scales
+    t = padded.reshape(rb, 128, cb, 4).transpose(0, 2, 1, 3).reshape(-1, 4, 32, 4).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(t).reshape(rb * 128, cb * 4)
+
+
+def fp8_tensor_scale(amax) -> np.float32:
+    """comfy-kitchen's per-tensor FP8 scale amax / 448 (1 for an all-zero tensor, where it would divide
+    0 by 0)."""
+    s = np.float32(amax) / E4M3_MAX
+    return s if s > 0 else np.float32(1)
+
+
+def nvfp4_tensor_scale(amax) -> np.float32:
+    """weight_scale_2 = amax / (448 · 6) (1 for an all-zero tensor)."""
+    s = np.float32(amax) / np.float32(448 * 6)
+    return s if s > 0 else np.float32(1)
+
+
+def quantize_fp8_rows(a: np.ndarray, scale: np.float32) -> np.ndarray:
+    """E4M3 codes of float32 rows under the per-tensor `scale`: x · (1 / scale), clamped to ±448."""
+    return f32_to_e4m3(np.clip(a * (np.float32(1) / scale), -E4M3_MAX, E4M3_MAX))
+
+
+def quantize_nvfp4_rows(a: np.ndarray, scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(packed uint8 (n, k/2), E4M3 block scale bytes (n, k/16) in row order) of float32 rows, k % 16 == 0."""
+    n, k = a.shape
+    x = a.reshape(n, k // 16, 16)
+    block = np.minimum(np.abs(x).max(axis=-1) / E2M1_MAX / scale, E4M3_MAX)
+    sbytes = f32_to_e4m3(block)
+    total = scale * fp8_e4m3_to_f32(sbytes)
+    zero = total == 0
+    d = x / np.where(zero, np.float32(1), total)[..., None]
+    d = np.clip(np.where(zero[..., None], np.float32(0), d), -E2M1_MAX, E2M1_MAX)
+    c = e2m1_codes(d).reshape(n, k)
+    return (c[:, 0::2] << 4) | c[:, 1::2], sbytes.view(np.uint8)
+
+
+def quantize_mxfp8_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(E4M3 codes (n, k), E8M0 block scale bytes (n, k/32) in row order) of float32 rows, k % 32 == 0."""
+    n, k = a.shape
+    x = a.reshape(n, k // 32, 32)
+    amax = np.abs(x).max(axis=-1)
+    need = np.maximum(amax / E4M3_MAX, np.float32(2.0 ** -127))
+    e = np.clip(np.ceil(np.log2(need)).astype(np.int32) + 127, 0, 254)
+    block = np.where(e == 0, 0, e.astype(np.uint32) << 23).astype(np.uint32).view(np.float32)
+    zero = amax == 0
+    d = x / np.where(zero, np.float32(1), block)[..., None]
+    d = np.clip(np.where(zero[..., None], np.float32(0), d), -E4M3_MAX, E4M3_MAX)
+    return f32_to_e4m3(d).reshape(n, k), np.where(zero, 0, e).astype(np.uint8)
+
+
+def quantize_fp8(a: np.ndarray) -> ScaledFP8:
+    scale = fp8_tensor_scale(np.abs(a).max())
+    return ScaledFP8(quantize_fp8_rows(a, scale), scale)
+
+
+def quantize_nvfp4(a: np.ndarray) -> NVFP4:
+    scale = nvfp4_tensor_scale(np.abs(a).max())
+    packed, s = quantize_nvfp4_rows(a, scale)
+    return NVFP4(packed, swizzle(s), scale)
+
+
+def quantize_mxfp8(a: np.ndarray) -> MXFP8:
+    codes, s = quantize_mxfp8_rows(a)
+    return MXFP8(codes, swizzle(s))
+
+
+def comfy_tensors(layer: str, t: ScaledFP8 | NVFP4 | MXFP8) -> dict[str, np.ndarray]:
+    """The tensors of one quantized layer as ComfyUI stores them: `weight`, `weight_scale` (+
+    `weight_scale_2` for NVFP4) and the `comfy_quant` marker, UTF-8 JSON as uint8."""
+    fmt = {ScaledFP8: "float8_e4m3fn", NVFP4: "nvfp4", MXFP8: "mxfp8"}[type(t)]
+    out = {}
+    if isinstance(t, ScaledFP8):
+        out[f"{layer}.weight"], out[f"{layer}.weight_scale"] = t.codes, np.float32(t.scale).reshape(())
+    elif isinstance(t, NVFP4):
+        out[f"{layer}.weight"] = t.packed
+        out[f"{layer}.weight_scale"] = t.block_scales.view(np.uint8).view(F8_E4M3)
+        out[f"{layer}.weight_scale_2"] = np.float32(t.scale).reshape(())
+    else:
+        out[f"{layer}.weight"] = t.codes
+        out[f"{layer}.weight_scale"] = t.block_scales.view(np.uint8).view(F8_E8M0)
+    out[f"{layer}.comfy_quant"] = comfy_marker(fmt)
+    return out
+
+
+def comfy_marker(fmt: str) -> np.ndarray:
+    return np.frombuffer(json.dumps({"format": fmt}).encode(), np.uint8).copy()
