@@ -38,9 +38,29 @@ from .entries import check_keys, transformer_config
 from .filekind import encoder_base, file_kind
 from .quant import recipes
 from .quant.ggml import GGMLType, quantize, row_bytes
-from .quant.scaled import SCALED
+from .quant.scaled import (
+    SCALED,
+    comfy_marker,
+    fp8_tensor_scale,
+    nvfp4_tensor_scale,
+    quantize_fp8_rows,
+    quantize_mxfp8_rows,
+    quantize_nvfp4_rows,
+    scale_grid,
+    swizzle,
+)
 from .variants import GGUF_VARIANT_KEY, detect
-from .weights import GGML_QUANTIZED, FP8Blocks, GGMLTensor, GGUFFile, WeightsError, WeightSource, to_float32
+from .weights import _DTYPES as _SAFETENSORS_DTYPES
+from .weights import (
+    GGML_QUANTIZED,
+    FP8Blocks,
+    GGMLTensor,
+    GGUFFile,
+    WeightsError,
+    WeightSource,
+    f32_to_bf16,
+    to_float32,
+)
 
 __all__ = ["ConversionPlan", "convert", "plan_conversion"]
 
@@ -409,6 +429,127 @@ def _write(path: Path, p: ConversionPlan, target: str, jobs: int, progress: bool
         writer.close()
 
 
+def _scaled_layout(tensors: list[Tensor], target: str) -> list[tuple[Tensor, str | None, dict]]:
+    """(tensor, comfy format or None for bf16, {name written: (safetensors dtype, shape)}) per tensor."""
+    out = []
+    for t in tensors:
+        fmt = recipes.scaled_format(t.name, t.shape, target)
+        n, k = t.shape if fmt else (0, 0)
+        layer = t.name.removesuffix(".weight")
+        if fmt is None:
+            parts = {t.name: ("BF16", t.shape)}
+        elif fmt == "nvfp4":
+            parts = {t.name: ("U8", (n, k // 2)), f"{layer}.weight_scale": ("F8_E4M3", scale_grid(n, k)),
+                     f"{layer}.weight_scale_2": ("F32", ())}
+        elif fmt == "mxfp8":
+            parts = {t.name: ("F8_E4M3", (n, k)), f"{layer}.weight_scale": ("F8_E8M0", scale_grid(n, k, 32))}
+        else:
+            parts = {t.name: ("F8_E4M3", (n, k)), f"{layer}.weight_scale": ("F32", ())}
+        if fmt:
+            parts[f"{layer}.comfy_quant"] = ("U8", (len(comfy_marker(fmt)),))
+        out.append((t, fmt, parts))
+    return out
+
+
+def _pooled(chunks, fn, pool: ThreadPoolExecutor | None, window: int):
+    """fn(chunk) for each chunk, in order; with a pool, `window` of them in flight."""
+    if pool is None:
+        yield from map(fn, chunks)
+        return
+    pending: deque = deque()
+    for chunk in chunks:
+        if len(pending) >= window:
+            yield pending.popleft().result()
+        pending.append(pool.submit(fn, chunk))
+        del chunk
+    while pending:
+        yield pending.popleft().result()
+
+
+def _scaled_arrays(t: Tensor, fmt: str | None, pool, jobs: int):
+    """The arrays of one tensor in `_scaled_layout`'s order, row chunks of the weight first. Per-tensor
+    scales take a first pass over the chunks (their abs-max)."""
+    window = 2 * jobs if pool is not None else 1
+    chunks = lambda: _chunks(t, parts=window)
+    if fmt is None:
+        yield from _pooled(chunks(), f32_to_bf16, pool, window)
+        return
+    scale = None
+    if fmt != "mxfp8":
+        amax = max((np.abs(c).max() for c in chunks()), default=np.float32(0))
+        scale = (nvfp4_tensor_scale if fmt == "nvfp4" else fp8_tensor_scale)(amax)
+    if fmt == "float8_e4m3fn":
+        yield from _pooled(chunks(), lambda c: quantize_fp8_rows(c, scale), pool, window)
+        yield np.float32(scale).reshape(())
+    else:
+        fn = (lambda c: quantize_nvfp4_rows(c, scale)) if fmt == "nvfp4" else quantize_mxfp8_rows
+        scales = []
+        for q, s in _pooled(chunks(), fn, pool, window):
+            yield q
+            scales.append(s)
+        yield swizzle(np.concatenate(scales))
+        if fmt == "nvfp4":
+            yield np.float32(scale).reshape(())
+    yield comfy_marker(fmt)
+
+
+def _write_scaled(path: Path, layout, target: str, jobs: int, progress: bool) -> None:
+    """A safetensors file at `path` as `_scaled_layout` plans it, one tensor (and one chunk) at a time."""
+    header, offset = {}, 0
+    for _t, _fmt, parts in layout:
+        for name, (dtype, shape) in parts.items():
+            nbytes = math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    pool = ThreadPoolExecutor(jobs, thread_name_prefix="quantize") if jobs > 1 else None
+    from tqdm import tqdm
+
+    try:
+        total = sum(t.src_bytes for t, *_ in layout)
+        with open(path, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                         desc=f"convert {target}", disable=not progress) as bar:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for t, fmt, _parts in layout:
+                for a in _scaled_arrays(t, fmt, pool, jobs):
+                    f.write(np.ascontiguousarray(a).tobytes())
+                bar.update(t.src_bytes)
+                bar.set_postfix_str(t.name, refresh=False)
+            if f.tell() != len(raw) + 8 + offset:
+                raise WeightsError(f"{path}: wrote {f.tell()} bytes, planned {len(raw) + 8 + offset}")
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def verify_scaled(path: Path, layout) -> None:
+    """WeightsError unless the safetensors at `path` reads back, through the project's strict loader, as
+    the planned layers: each weight's format (FP8 / NVFP4 / MXFP8 / BF16) and shape."""
+    stored = {"float8_e4m3fn": "FP8", "nvfp4": "NVFP4", "mxfp8": "MXFP8", None: "BF16"}
+    want = {t.name: (stored[fmt], t.shape) for t, fmt, _ in layout}
+    got = {k: (e.stored, tuple(e.shape)) for k, e in transformer_entries(WeightSource(path)).items()}
+    if got != want:
+        bad = next(k for k in [*want, *got] if want.get(k) != got.get(k))
+        raise WeightsError(f"{path}: the written file does not read back as planned ({bad}: expected "
+                           f"{want.get(bad)}, read {got.get(bad)}); nothing was written to the destination")
+
+
+def _convert_scaled(src, dst: Path, target: str, jobs: int, progress: bool) -> Path:
+    path, model = _resolve(src)
+    source = WeightSource(path, partial=True)
+    kind = file_kind(source.keys())
+    if kind != "transformer":
+        what = {"text_encoder": "a text encoder", "vae": "a VAE", "flux1": "a FLUX.1 checkpoint"}.get(
+            kind, "not a FLUX.2 transformer")
+        raise WeightsError(f"{path}: {what}; --type {target.lower()} converts FLUX.2 transformers only")
+    layout = _scaled_layout(_transformer_plan(source, "BF16", model).tensors, target)
+    with atomic_write(dst) as tmp:
+        _write_scaled(tmp, layout, target, jobs, progress)
+        verify_scaled(tmp, layout)
+    return dst
+
+
 def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = False,
             progress: bool = True, jobs: int | None = None) -> Path:
     """Convert `src` (a model name, a BFL .safetensors file, a diffusers transformer folder, a text-encoder
@@ -430,6 +571,10 @@ def convert(src, dst, qtype: str, *, force: bool = False, all_layers: bool = Fal
     jobs = (os.cpu_count() or 1) if jobs is None else int(jobs)
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, not {jobs}")
+    if qtype.upper() in recipes.SCALED_TARGETS:  # ComfyUI's FP8 / NVFP4 / MXFP8 safetensors
+        with _signals_as_interrupt():
+            return _convert_scaled(src, dst, qtype.upper(), jobs, progress)
+    recipes.target(qtype)  # an unknown type is refused before anything is read
     with _signals_as_interrupt():
         p, source = plan_conversion(src, qtype, all_layers=all_layers)
         # decoded into float32 is exact; encoded into any other type than its own loses precision again

@@ -39,11 +39,33 @@ TINY_SCALE = 2.0 ** -20
 UNDERFLOW_FRACTION = 0.01  # more than this share of non-zero blocks at risk → the tensor moves type
 
 
+# `flux2 convert --type fp8 / nvfp4 / mxfp8`: a safetensors file in ComfyUI's per-layer formats (the
+# `comfy_quant` marker's format name), not a GGUF.
+SCALED_TARGETS = {"FP8": "float8_e4m3fn", "NVFP4": "nvfp4", "MXFP8": "mxfp8"}
+# Rows and columns each format needs whole (comfy-kitchen pads NVFP4 to 16 × 16 and MXFP8 to 32 × 32, which
+# a FLUX.2 layer never needs; a layer that would is kept in bf16 instead).
+SCALED_ALIGN = {"float8_e4m3fn": 1, "nvfp4": 16, "mxfp8": 32}
+
+
 def target(name: str) -> tuple[GGMLType, int]:
     try:
         return TARGETS[name.upper()]
     except KeyError:
-        raise ValueError(f"unknown type {name!r}; choose one of: {', '.join(TARGETS)}") from None
+        raise ValueError(f"unknown type {name!r}; choose one of: {', '.join([*TARGETS, *SCALED_TARGETS])}") \
+            from None
+
+
+def scaled_format(name: str, shape, target_name: str) -> str | None:
+    """The comfy format of one transformer tensor (BFL name) under an FP8 / NVFP4 / MXFP8 target, None for
+    bf16. Only the blocks' linear layers are quantized (attention qkv / proj, the MLPs, the single blocks'
+    linear1 / linear2), as in Comfy-Org's and BFL's mixed files: the embedders, the shared modulations and
+    the final layer (a few per cent of the weights, the most sensitive ones) stay bf16."""
+    fmt = SCALED_TARGETS[target_name.upper()]
+    a = SCALED_ALIGN[fmt]
+    if (len(shape) != 2 or not name.endswith(".weight") or not name.startswith(("double_blocks.",
+                                                                                   "single_blocks."))):
+        return None
+    return fmt if shape[0] % a == 0 and shape[1] % a == 0 else None
 
 
 def _fits(t: GGMLType, shape) -> bool:
