@@ -179,6 +179,21 @@ def test_job_events_arrive_in_order(served):
     assert done["status"] == "succeeded" and [i["seed"] for i in done["images"]] == [1, 2]
 
 
+def test_previews_every_few_steps_leave_the_image_as_it_was(served):
+    """A preview decodes the latents pooled to at most 16 tokens a side: 288 px wide (18 tokens) → 144."""
+    body = {"prompt": "a red fox", "size": "288x32", "steps": 3, "seed": 5}
+    _, _, job = call(served, "POST", "/v1/jobs", {**body, "preview_every": 2})
+    events = sse(served, job["id"])
+    previews = [d for n, d in events if n == "preview"]
+    assert [d["step"] for d in previews] == [2]  # not at the last step: the image itself comes next
+    head, data = previews[0]["url"].split(",")
+    assert head == "data:image/jpeg;base64"
+    assert Image.open(io.BytesIO(base64.b64decode(data))).size == (144, 32)
+    _, _, plain = call(served, "POST", "/v1/images/generations", body)
+    with urllib.request.urlopen(served.url + events[-1][1]["images"][0]["url"]) as f:
+        assert f.read() == base64.b64decode(plain["data"][0]["b64_json"])
+
+
 def test_cancel_stops_within_a_step_and_the_queue_runs_in_order(served):
     _, _, long = call(served, "POST", "/v1/jobs", {"prompt": "a fox", "size": "32x32", "steps": 1000})
     wait_for(served, long["id"], until=("running",))

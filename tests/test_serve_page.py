@@ -52,6 +52,7 @@ def test_page_generates_with_progress_into_the_gallery(short_prompts, tiny_repo,
             seen = page.evaluate("window.seen")
             assert len(set(seen)) >= 3 and seen == sorted(seen) and seen[-1] == 12, seen
             assert "seed" in page.inner_text("#gallery .settings")
+            assert page.get_attribute("#preview", "src").startswith("data:image/jpeg;base64,")
             assert page.get_attribute("#gallery a", "download").endswith(".png")
             page.click("#gallery .actions button")  # use as reference
             page.wait_for_selector("#refs img")

@@ -39,7 +39,8 @@ STATIC = Path(__file__).with_name("static")
 # OpenAI request fields that mean nothing for a local FLUX.2 model; apps send them, so they are ignored.
 IGNORED = {"background", "moderation", "output_compression", "partial_images", "quality", "style", "user",
            "safety_identifier", "input_fidelity", "complexity"}
-OURS = {"seed", "steps", "guidance", "negative_prompt", "strength", "loras"}
+OURS = {"seed", "steps", "guidance", "negative_prompt", "strength", "loras", "preview_every"}
+PREVIEW_TOKENS = 16  # a preview decodes the latents pooled to at most this many tokens a side (256 px)
 FIELDS = {"prompt", "model", "n", "size", "response_format", "output_format", "stream"} | OURS | IGNORED
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -76,6 +77,7 @@ class Params:
     negative_prompt: str | None = None
     strength: float | None = None
     loras: list = dataclasses.field(default_factory=list)
+    preview_every: int = 0
     uploads: list = dataclasses.field(default_factory=list)
     mask: tuple | None = None
 
@@ -215,6 +217,7 @@ def parse_params(fields: dict, uploads: list, mask, specs: dict[str, ModelSpec],
             raise ApiError(400, "negative_prompt must be a string", "negative_prompt")
         p.negative_prompt = negative
     p.loras = _loras(fields.get("loras"))
+    p.preview_every = _number(fields, "preview_every", int, 0, MAX_STEPS) or 0
     return p
 
 
@@ -372,6 +375,8 @@ class ImageServer:
                          eta=round(job.eta, 3))
                 if job.cancel:  # between steps: the step just made is the last
                     raise _Cancelled
+                if p.preview_every and job.step % p.preview_every == 0 and job.step < job.total:
+                    job.emit("preview", step=job.step, image=i, url=preview(pipe, latents, inputs))
             image = pipe.render(latents, request)
             png = png_bytes(image, image_metadata(pipe, request, seed, image, edit, lora_meta))
             if self.output_dir is not None:
@@ -630,6 +635,21 @@ class ImageServer:
         if path.parent != STATIC or not path.is_file():
             return ApiError(404, "no such file").response()
         return FileResponse(path)
+
+
+def preview(pipe, latents, inputs) -> str:
+    """A data: URL of a small JPEG of the current latents: pooled to at most PREVIEW_TOKENS tokens a side
+    and decoded, a few hundredths of a full decode's work. Noisy early on, as the latents are."""
+    import numpy as np
+
+    h, w = inputs.height // 16, inputs.width // 16
+    fy, fx = math.ceil(h / PREVIEW_TOKENS), math.ceil(w / PREVIEW_TOKENS)
+    grid = np.asarray(latents).reshape(h, w, -1)[: h // fy * fy, : w // fx * fx]
+    pooled = grid.reshape(h // fy, fy, w // fx, fx, -1).mean((1, 3))
+    image = pipe.decode(pooled.reshape(1, -1, pooled.shape[-1]), w // fx * 16, h // fy * 16)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _only_hosts(app, hosts: set[str]):
