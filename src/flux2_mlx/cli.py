@@ -733,7 +733,7 @@ def serve(models, model_path, transformer, vae, text_encoder, tokenizer, dtype, 
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-t", "--type", "qtype", required=True, metavar="TYPE",
               help="Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K_M, Q2_K, "
-                   "BF16, F16.")
+                   "BF16, F16 (a GGUF); FP8, NVFP4, MXFP8 (a ComfyUI .safetensors, transformers only).")
 @click.option("--force", is_flag=True, help="Replace an existing DST.")
 @click.option("--all-layers", is_flag=True,
               help="Text encoders: keep every layer, not only those FLUX.2 uses.")
@@ -741,7 +741,8 @@ def serve(models, model_path, transformer, vae, text_encoder, tokenizer, dtype, 
               help="Quantize with N threads (default: one per CPU core).")
 def convert(src, dst, qtype, force, all_layers, jobs):
     """Convert SRC (a model name, a BFL .safetensors file, a diffusers transformer folder or a text-encoder
-    folder) to a GGUF file DST that ComfyUI-GGUF, stable-diffusion.cpp and llama.cpp read."""
+    folder) to a GGUF file DST that ComfyUI-GGUF, stable-diffusion.cpp and llama.cpp read, or (--type FP8,
+    NVFP4 or MXFP8) a transformer to a .safetensors file that ComfyUI reads."""
     if dst.parent.is_dir():  # a missing folder is convert()'s to report
         _check_writable(dst.parent, "DST")
     from .convert import convert as run_convert
