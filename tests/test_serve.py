@@ -166,8 +166,8 @@ def sse(served, job_id):
 
 
 def test_job_events_arrive_in_order(served):
-    status, _, job = call(served, "POST", "/v1/jobs", {"prompt": "a fox", "n": 2, "seed": 1, "size": "32x32",
-                                                       "steps": 3})
+    body = {"prompt": "a red fox", "n": 2, "seed": 1, "size": "32x32", "steps": 3}
+    status, _, job = call(served, "POST", "/v1/jobs", body)
     assert status == 202 and job["status"] in ("queued", "running")
     events = sse(served, job["id"])
     names = [n for n, _ in events]
@@ -195,11 +195,11 @@ def test_previews_every_few_steps_leave_the_image_as_it_was(served):
 
 
 def test_cancel_stops_within_a_step_and_the_queue_runs_in_order(served):
-    _, _, long = call(served, "POST", "/v1/jobs", {"prompt": "a fox", "size": "32x32", "steps": 1000})
+    _, _, long = call(served, "POST", "/v1/jobs", {"prompt": "a red fox", "size": "32x32", "steps": 1000})
     wait_for(served, long["id"], until=("running",))
     while call(served, "GET", f"/v1/jobs/{long['id']}")[2]["step"] < 2:
         time.sleep(0.01)
-    queued = [call(served, "POST", "/v1/jobs", {"prompt": "a fox", **SMALL})[2]["id"] for _ in range(5)]
+    queued = [call(served, "POST", "/v1/jobs", {"prompt": "a red fox", **SMALL})[2]["id"] for _ in range(5)]
     status, _, at_cancel = call(served, "DELETE", f"/v1/jobs/{long['id']}")
     assert status == 200
     job = wait_for(served, long["id"])
@@ -213,13 +213,13 @@ def test_cancel_stops_within_a_step_and_the_queue_runs_in_order(served):
 
 def test_a_full_queue_answers_429(served, monkeypatch):
     monkeypatch.setattr(served.srv, "max_queue", 2)
-    _, _, long = call(served, "POST", "/v1/jobs", {"prompt": "a fox", "size": "32x32", "steps": 1000})
+    _, _, long = call(served, "POST", "/v1/jobs", {"prompt": "a red fox", "size": "32x32", "steps": 1000})
     wait_for(served, long["id"], until=("running",))
-    waiting = [call(served, "POST", "/v1/jobs", {"prompt": "a fox", **SMALL})[2]["id"] for _ in range(2)]
-    status, headers, body = call(served, "POST", "/v1/jobs", {"prompt": "a fox", **SMALL})
+    waiting = [call(served, "POST", "/v1/jobs", {"prompt": "a red fox", **SMALL})[2]["id"] for _ in range(2)]
+    status, headers, body = call(served, "POST", "/v1/jobs", {"prompt": "a red fox", **SMALL})
     assert status == 429 and int(headers["Retry-After"]) >= 1 and body["error"]["code"] == "queue_full"
     with pytest.raises(openai.RateLimitError):
-        served.client.images.generate(prompt="a fox", extra_body=SMALL)
+        served.client.images.generate(prompt="a red fox", extra_body=SMALL)
     status, _, cancelled = call(served, "DELETE", f"/v1/jobs/{waiting[0]}")
     assert status == 200 and cancelled["status"] == "cancelled"
     call(served, "DELETE", f"/v1/jobs/{long['id']}")
@@ -278,7 +278,7 @@ def test_bad_input_is_a_4xx_with_an_openai_error_and_writes_nothing(served, path
 def test_a_wrong_key_is_refused_by_the_openai_client(served):
     client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
-        client.images.generate(prompt="a fox", extra_body=SMALL)
+        client.images.generate(prompt="a red fox", extra_body=SMALL)
 
 
 def test_serve_command(tiny_repo, monkeypatch, tmp_path):
@@ -309,7 +309,7 @@ def test_rapid_submissions_lose_nothing(served):
 
     def submit(count):
         for _ in range(count):
-            status, _, body = call(served, "POST", "/v1/jobs", {"prompt": "a fox", **SMALL})
+            status, _, body = call(served, "POST", "/v1/jobs", {"prompt": "a red fox", **SMALL})
             answers.append((status, body))
 
     threads = [threading.Thread(target=submit, args=(25,)) for _ in range(8)]
