@@ -163,12 +163,12 @@ def f32_to_e4m3(a: np.ndarray) -> np.ndarray:
     """float32 → E4M3 bytes, rounded to nearest even (torch's `.to(float8_e4m3fn)`) for |a| ≤ 448."""
     a = np.asarray(a, np.float32)
     bits = a.view(np.uint32)
-    sign = ((bits >> 24) & 0x80).astype(np.uint8)
-    mag = bits & 0x7FFFFFFF
-    normal = mag >= 0x3C800000  # 2^-6, E4M3's smallest normal
-    r = (mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20  # the mantissa rounded to 3 bits, carries into the exponent
-    code = np.where(normal, r.astype(np.int64) - ((127 - 7) << 3),
-                    np.rint(np.abs(a) * np.float32(512)).astype(np.int64))  # subnormals: steps of 2^-9
+    sign = (bits >> 24).astype(np.uint8) & np.uint8(0x80)
+    mag = bits & np.uint32(0x7FFFFFFF)
+    # the mantissa rounded to 3 bits (carrying into the exponent), rebased from float32's exponent bias
+    code = ((mag + np.uint32(0x7FFFF) + ((mag >> 20) & np.uint32(1))) >> 20) - np.uint32((127 - 7) << 3)
+    sub = mag < 0x3C800000  # below 2^-6, E4M3's smallest normal: subnormal steps of 2^-9
+    code[sub] = np.rint(np.abs(a[sub]) * np.float32(512)).astype(np.uint32)
     return (code.astype(np.uint8) | sign).view(F8_E4M3)
 
 
