@@ -130,7 +130,9 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(converted, tmp_p
               "error: unknown type 'fp4'; choose one of: Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, "
               "Q4_1, Q5_0, Q5_1, Q3_K_M, Q2_K, BF16, F16, FP8, NVFP4, MXFP8"),
              ([str(src), str(vae), "-t", "fp8"], f"error: {vae} already exists; pass --force (force=True) to "
-                                                  f"replace it")]
+                                                  f"replace it"),
+             ([str(src), str(tmp_path / "o.gguf"), "-t", "mxfp8"],
+              f"error: {tmp_path / 'o.gguf'}: --type mxfp8 writes a safetensors file; name it o.safetensors")]
     for args, line in cases:
         r = CliRunner().invoke(main, ["convert", *args])
         assert r.exit_code == 2 and r.output.strip().splitlines() == [line]

@@ -536,6 +536,9 @@ def verify_scaled(path: Path, layout) -> None:
 
 
 def _convert_scaled(src, dst: Path, target: str, jobs: int, progress: bool) -> Path:
+    if dst.suffix.lower() != ".safetensors":
+        raise WeightsError(f"{dst}: --type {target.lower()} writes a safetensors file; name it "
+                           f"{dst.stem}.safetensors")
     path, model = _resolve(src)
     source = WeightSource(path, partial=True)
     kind = file_kind(source.keys())
