@@ -13,6 +13,7 @@ from comfy_kitchen.tensor.fp8 import TensorCoreFP8Layout
 from comfy_kitchen.tensor.mxfp8 import TensorCoreMXFP8Layout
 from comfy_kitchen.tensor.nvfp4 import TensorCoreNVFP4Layout
 from conftest import random_transformer, random_vae, rel_err
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_fp8_nvfp4 import CFG, _dense_entries, _mlx_forward, _pattern
 
@@ -93,6 +94,8 @@ def test_converted_file_reads_back_in_comfy_kitchen_and_in_our_loader(converted,
 
     src, original, files = converted
     sd = load_file(files[qtype])  # safetensors' own reader: dtypes and shapes as torch sees them
+    with safe_open(files[qtype], "pt") as f:
+        meta = json.loads(f.metadata()["_quantization_metadata"])
     entries = transformer_entries(WeightSource(files[qtype]))
     decoded, n_quantized = {}, 0
     for name, e in entries.items():
@@ -100,6 +103,7 @@ def test_converted_file_reads_back_in_comfy_kitchen_and_in_our_loader(converted,
         if isinstance(a, SCALED):
             layer = name.removesuffix(".weight")
             assert json.loads(bytes(sd[f"{layer}.comfy_quant"].numpy())) == {"format": FORMAT[qtype]}
+            assert meta["layers"].pop(layer) == {"format": FORMAT[qtype]}
             decoded[name] = a.dequantize()
             assert np.array_equal(decoded[name], _comfy_dequantize(sd, layer, qtype)), name
             q, p = LAYOUT[qtype].quantize(torch.from_numpy(original[name]))  # quantized from the source
@@ -109,6 +113,7 @@ def test_converted_file_reads_back_in_comfy_kitchen_and_in_our_loader(converted,
         else:
             assert sd[name].dtype == torch.bfloat16
             decoded[name] = to_float32(a)
+    assert meta == {"format_version": "1.0", "layers": {}}
     assert n_quantized == 20 and not any(k.startswith("model.") for k in sd)  # BFL names, no prefix
     if qtype == "mxfp8":  # its native path is test_fp8_nvfp4's; two forwards here are 1 s of CPU
         return

@@ -495,7 +495,11 @@ def _scaled_arrays(t: Tensor, fmt: str | None, pool, jobs: int):
 
 def _write_scaled(path: Path, layout, target: str, jobs: int, progress: bool) -> None:
     """A safetensors file at `path` as `_scaled_layout` plans it, one tensor (and one chunk) at a time."""
-    header, offset = {}, 0
+    # the layers' formats in the header too, as ComfyUI saves them (readers that look only there find them)
+    layers = {t.name.removesuffix(".weight"): {"format": fmt} for t, fmt, _ in layout if fmt}
+    header: dict = {"__metadata__": {"_quantization_metadata": json.dumps({"format_version": "1.0",
+                                                                           "layers": layers})}}
+    offset = 0
     for _t, _fmt, parts in layout:
         for name, (dtype, shape) in parts.items():
             nbytes = math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
