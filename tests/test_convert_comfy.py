@@ -142,3 +142,16 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(converted, tmp_p
         r = CliRunner().invoke(main, ["convert", *args])
         assert r.exit_code == 2 and r.output.strip().splitlines() == [line]
         assert set(os.listdir(tmp_path)) == before
+
+
+def test_a_quantized_source_warns_once_and_is_decoded_exactly(converted, tmp_path):
+    _, _, files = converted
+    with pytest.warns(UserWarning, match="is already quantized: 20 tensors") as record:
+        out = convert(files["nvfp4"], tmp_path / "again.safetensors", "fp8", progress=False, jobs=1)
+    assert len(record) == 1
+    src = transformer_entries(WeightSource(files["nvfp4"]))
+    back = transformer_entries(WeightSource(out))
+    name = "single_blocks.0.linear1.weight"
+    assert np.array_equal(back[name].load().codes, quantize_fp8(src[name].load().dequantize()).codes)
+    name = "img_in.weight"  # bf16 in, bf16 out: the same bytes
+    assert np.array_equal(to_float32(back[name].load()), to_float32(src[name].load()))

@@ -40,6 +40,7 @@ from .quant import recipes
 from .quant.ggml import GGMLType, quantize, row_bytes
 from .quant.scaled import (
     SCALED,
+    SCALED_TYPES,
     comfy_marker,
     fp8_tensor_scale,
     nvfp4_tensor_scale,
@@ -551,6 +552,11 @@ def _convert_scaled(src, dst: Path, target: str, jobs: int, progress: bool) -> P
             kind, "not a FLUX.2 transformer")
         raise WeightsError(f"{path}: {what}; --type {target.lower()} converts FLUX.2 transformers only")
     layout = _scaled_layout(_transformer_plan(source, "BF16", model).tensors, target)
+    requant = [t for t, _, _ in layout if t.src_type in GGML_QUANTIZED or t.src_type in SCALED_TYPES]
+    if requant:  # decoded exactly, then rounded a second time (to the new format, or to bf16)
+        warnings.warn(f"{path} is already quantized: {len(requant)} tensors (e.g. {requant[0].name}, "
+                      f"{requant[0].src_type}) are decoded and rounded again, losing quality a second time; "
+                      f"convert from the original weights where you can", stacklevel=3)
     with atomic_write(dst) as tmp:
         _write_scaled(tmp, layout, target, jobs, progress)
         verify_scaled(tmp, layout)
