@@ -20,7 +20,14 @@ from test_fp8_nvfp4 import CFG, _dense_entries, _mlx_forward, _pattern
 from flux2_mlx.cli import main
 from flux2_mlx.convert import convert
 from flux2_mlx.dit_names import transformer_entries
-from flux2_mlx.quant.scaled import SCALED, f32_to_e4m3, quantize_fp8, quantize_mxfp8, quantize_nvfp4
+from flux2_mlx.quant.scaled import (
+    SCALED,
+    f32_to_e4m3,
+    quantize_fp8,
+    quantize_mxfp8,
+    quantize_nvfp4,
+    quantize_nvfp4_rows,
+)
 from flux2_mlx.weights import WeightSource, save_safetensors, to_float32
 
 LAYOUT = {"fp8": TensorCoreFP8Layout, "nvfp4": TensorCoreNVFP4Layout, "mxfp8": TensorCoreMXFP8Layout}
@@ -155,3 +162,23 @@ def test_a_quantized_source_warns_once_and_is_decoded_exactly(converted, tmp_pat
     assert np.array_equal(back[name].load().codes, quantize_fp8(src[name].load().dequantize()).codes)
     name = "img_in.weight"  # bf16 in, bf16 out: the same bytes
     assert np.array_equal(to_float32(back[name].load()), to_float32(src[name].load()))
+
+
+def test_bytes_do_not_depend_on_jobs_and_an_interrupt_leaves_nothing(converted, tmp_path, monkeypatch):
+    import flux2_mlx.convert as conv
+
+    src, _, files = converted
+    one = convert(src, tmp_path / "one.safetensors", "nvfp4", progress=False, jobs=1)
+    assert one.read_bytes() == files["nvfp4"].read_bytes()  # written with jobs=2
+    calls = []
+
+    def interrupted(rows, scale):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return quantize_nvfp4_rows(rows, scale)
+
+    monkeypatch.setattr(conv, "quantize_nvfp4_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, tmp_path / "cut.safetensors", "nvfp4", progress=False, jobs=2)
+    assert sorted(os.listdir(tmp_path)) == ["one.safetensors"]
