@@ -496,7 +496,7 @@ def _scaled_arrays(t: Tensor, fmt: str | None, pool, jobs: int):
 
 def _write_scaled(path: Path, layout, target: str, jobs: int, progress: bool) -> None:
     """A safetensors file at `path` as `_scaled_layout` plans it, one tensor (and one chunk) at a time."""
-    # the layers' formats in the header too, as ComfyUI saves them (readers that look only there find them)
+    # the layers' formats in the header too, for readers that look only there
     layers = {t.name.removesuffix(".weight"): {"format": fmt} for t, fmt, _ in layout if fmt}
     header: dict = {"__metadata__": {"_quantization_metadata": json.dumps({"format_version": "1.0",
                                                                            "layers": layers})}}
