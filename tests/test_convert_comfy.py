@@ -182,3 +182,9 @@ def test_bytes_do_not_depend_on_jobs_and_an_interrupt_leaves_nothing(converted, 
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "cut.safetensors", "nvfp4", progress=False, jobs=2)
     assert sorted(os.listdir(tmp_path)) == ["one.safetensors"]
+
+
+def test_an_all_zero_tensor_decodes_to_zeros():  # comfy-kitchen divides 0 by 0 there (NaN codes / scales)
+    z = np.zeros((32, 64), np.float32)
+    for t in (quantize_fp8(z), quantize_nvfp4(z), quantize_mxfp8(z)):
+        assert np.array_equal(t.dequantize(), z) and not np.isnan(t.dequantize()).any()
