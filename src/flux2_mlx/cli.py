@@ -652,8 +652,8 @@ def models():
 
 @main.command()
 @click.option("-m", "--model", "models", type=click.Choice(list(MODELS)), multiple=True,
-              help="The model loaded at start [default: klein-4b]. Repeat to let requests switch to others, "
-                   "taken from the Hugging Face cache (downloaded on first use).")
+              help="The model loaded at start [default: the files' variant, else klein-4b]. Repeat to let "
+                   "requests switch to others, taken from the Hugging Face cache (downloaded on first use).")
 @click.option("--model-path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The first model's downloaded folder (BFL or diffusers layout).")
 @click.option("--transformer", "--weights", "transformer", type=click.Path(exists=True, path_type=Path),
@@ -705,7 +705,8 @@ def serve(models, model_path, transformer, vae, text_encoder, tokenizer, dtype, 
     if api_key is None and not loopback:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can "
                    f"use the server", err=True)
-    names = list(dict.fromkeys(models or ["klein-4b"]))
+    first = _choose_model(models[0] if models else None, model_path, transformer)  # as generate does
+    names = list(dict.fromkeys([first, *models[1:]]))
     kw = dict(dtype=dtype, backend=backend, device=device, memory_budget=memory_budget,
               stream_from=stream_from)
     # The file options are the first model's: klein and klein base have the same shapes, so another model
