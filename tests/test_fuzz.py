@@ -25,7 +25,7 @@ def test_mutated_files_are_refused_cleanly_never_crash_hang_or_blow_up(corpus):
 
 def test_the_supervisor_reports_hangs_blowups_and_crashes(corpus, monkeypatch):
     monkeypatch.setenv("FUZZ_INJECT", "hang:2,blowup:4,crash:6")
-    report = fuzzing.fuzz(corpus, seed=1, indices=list(range(8)), time_cap=1.0, mem_cap=256 << 20)
+    report = fuzzing.fuzz(corpus, seed=1, indices=list(range(8)), time_cap=2.0, mem_cap=256 << 20)
     assert report.mutations == 8
     assert [h["i"] for h in report.hangs] == [2] and [b["i"] for b in report.blowups] == [4]
     assert [c["i"] for c in report.crashes] == [6] and report.crashes[0]["rc"] < 0  # killed by SIGABRT

@@ -72,6 +72,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:  # here, before click turns it into an Abort that prints a blank line first
+            # A Ctrl-C inside a constructor (tqdm's, as a bar starts) leaves an object whose finalizer fails
+            # at exit with "Exception ignored …": the run is over, so say only that it was interrupted.
+            sys.unraisablehook = lambda _: None
             _fail("interrupted", 130)
 
 
