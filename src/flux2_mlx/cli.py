@@ -29,6 +29,18 @@ def _backend_options(f):
     return click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
                         help="auto: MLX on Apple silicon, else PyTorch when installed (on CUDA, or on a CPU, "
                              "where it is the faster), else MLX.")(f)
+
+
+def _component_options(f):
+    """--vae, --text-encoder, --tokenizer: the components besides the transformer (generate, serve)."""
+    f = click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
+                     help="tokenizer.json or its folder.")(f)
+    f = click.option("--text-encoder", type=click.Path(exists=True, path_type=Path),
+                     help="A text_encoder/ folder.")(f)
+    return click.option("--vae", type=click.Path(exists=True, path_type=Path),
+                        help="ae.safetensors or a vae/ folder.")(f)
+
+
 META_KEY = "flux2"
 
 
@@ -159,10 +171,7 @@ def _choose_model(model, model_path, transformer) -> str:
               help="A downloaded model folder (BFL or diffusers layout).")
 @click.option("--transformer", "--weights", "transformer", type=click.Path(exists=True, path_type=Path),
               help="Transformer: a .safetensors file or a diffusers transformer/ folder.")
-@click.option("--vae", type=click.Path(exists=True, path_type=Path), help="ae.safetensors or a vae/ folder.")
-@click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), help="A text_encoder/ folder.")
-@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
-              help="tokenizer.json or its folder.")
+@_component_options
 @click.option("-W", "--width", type=click.IntRange(min=16),
               help="A multiple of 16; width x height at most 4 MP. "
                    "Default: the --image's or first --ref's size, else 1024.")
@@ -661,10 +670,7 @@ def models():
               help="The first model's downloaded folder (BFL or diffusers layout).")
 @click.option("--transformer", "--weights", "transformer", type=click.Path(exists=True, path_type=Path),
               help="The first model's transformer: a .safetensors file or a diffusers transformer/ folder.")
-@click.option("--vae", type=click.Path(exists=True, path_type=Path), help="ae.safetensors or a vae/ folder.")
-@click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), help="A text_encoder/ folder.")
-@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
-              help="tokenizer.json or its folder.")
+@_component_options
 @click.option("--dtype", type=click.Choice(DTYPES), help="Default: bfloat16 on a GPU, float32 on CPU.")
 @_backend_options
 @click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), metavar="GB",
