@@ -97,8 +97,9 @@ def test_iter_steps_and_generate_settings(tiny_models, recwarn):
 
 
 def test_phase_lifetimes_and_one_encoding_for_many_seeds(tiny_repo):
-    """"phase": the encoder is gone before the transformer loads, and the transformer before the next
-    encoding; embeddings computed once serve several seeds."""
+    """"phase": without a plan (a direct encode), or when text encoder and transformer do not fit the budget
+    together, the encoder is gone before the transformer loads and the transformer before the next
+    encoding; when they fit, both stay. Embeddings computed once serve several seeds."""
     pipe = load_pipeline("klein-4b", model_path=tiny_repo)
     assert pipe.memory == "phase" and pipe.loaded == frozenset()
     embeds = pipe.encode(["a red fox", "a blue fox"])
@@ -107,6 +108,16 @@ def test_phase_lifetimes_and_one_encoding_for_many_seeds(tiny_repo):
     a, b = (pipe.sample(prompt_embeds=embeds[:1], width=32, height=32, steps=1, seed=s) for s in (1, 2))
     assert pipe.loaded == {"transformer"} and not np.array_equal(a, b)
     assert np.array_equal(pipe.sample("a red fox", width=32, height=32, steps=1, seed=1), a)
+    # a new prompt's generation, with its plan: both fit the default budget together, so both stay
+    green = pipe.sample("a green fox", width=32, height=32, steps=1, seed=1)
+    plan = pipe.plan(32, 32)
+    assert plan.keeps_both and pipe.loaded == {"text_encoder", "transformer"}
+    enc, den = plan.phase("encode"), plan.phase("denoise")
+    one, both = max(enc.peak, den.peak), max(enc.peak + den.held, den.peak + enc.weights)
+    tight = load_pipeline("klein-4b", model_path=tiny_repo, memory_budget=(one + both) / 2 / 0.95 / 1e9)
+    assert not tight.plan(32, 32).keeps_both and not tight.plan(32, 32).phase("denoise").streamed
+    assert np.array_equal(tight.sample("a green fox", width=32, height=32, steps=1, seed=1), green)
+    assert tight.loaded == {"transformer"}  # the encoder went before the transformer loaded
     resident = load_pipeline("klein-4b", model_path=tiny_repo, memory="resident")
     resident.sample("a red fox", width=32, height=32, steps=1, seed=1)
     resident.encode("again")

@@ -166,6 +166,16 @@ class MemoryPlan:
     def peak(self) -> int:
         return max(p.peak for p in self.phases)
 
+    @property
+    def keeps_both(self) -> bool:
+        """Whether text encoder and transformer fit the budget together, each phase's peak beside the other
+        component's weights: a "phase" pipeline then keeps both between generations, and a new prompt
+        reloads nothing."""
+        enc, den = self.phase("encode"), self.phase("denoise")
+        if enc is None or den is None or enc.streamed or den.streamed:
+            return False
+        return max(enc.peak + den.held, den.peak + enc.weights) <= self.usable
+
     def describe(self) -> str:
         lines = [f"memory budget {self.budget / GB:.2f} GB ({self.usable / GB:.2f} GB planned, "
                  f"{HEADROOM:.0%} kept free); predicted peak {self.peak / GB:.2f} GB"]

@@ -323,10 +323,11 @@ class Component:
 class Pipeline:
     """One FLUX.2 model on one backend. Use `load_pipeline` to make one.
 
-    Memory "phase" (default) keeps at most one of text encoder and transformer in memory: the encoder
-    is freed after encoding, the transformer before the next encoding; each phase follows the memory
-    plan (`plan()`), streaming blocks when the component does not fit the budget and decoding in tiles
-    when the image does not. "resident" keeps both loaded and plans nothing.
+    Memory "phase" (default) follows the memory plan (`plan()`): both text encoder and transformer stay
+    loaded between generations when they fit the budget together (`MemoryPlan.keeps_both`); else at most
+    one is in memory: the encoder is freed after encoding, the transformer before the next encoding. Each
+    phase streams blocks when its component does not fit the budget and decodes in tiles when the image
+    does not. "resident" keeps both loaded and plans nothing.
     """
 
     def __init__(self, spec: ModelSpec, backend, files: dict, dtype, memory: str = "phase",
@@ -389,9 +390,13 @@ class Pipeline:
             return EncodedImages()
         if inputs.encoded is None:
             phase = plan.phase("images") if plan is not None else None
-            # The VAE encoder runs beside a loaded transformer only if both fit the budget.
+            # The VAE encoder runs beside a loaded transformer (and a kept text encoder) only if they fit.
+            kept = plan.phase("encode").weights if phase and self._text_encoder.model is not None else 0
+            if phase and self._text_encoder.model is not None and phase.peak + kept > plan.usable:
+                self._text_encoder.free()
+                kept = 0
             if (phase and self._transformer.model is not None
-                    and phase.peak + plan.phase("denoise").held > plan.usable):
+                    and phase.peak + plan.phase("denoise").held + kept > plan.usable):
                 self._transformer.free()
             be = self.backend
             tile = phase.tile if phase else 0
@@ -481,7 +486,9 @@ class Pipeline:
         todo = list(dict.fromkeys(p for p in prompts if p not in self._prompts))
         if not todo:
             return np.stack([self._prompts[p] for p in prompts])
-        if self.memory == "phase" and self._transformer.model is not None:
+        # encode() without a plan (a direct call) frees as "phase" always did
+        phased = self.memory == "phase" and not (plan is not None and plan.keeps_both)
+        if phased and self._transformer.model is not None:
             self._transformer.free()
         if self._tokenizer is None:
             te = self.files.get("text_encoder")
@@ -495,7 +502,7 @@ class Pipeline:
         ids, mask = self._tokenizer.encode(todo)
         embeds = be.to_numpy(encoder(be.from_numpy(ids), be.from_numpy(mask)))
         del encoder
-        if self.memory == "phase":
+        if phased:
             self._text_encoder.free()
         new = dict(zip(todo, embeds))
         out = np.stack([new[p] if p in new else self._prompts[p] for p in prompts])
