@@ -85,6 +85,13 @@ class Dense:
         return self.make()
 
 
+def _delta_scale(t: LowRank | Dense, user_scale: float) -> np.float32:
+    """The factor on a term's ΔW: the user's scale times alpha / rank, except for a LyCORIS DoRA, whose
+    user scale blends its rescale instead (see Dora)."""
+    lycoris = t.dora is not None and not t.dora.peft
+    return np.float32(t.scale if lycoris else user_scale * t.scale)
+
+
 @dataclass
 class Lora:
     path: str
@@ -105,8 +112,7 @@ class Lora:
         if base is None and self.dora:
             base = w.copy()
         for t in self.terms[name]:
-            lycoris = t.dora is not None and not t.dora.peft  # LyCORIS: the user's scale is not on ΔW
-            s = np.float32(t.scale if lycoris else user_scale * t.scale)
+            s = _delta_scale(t, user_scale)
             m = (s * t.up) @ t.down if isinstance(t, LowRank) else s * t.matrix()  # scaled on the small side
             rows = w[t.row:t.row + m.shape[0]]
             if t.dora is None:
@@ -293,8 +299,11 @@ QUANTIZED = (*GGML_QUANTIZED, *SCALED_TYPES)
 
 
 def _merged(load, name: str, loras: list[tuple[Lora, float]]) -> np.ndarray:
-    base = to_float32(load())
-    w = np.array(base, np.float32)  # a copy: a float32 file's load() is a view of the file
+    stored = load()
+    base = to_float32(stored)
+    # Added into in place: a copy only when base is the file itself (a float32 view) or a DoRA needs W.
+    dora = any(lora.dora for lora, _ in loras)
+    w = base.copy() if dora or np.may_share_memory(base, stored) else base
     for lora, scale in loras:
         if name in lora.terms:
             lora.add_to(w, name, scale, base)
@@ -336,8 +345,7 @@ def _branched(load, name: str, loras: list[tuple[Lora, float]]) -> LoraQuant:
     downs, ups, dense, base_scale, w = [], [], None, None, None
     for lora, scale in loras:
         for t in lora.terms.get(name, ()):
-            lycoris = t.dora is not None and not t.dora.peft
-            s = np.float32(t.scale if lycoris else scale * t.scale)
+            s = _delta_scale(t, scale)
             m = t.matrix() if isinstance(t, Dense) else None
             rows = slice(t.row, t.row + (m if m is not None else t.up).shape[0])
             k = np.ones((rows.stop - rows.start, 1), np.float32)

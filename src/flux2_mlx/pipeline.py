@@ -598,9 +598,10 @@ class Pipeline:
         if inputs.masked is not None:
             cells = inputs.masked.cells
             keep, repaint = be.from_numpy(np.float32(1) - cells), be.from_numpy(cells)
+            start_latents, noise_latents = be.from_numpy(init), be.from_numpy(noise)
 
             def blend(x, t):  # the kept cells back at time t: the start latent, noised with the same noise
-                return keep * be.from_numpy(sampling.noised(init, noise, t)) + repaint * x
+                return keep * (float(t) * noise_latents + float(1 - t) * start_latents) + repaint * x
 
         for x in sampling.denoise(velocity, x, schedule[start:], blend):
             be.evaluate(x)

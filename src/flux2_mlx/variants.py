@@ -40,7 +40,7 @@ class Detection:
 def variant_from_name(name: str) -> str | None:
     """A registered variant named in a file, folder or repo name (BFL's, the community GGUFs', the HF
     cache's `models--owner--repo`), or None."""
-    s = re.sub(r"[\s_.]+", "-", name.lower()).replace("flux-2", "flux2").replace("flux2", "flux-2")
+    s = re.sub(r"flux-?2", "flux-2", re.sub(r"[\s_.]+", "-", name.lower()))
     return next((v for p, v in _NAMES if p.search(s)), None)
 
 
@@ -73,16 +73,12 @@ def _gguf_variant(path: Path) -> tuple[str, str] | None:
     if recorded in MODELS:
         return recorded, f"its {GGUF_VARIANT_KEY} = {recorded}"
     name = f.metadata.get("general.name")
-    if isinstance(name, str) and variant_from_name(name):
-        return variant_from_name(name), f"its general.name {name!r}"
-    return None
+    named = variant_from_name(name) if isinstance(name, str) else None
+    return (named, f"its general.name {name!r}") if named else None
 
 
-def _by_size(family: str, candidates: tuple[str, ...]) -> str | None:
-    """'klein' / 'klein-base' and the size the shapes allow → the variant, when one fits."""
-    fits = [v for v in candidates if v.startswith(family) and v != "klein-9b-kv"
-            and v.startswith("klein-base") == (family == "klein-base")]
-    return fits[0] if len(fits) == 1 else None
+# What a model_index.json that names no size can be: the shapes pick one.
+_FAMILIES = {"klein": ("klein-4b", "klein-9b"), "klein-base": ("klein-base-4b", "klein-base-9b")}
 
 
 def size_candidates(transformer: Path | None) -> tuple[str, ...]:
@@ -134,11 +130,11 @@ def detect(model_path=None, transformer=None) -> Detection:
         return Detection(candidates[0] if len(candidates) == 1 else None, candidates, "the tensor shapes",
                          False)
     variant, signal = found
-    if variant in ("klein", "klein-base"):  # the size from the shapes
-        sized = _by_size(variant, candidates)
-        if sized is None:
-            return Detection(None, tuple(v for v in candidates if v.startswith(variant)), signal, False)
-        variant = sized
+    if variant in _FAMILIES:  # the size from the shapes
+        fits = tuple(v for v in _FAMILIES[variant] if v in candidates)
+        if len(fits) != 1:
+            return Detection(None, fits or candidates, signal, False)
+        variant = fits[0]
     if variant not in candidates:
         raise WeightsError(f"{transformer}: {signal} says {variant}, but its tensors have the shapes of "
                            f"{' / '.join(candidates)}; check the files")
