@@ -15,7 +15,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..lora import LoraQuant
+from ..quant.affine import AffineQuant
+from ..quant.scaled import FPQuant, ScaledFP8
 from ..streaming import Streamer
+from ..weights import FP8Blocks
 
 
 class StreamedBlock(nn.Module):
@@ -30,12 +34,17 @@ class StreamedBlock(nn.Module):
 
 
 def _parts(t) -> tuple[torch.Tensor, ...]:
-    """The device tensors of a placed form: dense, affine-quantized, FP8, or a quantized one with LoRAs."""
-    if hasattr(t, "dense"):
-        return (*_parts(t.base), *(a for a in (t.down, t.up, t.dense) if a is not None))
-    if hasattr(t, "scale_inv"):
+    """The device tensors of a placed form: dense, affine-quantized, block- or tensor-scaled FP8, NVFP4 /
+    MXFP8, or a quantized one with LoRAs."""
+    if isinstance(t, LoraQuant):
+        return (*_parts(t.base), *(a for a in t.factors() if a is not None))
+    if isinstance(t, FP8Blocks):
         return t.codes, t.scale_inv
-    return (t.weight, t.scales, t.biases) if hasattr(t, "scales") else (t,)
+    if isinstance(t, ScaledFP8):
+        return tuple(a for a in (t.codes, t.scale, t.input_scale) if a is not None)
+    if isinstance(t, FPQuant):
+        return t.weight, t.scales, t.scale
+    return (t.weight, t.scales, t.biases) if isinstance(t, AffineQuant) else (t,)
 
 
 def copy_stream(place: Callable, fill: Callable, device: torch.device) -> tuple[Callable, Callable]:
