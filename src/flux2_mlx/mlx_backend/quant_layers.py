@@ -38,13 +38,14 @@ class FPLinear(nn.Module):
 
     def __init__(self, weight: mx.array, scales: mx.array, scale: mx.array, mode: str):
         super().__init__()
-        self.weight, self.scales, self.scale = weight, scales, scale
+        self.weight, self.scales = weight, scales
+        self.scale = None if float(scale) == 1 else scale  # MXFP8's: no multiply and cast per call
         self.mode, self.group_size, self.bits = mode, *{"nvfp4": (16, 4), "mxfp8": (32, 8)}[mode]
 
     def __call__(self, x):
         y = mx.quantized_matmul(x, self.weight, self.scales, transpose=True, group_size=self.group_size,
                                 bits=self.bits, mode=self.mode)
-        return (y * self.scale).astype(x.dtype)
+        return y if self.scale is None else (y * self.scale).astype(x.dtype)
 
 
 class LoraLinear(nn.Module):

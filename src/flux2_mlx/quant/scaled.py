@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..weights import F8_E4M3, F8_E8M0, fp8_e4m3_to_f32
+from ..weights import F8_E4M3, fp8_e4m3_to_f32
 
 # Entry.stored of these layers (the file's own dtypes, F8_E4M3 / U8, say nothing of the scales).
 SCALED_TYPES = ("FP8", "NVFP4", "MXFP8")
@@ -251,24 +251,6 @@ def quantize_nvfp4(a: np.ndarray) -> NVFP4:
 def quantize_mxfp8(a: np.ndarray) -> MXFP8:
     codes, s = quantize_mxfp8_rows(a)
     return MXFP8(codes, swizzle(s))
-
-
-def comfy_tensors(layer: str, t: ScaledFP8 | NVFP4 | MXFP8) -> dict[str, np.ndarray]:
-    """The tensors of one quantized layer as ComfyUI stores them: `weight`, `weight_scale` (+
-    `weight_scale_2` for NVFP4) and the `comfy_quant` marker, UTF-8 JSON as uint8."""
-    fmt = {ScaledFP8: "float8_e4m3fn", NVFP4: "nvfp4", MXFP8: "mxfp8"}[type(t)]
-    out = {}
-    if isinstance(t, ScaledFP8):
-        out[f"{layer}.weight"], out[f"{layer}.weight_scale"] = t.codes, np.float32(t.scale).reshape(())
-    elif isinstance(t, NVFP4):
-        out[f"{layer}.weight"] = t.packed
-        out[f"{layer}.weight_scale"] = t.block_scales.view(np.uint8).view(F8_E4M3)
-        out[f"{layer}.weight_scale_2"] = np.float32(t.scale).reshape(())
-    else:
-        out[f"{layer}.weight"] = t.codes
-        out[f"{layer}.weight_scale"] = t.block_scales.view(np.uint8).view(F8_E8M0)
-    out[f"{layer}.comfy_quant"] = comfy_marker(fmt)
-    return out
 
 
 def comfy_marker(fmt: str) -> np.ndarray:
