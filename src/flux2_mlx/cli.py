@@ -145,18 +145,20 @@ def _save_png(image, path: Path, meta: dict) -> None:
 
 
 _GUIDANCE = {"embedded": "embedded guidance", "none": "no guidance", "cfg": "true CFG"}
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MODEL_HELP = ("The variant [default: what the files say they are (model_index.json, file names, a GGUF's "
               "metadata); without files, klein-4b].")
 
 
-def _choose_model(model, model_path, transformer) -> str:
-    """The variant to run (variants.choose), said in a line when it was detected; a contradiction or files
-    that could be several variants are one error line."""
+def _choose_model(model, model_path=None, transformer=None, detection=None) -> str:
+    """The variant to run (variants.choose; `detection`: the files' own, when already made), said in a
+    line when it was detected; a contradiction or files that could be several variants are one error
+    line."""
     from .variants import choose
     from .weights import WeightsError
 
     try:
-        name, detection = choose(model, model_path, transformer)
+        name, detection = choose(model, model_path, transformer, detection)
     except WeightsError as e:
         _fail(str(e))
     if model is None and detection is not None:
@@ -627,8 +629,9 @@ def info(path, show_plan, model, width, height, memory_budget, dtype, backend, d
 
             for line in describe(path):
                 click.echo(line)
+            where = {"model_path": path} if path.is_dir() else {"transformer": path}
             try:
-                detected = detect(**({"model_path": path} if path.is_dir() else {"transformer": path}))
+                detected = detect(**where)
             except WeightsError:  # a VAE or text encoder file: no variant to tell
                 detected = None
             if detected is not None and detected.variant is not None:
@@ -637,8 +640,8 @@ def info(path, show_plan, model, width, height, memory_budget, dtype, backend, d
                 click.echo(f"variant: one of {', '.join(detected.candidates)} ({detected.signal} fit all)")
             if show_plan:
                 check_size(width, height)
-                spec = MODELS[_choose_model(model, *((path, None) if path.is_dir() else (None, path)))]
-                files = hub.locate(spec, **({"model_path": path} if path.is_dir() else {"transformer": path}))
+                spec = MODELS[_choose_model(model, **where, detection=detected)]
+                files = hub.locate(spec, **where)
                 budget = dict(memory_budget=memory_budget, stream_from=None, backend=backend, device=device)
                 plan = _memory_plan_without_loading(spec, files, dtype, Inputs(width, height), None, budget)
                 click.echo(plan.describe())
@@ -710,7 +713,7 @@ def serve(models, model_path, transformer, vae, text_encoder, tokenizer, dtype, 
             pass
     except OSError as e:
         _fail(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host")
-    loopback = host in ("127.0.0.1", "localhost", "::1")
+    loopback = host in LOOPBACK
     if api_key is None and not loopback:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can "
                    f"use the server", err=True)
@@ -728,7 +731,7 @@ def serve(models, model_path, transformer, vae, text_encoder, tokenizer, dtype, 
 
     server = ImageServer(load, [MODELS[n] for n in names], api_key=api_key, output_dir=output_dir,
                          max_queue=max_queue, max_upload=int(max_upload_mb * 2**20),
-                         hosts={"127.0.0.1", "localhost", "::1"} if loopback else None)
+                         hosts=LOOPBACK if loopback else None)
     server.start()
     try:
         server.wait_ready()  # a missing or wrong file is an error line now, not a server that fails every job

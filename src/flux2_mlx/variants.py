@@ -141,12 +141,14 @@ def detect(model_path=None, transformer=None) -> Detection:
     return Detection(variant, candidates, signal, True)
 
 
-def choose(model: str | None, model_path=None, transformer=None) -> tuple[str, Detection | None]:
-    """The variant to run and what the files said: `model` when given (refused when a signal stronger
-    than the shapes names another), else the detected one; klein-4b when no file is given."""
+def choose(model: str | None, model_path=None, transformer=None,
+           detection: Detection | None = None) -> tuple[str, Detection | None]:
+    """The variant to run and what the files said (`detection`, when the caller has already made it):
+    `model` when given (refused when a signal stronger than the shapes names another), else the detected
+    one; klein-4b when no file is given."""
     if model_path is None and transformer is None:
         return model or "klein-4b", None
-    det = detect(model_path, transformer)
+    det = detection or detect(model_path, transformer)
     where = transformer if transformer is not None else model_path
     if model is not None:
         if det.strong and det.variant != model:
