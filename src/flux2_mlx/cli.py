@@ -136,12 +136,12 @@ def png_bytes(image, meta: dict) -> bytes:
     return buf.getvalue()
 
 
-def _save_png(image, path: Path, meta: dict) -> None:
+def save_png(path: Path, png: bytes) -> None:
     """Write via a temporary name and rename, so an interrupted run leaves no half-written PNG."""
     from .atomic import atomic_write
 
     with atomic_write(path) as tmp:
-        tmp.write_bytes(png_bytes(image, meta))
+        tmp.write_bytes(png)
 
 
 _GUIDANCE = {"embedded": "embedded guidance", "none": "no guidance", "cfg": "true CFG"}
@@ -457,7 +457,7 @@ def _run(pipe, request, plan, seeds, paths, edit, lora_meta):
         with tqdm(total=1, desc="decode", unit="image") as bar:
             image = pipe.render(latents, request)
             bar.update()
-        _save_png(image, path, image_metadata(pipe, request, seed, image, edit, lora_meta))
+        save_png(path, png_bytes(image, image_metadata(pipe, request, seed, image, edit, lora_meta)))
         click.echo(f"saved {path}")
 
 

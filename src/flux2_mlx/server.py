@@ -340,7 +340,7 @@ class ImageServer:
         """One job as `flux2 generate` runs it (cli._run): encode once, denoise each seed, render, and the
         PNG with the same metadata."""
         from . import hub
-        from .cli import image_metadata, png_bytes
+        from .cli import image_metadata, png_bytes, save_png
         from .pipeline import GenerationRequest
         from .sampling import img2img_start
 
@@ -380,10 +380,7 @@ class ImageServer:
             image = pipe.render(latents, request)
             png = png_bytes(image, image_metadata(pipe, request, seed, image, edit, lora_meta))
             if self.output_dir is not None:
-                from .atomic import atomic_write
-
-                with atomic_write(self.output_dir / f"{job.id}-{seed}.png") as tmp:
-                    tmp.write_bytes(png)
+                save_png(self.output_dir / f"{job.id}-{seed}.png", png)
             self._keep(job, seed, png, image)
 
     def _keep(self, job: Job, seed: int, png: bytes, image) -> None:
