@@ -310,11 +310,13 @@ def _parse_expand(value: str) -> list[int]:
 
 
 def _parse_loras(values) -> list[tuple[str, float]]:
-    """FILE[:SCALE] → (FILE, SCALE). A colon belongs to the file name when the whole names a file."""
+    """FILE[:SCALE] → (FILE, SCALE), split as lora.split_spec does."""
+    from .lora import split_spec
+
     out = []
     for value in values:
-        name, colon, tail = value.rpartition(":")
-        if not colon or Path(value).exists():
+        name, tail = split_spec(value)
+        if tail is None:
             out.append((value, 1.0))
             continue
         try:

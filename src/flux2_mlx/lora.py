@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
@@ -283,6 +284,13 @@ def read_lora(path, shapes: dict[str, tuple[int, ...]]) -> Lora:
                                f"{target} needs {list(want)}; is this LoRA for another model (FLUX.1)?")
         out.terms.setdefault(target, []).append(_place(term, rows))
     return out
+
+
+def split_spec(value: str) -> tuple[str, str | None]:
+    """"FILE[:SCALE]" → (FILE, the scale's text or None). A colon belongs to the file name when the whole
+    names a file (a Windows drive, a name with a colon in it)."""
+    name, colon, tail = value.rpartition(":")
+    return (value, None) if not colon or Path(value).exists() else (name, tail)
 
 
 def sha256_prefix(path) -> str:

@@ -30,6 +30,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from .config import DEFAULT_STRENGTH, ModelSpec
+from .lora import split_spec
 
 MAX_IMAGES = 8  # n, as OpenAI's API allows at most 10 and a local GPU makes them one by one
 MAX_STEPS = 1000
@@ -157,8 +158,8 @@ def _loras(value) -> list[tuple[str, float]]:
         if isinstance(item, dict) and isinstance(item.get("file"), str):
             name, scale = item["file"], item.get("scale", 1.0)
         elif isinstance(item, str):
-            name, colon, tail = item.rpartition(":")
-            name, scale = (name, tail) if colon and not Path(item).exists() else (item, 1.0)
+            name, scale = split_spec(item)
+            scale = 1.0 if scale is None else scale
         else:
             raise ApiError(400, f"loras: {json.dumps(item)[:60]} is not \"file[:scale]\" or {{\"file\", "
                                 f"\"scale\"}}", "loras")
