@@ -51,7 +51,6 @@ from .quant.scaled import (
     swizzle,
 )
 from .variants import GGUF_VARIANT_KEY, detect
-from .weights import _DTYPES as _SAFETENSORS_DTYPES
 from .weights import (
     GGML_QUANTIZED,
     FP8Blocks,
@@ -60,6 +59,7 @@ from .weights import (
     WeightsError,
     WeightSource,
     f32_to_bf16,
+    safetensors_header,
     to_float32,
 )
 
@@ -498,16 +498,9 @@ def _write_scaled(path: Path, layout, target: str, jobs: int, progress: bool) ->
     """A safetensors file at `path` as `_scaled_layout` plans it, one tensor (and one chunk) at a time."""
     # the layers' formats in the header too, for readers that look only there
     layers = {t.name.removesuffix(".weight"): {"format": fmt} for t, fmt, _ in layout if fmt}
-    header: dict = {"__metadata__": {"_quantization_metadata": json.dumps({"format_version": "1.0",
-                                                                           "layers": layers})}}
-    offset = 0
-    for _t, _fmt, parts in layout:
-        for name, (dtype, shape) in parts.items():
-            nbytes = math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    head, data = safetensors_header({name: part for *_, parts in layout for name, part in parts.items()},
+                                    meta)
     pool = ThreadPoolExecutor(jobs, thread_name_prefix="quantize") if jobs > 1 else None
     from tqdm import tqdm
 
@@ -515,14 +508,14 @@ def _write_scaled(path: Path, layout, target: str, jobs: int, progress: bool) ->
         total = sum(t.src_bytes for t, *_ in layout)
         with open(path, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                                          desc=f"convert {target}", disable=not progress) as bar:
-            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.write(head)
             for t, fmt, _parts in layout:
                 for a in _scaled_arrays(t, fmt, pool, jobs):
                     f.write(np.ascontiguousarray(a).tobytes())
                 bar.update(t.src_bytes)
                 bar.set_postfix_str(t.name, refresh=False)
-            if f.tell() != len(raw) + 8 + offset:
-                raise WeightsError(f"{path}: wrote {f.tell()} bytes, planned {len(raw) + 8 + offset}")
+            if f.tell() != len(head) + data:
+                raise WeightsError(f"{path}: wrote {f.tell()} bytes, planned {len(head) + data}")
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

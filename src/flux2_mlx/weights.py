@@ -601,22 +601,29 @@ def _shards(path: Path, partial: bool = False) -> list[Path]:
     return files
 
 
+def safetensors_header(tensors: dict[str, tuple[str, tuple[int, ...]]],
+                       metadata: dict[str, str] | None = None) -> tuple[bytes, int]:
+    """(the first bytes of a safetensors file, the bytes of tensor data after them) for tensors given as
+    name → (safetensors dtype name, shape), their data to follow in this order."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
                      metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file (bf16 via `BF16` arrays) atomically: a crash leaves no partial file."""
     path = Path(path)
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, a in tensors.items():
-        nbytes = a.dtype.itemsize * a.size
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+    head, _ = safetensors_header({name: (_NAMES[a.dtype], a.shape) for name, a in tensors.items()}, metadata)
     from .atomic import atomic_write
 
     with atomic_write(path) as tmp, open(tmp, "wb") as f:  # closed before atomic_write renames it
-        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(head)
         for a in tensors.values():
             f.write(np.ascontiguousarray(a).tobytes())
