@@ -318,21 +318,12 @@ def _quantized_chunks(t: Tensor, pool: ThreadPoolExecutor | None, jobs: int):
     are in flight (the same float32 bytes as one chunk in this thread; two per worker so that a worker never
     waits while this thread reads and converts its next chunk). Threads suffice: the K-quant kernels and
     numpy's array loops release the GIL."""
-    if pool is None:
-        for chunk in _chunks(t):
-            yield len(chunk), quantize(chunk, t.type).reshape(len(chunk), -1)
-        return
-    window = 2 * jobs
-    pending: deque = deque()
-    for chunk in _chunks(t, parts=window):
-        if len(pending) >= window:
-            n, fut = pending.popleft()
-            yield n, fut.result().reshape(n, -1)
-        pending.append((len(chunk), pool.submit(quantize, chunk, t.type)))
-        del chunk
-    while pending:
-        n, fut = pending.popleft()
-        yield n, fut.result().reshape(n, -1)
+    window = 2 * jobs if pool is not None else 1
+
+    def rows(chunk):
+        return len(chunk), quantize(chunk, t.type).reshape(len(chunk), -1)
+
+    yield from _pooled(_chunks(t, parts=window), rows, pool, window)
 
 
 def _settle_types(p: ConversionPlan) -> list[str]:
