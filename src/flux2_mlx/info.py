@@ -63,7 +63,7 @@ def _scaled(source: WeightSource) -> tuple[list[str], int, int] | None:
     for name, e in entries.items():
         n = math.prod(e.shape)
         mlx += 2 * n if name in full else tensor_bytes(e.stored, tuple(e.shape), 2)
-        held += n if e.stored == "FP8" else tensor_bytes(e.stored, tuple(e.shape), 2)  # no E8M0 bytes
+        held += tensor_bytes(e.stored, tuple(e.shape), 2, fp8_kept=True)
         if len(e.shape) == 2:
             kind = re.sub(r"\.\d+\.", ".*.", name.removesuffix(".weight"))
             fmt = e.stored + " full-precision matmul" * (name in full) if e.stored in SCALED_TYPES else "BF16"

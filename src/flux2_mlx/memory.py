@@ -53,13 +53,17 @@ class Streaming:
 
 def tensor_bytes(stored: str, shape: tuple[int, ...], compute_bytes: int, fp8_kept: bool = False) -> int:
     """Device bytes of one tensor once loaded. fp8_kept: the backend holds FP8 weights as stored (one byte
-    each and a float32 scale per 128 × 128 block, the layout of every Qwen3 FP8 release); else decoded."""
+    each and a float32 scale per 128 × 128 block, the layout of every Qwen3 FP8 release; a per-tensor-scaled
+    FP8 layer with its one scale), as torch does; else block-scaled FP8 is decoded and a per-tensor-scaled
+    layer runs as MLX's mxfp8 (an E8M0 byte per 32)."""
     n = math.prod(shape)
     if fp8_kept and stored in FP8_BLOCKS:
         return n + 4 * -(-n // (128 * 128))
     if stored == "NVFP4":  # 4-bit codes and an E4M3 byte per 16, on both backends
         return n // 2 + n // 16
-    if stored in ("FP8", "MXFP8"):  # a byte a weight and an E8M0 byte per 32 (FP8: MLX's, all 2⁰)
+    if stored == "FP8":
+        return n + (4 if fp8_kept else n // 32)  # MLX's mxfp8 scales, all 2⁰
+    if stored == "MXFP8":  # a byte a weight and an E8M0 byte per 32
         return n + n // 32
     fmt = affine_format(GGMLType[stored]) if stored in GGMLType.__members__ else None
     if fmt is None:

@@ -139,7 +139,7 @@ def memory_plan_from_files(spec: ModelSpec, files: dict, backend, dtype_bytes: i
     tcfg = _transformer_config(spec, t_entries, tpath) if tpath is not None else spec.transformer
     t_entries = merged_entries(t_entries, list(loras)) if loras else t_entries
     t = memory_plan.component_weights("transformer", t_entries, ("double_blocks", "single_blocks"),
-                                      dtype_bytes)
+                                      dtype_bytes, fp8_kept=dev["fp8_kept"])
     vae_cfg = component_config(vae_config_from, Path(vpath), spec.vae) if vpath is not None else spec.vae
     v = memory_plan.component_weights("vae", vae_entries(WeightSource(vpath)) if vpath is not None
                                       else _shape_entries(vae_shapes(vae_cfg)), (), 4)
