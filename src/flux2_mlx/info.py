@@ -36,8 +36,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
-def _transformer(source: WeightSource) -> str:
-    entries = transformer_entries(source)
+def _transformer(source: WeightSource, entries: dict) -> str:
     cfg = transformer_config(entries, source.path)
     check_keys(entries, transformer_shapes(cfg), f"transformer {source.path}")
     same = [n for n, s in MODELS.items() if s.transformer == cfg]
@@ -47,11 +46,10 @@ def _transformer(source: WeightSource) -> str:
             f"{cfg.depth_single_blocks} single blocks)")
 
 
-def _scaled(source: WeightSource) -> tuple[list[str], int, int] | None:
+def _scaled(source: WeightSource, entries: dict) -> tuple[list[str], int, int] | None:
     """For a transformer with FP8 / MXFP8 / NVFP4 layers (ComfyUI markers): lines giving the format of each
     layer kind, and its bytes on MLX and on torch (those layers as stored, except the full-precision-matmul
     ones MLX decodes; the rest in bfloat16). None for other files."""
-    entries = transformer_entries(source)
     if not any(e.stored in SCALED_TYPES for e in entries.values()):
         return None
     prefix = wrapper_prefix(source.keys())
@@ -122,12 +120,14 @@ def _describe(path: Path) -> list[str]:
     if not keys:
         raise WeightsError(f"{path}: holds no tensors")
     kind = file_kind(keys)
+    entries = None
     if kind == "text_encoder":
         model = _text_encoder(source)
     elif kind == "vae":
         model = _vae(source)
     else:
-        model = _transformer(source)
+        entries = transformer_entries(source)
+        model = _transformer(source, entries)
     f = source.files[0]
     if isinstance(f, GGUFFile):
         arch = f.metadata.get("general.architecture")
@@ -145,7 +145,7 @@ def _describe(path: Path) -> list[str]:
     for name, (count, nbytes, _) in sorted(per_type.items(), key=lambda kv: -kv[1][1]):
         lines.append(f"  {name:8} {count:5} tensors  {_gib(nbytes)}")
     mlx = sum(elems * MLX_BITS.get(name, 16) / 8 for name, (_, _, elems) in per_type.items())
-    scaled = _scaled(source) if kind not in ("text_encoder", "vae") else None
+    scaled = _scaled(source, entries) if entries is not None else None
     how = "quantized weights as repacked with 16-bit scales, dense weights in bfloat16"
     if scaled:
         lines += scaled[0]
