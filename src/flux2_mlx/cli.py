@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import DEFAULT_STRENGTH, MODELS
+from .config import DEFAULT_STRENGTH, MODELS, default_strength
 
 DTYPES = ("bfloat16", "float16", "float32")
 BACKENDS = ("auto", "mlx", "torch")
@@ -251,7 +251,7 @@ def generate(prompt, model, model_path, transformer, vae, text_encoder, tokenize
         if value is not None and mask is None and expand is None:
             raise click.BadParameter("works only with --mask or --expand", param_hint=name)
     expand = _parse_expand(expand) if expand is not None else None
-    strength = (1.0 if expand else DEFAULT_STRENGTH) if strength is None else strength
+    strength = default_strength(expand is not None) if strength is None else strength
     try:
         check_size(width or 1024, height or 1024)
     except ValueError as e:

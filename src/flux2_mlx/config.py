@@ -128,6 +128,12 @@ def _klein(name, cfg, encoder, *, base=False, kv=False, repo, file):
 
 DEFAULT_STRENGTH = 0.6  # image-to-image: the share of the schedule run from the start image
 
+
+def default_strength(outpainting: bool = False) -> float:
+    """The strength when none is given: all of the schedule for an outpainting, whose new borders hold
+    nothing worth starting from."""
+    return 1.0 if outpainting else DEFAULT_STRENGTH
+
 # Repo ids, file names and defaults: flux2 src/flux2/util.py FLUX2_MODEL_INFO @50fe516.
 MODELS: dict[str, ModelSpec] = {
     "dev": ModelSpec(

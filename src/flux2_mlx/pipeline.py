@@ -32,6 +32,7 @@ from .config import (
     ModelSpec,
     TextEncoderConfig,
     TransformerConfig,
+    default_strength,
     get_spec,
     text_encoder_config_from,
     text_encoder_shapes,
@@ -624,8 +625,7 @@ class Pipeline:
             inputs = self.prepare_inputs(width, height, images, image, mask, **masking)
         elif any(v is not None for v in (width, height, images, image, mask, mask_crop, expand)) or mask_blur:
             raise ValueError("pass either inputs= or width/height/images/image/mask…, not both")
-        if strength is None:  # an outpainting's new borders hold nothing worth starting from
-            strength = 1.0 if expand is not None else DEFAULT_STRENGTH
+        strength = default_strength(expand is not None) if strength is None else strength
         return GenerationRequest(inputs, seed, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
                                  strength, steps, guidance, keep_unmasked)
 

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .config import DEFAULT_STRENGTH, ModelSpec
+from .config import ModelSpec, default_strength
 from .lora import split_spec
 
 MAX_IMAGES = 8  # n, as OpenAI's API allows at most 10 and a local GPU makes them one by one
@@ -350,7 +350,7 @@ class ImageServer:
         if [(str(f), s) for _, f, s in loras] != [(str(f), s) for f, s in pipe.loras]:
             pipe.set_loras([(f, s) for _, f, s in loras])
         lora_meta = [{**record, "file": name} for (name, _, _), record in zip(loras, pipe.lora_records)]
-        strength = DEFAULT_STRENGTH if p.strength is None else p.strength
+        strength = default_strength() if p.strength is None else p.strength
         request = GenerationRequest(inputs, job.seeds[0], prompt=p.prompt, negative_prompt=p.negative_prompt,
                                     strength=strength, steps=p.steps, guidance=p.guidance)
         steps, _ = pipe.settings(p.steps, p.guidance)
