@@ -7,6 +7,7 @@ Numpy and Pillow only.
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from pathlib import Path
@@ -31,20 +32,22 @@ def reference_pixels(count: int) -> int:
 
 
 def read_image(source, what: str = "image") -> Image.Image:
-    """A path or PIL image → upright (EXIF orientation applied), in its own mode; 16-bit greyscale scaled to
-    8-bit "L", not clipped. A file that is missing or not an image is a ValueError naming `what` and it."""
+    """A path, a file's bytes (an upload) or a PIL image → upright (EXIF orientation applied), in its own
+    mode; 16-bit greyscale scaled to 8-bit "L", not clipped. A file that is missing or not an image is a
+    ValueError naming `what` and it."""
     if isinstance(source, Image.Image):
         img = source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"{what} {path}: no such file")
+        fp = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
+        where = "" if isinstance(fp, io.BytesIO) else f" {fp}"
+        if where and not fp.is_file():
+            raise ValueError(f"{what}{where}: no such file")
         try:
-            img = Image.open(path)
+            img = Image.open(fp)
             img.load()
         # Pillow reports some damaged files as SyntaxError, and refuses decompression bombs (> 179 MP).
         except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{what} {path} is not a readable image ({e}); "
+            raise ValueError(f"{what}{where} is not a readable image ({e}); "
                              "use a PNG, JPEG or WebP") from None
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I"):

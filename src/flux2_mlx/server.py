@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,6 +29,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from .config import ModelSpec, default_strength
+from .images import read_image
 from .lora import split_spec
 
 MAX_IMAGES = 8  # n, as OpenAI's API allows at most 10 and a local GPU makes them one by one
@@ -222,15 +222,14 @@ def parse_params(fields: dict, uploads: list, mask, specs: dict[str, ModelSpec],
     return p
 
 
-def read_image(name: str, data: bytes, what: str):
-    """(name, PIL image), fully decoded now so that a broken or non-image upload is refused up front."""
+def uploaded_image(name: str, data: bytes, what: str):
+    """(name, PIL image), fully decoded now (images.read_image) so that a broken or non-image upload is
+    refused up front."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        return name, read_image(data, what)
+    except ValueError:
         raise ApiError(400, f"{what} ({name}) is not a readable image (PNG, JPEG, WebP, …)", what,
                        "invalid_image") from None
-    return name, image
 
 
 class ImageServer:
@@ -465,9 +464,9 @@ class ImageServer:
                     data = await value.read()
                     name = Path(value.filename or key).name
                     if key in ("image", "image[]"):
-                        uploads.append(read_image(name, data, f"image[{len(uploads)}]"))
+                        uploads.append(uploaded_image(name, data, f"image[{len(uploads)}]"))
                     elif key == "mask":
-                        mask = read_image(name, data, "mask")
+                        mask = uploaded_image(name, data, "mask")
                     else:
                         raise ApiError(400, f"unknown file field {key!r}; send image (or image[]) and mask",
                                        key)
