@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import secrets
@@ -17,6 +16,7 @@ import click
 
 from . import __version__
 from .config import DEFAULT_STRENGTH, MODELS, default_strength
+from .generation import META_KEY
 
 DTYPES = ("bfloat16", "float16", "float32")
 BACKENDS = ("auto", "mlx", "torch")
@@ -39,9 +39,6 @@ def _component_options(f):
                      help="A text_encoder/ folder.")(f)
     return click.option("--vae", type=click.Path(exists=True, path_type=Path),
                         help="ae.safetensors or a vae/ folder.")(f)
-
-
-META_KEY = "flux2"
 
 
 def _fail(message: str, code: int = 2):
@@ -123,19 +120,6 @@ def _check_writable(folder: Path, hint: str) -> None:
                                  param_hint=hint) from None
 
 
-def png_bytes(image, meta: dict) -> bytes:
-    """The PNG file of `image` with its settings in the `flux2` text chunk (also what `flux2 serve` sends)."""
-    import io
-
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text(META_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
-
 def save_png(path: Path, png: bytes) -> None:
     """Write via a temporary name and rename, so an interrupted run leaves no half-written PNG."""
     from .atomic import atomic_write
@@ -144,6 +128,7 @@ def save_png(path: Path, png: bytes) -> None:
         tmp.write_bytes(png)
 
 
+_UNITS = {"encode": "prompt", "denoise": "step", "decode": "image"}
 _GUIDANCE = {"embedded": "embedded guidance", "none": "no guidance", "cfg": "true CFG"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MODEL_HELP = ("The variant [default: what the files say they are (model_index.json, file names, a GGUF's "
@@ -437,70 +422,31 @@ def _oom_message(e: Exception, pipe, request, plan) -> str:
 
 
 def _run(pipe, request, plan, seeds, paths, edit, lora_meta):
+    """A progress bar per phase (encode, each seed's denoise and decode); each seed's PNG saved."""
     from tqdm import tqdm
 
-    from .sampling import img2img_start
+    from .generation import Phase, Step, images
 
-    inputs = request.inputs
-    steps, _ = pipe.settings(request.steps, request.guidance)
-    with tqdm(total=1, desc="encode", unit="prompt") as bar:
-        ctx, neg = pipe.conditioning(request, plan)
-        bar.update()
-    # Every seed denoises from these embeddings: the prompts are encoded once.
-    encoded = dataclasses.replace(request, prompt=None, prompt_embeds=ctx, negative_prompt=None,
-                                  negative_prompt_embeds=neg)
-    run = steps - (img2img_start(steps, request.strength) if inputs.init is not None else 0)
-    for seed, path in zip(seeds, paths):
-        click.echo(f"seed {seed}")
-        latents = None
-        for latents in tqdm(pipe.iter_steps(request=dataclasses.replace(encoded, seed=seed)), total=run,
-                            desc="denoise", unit="step"):
-            pass
-        with tqdm(total=1, desc="decode", unit="image") as bar:
-            image = pipe.render(latents, request)
-            bar.update()
-        save_png(path, png_bytes(image, image_metadata(pipe, request, seed, image, edit, lora_meta)))
-        click.echo(f"saved {path}")
-
-
-def image_metadata(pipe, request, seed: int, image, edit: dict, lora_meta: list) -> dict:
-    """What the PNG of one seed records (`flux2 info` reads it back); `edit`: generate's image options, the
-    files as given."""
-    inputs = request.inputs
-    steps, guidance = pipe.settings(request.steps, request.guidance)
-    meta = dict(prompt=request.prompt, model=pipe.spec.name, seed=seed, steps=steps, guidance=guidance,
-                width=image.width, height=image.height, dtype=pipe.dtype_name, backend=pipe.backend_name,
-                device=pipe.device, version=__version__)
-    if request.negative_prompt is not None:
-        meta["negative_prompt"] = request.negative_prompt
-    if edit["images"]:
-        meta["refs"] = [str(r) for r in edit["images"]]
-    if edit["image"] is not None:
-        meta.update(image=str(edit["image"]), strength=request.strength)
-    if inputs.masked is not None:
-        meta.update(_mask_meta(edit, request.keep_unmasked, (inputs.width, inputs.height)))
-    if pipe.compile:  # fused kernels round differently: the same flag reproduces the same bytes
-        meta["compile"] = True
-    if pipe.fp8_matmul:  # FP8 activations change the embeddings
-        meta["fp8_matmul"] = True
-    if lora_meta:
-        meta["loras"] = lora_meta
-    return meta
-
-
-def _mask_meta(edit: dict, keep_unmasked: bool, size: tuple[int, int]) -> dict:
-    """An inpainting's settings as the PNG records them: the mask file as given, the crop, feather and
-    outpainting borders, and the crop's generation size when -W/-H gave one."""
-    meta = dict(keep_unmasked=keep_unmasked, mask_blur=edit["mask_blur"])
-    if edit["mask"] is not None:
-        meta["mask"] = str(edit["mask"])
-    if edit["expand"] is not None:
-        meta["expand"] = list(edit["expand"])
-    if edit["mask_crop"] is not None:
-        meta["mask_crop"] = edit["mask_crop"]
-        if edit["width"] or edit["height"]:
-            meta["mask_crop_size"] = list(size)
-    return meta
+    bar = None
+    try:
+        for event in images(pipe, request, plan, seeds, edit, lora_meta):
+            if isinstance(event, Step):
+                bar.update()
+                continue
+            if bar is not None:  # the phase before has ended
+                bar.update(bar.total - bar.n)
+                bar.close()
+            if isinstance(event, Phase):
+                if event.name == "denoise":
+                    click.echo(f"seed {event.seed}")
+                bar = tqdm(total=event.total, desc=event.name, unit=_UNITS[event.name])
+            else:
+                bar = None
+                save_png(paths[event.index], event.png)
+                click.echo(f"saved {paths[event.index]}")
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def read_metadata(path: Path) -> dict:

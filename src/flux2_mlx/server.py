@@ -337,12 +337,11 @@ class ImageServer:
         job.emit("error", message=error.message, status=error.status)
 
     def _generate(self, job: Job) -> None:
-        """One job as `flux2 generate` runs it (cli._run): encode once, denoise each seed, render, and the
-        PNG with the same metadata."""
+        """One job as `flux2 generate` runs it (generation.images), its steps turned into job events."""
         from . import hub
-        from .cli import image_metadata, png_bytes, save_png
+        from .cli import save_png
+        from .generation import Phase, Result, Step, denoise_steps, images
         from .pipeline import GenerationRequest
-        from .sampling import img2img_start
 
         pipe, p, inputs = self.pipe, job.params, job.inputs
         loras = [(name, hub.lora_file(name), scale) for name, scale in p.loras]
@@ -352,36 +351,32 @@ class ImageServer:
         strength = default_strength() if p.strength is None else p.strength
         request = GenerationRequest(inputs, job.seeds[0], prompt=p.prompt, negative_prompt=p.negative_prompt,
                                     strength=strength, steps=p.steps, guidance=p.guidance)
-        steps, _ = pipe.settings(p.steps, p.guidance)
-        run = steps - (img2img_start(steps, strength) if inputs.init is not None else 0)
-        job.total = run * len(job.seeds)
+        job.total = denoise_steps(pipe, request) * len(job.seeds)
         job.emit("started", total=job.total, queue_wait=round(job.started - job.created, 3))
         plan = pipe.plan(inputs.width, inputs.height, request.guidance, inputs)
-        ctx, neg = pipe.conditioning(request, plan)  # cached by prompt: a repeated prompt is not re-encoded
-        encoded = dataclasses.replace(request, prompt=None, prompt_embeds=ctx, negative_prompt=None,
-                                      negative_prompt_embeds=neg)
         names = [name for name, _ in p.uploads]
         edit = dict(width=p.width, height=p.height, images=names[1:] if p.mask else names or None,
                     image=names[0] if p.mask else None, mask=p.mask[0] if p.mask else None,
                     mask_crop=None, mask_blur=0.0, expand=None)
-        begin = time.perf_counter()
-        for i, seed in enumerate(job.seeds):
-            latents = None
-            for latents in pipe.iter_steps(request=dataclasses.replace(encoded, seed=seed)):
+        begin = None
+        for event in images(pipe, request, plan, job.seeds, edit, lora_meta):
+            if isinstance(event, Phase) and begin is None and event.name == "denoise":
+                begin = time.perf_counter()  # elapsed and ETA count the denoising, not the prompt's encoding
+            elif isinstance(event, Step):
                 job.step += 1
                 job.elapsed = time.perf_counter() - begin
                 job.eta = job.elapsed / job.step * (job.total - job.step)
-                job.emit("progress", step=job.step, total=job.total, image=i, elapsed=round(job.elapsed, 3),
-                         eta=round(job.eta, 3))
+                job.emit("progress", step=job.step, total=job.total, image=event.index,
+                         elapsed=round(job.elapsed, 3), eta=round(job.eta, 3))
                 if job.cancel:  # between steps: the step just made is the last
                     raise _Cancelled
                 if p.preview_every and job.step % p.preview_every == 0 and job.step < job.total:
-                    job.emit("preview", step=job.step, image=i, url=preview(pipe, latents, inputs))
-            image = pipe.render(latents, request)
-            png = png_bytes(image, image_metadata(pipe, request, seed, image, edit, lora_meta))
-            if self.output_dir is not None:
-                save_png(self.output_dir / f"{job.id}-{seed}.png", png)
-            self._keep(job, seed, png, image)
+                    job.emit("preview", step=job.step, image=event.index, url=preview(pipe, event.latents,
+                                                                                       inputs))
+            elif isinstance(event, Result):
+                if self.output_dir is not None:
+                    save_png(self.output_dir / f"{job.id}-{event.seed}.png", event.png)
+                self._keep(job, event.seed, event.png, event.image)
 
     def _keep(self, job: Job, seed: int, png: bytes, image) -> None:
         fmt, media = FORMATS[job.params.output_format]
