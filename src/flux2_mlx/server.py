@@ -82,6 +82,14 @@ class Params:
     uploads: list = dataclasses.field(default_factory=list)
     mask: tuple | None = None
 
+    def files(self, part: int) -> dict:
+        """The uploads as prepare_inputs and the PNG's settings take them: images (references), image (the
+        picture to inpaint) and mask; part 0 gives their file names, 1 their PIL images."""
+        items = [upload[part] for upload in self.uploads]
+        if self.mask is None:
+            return dict(images=items or None, image=None, mask=None)
+        return dict(images=items[1:] or None, image=items[0], mask=self.mask[part])
+
     def settings(self) -> dict:
         """What the job page and the gallery show."""
         names = [name for name, _ in self.uploads] + ([self.mask[0]] if self.mask else [])
@@ -354,10 +362,7 @@ class ImageServer:
         job.total = denoise_steps(pipe, request) * len(job.seeds)
         job.emit("started", total=job.total, queue_wait=round(job.started - job.created, 3))
         plan = pipe.plan(inputs.width, inputs.height, request.guidance, inputs)
-        names = [name for name, _ in p.uploads]
-        edit = dict(width=p.width, height=p.height, images=names[1:] if p.mask else names or None,
-                    image=names[0] if p.mask else None, mask=p.mask[0] if p.mask else None,
-                    mask_crop=None, mask_blur=0.0, expand=None)
+        edit = dict(width=p.width, height=p.height, **p.files(0), mask_crop=None, mask_blur=0.0, expand=None)
         begin = None
         for event in images(pipe, request, plan, job.seeds, edit, lora_meta):
             if isinstance(event, Phase) and begin is None and event.name == "denoise":
@@ -484,11 +489,8 @@ class ImageServer:
         p = await self._read(request)
         if need_images and not p.uploads:
             raise ApiError(400, "image is required: one or more reference images (image or image[])", "image")
-        images = [im for _, im in p.uploads]
-        kw = dict(images=images[1:] or None, image=images[0], mask=p.mask[1]) if p.mask else dict(
-            images=images or None)
         try:  # reads and scales the images: off the event loop
-            inputs = await asyncio.to_thread(prepare_inputs, p.model, p.width, p.height, **kw)
+            inputs = await asyncio.to_thread(prepare_inputs, p.model, p.width, p.height, **p.files(1))
         except (ValueError, OSError) as e:  # a size, a reference too small or too narrow, a mask's shape
             raise ApiError(400, str(e), "size" if "width and height" in str(e) or " MP" in str(e) else None)
         first = secrets.randbelow(2**31) if p.seed is None else p.seed
