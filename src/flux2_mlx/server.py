@@ -116,12 +116,30 @@ class Job:
     error: ApiError | None = None
     results: list = dataclasses.field(default_factory=list)  # dicts: token (the /files name), seed, data
     events: list = dataclasses.field(default_factory=list)  # (name, data) in order; SSE ids are indexes
+    waiters: list = dataclasses.field(default_factory=list)  # (event loop, future): requests awaiting one
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def __post_init__(self):
         self.size, self.settings = f"{self.inputs.width}x{self.inputs.height}", self.params.settings()
 
     def emit(self, name: str, **data) -> None:
-        self.events.append((name, {"id": self.id, **data}))
+        """Add an event (on the worker thread or the event loop) and wake the requests waiting for one."""
+        with self.lock:
+            self.events.append((name, {"id": self.id, **data}))
+            waiters, self.waiters = self.waiters, []
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_wake, future)
+
+    async def more_than(self, count: int) -> None:
+        """Return once the job has more than `count` events."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self.lock:  # checked and registered together: an event added in between wakes the future
+                if len(self.events) > count:
+                    return
+                future = loop.create_future()
+                self.waiters.append((loop, future))
+            await future
 
     def release(self) -> None:
         """Drop the prepared and uploaded images (up to 10 references a job) once they cannot be used."""
@@ -508,8 +526,10 @@ class ImageServer:
         return job
 
     async def _finished(self, job: Job) -> Job:
-        while job.status not in FINISHED:
-            await asyncio.sleep(0.02)
+        seen = len(job.events)
+        while job.status not in FINISHED:  # a job's status changes before the event that tells it
+            await job.more_than(seen)
+            seen = len(job.events)
         return job
 
     def _images_response(self, request: Request, job: Job) -> JSONResponse:
@@ -587,13 +607,13 @@ class ImageServer:
         async def stream():
             sent = start
             while True:
+                await job.more_than(sent)
                 while sent < len(job.events):
                     name, data = job.events[sent]
                     yield f"id: {sent}\nevent: {name}\ndata: {json.dumps(data)}\n\n"
                     sent += 1
                     if name in ("done", "error", "cancelled"):
                         return
-                await asyncio.sleep(0.02)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -658,6 +678,11 @@ def _only_hosts(app, hosts: set[str]):
                 return await error.response()(scope, receive, send)
         await app(scope, receive, send)
     return checked
+
+
+def _wake(future) -> None:
+    if not future.done():  # a request that went away cancelled it
+        future.set_result(None)
 
 
 class _Cancelled(Exception):
