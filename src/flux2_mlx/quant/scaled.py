@@ -135,18 +135,22 @@ def nvfp4_lsb_first(t: NVFP4) -> FPQuant:
     return FPQuant(((p << 4) | (p >> 4)).astype(np.uint8), np.ascontiguousarray(t.scales()), t.scale, "nvfp4")
 
 
+def mxfp8_row_order(t: MXFP8) -> FPQuant:
+    """MXFP8 in MLX's `mxfp8` layout (its own mode: a scale byte 0 means 2^-127 there, and an all-zero block's
+    codes still give 0) with the codes as bytes and the block scales in row order."""
+    codes = np.ascontiguousarray(t.codes).view(np.uint8)
+    return FPQuant(codes, np.ascontiguousarray(t.scales()), np.float32(1), "mxfp8")
+
+
 def mlx_layout(t: ScaledFP8 | NVFP4 | MXFP8) -> FPQuant | np.ndarray:
     """The same values for MLX's quantized matmul, bit for bit; float32 decoded where the file asks for a
     full-precision matmul or, for FP8, the rows are not whole 32-value groups."""
     n, k = t.shape
     if t.full_precision or (isinstance(t, ScaledFP8) and k % 32):
         return t.dequantize()
-    if isinstance(t, NVFP4):
-        q = nvfp4_lsb_first(t)
+    if isinstance(t, (NVFP4, MXFP8)):
+        q = nvfp4_lsb_first(t) if isinstance(t, NVFP4) else mxfp8_row_order(t)
         return FPQuant(q.weight.view("<u4"), q.scales, q.scale, q.mode)
-    if isinstance(t, MXFP8):  # MLX's own mode; its scale byte 0 means 2^-127, with all-zero codes still 0
-        codes = np.ascontiguousarray(t.codes).view(np.uint8).view("<u4")
-        return FPQuant(codes, np.ascontiguousarray(t.scales()), np.float32(1), "mxfp8")
     # mxfp8 multiplies each E4M3 code by 2^(e - 127): with e = 127 the codes as they are.
     codes = np.ascontiguousarray(t.codes).view(np.uint8).view("<u4")
     return FPQuant(codes, np.full((n, k // 32), 127, np.uint8), t.scale, "mxfp8")

@@ -19,7 +19,7 @@ from ..entries import FP8_BLOCKS, Entry, checked_entries
 from ..lora import LoraQuant
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
-from ..quant.scaled import MXFP8, NVFP4, FPQuant, ScaledFP8, nvfp4_lsb_first
+from ..quant.scaled import MXFP8, NVFP4, FPQuant, ScaledFP8, mxfp8_row_order, nvfp4_lsb_first
 from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, F8_E4M3, F8_E5M2, FP8Blocks, GGMLTensor, WeightSource, to_float32
 from .quant_layers import LoraLinear, fp8_matmul_kind, quantized_layer, replace_module
@@ -79,8 +79,7 @@ def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | MXFP8 |
                       for s in (raw.scale, raw.input_scale))
         return dataclasses.replace(raw, codes=codes, scale=scale, input_scale=act)
     if isinstance(raw, (NVFP4, MXFP8)):
-        q = (nvfp4_lsb_first(raw) if isinstance(raw, NVFP4) else
-             FPQuant(np.ascontiguousarray(raw.codes).view(np.uint8), raw.scales(), np.float32(1), "mxfp8"))
+        q = nvfp4_lsb_first(raw) if isinstance(raw, NVFP4) else mxfp8_row_order(raw)
         weight = host_tensor(q.weight, pin)
         weight = weight.view(torch.float8_e4m3fn) if q.mode == "mxfp8" else weight
         return dataclasses.replace(q, weight=weight,
