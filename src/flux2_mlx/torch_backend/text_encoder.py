@@ -109,7 +109,10 @@ class DecoderModel(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # A given weight skips nn.Embedding's random init: on the meta device its normal_ runs through
+        # torch's Python reference ops, whose first call imports torch._dynamo (about 2 s).
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(max(cfg.output_layers)))
 
 
