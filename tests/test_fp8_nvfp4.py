@@ -228,7 +228,8 @@ def test_torch_decodes_per_layer_as_the_dense_model_and_matches_mlx(tiny, mlx_ou
     assert rel_err(ours, mlx_outputs[layout][1]) < 1e-5
 
 
-def test_info_tells_the_format_of_each_layer_kind_and_the_memory_counts_them_as_stored(tiny):
+def test_info_tells_the_format_of_each_layer_kind_and_the_planner_counts_them_as_each_backend_holds_them(
+        tiny):
     from flux2_mlx.info import describe
     from flux2_mlx.memory import component_weights
 
@@ -240,12 +241,18 @@ def test_info_tells_the_format_of_each_layer_kind_and_the_memory_counts_them_as_
     assert lines[-1] == ("size: 5.9 MiB; on MLX about 7.9 MiB (FP8 / MXFP8 / NVFP4 layers as stored, the "
                          "rest in bfloat16; on torch about 5.9 MiB)")
     entries = transformer_entries(WeightSource(path))
-    w = component_weights("transformer", entries, ("double_blocks", "single_blocks"), 2)
+    assert sum(e.full_precision for e in entries.values()) == 4
 
-    def size(n, stored):  # NVFP4: half a byte a weight and an E4M3 byte per 16; FP8 and MXFP8: E8M0 per 32
-        return {"NVFP4": n // 2 + n // 16, "FP8": n + n // 32, "MXFP8": n + n // 32}.get(stored, 2 * n)
+    def size(e, torch):  # NVFP4: half a byte a weight and an E4M3 byte per 16; FP8 and MXFP8: E8M0 per 32
+        n = math.prod(e.shape)
+        if e.full_precision and not torch:  # MLX holds these decoded in the compute dtype, torch as stored
+            return 2 * n
+        fp8 = n + 4 if torch else n + n // 32  # torch: the codes and their one float32 scale
+        return {"NVFP4": n // 2 + n // 16, "FP8": fp8, "MXFP8": n + n // 32}.get(e.stored, 2 * n)
 
-    assert w.total == sum(size(math.prod(e.shape), e.stored) for e in entries.values())
+    for torch_ in (False, True):
+        w = component_weights("transformer", entries, ("double_blocks", "single_blocks"), 2, fp8_kept=torch_)
+        assert w.total == sum(size(e, torch_) for e in entries.values())
 
 
 def _one_layer(tmp_path, fmt="nvfp4", marker=None, drop=(), replace=None, shape=(32, 64)):

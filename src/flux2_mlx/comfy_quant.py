@@ -92,7 +92,8 @@ def _entry(source, fmt: str, parts: dict[str, str], layer: str, full: bool) -> E
         s2 = parts["weight_scale_2"]
         _scalar(source, s2, layer, where)
         return Entry((n, k), lambda: NVFP4(source.get(w).view(np.uint8), source.get(scale).view(np.uint8),
-                                           _scalar(source, s2, layer, where), full), "NVFP4")
+                                           _scalar(source, s2, layer, where), full), "NVFP4",
+                     full_precision=full)
     if dtype != "F8_E4M3":
         raise WeightsError(f"{where}: layer {layer} is marked {fmt} but its weight is {dtype}")
     if fmt == "mxfp8":
@@ -100,12 +101,14 @@ def _entry(source, fmt: str, parts: dict[str, str], layer: str, full: bool) -> E
             raise WeightsError(f"{where}: layer {layer} is marked mxfp8 but its rows of {shape[1]} values "
                                f"are not whole blocks of 32")
         _grid(source, scale, layer, where, shape, 32, "F8_E8M0", "MXFP8")
-        return Entry(shape, lambda: MXFP8(source.get(w), source.get(scale).view(np.uint8), full), "MXFP8")
+        return Entry(shape, lambda: MXFP8(source.get(w), source.get(scale).view(np.uint8), full), "MXFP8",
+                     full_precision=full)
     act = next((parts[s] for s in _INPUT_SCALES if s in parts), None)
     for s in (scale, act) if act else (scale,):
         _scalar(source, s, layer, where)
     return Entry(shape, lambda: ScaledFP8(source.get(w), _scalar(source, scale, layer, where), full,
-                                          None if act is None else _scalar(source, act, layer, where)), "FP8")
+                                          None if act is None else _scalar(source, act, layer, where)),
+                 "FP8", full_precision=full)
 
 
 def scaled_entries(source, names: dict[str, str], prefix: str) -> tuple[dict[str, Entry], set[str]]:

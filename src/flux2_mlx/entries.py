@@ -33,6 +33,7 @@ class Entry:
     load: Callable[[], np.ndarray | GGMLTensor]
     stored: str = ""  # the file's type name ("BF16", "Q4_K", ...) when known: the memory planner sizes by it
     beside: int = 0  # values loaded beside the stored tensor in the compute dtype (a LoRA branch)
+    full_precision: bool = False  # a scaled layer marked full_precision_matrix_mult: MLX holds it decoded
 
 
 def stored_type(source, key: str) -> str:

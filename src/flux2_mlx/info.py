@@ -12,9 +12,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from .comfy_quant import layer_markers
 from .config import MODELS, VAEConfig, text_encoder_shapes, transformer_shapes, vae_config_from, vae_shapes
-from .dit_names import transformer_entries, wrapper_prefix
+from .dit_names import transformer_entries
 from .encoder_names import text_encoder_entries
 from .entries import check_keys, transformer_config
 from .filekind import encoder_base, file_kind
@@ -46,25 +45,22 @@ def _transformer(source: WeightSource, entries: dict) -> str:
             f"{cfg.depth_single_blocks} single blocks)")
 
 
-def _scaled(source: WeightSource, entries: dict) -> tuple[list[str], int, int] | None:
+def _scaled(entries: dict) -> tuple[list[str], int, int] | None:
     """For a transformer with FP8 / MXFP8 / NVFP4 layers (ComfyUI markers): lines giving the format of each
     layer kind, and its bytes on MLX and on torch (those layers as stored, except the full-precision-matmul
     ones MLX decodes; the rest in bfloat16). None for other files."""
     if not any(e.stored in SCALED_TYPES for e in entries.values()):
         return None
-    prefix = wrapper_prefix(source.keys())
-    names = {k[len(prefix):]: k for k in source.keys() if k.startswith(prefix)}
-    full = {f"{layer}.weight" for layer, conf in layer_markers(source, names, prefix).items()
-            if conf.get("full_precision_matrix_mult")}
+    full = any(e.full_precision for e in entries.values())
     kinds: dict[str, Counter] = {}
     mlx = held = 0
     for name, e in entries.items():
-        n = math.prod(e.shape)
-        mlx += 2 * n if name in full else tensor_bytes(e.stored, tuple(e.shape), 2)
+        mlx += tensor_bytes(e.stored, tuple(e.shape), 2, full_precision=e.full_precision)
         held += tensor_bytes(e.stored, tuple(e.shape), 2, fp8_kept=True)
         if len(e.shape) == 2:
             kind = re.sub(r"\.\d+\.", ".*.", name.removesuffix(".weight"))
-            fmt = e.stored + " full-precision matmul" * (name in full) if e.stored in SCALED_TYPES else "BF16"
+            full_mm = " full-precision matmul" * e.full_precision
+            fmt = e.stored + full_mm if e.stored in SCALED_TYPES else "BF16"
             kinds.setdefault(kind, Counter())[fmt] += 1
     count = Counter(f for c in kinds.values() for f in c.elements())
     lines = ["linear layers: " + ", ".join(f"{n} {f}" for f, n in count.most_common())
@@ -145,7 +141,7 @@ def _describe(path: Path) -> list[str]:
     for name, (count, nbytes, _) in sorted(per_type.items(), key=lambda kv: -kv[1][1]):
         lines.append(f"  {name:8} {count:5} tensors  {_gib(nbytes)}")
     mlx = sum(elems * MLX_BITS.get(name, 16) / 8 for name, (_, _, elems) in per_type.items())
-    scaled = _scaled(source, entries) if entries is not None else None
+    scaled = _scaled(entries) if entries is not None else None
     how = "quantized weights as repacked with 16-bit scales, dense weights in bfloat16"
     if scaled:
         lines += scaled[0]

@@ -406,8 +406,8 @@ def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]]) -
                                    f"(wd_on_out=False), which cannot run beside a quantized weight; "
                                    f"use the bf16/fp16 transformer file")
         make = _branched if quantized else _merged
-        out[name] = Entry(e.shape, partial(make, e.load, name, loras), e.stored,
-                          _branch_size(e.shape, name, loras) if quantized else 0)
+        out[name] = replace(e, load=partial(make, e.load, name, loras),
+                             beside=_branch_size(e.shape, name, loras) if quantized else 0)
     return out
 
 

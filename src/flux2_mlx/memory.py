@@ -17,6 +17,7 @@ from .config import TEXT_TOKENS
 from .entries import FP8_BLOCKS, block_key
 from .quant.affine import affine_format
 from .quant.ggml import GGMLType
+from .quant.scaled import SCALED_TYPES, mlx_decodes
 
 GB = 1e9
 TILE_OVERLAP = 64  # pixels of context each side of a decoded tile, cross-faded with the neighbour
@@ -51,14 +52,18 @@ class Streaming:
     keep_host: bool
 
 
-def tensor_bytes(stored: str, shape: tuple[int, ...], compute_bytes: int, fp8_kept: bool = False) -> int:
+def tensor_bytes(stored: str, shape: tuple[int, ...], compute_bytes: int, fp8_kept: bool = False,
+                 full_precision: bool = False) -> int:
     """Device bytes of one tensor once loaded. fp8_kept: the backend holds FP8 weights as stored (one byte
     each and a float32 scale per 128 × 128 block, the layout of every Qwen3 FP8 release; a per-tensor-scaled
     FP8 layer with its one scale), as torch does; else block-scaled FP8 is decoded and a per-tensor-scaled
-    layer runs as MLX's mxfp8 (an E8M0 byte per 32)."""
+    layer runs as MLX's mxfp8 (an E8M0 byte per 32). full_precision: an FP8 / MXFP8 / NVFP4 layer marked
+    for a full-precision matmul, which torch keeps as stored (decoding it per call) and MLX decodes once."""
     n = math.prod(shape)
     if fp8_kept and stored in FP8_BLOCKS:
         return n + 4 * -(-n // (128 * 128))
+    if not fp8_kept and stored in SCALED_TYPES and mlx_decodes(shape, full_precision, stored == "FP8"):
+        return n * compute_bytes
     if stored == "NVFP4":  # 4-bit codes and an E4M3 byte per 16, on both backends
         return n // 2 + n // 16
     if stored == "FP8":
@@ -92,7 +97,8 @@ def component_weights(name: str, entries: dict, block_lists: tuple[str, ...], co
     blocks: dict[tuple[int, int], int] = {}
     fixed = 0
     for key, e in entries.items():
-        b = tensor_bytes(e.stored, tuple(e.shape), compute_bytes, fp8_kept) + e.beside * compute_bytes
+        b = (tensor_bytes(e.stored, tuple(e.shape), compute_bytes, fp8_kept, e.full_precision)
+             + e.beside * compute_bytes)
         k = block_key(key, block_lists)
         if k:
             blocks[k[:2]] = blocks.get(k[:2], 0) + b

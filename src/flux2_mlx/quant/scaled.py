@@ -142,11 +142,16 @@ def mxfp8_row_order(t: MXFP8) -> FPQuant:
     return FPQuant(codes, np.ascontiguousarray(t.scales()), np.float32(1), "mxfp8")
 
 
+def mlx_decodes(shape: tuple[int, ...], full_precision: bool, fp8: bool) -> bool:
+    """Whether MLX holds a scaled layer decoded rather than quantized: where the file asks for a
+    full-precision matmul or, for per-tensor-scaled FP8, the rows are not whole 32-value groups."""
+    return full_precision or (fp8 and shape[-1] % 32 != 0)
+
+
 def mlx_layout(t: ScaledFP8 | NVFP4 | MXFP8) -> FPQuant | np.ndarray:
-    """The same values for MLX's quantized matmul, bit for bit; float32 decoded where the file asks for a
-    full-precision matmul or, for FP8, the rows are not whole 32-value groups."""
+    """The same values for MLX's quantized matmul, bit for bit; float32 decoded where `mlx_decodes`."""
     n, k = t.shape
-    if t.full_precision or (isinstance(t, ScaledFP8) and k % 32):
+    if mlx_decodes(t.shape, t.full_precision, isinstance(t, ScaledFP8)):
         return t.dequantize()
     if isinstance(t, (NVFP4, MXFP8)):
         q = nvfp4_lsb_first(t) if isinstance(t, NVFP4) else mxfp8_row_order(t)
