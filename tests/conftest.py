@@ -61,6 +61,41 @@ def pytest_xdist_auto_num_workers(config):
     return min(cores, 4) if cores > 1 else 0
 
 
+# Longest files first. pytest-xdist hands out whole files (--dist loadfile), by default the ones with the
+# most tests first, which left the few long tests (fuzzing, signals, subprocess runs) for the end while the
+# other worker sat idle. Each run records every file's seconds in pytest's cache for the next; a file with
+# none recorded counts a second per test.
+FILE_SECONDS = "flux2/file-seconds"
+_spent: dict[str, float] = {}  # this run's seconds per file, on the controller (or the only process)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # keep the order pytest_collection_modifyitems gives
+
+
+def pytest_collection_modifyitems(config, items):
+    seconds = config.cache.get(FILE_SECONDS, {})
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.location[0]] = counts.get(item.location[0], 0) + 1
+    cost = {f: seconds.get(f, float(n)) for f, n in counts.items()}
+    items.sort(key=lambda item: -cost[item.location[0]])  # stable: a file's tests keep their order
+
+
+def pytest_runtest_logreport(report):
+    """Each file's setup, call and teardown seconds (workers' reports reach the controller too)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        _spent[report.location[0]] = _spent.get(report.location[0], 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    if _spent and not os.environ.get("PYTEST_XDIST_WORKER"):
+        seconds = session.config.cache.get(FILE_SECONDS, {})
+        seconds.update({f: round(s, 2) for f, s in _spent.items()})
+        session.config.cache.set(FILE_SECONDS, seconds)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     """After a module's last test (its fixtures torn down), the same again: what its tests imported lazily

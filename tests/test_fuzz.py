@@ -24,9 +24,11 @@ def test_mutated_files_are_refused_cleanly_never_crash_hang_or_blow_up(corpus):
 
 
 def test_the_supervisor_reports_hangs_blowups_and_crashes(corpus, monkeypatch):
-    monkeypatch.setenv("FUZZ_INJECT", "hang:2,blowup:4,crash:6")
-    report = fuzzing.fuzz(corpus, seed=1, indices=list(range(8)), time_cap=2.0, mem_cap=256 << 20)
-    assert report.mutations == 8
-    assert [h["i"] for h in report.hangs] == [2] and [b["i"] for b in report.blowups] == [4]
-    assert [c["i"] for c in report.crashes] == [6] and report.crashes[0]["rc"] < 0  # killed by SIGABRT
+    # Each failure ends its worker and the next one starts (imports, warm-up): the crash comes last, so
+    # the three failures take three workers, each running a clean mutation before its failure.
+    monkeypatch.setenv("FUZZ_INJECT", "hang:1,blowup:3,crash:5")
+    report = fuzzing.fuzz(corpus, seed=1, indices=list(range(6)), time_cap=2.0, mem_cap=256 << 20)
+    assert report.mutations == 6
+    assert [h["i"] for h in report.hangs] == [1] and [b["i"] for b in report.blowups] == [3]
+    assert [c["i"] for c in report.crashes] == [5] and report.crashes[0]["rc"] < 0  # killed by SIGABRT
     assert report.failures == 3
