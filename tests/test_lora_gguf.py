@@ -43,7 +43,7 @@ def files(tmp_path_factory):
     _bfl_file(d / "bfl.safetensors", 2)
     out = {"bfl": d / "bfl.safetensors", "peft": _peft_file(d / "peft.safetensors", 1),
            "lokr": _lokr_file(d / "lokr.safetensors")}
-    for qtype in ("Q8_0", "Q4_K"):  # whole K-blocks: img_in and txt_in stay F32 (a dense merge beside)
+    for qtype in ("Q8_0", "Q4_K", "Q6_K"):  # whole K-blocks: img_in, txt_in stay F32 (a dense merge beside)
         types = {k: qtype for k, a in BASE.items() if a.ndim == 2 and a.shape[1] % 256 == 0}
         out[qtype] = write_gguf(d / f"t-{qtype}.gguf", BASE, types), types
     return out
@@ -79,8 +79,9 @@ def test_forward_equals_merged_dense_dequantized_model(files, backend, qtype, lo
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_streamed_equals_resident_with_loras(files, backend):
-    path, _ = files["Q4_K"]
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])  # repacked, kept as blocks
+def test_streamed_equals_resident_with_loras(files, backend, qtype):
+    path, _ = files[qtype]
     loras = _loras(files, [("peft", 0.7), ("lokr", 0.9)])
     _, resident = _forward(backend, merged_entries(transformer_entries(WeightSource(path)), loras))
     for keep_host in (False, True):
@@ -129,7 +130,8 @@ def test_planner_counts_the_branch_beside_quantized_weights(files):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_ggml_type_takes_the_branch(files, tmp_path, backend):
     """One file with every block type the converters write on the LoRAs' targets, round-robin, against the
-    values the backends hold (Q6_K, Q3_K and Q2_K are re-quantized for MLX's groups), a DoRA's norms too."""
+    values the backends hold (gguf-py's; Q6_K, Q3_K and Q2_K decoded from their blocks), a DoRA's norms
+    too."""
     from test_lora_dora import _lycoris_file
 
     from flux2_mlx.lora import held_values

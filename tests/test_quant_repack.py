@@ -1,14 +1,15 @@
 """ggml → MLX affine repack: hand-built blocks, random blocks vs gguf-py bit for bit, and MLX's own
-kernels."""
+kernels (Q6_K, Q3_K and Q2_K, kept as blocks: tests/test_ggml_exact.py; Q3_K's hand block here)."""
 
 import numpy as np
 import pytest
 
 from flux2_mlx.quant import GGMLType as T
 from flux2_mlx.quant import block_info, dequantize, quantize, repack
-from flux2_mlx.quant.affine import dequantize_mlx, pack_codes, requantize, unpack_codes
+from flux2_mlx.quant.affine import dequantize_mlx, pack_codes, unpack_codes
+from flux2_mlx.quant.kblocks import split_blocks
 
-EXACT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q3_K]
+EXACT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K]
 # Byte offsets of the fp16 fields (d, m, dmin) in each block; random bytes there could be NaN/inf.
 F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.Q4_K: [0, 2],
               T.Q5_K: [0, 2], T.Q3_K: [108], T.Q6_K: [208], T.Q2_K: [80, 82]}
@@ -89,6 +90,10 @@ def test_q4_k_hand_block():
 
 
 def test_q3_k_hand_block():
+    import mlx.core as mx
+
+    from flux2_mlx.mlx_backend.quant_layers import decode_kblocks
+
     # element e = 128h + 32j + i: low2 = (qs[32h+i] >> 2j) & 3, hbit = (hmask[i] >> (4h+j)) & 1
     rng = np.random.default_rng(3)
     low2, hbit = rng.integers(0, 4, 256), rng.integers(0, 2, 256)
@@ -104,7 +109,9 @@ def test_q3_k_hand_block():
     raw = np.concatenate([hmask, qs, s, _f16_bytes(0.125)])[None]
     want = (0.125 * (sc6[np.arange(256) // 16] - 32) * (low2 - 4 * (1 - hbit))).astype(np.float32)
     assert np.array_equal(dequantize(raw, T.Q3_K, (1, 256))[0], want)
-    assert np.array_equal(dequantize_mlx(repack(raw, T.Q3_K, (1, 256), exact=True))[0], want)
+    q = split_blocks(raw, T.Q3_K, (1, 256))
+    got = decode_kblocks(q.type, [mx.array(a) for a in q.fields], mx.float32)
+    assert np.array_equal(np.array(got)[0], want)
 
 
 # ---- random blocks: exact types bit for bit --------------------------------------------------------
@@ -113,7 +120,7 @@ def test_q3_k_hand_block():
 def test_random_blocks_bit_exact(t):
     raw = _random_raw(t)
     ref = dequantize(raw, t, SHAPE)
-    q = repack(raw, t, SHAPE, exact=True)
+    q = repack(raw, t, SHAPE)
     assert q.weight.dtype == np.uint32 and q.weight.shape == (SHAPE[0], SHAPE[1] * q.bits // 32)
     assert (q.scales.dtype == np.float32
             and q.scales.shape == q.biases.shape == (SHAPE[0], SHAPE[1] // q.group_size))
@@ -126,7 +133,7 @@ def test_random_blocks_through_mlx(t):
     import mlx.core as mx
     raw = _random_raw(t, seed=1)
     ref = dequantize(raw, t, SHAPE)
-    q = repack(raw, t, SHAPE, exact=True)
+    q = repack(raw, t, SHAPE)
     w, s, b = mx.array(q.weight), mx.array(q.scales), mx.array(q.biases)
     assert np.array_equal(np.array(mx.dequantize(w, s, b, group_size=q.group_size, bits=q.bits)), ref)
     x = np.random.default_rng(2).standard_normal((4, SHAPE[1])).astype(np.float32)
@@ -134,27 +141,26 @@ def test_random_blocks_through_mlx(t):
     assert _rel(np.array(y, np.float64), x.astype(np.float64) @ ref.T.astype(np.float64)) < 1e-5
 
 
-@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_K, T.Q5_K], ids=lambda t: t.name)
 def test_large_tensor_repacked_in_row_chunks_equals_one_piece(t):
     """repack() splits tensors over ~1 MB row chunks on a thread pool; the pieces must join in order: the
     whole equals 100-row pieces (each well under one chunk) repacked alone and stacked."""
     shape = (3, 700, 1024)  # 3-D lead, 2100 rows: a few MB of blocks, several uneven chunks
     raw = _random_raw(t, (2100, 1024), seed=3).reshape(3, 700, -1)
-    whole = repack(raw, t, shape, exact=True)
+    whole = repack(raw, t, shape)
     rows = raw.reshape(2100, -1)
-    pieces = [repack(rows[i:i + 100], t, (100, 1024), exact=True) for i in range(0, 2100, 100)]
+    pieces = [repack(rows[i:i + 100], t, (100, 1024)) for i in range(0, 2100, 100)]
     one = {k: np.concatenate([getattr(p, k) for p in pieces]) for k in ("weight", "scales", "biases")}
     assert whole.weight.shape == (3, 700, 1024 * pieces[0].bits // 32) and whole.scales.shape[:2] == (3, 700)
     for k, b in one.items():
         assert np.array_equal(getattr(whole, k).reshape(b.shape), b), k
-    if t != T.Q6_K:
-        assert np.array_equal(dequantize_mlx(whole), dequantize(raw, t, shape))
+    assert np.array_equal(dequantize_mlx(whole), dequantize(raw, t, shape))
 
 
-@pytest.mark.parametrize("t", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q3_K], ids=lambda t: t.name)
-def test_fp16_scales_exact_for_legacy_and_q3_k(t):
+@pytest.mark.parametrize("t", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0], ids=lambda t: t.name)
+def test_fp16_scales_exact_for_legacy(t):
     raw = _random_raw(t, seed=4)  # |d| ~ 0.01: offsets like -128 d stay far inside fp16's range
-    q = repack(raw, t, SHAPE, scales_dtype=np.float16, exact=True)
+    q = repack(raw, t, SHAPE, scales_dtype=np.float16)
     assert q.scales.dtype == np.float16
     assert np.array_equal(dequantize_mlx(q), dequantize(raw, t, SHAPE))
 
@@ -168,53 +174,6 @@ def test_k_quant_low_precision_scales_error(t, dtype, bound):
     assert 0 < err < bound
     if dtype == "bfloat16":  # float32 arrays holding bf16 values: the low 16 bits are zero
         assert not (q.scales.view(np.uint32) & 0xFFFF).any()
-
-
-# ---- lossy types ------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("t, bits, group, bound", [(T.Q6_K, 8, 64, 8e-3), (T.Q2_K, 4, 32, 4e-2)],
-                         ids=["Q6_K", "Q2_K"])
-def test_lossy_random_blocks_within_bound(t, bits, group, bound):
-    raw = _random_raw(t, seed=6)
-    ref = dequantize(raw, t, SHAPE)
-    q = repack(raw, t, SHAPE, exact=True)
-    assert (q.bits, q.group_size) == (bits, group) and "re-quantized" in q.note
-    assert _rel(dequantize_mlx(q), ref) < bound
-
-
-@pytest.mark.parametrize("t, bound", [(T.Q6_K, 7e-3), (T.Q2_K, 8e-2)], ids=["Q6_K", "Q2_K"])
-def test_lossy_on_gaussian_weights_matches_note(t, bound):
-    w = (np.random.default_rng(7).standard_normal((32, 1024)) * 0.02).astype(np.float32)
-    raw = quantize(w, t)
-    assert _rel(dequantize_mlx(repack(raw, t, w.shape)), dequantize(raw, t, w.shape)) < bound
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"], ids=["f32", "f16", "bf16"])
-@pytest.mark.parametrize("t", [T.Q6_K, T.Q3_K, T.Q2_K], ids=lambda t: t.name)
-def test_compiled_requant_equals_numpy_dequantize_then_requantize(t, dtype):
-    """quant/affine_kernels.py fuses gguf-py's dequantize and requantize per super-block: the same bits."""
-    raw = _random_raw(t, seed=9)
-    raw[1, :block_info(t)[1]] = 0  # an all-zero block: constant groups (scale 0)
-    bits, group = {T.Q6_K: (8, 64), T.Q3_K: (4, 32), T.Q2_K: (4, 32)}[t]
-    want = requantize(dequantize(raw, t, SHAPE), bits, group, dtype)
-    got = repack(raw, t, SHAPE, scales_dtype=dtype)
-    assert (got.bits, got.group_size) == (bits, group)
-    assert got.scales.dtype == want.scales.dtype and got.biases.dtype == want.biases.dtype
-    assert np.array_equal(got.weight, want.weight)
-    assert np.array_equal(got.scales.view(np.uint8), want.scales.view(np.uint8))  # bits, not values
-    assert np.array_equal(got.biases, want.biases)  # ±0 aside: min() may pick either zero
-
-
-def test_requantize_matches_mx_quantize_error():
-    import mlx.core as mx
-    w = np.random.default_rng(8).standard_normal((8, 256)).astype(np.float32)
-    for bits in (3, 4, 6, 8):
-        ours = _rel(dequantize_mlx(requantize(w, bits, 64)), w)
-        wq, s, b = mx.quantize(mx.array(w), group_size=64, bits=bits)
-        theirs = _rel(np.array(mx.dequantize(wq, s, b, group_size=64, bits=bits)), w)
-        assert ours < 1.1 * theirs
-    flat = requantize(np.full((2, 64), 0.3, np.float32), 4, 32)  # constant groups: scale 0, exact
-    assert np.array_equal(dequantize_mlx(flat), np.full((2, 64), 0.3, np.float32))
 
 
 # ---- packing and the ggml layer ---------------------------------------------------------------------
@@ -244,12 +203,3 @@ def test_ggml_quantize_round_trip(t):
 def test_ggml_rejects_partial_blocks():
     with pytest.raises(ValueError, match="multiple of 256"):
         quantize(np.zeros((2, 128), np.float32), T.Q4_K)
-
-
-
-def test_q3_k_defaults_to_compact_4_bit():
-    """Loaded Q3_K costs ~4.5 bpw (4-bit g32), not the 8.5 of its exact form, at a stated error."""
-    raw = _random_raw(T.Q3_K, seed=6)
-    q = repack(raw, T.Q3_K, SHAPE)
-    assert (q.bits, q.group_size) == (4, 32) and "exact=True" in q.note
-    assert _rel(dequantize_mlx(q), dequantize(raw, T.Q3_K, SHAPE)) < 0.12

@@ -403,7 +403,7 @@ def test_loading_allocates_no_second_copy_and_is_strict():
 
 # ---- GGUF: packed on the device, unpacked per layer --------------------------------------------------------
 
-GGML_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+GGML_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"]  # repacked; the others: test_ggml_exact
 
 
 @pytest.mark.parametrize("name", GGML_TYPES)
@@ -414,13 +414,12 @@ def test_unpacked_weight_equals_mlx_dequantize_bit_for_bit(name):
     from flux2_mlx.torch_backend.quant_layers import dequantize
 
     shape = (16, 512)
-    for exact in (False, True) if name == "Q3_K" else (False,):  # Q3_K: 4-bit g32 by default, 8-bit exact
-        q = repack(_random_raw(GGMLType[name], shape, seed=3), GGMLType[name], shape, exact=exact)
-        want = np.array(mx.dequantize(mx.array(q.weight), mx.array(q.scales), mx.array(q.biases),
-                                      group_size=q.group_size, bits=q.bits))
-        got = dequantize(torch.from_numpy(q.weight.view(np.uint8)), torch.from_numpy(q.scales),
-                         torch.from_numpy(q.biases), q.bits, q.group_size).numpy()
-        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    q = repack(_random_raw(GGMLType[name], shape, seed=3), GGMLType[name], shape)
+    want = np.array(mx.dequantize(mx.array(q.weight), mx.array(q.scales), mx.array(q.biases),
+                                  group_size=q.group_size, bits=q.bits))
+    got = dequantize(torch.from_numpy(q.weight.view(np.uint8)), torch.from_numpy(q.scales),
+                     torch.from_numpy(q.biases), q.bits, q.group_size).numpy()
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
@@ -444,7 +443,7 @@ def test_gguf_transformer_equals_dense_model_of_the_same_values(tmp_path, qtype)
 def test_streamed_gguf_equals_resident(deep, tmp_path):
     from flux2_mlx.convert import convert
 
-    gguf = convert(str(deep), tmp_path / "t.gguf", "Q4_K_S", jobs=1, progress=False)
+    gguf = convert(str(deep), tmp_path / "t.gguf", "Q5_K_M", jobs=1, progress=False)  # Q5_K and Q6_K blocks
     args = _deep_args()
     want = tb.to_numpy(tb.load_transformer(DEEP, WeightSource(gguf), dtype=F32)(*args))
     for keep_host in (False, True):

@@ -25,10 +25,10 @@ from .weights import INDEX_NAMES, GGUFFile, WeightsError, WeightSource
 
 __all__ = ["describe"]
 
-# Bytes per weight once loaded on MLX: quantized types as repacked (16-bit scales and biases, i.e. bits +
-# 32/group), dense tensors in a 16-bit compute dtype.
-MLX_BITS = {"Q4_0": 5, "Q4_1": 5, "Q5_0": 6, "Q5_1": 6, "Q8_0": 9, "Q4_K": 5, "Q5_K": 6, "Q3_K": 8.25,
-            "Q6_K": 8.5, "Q2_K": 5}
+# Bits per weight once loaded on MLX: quantized types as repacked (16-bit scales and biases, i.e. bits +
+# 32/group), Q3_K, Q6_K and Q2_K as the file's blocks, dense tensors in a 16-bit compute dtype.
+MLX_BITS = {"Q4_0": 5, "Q4_1": 5, "Q5_0": 6, "Q5_1": 6, "Q8_0": 9, "Q4_K": 5, "Q5_K": 6, "Q3_K": 3.4375,
+            "Q6_K": 6.5625, "Q2_K": 2.625}
 
 
 def _gib(n: float) -> str:

@@ -23,9 +23,7 @@ import numpy as np
 
 from .dit_names import transformer_to_diffusers
 from .entries import Entry
-from .quant.affine import dequantize_mlx, repack
-from .quant.ggml import GGMLType
-from .quant.scaled import MXFP8, NVFP4, SCALED, SCALED_TYPES, ScaledFP8
+from .quant.scaled import MXFP8, NVFP4, SCALED_TYPES, ScaledFP8
 from .weights import GGML_QUANTIZED, GGMLTensor, SafetensorsFile, WeightsError, to_float32
 
 # Module-path prefixes written by the trainers (PEFT wrappers, ai-toolkit, ComfyUI, kohya, LyCORIS).
@@ -384,11 +382,9 @@ def _branched(load, name: str, loras: list[tuple[Lora, float]]) -> LoraQuant:
 
 def held_values(t: GGMLTensor | ScaledFP8 | NVFP4 | MXFP8) -> np.ndarray:
     """The float32 values both backends multiply by for a quantized tensor: an FP8 / MXFP8 / NVFP4 layer's
-    exact decoding; GGUF blocks repacked to MLX's affine layout (exact for most types, re-quantized for
-    Q6_K, Q3_K and Q2_K), decoded."""
-    if isinstance(t, SCALED):
-        return t.dequantize()
-    return dequantize_mlx(repack(t.data, GGMLType[t.ggml_type], t.shape))
+    exact decoding; GGUF blocks as gguf-py decodes them, which the backends' affine repack and block
+    decoders reproduce bit for bit."""
+    return t.dequantize()
 
 
 def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]]) -> dict[str, Entry]:

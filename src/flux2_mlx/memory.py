@@ -2,7 +2,9 @@
 how it fits a budget: resident, or streamed with as many blocks kept as fit.
 
 Device bytes follow what the backends allocate: dense tensors in the compute dtype, GGUF tensors as
-affine triplets (quant/affine.py, which both backends keep quantized). Activation peaks are linear in
+affine triplets (quant/affine.py, which both backends keep quantized) or, for Q6_K, Q3_K and Q2_K, as the
+file's blocks (quant/kblocks.py; the dense weight one layer decodes per call is transient workspace, left
+to the headroom like the matmul's own). Activation peaks are linear in
 the tokens or pixels; each backend measures its own coefficients (`Activations`, from its
 `device_memory()`; BENCHMARKS.md "Memory planner"). Attention scores count only where attention is not
 fused.
@@ -16,7 +18,8 @@ from dataclasses import dataclass, field
 from .config import TEXT_TOKENS
 from .entries import FP8_BLOCKS, block_key
 from .quant.affine import affine_format
-from .quant.ggml import GGMLType
+from .quant.ggml import GGMLType, block_info
+from .quant.kblocks import FIELDS
 from .quant.scaled import SCALED_TYPES, mlx_decodes
 
 GB = 1e9
@@ -70,7 +73,11 @@ def tensor_bytes(stored: str, shape: tuple[int, ...], compute_bytes: int, fp8_ke
         return n + (4 if fp8_kept else n // 32)  # MLX's mxfp8 scales, all 2⁰
     if stored == "MXFP8":  # a byte a weight and an E8M0 byte per 32
         return n + n // 32
-    fmt = affine_format(GGMLType[stored]) if stored in GGMLType.__members__ else None
+    t = GGMLType[stored] if stored in GGMLType.__members__ else None
+    if t in FIELDS:  # the file's bytes, split into fields
+        elements, size = block_info(t)
+        return n // elements * size
+    fmt = affine_format(t) if t is not None else None
     if fmt is None:
         return n * compute_bytes
     bits, group = fmt

@@ -17,6 +17,7 @@ from ..entries import Entry, checked_entries
 from ..lora import LoraQuant
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
+from ..quant.kblocks import FIELDS, KBlocks, split_blocks
 from ..quant.scaled import MXFP8, NVFP4, FPQuant, ScaledFP8, mlx_layout
 from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, FP8Blocks, GGMLTensor, WeightSource
@@ -34,9 +35,10 @@ def from_numpy(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
 
 
 def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | MXFP8 | LoraQuant
-          ) -> np.ndarray | AffineQuant | FPQuant | LoraQuant:
-    """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout; block-scaled FP8 decoded:
-    MLX has no such matmul; per-tensor-scaled FP8, MXFP8 and NVFP4 repacked for its mxfp8 / nvfp4 modes)."""
+          ) -> np.ndarray | AffineQuant | KBlocks | FPQuant | LoraQuant:
+    """The numpy half of loading a tensor (GGUF blocks repacked to MLX's layout, Q6_K / Q3_K / Q2_K split
+    into their fields; block-scaled FP8 decoded: MLX has no such matmul; per-tensor-scaled FP8, MXFP8 and
+    NVFP4 repacked for its mxfp8 / nvfp4 modes)."""
     if isinstance(raw, LoraQuant):  # a base MLX holds decoded takes its LoRAs merged
         base = _host(raw.base)
         return raw.merged(base) if isinstance(base, np.ndarray) else dataclasses.replace(raw, base=base)
@@ -44,13 +46,19 @@ def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | MXFP8 |
         return raw.dequantize()
     if isinstance(raw, (ScaledFP8, NVFP4, MXFP8)):
         return mlx_layout(raw)
-    return repack(raw.data, GGMLType[raw.ggml_type], raw.shape) if isinstance(raw, GGMLTensor) else raw
+    if isinstance(raw, GGMLTensor):
+        t = GGMLType[raw.ggml_type]
+        return (split_blocks if t in FIELDS else repack)(raw.data, t, raw.shape)
+    return raw
 
 
-def _place(host: np.ndarray | AffineQuant | LoraQuant):
+def _place(host: np.ndarray | AffineQuant | KBlocks | LoraQuant):
     """The same bits copied into MLX memory: the costly part of loading (allocation, page faults, copy)
     with no lazy op, so the prefetch thread may run it (a lazy array cannot cross threads). bf16 travels
-    as uint16: no model weight is uint16. An AffineQuant keeps its fields, as MLX arrays. Idempotent."""
+    as uint16: no model weight is uint16. An AffineQuant or KBlocks keeps its fields, as MLX arrays.
+    Idempotent."""
+    if isinstance(host, KBlocks):
+        return dataclasses.replace(host, fields=tuple(_place(a) for a in host.fields))
     if isinstance(host, AffineQuant):
         return dataclasses.replace(host, weight=_place(host.weight), scales=_place(host.scales),
                                    biases=_place(host.biases))
@@ -64,7 +72,7 @@ def _place(host: np.ndarray | AffineQuant | LoraQuant):
     return mx.array(host.view(np.uint16) if host.dtype == BF16 else host)
 
 
-def _quantized_layer(old, q: AffineQuant | FPQuant, dtype: mx.Dtype):
+def _quantized_layer(old, q: AffineQuant | KBlocks | FPQuant, dtype: mx.Dtype):
     if isinstance(q, FPQuant):
         return FPLinear(q.weight, q.scales, q.scale, q.mode)
     return quantized_layer(old, q, dtype)
@@ -74,7 +82,7 @@ def _fill(module, tensors, dtype: mx.Dtype):
     """Put (name, host or placed form) pairs into `module`, one tensor at a time."""
     params = []
     for name, t in tensors:
-        if isinstance(t, (AffineQuant, FPQuant, LoraQuant)):  # quantized: the layer follows the stored type
+        if isinstance(t, (AffineQuant, KBlocks, FPQuant, LoraQuant)):  # quantized: the layer follows its type
             path, t = name.removesuffix(".weight"), _place(t)
             old = module_at(module, path)
             if isinstance(t, LoraQuant):  # the LoRA factors in the compute dtype, as a dense weight would be

@@ -1,9 +1,10 @@
 """Repack raw ggml blocks into the affine triplet both backends run: MLX's quantized layout (packed uint32
 codes, scales, biases per group), which MLX multiplies by directly and torch unpacks per layer.
 
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K map exactly; Q6_K, Q2_K and by default Q3_K are re-quantized,
-with the error in `note`. The per-block work runs in the compiled kernels of quant/affine_kernels.py; this
-module keeps the layout, the reference `requantize` and the thread pool over row chunks.
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K map exactly. Q6_K, Q3_K and Q2_K have a scale per 16 values,
+which no MLX group holds: they keep their blocks instead (quant/kblocks.py). The per-block work runs in the
+compiled kernels of quant/affine_kernels.py; this module keeps the layout and the thread pool over row
+chunks.
 """
 
 from __future__ import annotations
@@ -23,28 +24,14 @@ __all__ = ["AffineQuant", "affine_format", "pack_codes", "repack", "unpack_codes
 assert sys.byteorder == "little", "the uint32/uint64 views below assume a little-endian host"
 
 T = GGMLType
-# Lossy targets (bits, group) for types MLX's 32/64/128 groups cannot hold: each 16-element sub-block has
-# its own scale (docs/quantization.md, 'Types without an exact affine form').
-# Q6_K → 8-bit g64: near-lossless at Q8_0's memory. Q2_K → 4-bit g32: 5–6 bpw, small error next to Q2_K's own.
-REQUANT = {T.Q6_K: (8, 64), T.Q2_K: (4, 32), T.Q3_K: (4, 32)}
 # Exact repacks (affine_kernels.exact_blocks): one MLX group per 32-element ggml (sub-)block.
 EXACT = {T.Q4_0: (4, 32), T.Q4_1: (4, 32), T.Q5_0: (5, 32), T.Q5_1: (5, 32), T.Q8_0: (8, 32),
          T.Q4_K: (4, 32), T.Q5_K: (5, 32)}
-# Measured on N(0, 0.02) 256x4096 weights quantized by quant.kquants (rel-RMS; tests check looser bounds).
-# Q3_K is exact only as 8-bit codes (8.5 bpw in memory vs 3.44 in the file), which defeats the reason to pick
-# it; by default it is re-quantized to 4-bit g32: +8.1e-2 vs the Q3_K values (total 0.151 -> 0.173, +15%).
-_LOSSY_NOTE = {T.Q6_K: "re-quantized to 8-bit g64: adds 5.3e-3 rel-RMS vs the Q6_K values (total vs the "
-                       "original weights 1.78e-2 -> 1.85e-2, +4%)",
-               T.Q2_K: "re-quantized to 4-bit g32: adds 6.4e-2 rel-RMS vs the Q2_K values (total vs the "
-                       "original weights 0.296 -> 0.303, +2%)",
-               T.Q3_K: "re-quantized to 4-bit g32: adds 8.1e-2 rel-RMS vs the Q3_K values (total vs the "
-                       "original weights 0.151 -> 0.173, +15%); repack(..., exact=True) keeps it exact as "
-                       "8-bit codes"}
 
 
 def affine_format(t: GGMLType) -> tuple[int, int] | None:
-    """(bits, group size) a ggml type loads as by default; None for the dense and unsupported types."""
-    return EXACT.get(t) or REQUANT.get(t)
+    """(bits, group size) a ggml type loads as; None for the dense types and those kept as blocks."""
+    return EXACT.get(t)
 
 
 @dataclass(frozen=True)
@@ -105,17 +92,15 @@ def _round_scales(a: np.ndarray, dtype) -> np.ndarray:
     return np.asarray(a).astype(name)
 
 
-def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dtype=np.float32,
-           exact: bool = False) -> AffineQuant:
+def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...],
+           scales_dtype=np.float32) -> AffineQuant:
     """Raw ggml blocks (rows, row_bytes) of a tensor of `shape` (*lead, in) → AffineQuant.
 
     Exact (bit for bit vs gguf.quants.dequantize, ±0 aside) with float32 scales for Q4_0, Q4_1, Q5_0, Q5_1,
-    Q8_0, Q4_K, Q5_K, and Q3_K with `exact=True` (8-bit codes); Q6_K, Q2_K and by default Q3_K are
-    re-quantized (REQUANT).
+    Q8_0, Q4_K and Q5_K.
     `scales_dtype` (np.float32, np.float16 or "bfloat16") trades exactness for memory: fp16 is still exact
-    for the legacy types and Q3_K (when |128 d| < 65504) but adds ~2e-4 rel-RMS to Q4_K/Q5_K; bf16 adds
-    ~1.7e-3. Rows go through in chunks of about 1 MB of blocks, on all cores (the compiled kernels release
-    the GIL).
+    for the legacy types but adds ~2e-4 rel-RMS to Q4_K/Q5_K; bf16 adds ~1.7e-3. Rows go through in chunks
+    of about 1 MB of blocks, on all cores (the compiled kernels release the GIL).
     """
     t = T(t)
     *lead, n = shape
@@ -123,7 +108,7 @@ def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dt
     raw = np.asarray(raw).reshape(rows, -1)
     step = max(1, (1 << 20) // max(1, raw.shape[1] * raw.itemsize))
     chunks = [raw[i:i + step] for i in range(0, rows, step)]
-    work = lambda c: _repack_rows(c, t, n, scales_dtype, exact)
+    work = lambda c: _repack_rows(c, t, n, scales_dtype)
     if len(chunks) == 1:  # starting a pool's threads costs more than repacking one small tensor
         parts = [work(chunks[0])]
     else:
@@ -136,44 +121,20 @@ def repack(raw: np.ndarray, t: GGMLType | int, shape: tuple[int, ...], scales_dt
                     cat("biases").reshape(*lead, -1), first.group_size, first.bits, first.note)
 
 
-def _repack_rows(raw: np.ndarray, t: GGMLType, n: int, scales_dtype, exact: bool) -> AffineQuant:
+def _repack_rows(raw: np.ndarray, t: GGMLType, n: int, scales_dtype) -> AffineQuant:
     """repack() of a 2-D block of rows."""
     from . import affine_kernels  # lazy: compiled with numba, needed only for GGUF files
 
-    if t in REQUANT and not (exact and t == T.Q3_K):
-        bits, group = REQUANT[t]
-        weight, scales, biases = affine_kernels.requantize_blocks(raw, t, n, bits, group,
-                                                                  _dtype_name(scales_dtype))
-        return AffineQuant(weight, scales, biases, group, bits, _LOSSY_NOTE[t])
-    if t not in affine_kernels.EXACT_KINDS:
+    if t not in EXACT:
         raise ValueError(f"{t.name} tensors cannot run on MLX quantized kernels; convert the file with "
                          f"flux2 convert")
-    bits, group = EXACT.get(t, (8, 128))  # Q3_K kept exact: 8-bit codes 128 - sc*q in 128-value groups
+    bits, group = EXACT[t]
     weight, scales, biases = affine_kernels.exact_blocks(raw, t, n, bits, group)
     name = _dtype_name(scales_dtype)
     note = (f"exact ({bits}-bit g{group})" if name == "float32"
             else f"{bits}-bit g{group}, scales rounded to {name}")
     scales, biases = _round_scales(scales, scales_dtype), _round_scales(biases, scales_dtype)
     return AffineQuant(weight, scales, biases, group, bits, note)
-
-
-def requantize(w: np.ndarray, bits: int, group_size: int, scales_dtype=np.float32) -> AffineQuant:
-    """Min/max affine quantization of float weights (last axis) into MLX's layout, like mx.quantize: the
-    numpy reference the tests hold the compiled re-quantization to; the loaders never call it."""
-    *lead, n = w.shape
-    g = np.asarray(w, np.float32).reshape(-1, n // group_size, group_size)
-    lo, hi = g.min(-1), g.max(-1)
-    bias = _round_scales(lo, scales_dtype)
-    scale = _round_scales((hi - lo) / np.float32(2**bits - 1), scales_dtype)
-    s32, b32 = scale.astype(np.float32)[..., None], bias.astype(np.float32)[..., None]
-    q = g - b32  # in-place from here on: this runs once per weight at load time
-    np.divide(q, s32, out=q, where=s32 > 0)
-    q[np.broadcast_to(s32 == 0, q.shape)] = 0  # constant groups have scale 0 → code 0
-    np.rint(q, out=q)
-    np.clip(q, 0, 2**bits - 1, out=q)
-    codes = q.astype(np.uint8).reshape(-1, n)
-    return AffineQuant(pack_codes(codes, bits).reshape(*lead, n * bits // 32), scale.reshape(*lead, -1),
-                    bias.reshape(*lead, -1), group_size, bits, f"re-quantized to {bits}-bit g{group_size}")
 
 
 def dequantize_mlx(q: AffineQuant) -> np.ndarray:

@@ -1,13 +1,10 @@
 """numba pieces shared by the compiled quantization kernels (kquants.py, affine_kernels.py): the compile
-settings, llama.cpp's nearest_int, fp32 -> fp16 rounding written out (numba has no float16 scalar) and
-weights' bf16 rounding, compiled."""
+settings, llama.cpp's nearest_int and fp32 -> fp16 rounding written out (numba has no float16 scalar)."""
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
-
-from .. import weights
 
 f32 = np.float32
 # cache: compiled once per install; nogil: threads run kernels in parallel; error_model "numpy": x/0 gives
@@ -16,7 +13,6 @@ kernel = njit(cache=True, nogil=True, error_model="numpy")
 inline = njit(inline="always", error_model="numpy")
 _MAGIC = f32(12582912.0)  # 1.5 * 2^23
 FP16_VALUE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(f32)
-bf16_round_bits = inline(weights.bf16_round_bits)  # numpy's bf16 rounding, compiled for the kernels
 
 
 @inline

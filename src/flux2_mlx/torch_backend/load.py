@@ -19,6 +19,7 @@ from ..entries import FP8_BLOCKS, Entry, checked_entries
 from ..lora import LoraQuant
 from ..quant.affine import AffineQuant, repack
 from ..quant.ggml import GGMLType
+from ..quant.kblocks import FIELDS, KBlocks, split_blocks
 from ..quant.scaled import MXFP8, NVFP4, FPQuant, ScaledFP8, mxfp8_row_order, nvfp4_lsb_first
 from ..streaming import Streamer, streamed_entries
 from ..weights import BF16, F8_E4M3, F8_E5M2, FP8Blocks, GGMLTensor, WeightSource, to_float32
@@ -64,9 +65,9 @@ def _device_tensor(t: torch.Tensor, device: torch.device, dtype: torch.dtype | N
 
 def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | MXFP8 | LoraQuant, pin: bool):
     """The host half of loading a tensor: a CPU tensor, GGUF blocks repacked to the affine layout with
-    the packed codes as bytes, FP8 codes as torch's float8 and their scales in float32, NVFP4 codes as bytes
-    (low nibble first) and MXFP8 codes as float8, their block scales in row order (FPQuant), or a LoraQuant
-    of such forms."""
+    the packed codes as bytes (Q6_K / Q3_K / Q2_K split into their fields), FP8 codes as torch's float8 and
+    their scales in float32, NVFP4 codes as bytes (low nibble first) and MXFP8 codes as float8, their block
+    scales in row order (FPQuant), or a LoraQuant of such forms."""
     if isinstance(raw, LoraQuant):
         factors = (None if a is None else host_tensor(a, pin) for a in raw.factors())
         return LoraQuant(_host(raw.base, pin), *factors)
@@ -85,6 +86,9 @@ def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | MXFP8 |
         return dataclasses.replace(q, weight=weight,
                                    scales=host_tensor(np.ascontiguousarray(q.scales), pin),
                                    scale=host_tensor(np.asarray(q.scale, np.float32), pin))
+    if isinstance(raw, GGMLTensor) and GGMLType[raw.ggml_type] in FIELDS:
+        q = split_blocks(raw.data, GGMLType[raw.ggml_type], raw.shape)
+        return dataclasses.replace(q, fields=tuple(host_tensor(a, pin) for a in q.fields))
     if isinstance(raw, GGMLTensor):
         q = repack(raw.data, GGMLType[raw.ggml_type], raw.shape)
         return dataclasses.replace(q, weight=host_tensor(q.weight.view(np.uint8), pin),
@@ -92,10 +96,12 @@ def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | MXFP8 |
     return host_tensor(raw, pin)
 
 
-def _place(host: torch.Tensor | AffineQuant | FP8Blocks | LoraQuant, device: torch.device,
+def _place(host: torch.Tensor | AffineQuant | KBlocks | FP8Blocks | LoraQuant, device: torch.device,
            dtype: torch.dtype):
     """The host form on the device, dense tensors and affine scales in `dtype` (codes stay bytes, FP8 scales
-    float32; LoRA factors in `dtype`, as a dense weight would be). Idempotent."""
+    float32, block fields as stored; LoRA factors in `dtype`, as a dense weight would be). Idempotent."""
+    if isinstance(host, KBlocks):
+        return dataclasses.replace(host, fields=tuple(_device_tensor(a, device, None) for a in host.fields))
     if isinstance(host, LoraQuant):
         factors = (None if a is None else _device_tensor(a, device, dtype) for a in host.factors())
         return LoraQuant(_place(host.base, device, dtype), *factors)
@@ -133,7 +139,7 @@ def _fill(module: nn.Module, tensors, place, dtype: torch.dtype, fp8_matmul: str
             base = quantized_layer(module.get_submodule(path), t.base, dtype, fp8_matmul)
             replace_module(module, path, LoraLinear(base, *t.factors()))
             continue
-        if isinstance(t, (AffineQuant, FP8Blocks, ScaledFP8, FPQuant)):  # the layer follows the stored type
+        if isinstance(t, (AffineQuant, KBlocks, FP8Blocks, ScaledFP8, FPQuant)):  # the layer follows its type
             replace_module(module, path, quantized_layer(module.get_submodule(path), t, dtype, fp8_matmul))
             continue
         owner = module.get_submodule(path)

@@ -2,7 +2,8 @@
 as stored.
 
 GGUF weights are repacked (quant/affine.py) into the affine layout MLX runs: per group of
-`group_size` values w = scale · q + bias, the codes q a little-endian bit stream. FP8 checkpoints keep
+`group_size` values w = scale · q + bias, the codes q a little-endian bit stream; Q6_K, Q3_K and Q2_K keep
+their blocks' fields as the file stores them (quant/kblocks.py). FP8 checkpoints keep
 their one-byte codes and block scales. Both stay so in device memory; each call decodes one layer's
 weight into the compute dtype, right before its matmul, or (FP8, `--fp8-matmul`) quantizes the activations
 to FP8 too and multiplies codes by codes on FP8 matmul kernels.
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.ggml import GGMLType
+from ..quant.kblocks import FIELDS, KBlocks
 from ..quant.scaled import E2M1, FPQuant, ScaledFP8
 
 
@@ -59,6 +62,80 @@ class QuantLinear(nn.Module):
 
     def forward(self, x):
         return F.linear(x, self.dense())
+
+
+def _shifts(values, shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8, device=like.device).reshape(shape)
+
+
+# gguf-py's dequantize_blocks, on the fields of a block (quant/kblocks.py) broadcast over (h, s, k, t) of
+# element 128 h + 32 s + 16 k + t; the same float32 products in the same order, so the same bits.
+def _q6_k(ql, qh, scales, d):
+    # s = 2 n + j: nibble n of ql[64 h + 32 j + 16 k + t] | bit pair s of qh[32 h + 16 k + t] << 4
+    lead = ql.shape[:-1]
+    low = (ql.reshape(*lead, 2, 1, 2, 2, 16) >> _shifts([0, 4], (2, 1, 1, 1), ql)) & 15
+    high = (qh.reshape(*lead, 2, 1, 1, 2, 16) >> _shifts([0, 2, 4, 6], (2, 2, 1, 1), qh)) & 3
+    q = (low | (high << 4)).float() - 32
+    sc = scales.float().reshape(*lead, 2, 2, 2, 2, 1)
+    return (d.float().reshape(*lead, 1, 1, 1, 1, 1) * sc) * q
+
+
+def _q3_k(hmask, qs, scales, d):
+    lead = qs.shape[:-1]
+    low = (qs.reshape(*lead, 2, 1, 2, 16) >> _shifts([0, 2, 4, 6], (4, 1, 1), qs)) & 3
+    high = (hmask.reshape(*lead, 1, 1, 2, 16) >> _shifts(list(range(8)), (2, 4, 1, 1), qs)) & 1
+    q = low.float() - 4 * (1 - high.float())  # the offset 4 where the bit is clear
+    # 6-bit scales: low 4 bits from nibbles of bytes 0-7, high 2 bits from bit pairs of bytes 8-11
+    lo = (scales[..., :8].reshape(*lead, 1, 8) >> _shifts([0, 4], (2, 1), qs)) & 15
+    hi = (scales[..., 8:].reshape(*lead, 1, 4) >> _shifts([0, 2, 4, 6], (4, 1), qs)) & 3
+    sc = (lo.reshape(*lead, 16) | (hi.reshape(*lead, 16) << 4)).float() - 32
+    return (d.float().reshape(*lead, 1, 1, 1, 1) * sc.reshape(*lead, 2, 4, 2, 1)) * q
+
+
+def _q2_k(scales, qs, d, dmin):
+    lead = qs.shape[:-1]
+    q = ((qs.reshape(*lead, 2, 1, 2, 16) >> _shifts([0, 2, 4, 6], (4, 1, 1), qs)) & 3).float()
+    sc = scales.reshape(*lead, 2, 4, 2, 1)
+    dl = d.float().reshape(*lead, 1, 1, 1, 1) * (sc & 15).float()
+    ml = dmin.float().reshape(*lead, 1, 1, 1, 1) * (sc >> 4).float()
+    return dl * q - ml
+
+
+_DECODE = {GGMLType.Q6_K: _q6_k, GGMLType.Q3_K: _q3_k, GGMLType.Q2_K: _q2_k}
+
+
+def decode_kblocks(t: GGMLType, fields, dtype: torch.dtype) -> torch.Tensor:
+    """Block fields (*lead, blocks, bytes) → weights (*lead, blocks · 256) in `dtype`, as gguf-py decodes
+    them (bit for bit in float32)."""
+    *lead, nb, _ = fields[0].shape
+    return _DECODE[GGMLType(t)](*fields).to(dtype).reshape(*lead, nb * 256)
+
+
+class KBlocksLinear(nn.Module):
+    """A bias-free Linear held as Q6_K / Q3_K / Q2_K block fields (quant.kblocks.KBlocks), its weight decoded
+    into `dtype` on each call and dropped after the matmul."""
+
+    def __init__(self, q: KBlocks, dtype: torch.dtype):
+        super().__init__()
+        self.type, self.dtype = q.type, dtype
+        for name, a in zip(q.names, q.fields):
+            self.register_buffer(name, a)
+
+    def fields(self, rows=None) -> list[torch.Tensor]:
+        return [getattr(self, n) if rows is None else getattr(self, n)[rows] for n, _, _ in FIELDS[self.type]]
+
+    def dense(self) -> torch.Tensor:
+        return decode_kblocks(self.type, self.fields(), self.dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.dense())
+
+
+class KBlocksEmbedding(KBlocksLinear):
+    """An Embedding held as block fields; only the looked-up rows are decoded."""
+
+    def forward(self, ids):
+        return decode_kblocks(self.type, self.fields(ids), self.dtype)
 
 
 class LoraLinear(nn.Module):
@@ -244,7 +321,8 @@ def _scaled_mm_runs(q, dtype: torch.dtype) -> bool:
 def quantized_layer(old: nn.Module, q, dtype: torch.dtype, fp8_matmul: str | None = None) -> nn.Module:
     """A QuantLinear / QuantEmbedding / FP8Linear / ScaledLinear standing in for `old`, from q: an
     AffineQuant whose weight, scales and biases are already device tensors (weight as uint8 bytes, scales
-    and biases in the compute dtype `dtype`), an FP8Blocks of device tensors (multiplied as FP8Linear's
+    and biases in the compute dtype `dtype`), KBlocks of device tensors (a KBlocksLinear / KBlocksEmbedding),
+    an FP8Blocks of device tensors (multiplied as FP8Linear's
     `matmul`), or a ScaledFP8 / FPQuant (NVFP4) of device tensors."""
     if isinstance(q, (ScaledFP8, FPQuant)):
         if isinstance(old, nn.Linear) and old.bias is None and isinstance(q, FPQuant):
@@ -257,6 +335,12 @@ def quantized_layer(old: nn.Module, q, dtype: torch.dtype, fp8_matmul: str | Non
         if isinstance(old, nn.Linear) and old.bias is None:
             return FP8Linear(q.codes, q.scale_inv, q.block, dtype, fp8_matmul)
         raise ValueError(f"an FP8 tensor cannot stand in for {type(old).__name__}")
+    if isinstance(q, KBlocks) and isinstance(old, nn.Embedding):
+        return KBlocksEmbedding(q, dtype)
+    if isinstance(q, KBlocks) and isinstance(old, nn.Linear) and old.bias is None:
+        return KBlocksLinear(q, dtype)
+    if isinstance(q, KBlocks):
+        raise ValueError(f"a quantized tensor cannot stand in for {type(old).__name__}")
     if isinstance(old, nn.Embedding):
         return QuantEmbedding(q.weight, q.scales, q.biases, q.bits, q.group_size)
     if isinstance(old, nn.Linear) and old.bias is None:

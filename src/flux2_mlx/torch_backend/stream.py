@@ -17,6 +17,7 @@ from torch import nn
 
 from ..lora import LoraQuant
 from ..quant.affine import AffineQuant
+from ..quant.kblocks import KBlocks
 from ..quant.scaled import FPQuant, ScaledFP8
 from ..streaming import Streamer
 from ..weights import FP8Blocks
@@ -34,10 +35,12 @@ class StreamedBlock(nn.Module):
 
 
 def _parts(t) -> tuple[torch.Tensor, ...]:
-    """The device tensors of a placed form: dense, affine-quantized, block- or tensor-scaled FP8, NVFP4 /
-    MXFP8, or a quantized one with LoRAs."""
+    """The device tensors of a placed form: dense, affine-quantized, ggml block fields, block- or
+    tensor-scaled FP8, NVFP4 / MXFP8, or a quantized one with LoRAs."""
     if isinstance(t, LoraQuant):
         return (*_parts(t.base), *(a for a in t.factors() if a is not None))
+    if isinstance(t, KBlocks):
+        return t.fields
     if isinstance(t, FP8Blocks):
         return t.codes, t.scale_inv
     if isinstance(t, ScaledFP8):
