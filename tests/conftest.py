@@ -75,7 +75,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    seconds = config.cache.get(FILE_SECONDS, {})
+    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+    seconds = cache.get(FILE_SECONDS, {}) if cache else {}
     counts: dict[str, int] = {}
     for item in items:
         counts[item.location[0]] = counts.get(item.location[0], 0) + 1
@@ -90,10 +91,11 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session):
-    if _spent and not os.environ.get("PYTEST_XDIST_WORKER"):
-        seconds = session.config.cache.get(FILE_SECONDS, {})
+    cache = getattr(session.config, "cache", None)
+    if cache and _spent and not os.environ.get("PYTEST_XDIST_WORKER"):
+        seconds = cache.get(FILE_SECONDS, {})
         seconds.update({f: round(s, 2) for f, s in _spent.items()})
-        session.config.cache.set(FILE_SECONDS, seconds)
+        cache.set(FILE_SECONDS, seconds)
 
 
 @pytest.hookimpl(hookwrapper=True)
