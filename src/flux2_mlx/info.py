@@ -142,7 +142,7 @@ def _describe(path: Path) -> list[str]:
         lines.append(f"  {name:8} {count:5} tensors  {_gib(nbytes)}")
     mlx = sum(elems * MLX_BITS.get(name, 16) / 8 for name, (_, _, elems) in per_type.items())
     scaled = _scaled(entries) if entries is not None else None
-    how = "quantized weights as repacked with 16-bit scales, dense weights in bfloat16"
+    how = "quantized weights as repacked with 16-bit scales or as their blocks, dense weights in bfloat16"
     if scaled:
         lines += scaled[0]
         mlx = scaled[1]

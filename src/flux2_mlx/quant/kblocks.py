@@ -3,8 +3,8 @@
 Each 16-value sub-block of these types has its own scale, which MLX's 32/64/128-value affine groups cannot
 hold, so they do not go through affine.repack: `split_blocks` cuts each 256-value super-block into its
 fields once at load (the same bytes as the file), and each backend decodes one layer's weight into the
-compute dtype right before its matmul (mlx_backend/kblocks.py, torch_backend/kblocks.py), as gguf-py's
-dequantize computes it, bit for bit in float32.
+compute dtype right before its matmul (KBlocksLinear in mlx_backend/ and torch_backend/quant_layers.py), as
+gguf-py's dequantize computes it, bit for bit in float32.
 
 Element e of a super-block, written e = 128 h + 32 s + 16 k + t (h < 2, s < 4, k < 2, t < 16), is in
 16-value sub-block j = 8 h + 2 s + k; the decoders reshape the fields to broadcast over (h, s, k, t).
