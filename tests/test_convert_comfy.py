@@ -28,7 +28,7 @@ from flux2_mlx.quant.scaled import (
     quantize_nvfp4,
     quantize_nvfp4_rows,
 )
-from flux2_mlx.weights import WeightSource, save_safetensors, to_float32
+from flux2_mlx.weights import WeightSource, f32_to_bf16, save_safetensors, to_float32
 
 LAYOUT = {"fp8": TensorCoreFP8Layout, "nvfp4": TensorCoreNVFP4Layout, "mxfp8": TensorCoreMXFP8Layout}
 FORMAT = {"fp8": "float8_e4m3fn", "nvfp4": "nvfp4", "mxfp8": "mxfp8"}
@@ -162,6 +162,20 @@ def test_a_quantized_source_warns_once_and_is_decoded_exactly(converted, tmp_pat
     assert np.array_equal(back[name].load().codes, quantize_fp8(src[name].load().dequantize()).codes)
     name = "img_in.weight"  # bf16 in, bf16 out: the same bytes
     assert np.array_equal(to_float32(back[name].load()), to_float32(src[name].load()))
+
+
+@pytest.mark.parametrize("qtype", ["fp8", "nvfp4"])
+def test_a_bf16_source_gives_the_bytes_of_its_float32_values(converted, tmp_path, qtype):
+    # a bf16 source's per-tensor scale comes from its bits: it must equal that of the same values in float32
+    _, original, _ = converted
+    values = {k: to_float32(f32_to_bf16(a)) for k, a in original.items()}
+    w = values["single_blocks.0.linear2.weight"]
+    w[1, 3] = -4 * np.abs(w).max()  # the largest magnitude negative
+    save_safetensors(tmp_path / "bf16.safetensors", {k: f32_to_bf16(a) for k, a in values.items()})
+    save_safetensors(tmp_path / "f32.safetensors", values)
+    a, b = (convert(tmp_path / f"{s}.safetensors", tmp_path / f"{s}.{qtype}.safetensors", qtype,
+                    progress=False, jobs=1) for s in ("bf16", "f32"))
+    assert a.read_bytes() == b.read_bytes()
 
 
 def test_bytes_do_not_depend_on_jobs_and_an_interrupt_leaves_nothing(converted, tmp_path, monkeypatch):

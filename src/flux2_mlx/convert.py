@@ -52,6 +52,7 @@ from .quant.scaled import (
 )
 from .variants import GGUF_VARIANT_KEY, detect
 from .weights import (
+    BF16,
     GGML_QUANTIZED,
     FP8Blocks,
     GGMLTensor,
@@ -297,11 +298,18 @@ def plan_conversion(src, target: str, *, all_layers: bool = False) -> tuple[Conv
     return _transformer_plan(source, target, model), source
 
 
-def _chunks(t: Tensor, parts: int = 1):
-    """float32 row chunks of at most CHUNK_BYTES / parts bytes (at least one row each). Raw ggml blocks
-    are decoded a chunk at a time by gguf-py's reference codec: exactly the values the source holds."""
+def _loaded(t: Tensor) -> np.ndarray | GGMLTensor:
+    """The source tensor: an array (a view of the file), raw ggml blocks, or an FP8 / MXFP8 / NVFP4 weight
+    decoded exactly to float32."""
     a = t.load()
-    a = a.dequantize() if isinstance(a, (FP8Blocks, *SCALED)) else a
+    return a.dequantize() if isinstance(a, (FP8Blocks, *SCALED)) else a
+
+
+def _chunks(t: Tensor, parts: int = 1, a: np.ndarray | GGMLTensor | None = None):
+    """float32 row chunks of at most CHUNK_BYTES / parts bytes (at least one row each) of `a`, by default
+    `_loaded(t)`. Raw ggml blocks are decoded a chunk at a time by gguf-py's reference codec: exactly the
+    values the source holds."""
+    a = _loaded(t) if a is None else a
     step = max(1, CHUNK_BYTES // (4 * t.shape[-1] * parts))
     if isinstance(a, GGMLTensor):
         kind = gguf.GGMLQuantizationType[a.ggml_type]
@@ -458,25 +466,37 @@ def _pooled(chunks, fn, pool: ThreadPoolExecutor | None, window: int):
         yield pending.popleft().result()
 
 
+def _abs_max(t: Tensor, a: np.ndarray) -> np.float32:
+    """The largest magnitude in `a` (`t`'s source array or its float32 decoding), a row chunk at a time;
+    bf16 on its bits, whose order with the sign cleared is that of the magnitudes: no float32 copy."""
+    if a.dtype != BF16:
+        return np.float32(max((np.abs(c).max() for c in _chunks(t, 1, a)), default=0))
+    rows = a.reshape(-1, t.shape[-1]).view(np.uint16)
+    step = max(1, CHUNK_BYTES // (2 * t.shape[-1]))
+    bits = max((int((rows[r:r + step] & 0x7FFF).max()) for r in range(0, len(rows), step)), default=0)
+    return np.float32(to_float32(np.array(bits, np.uint16).view(BF16)))
+
+
 def _scaled_arrays(t: Tensor, fmt: str | None, pool, jobs: int):
-    """The arrays of one tensor in `_scaled_layout`'s order, row chunks of the weight first. Per-tensor
-    scales take a first pass over the chunks (their abs-max)."""
+    """The arrays of one tensor in `_scaled_layout`'s order, row chunks of the weight first. The source is
+    read and decoded once; a per-tensor scale first takes its abs-max (ggml blocks decoded whole for it)."""
     window = 2 * jobs if pool is not None else 1
-    chunks = lambda: _chunks(t, parts=window)
-    if fmt is None:
-        yield from _pooled(chunks(), f32_to_bf16, pool, window)
-        return
+    a = _loaded(t)
     scale = None
-    if fmt != "mxfp8":
-        amax = max((np.abs(c).max() for c in chunks()), default=np.float32(0))
-        scale = (nvfp4_tensor_scale if fmt == "nvfp4" else fp8_tensor_scale)(amax)
+    if fmt in ("float8_e4m3fn", "nvfp4"):
+        a = a.dequantize() if isinstance(a, GGMLTensor) else a
+        scale = (nvfp4_tensor_scale if fmt == "nvfp4" else fp8_tensor_scale)(_abs_max(t, a))
+    chunks = _chunks(t, window, a)
+    if fmt is None:
+        yield from _pooled(chunks, f32_to_bf16, pool, window)
+        return
     if fmt == "float8_e4m3fn":
-        yield from _pooled(chunks(), lambda c: quantize_fp8_rows(c, scale), pool, window)
+        yield from _pooled(chunks, lambda c: quantize_fp8_rows(c, scale), pool, window)
         yield np.float32(scale).reshape(())
     else:
         fn = (lambda c: quantize_nvfp4_rows(c, scale)) if fmt == "nvfp4" else quantize_mxfp8_rows
         scales = []
-        for q, s in _pooled(chunks(), fn, pool, window):
+        for q, s in _pooled(chunks, fn, pool, window):
             yield q
             scales.append(s)
         yield swizzle(np.concatenate(scales))
