@@ -136,6 +136,24 @@ def block_linears(shapes: dict[str, tuple[int, ...]]) -> list[str]:
     return [k for k, s in shapes.items() if k.startswith(blocks) and len(s) == 2]
 
 
+def write_transformer(path, cfg, bf16: bool = False) -> int:
+    """A safetensors transformer of `cfg`'s shapes at `path` (float32, or bf16): N(0, 1/fan_in) weights,
+    norm scales 1 + 0.2·N(0, 1); returns its float32 bytes."""
+    from flux2_mlx.config import transformer_shapes
+    from flux2_mlx.weights import save_safetensors
+
+    rng = np.random.default_rng(0)
+    w = {}
+    for name, shape in transformer_shapes(cfg).items():
+        if name.endswith(".scale"):
+            a = 1.0 + 0.2 * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            a = rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / np.sqrt(shape[1]))
+        w[name] = f32_to_bf16(a) if bf16 else a
+    save_safetensors(path, w)
+    return sum(4 * a.size for a in w.values())
+
+
 def numpy_entries(shapes: dict, dtype_name: str) -> dict[str, Entry]:
     """N(0, 1/fan_in) weights (norm scales 1) drawn one tensor at a time, bf16 as the project's BF16 bits."""
     rng = np.random.default_rng(0)

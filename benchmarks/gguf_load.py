@@ -20,24 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from _common import write_transformer
 
-from flux2_mlx.config import KLEIN_4B, transformer_shapes
+from flux2_mlx.config import KLEIN_4B
 from flux2_mlx.convert import convert
-from flux2_mlx.weights import WeightSource, save_safetensors
-
-
-def build_source(path: Path, cfg) -> int:
-    rng = np.random.default_rng(0)
-    w = {}
-    for name, shape in transformer_shapes(cfg).items():
-        if name.endswith(".scale"):
-            a = 1.0 + 0.2 * rng.standard_normal(shape, dtype=np.float32)
-        else:
-            a = rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / np.sqrt(shape[1]))
-        w[name] = a
-    save_safetensors(path, w)
-    return sum(a.nbytes for a in w.values())
+from flux2_mlx.weights import WeightSource
 
 
 def main() -> None:
@@ -61,7 +48,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         d = Path(d)
         src = d / "src.safetensors"
-        src_bytes = build_source(src, cfg)
+        src_bytes = write_transformer(src, cfg)
         conv_rows = []
         for jobs in args.convert_jobs:
             dst = d / f"conv-{jobs}.gguf"
