@@ -49,27 +49,29 @@ def _shifts(values, shape) -> mx.array:
 
 
 # gguf-py's dequantize_blocks, on the fields of a block (quant/kblocks.py) broadcast over (h, s, k, t) of
-# element 128 h + 32 s + 16 k + t; the same float32 products in the same order, so the same bits.
+# element 128 h + 32 s + 16 k + t; the same float32 products in the same order, so the same bits. Signed
+# levels are formed in uint8 (wrapping) and read as int8: one float32 pass fewer per offset.
 def _q6_k(ql, qh, scales, d):
     # s = 2 n + j: nibble n of ql[64 h + 32 j + 16 k + t] | bit pair s of qh[32 h + 16 k + t] << 4
     lead = ql.shape[:-1]
     low = (ql.reshape(*lead, 2, 1, 2, 2, 16) >> _shifts([0, 4], (2, 1, 1, 1))) & 15
     high = (qh.reshape(*lead, 2, 1, 1, 2, 16) >> _shifts([0, 2, 4, 6], (2, 2, 1, 1))) & 3
-    q = (low | (high << 4)).astype(mx.float32) - 32
+    q = ((low | (high << 4)) - 32).view(mx.int8)
     sc = scales.astype(mx.float32).reshape(*lead, 2, 2, 2, 2, 1)
-    return (d.astype(mx.float32).reshape(*lead, 1, 1, 1, 1, 1) * sc) * q
+    return (d.astype(mx.float32).reshape(*lead, 1, 1, 1, 1, 1) * sc) * q.astype(mx.float32)
 
 
 def _q3_k(hmask, qs, scales, d):
     lead = qs.shape[:-1]
     low = (qs.reshape(*lead, 2, 1, 2, 16) >> _shifts([0, 2, 4, 6], (4, 1, 1))) & 3
     high = (hmask.reshape(*lead, 1, 1, 2, 16) >> _shifts(list(range(8)), (2, 4, 1, 1))) & 1
-    q = low.astype(mx.float32) - 4 * (1 - high.astype(mx.float32))  # the offset 4 where the bit is clear
+    q = (low + (high << 2) - 4).view(mx.int8)  # minus 4 where the bit is clear
     # 6-bit scales: low 4 bits from nibbles of bytes 0-7, high 2 bits from bit pairs of bytes 8-11
     lo = (scales[..., :8].reshape(*lead, 1, 8) >> _shifts([0, 4], (2, 1))) & 15
     hi = (scales[..., 8:].reshape(*lead, 1, 4) >> _shifts([0, 2, 4, 6], (4, 1))) & 3
     sc = (lo.reshape(*lead, 16) | (hi.reshape(*lead, 16) << 4)).astype(mx.float32) - 32
-    return (d.astype(mx.float32).reshape(*lead, 1, 1, 1, 1) * sc.reshape(*lead, 2, 4, 2, 1)) * q
+    dl = d.astype(mx.float32).reshape(*lead, 1, 1, 1, 1) * sc.reshape(*lead, 2, 4, 2, 1)
+    return dl * q.astype(mx.float32)
 
 
 def _q2_k(scales, qs, d, dmin):

@@ -69,36 +69,37 @@ def _shifts(values, shape, like: torch.Tensor) -> torch.Tensor:
 
 
 # gguf-py's dequantize_blocks, on the fields of a block (quant/kblocks.py) broadcast over (h, s, k, t) of
-# element 128 h + 32 s + 16 k + t; the same float32 products in the same order, so the same bits.
+# element 128 h + 32 s + 16 k + t; the same float32 products in the same order, so the same bits. Signed
+# levels are formed in uint8 (wrapping) and read as int8: one float32 pass fewer per offset.
 def _q6_k(ql, qh, scales, d):
     # s = 2 n + j: nibble n of ql[64 h + 32 j + 16 k + t] | bit pair s of qh[32 h + 16 k + t] << 4
     lead = ql.shape[:-1]
-    low = (ql.reshape(*lead, 2, 1, 2, 2, 16) >> _shifts([0, 4], (2, 1, 1, 1), ql)) & 15
-    high = (qh.reshape(*lead, 2, 1, 1, 2, 16) >> _shifts([0, 2, 4, 6], (2, 2, 1, 1), qh)) & 3
-    q = (low | (high << 4)).float() - 32
+    low = (ql.reshape(*lead, 2, 1, 2, 2, 16) >> _shifts([0, 4], (2, 1, 1, 1), ql)).bitwise_and_(15)
+    high = (qh.reshape(*lead, 2, 1, 1, 2, 16) >> _shifts([0, 2, 4, 6], (2, 2, 1, 1), qh)).bitwise_and_(3)
+    q = low.bitwise_or_(high.bitwise_left_shift_(4)).sub_(32).view(torch.int8)
     sc = scales.float().reshape(*lead, 2, 2, 2, 2, 1)
-    return (d.float().reshape(*lead, 1, 1, 1, 1, 1) * sc) * q
+    return (d.float().reshape(*lead, 1, 1, 1, 1, 1) * sc) * q.float()
 
 
 def _q3_k(hmask, qs, scales, d):
     lead = qs.shape[:-1]
-    low = (qs.reshape(*lead, 2, 1, 2, 16) >> _shifts([0, 2, 4, 6], (4, 1, 1), qs)) & 3
-    high = (hmask.reshape(*lead, 1, 1, 2, 16) >> _shifts(list(range(8)), (2, 4, 1, 1), qs)) & 1
-    q = low.float() - 4 * (1 - high.float())  # the offset 4 where the bit is clear
+    low = (qs.reshape(*lead, 2, 1, 2, 16) >> _shifts([0, 2, 4, 6], (4, 1, 1), qs)).bitwise_and_(3)
+    high = (hmask.reshape(*lead, 1, 1, 2, 16) >> _shifts(list(range(8)), (2, 4, 1, 1), qs)).bitwise_and_(1)
+    q = low.add_(high.bitwise_left_shift_(2)).sub_(4).view(torch.int8)  # minus 4 where the bit is clear
     # 6-bit scales: low 4 bits from nibbles of bytes 0-7, high 2 bits from bit pairs of bytes 8-11
     lo = (scales[..., :8].reshape(*lead, 1, 8) >> _shifts([0, 4], (2, 1), qs)) & 15
     hi = (scales[..., 8:].reshape(*lead, 1, 4) >> _shifts([0, 2, 4, 6], (4, 1), qs)) & 3
     sc = (lo.reshape(*lead, 16) | (hi.reshape(*lead, 16) << 4)).float() - 32
-    return (d.float().reshape(*lead, 1, 1, 1, 1) * sc.reshape(*lead, 2, 4, 2, 1)) * q
+    return (d.float().reshape(*lead, 1, 1, 1, 1) * sc.reshape(*lead, 2, 4, 2, 1)) * q.float()
 
 
 def _q2_k(scales, qs, d, dmin):
     lead = qs.shape[:-1]
-    q = ((qs.reshape(*lead, 2, 1, 2, 16) >> _shifts([0, 2, 4, 6], (4, 1, 1), qs)) & 3).float()
+    q = (qs.reshape(*lead, 2, 1, 2, 16) >> _shifts([0, 2, 4, 6], (4, 1, 1), qs)).bitwise_and_(3)
     sc = scales.reshape(*lead, 2, 4, 2, 1)
     dl = d.float().reshape(*lead, 1, 1, 1, 1) * (sc & 15).float()
     ml = dmin.float().reshape(*lead, 1, 1, 1, 1) * (sc >> 4).float()
-    return dl * q - ml
+    return torch.addcmul(-ml, dl, q.float())  # dl · q is exact: a fused multiply-add rounds the same
 
 
 _DECODE = {GGMLType.Q6_K: _q6_k, GGMLType.Q3_K: _q3_k, GGMLType.Q2_K: _q2_k}
