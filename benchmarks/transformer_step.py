@@ -3,6 +3,11 @@ the MLX backend, the torch backend and diffusers' Flux2Transformer2DModel side b
 
 Prints a markdown row per backend for BENCHMARKS.md. Linux CPU: FLUX2_OPENBLAS=1 preloads OpenBLAS for fast
 f32 matmul in MLX; torch and diffusers get the same thread count (--threads).
+
+Exact Q6_K / Q3_K / Q2_K (blocks decoded per layer) against the re-quantized layers they replaced, round-robin
+in one process, e.g. on a GPU or a Mac:
+    python benchmarks/transformer_step.py --gguf Q6_K --backend mlx --backend mlx-requant
+    python benchmarks/transformer_step.py --gguf Q3_K --backend torch --backend torch-requant
 """
 
 from __future__ import annotations  # noqa: I001 -- _common first (preloads OpenBLAS before mlx)
@@ -37,13 +42,50 @@ def forward_flops(cfg: TransformerConfig, n_img: int, n_txt: int) -> float:
     return float(embed + vec + final + cfg.depth * double + cfg.depth_single_blocks * single)
 
 
-def _mlx(cfg, dtype_name, inp, qtype=None):
+# How the loaders ran these types before they were decoded exactly: re-quantized to MLX's affine layout
+# (bits, group), min/max per group. The speed depends only on the layer kind and shapes.
+REQUANT = {"Q6_K": (8, 64), "Q3_K": (4, 32), "Q2_K": (4, 32)}
+
+
+def _requantized(model, make, replace_module) -> None:
+    """Replace every KBlocksLinear of `model` by make(its dense weight, bits, group)."""
+    for name, layer in list(model.named_modules()):
+        if type(layer).__name__ == "KBlocksLinear":
+            replace_module(model, name, make(layer.dense(), *REQUANT[layer.type.name]))
+
+
+def _mlx_requant_layer(w, bits, group):
+    import mlx.nn as nn
+
+    layer = nn.QuantizedLinear(w.shape[1], w.shape[0], bias=False, group_size=group, bits=bits)
+    layer.weight, layer.scales, layer.biases = mx.quantize(w, group_size=group, bits=bits)
+    mx.eval(layer.parameters())
+    return layer
+
+
+def _torch_requant_layer(w, bits, group):
+    import torch
+
+    from flux2_mlx.torch_backend.quant_layers import QuantLinear
+
+    g = w.unflatten(-1, (-1, group))
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = (hi - lo) / (2**bits - 1)
+    codes = torch.round((g - lo[..., None]) / scale.clamp(min=1e-12)[..., None]).clamp(0, 2**bits - 1)
+    codes = codes.to(torch.uint8).flatten(-2)
+    packed = codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return QuantLinear(packed.contiguous(), scale, lo, bits, group)
+
+
+def _mlx(cfg, dtype_name, inp, qtype=None, requant=False):
     from flux2_mlx import mlx_backend as be
 
     dtype = be.resolve_dtype(dtype_name)
     mx.random.seed(0)
     entries = gguf_entries(random_entries(transformer_shapes(cfg), dtype), qtype)
     model = be.load_transformer(cfg, entries, dtype=dtype)
+    if requant:
+        _requantized(model, _mlx_requant_layer, be.quant_layers.replace_module)
     a = {k: mx.array(v) for k, v in inp.items()}
     x, ctx = a["x"].astype(dtype), a["ctx"].astype(dtype)
     g = a["g"] if cfg.use_guidance_embed else None
@@ -59,13 +101,15 @@ def _torch_common(threads):
     return torch, sync, lambda out: bool(torch.isfinite(out).all())
 
 
-def _torch(cfg, dtype_name, inp, threads, compile=False, qtype=None):
+def _torch(cfg, dtype_name, inp, threads, compile=False, qtype=None, requant=False):
     from flux2_mlx import torch_backend as be
 
     torch, sync, finite = _torch_common(threads)
     dtype = be.resolve_dtype(dtype_name)
     model = be.load_transformer(cfg, gguf_entries(numpy_entries(transformer_shapes(cfg), dtype_name), qtype),
                                 dtype=dtype, compile=compile)
+    if requant:
+        _requantized(model, _torch_requant_layer, be.quant_layers.replace_module)
     a = {k: be.from_numpy(v) for k, v in inp.items()}
     x, ctx = a["x"].to(dtype), a["ctx"].to(dtype)
     g = a["g"] if cfg.use_guidance_embed else None
@@ -104,10 +148,13 @@ def _diffusers(cfg, dtype_name, inp, threads):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--backend", action="append", choices=["mlx", "torch", "torch-compile", "diffusers"],
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", action="append",
+                   choices=["mlx", "mlx-requant", "torch", "torch-requant", "torch-compile", "diffusers"],
                    help="repeat to run several side by side (default: mlx); torch-compile: the torch backend "
-                        "with --compile (its warm-up run compiles)")
+                        "with --compile (its warm-up run compiles); mlx-requant / torch-requant: with --gguf "
+                        "Q6_K / Q3_K / Q2_K, the layers re-quantized to 8-bit g64 / 4-bit g32 affine, as the "
+                        "loaders ran these types before they were decoded exactly")
     p.add_argument("--model", default="klein-4b", choices=["dev", "klein-4b", "klein-9b"])
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
@@ -119,7 +166,8 @@ def main() -> None:
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--gguf", default=None, metavar="TYPE", choices=["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0"],
+    p.add_argument("--gguf", default=None, metavar="TYPE",
+                   choices=["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q3_K", "Q2_K"],
                    help="mlx and torch: the blocks' weights stored as this ggml type, as in a converted GGUF")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args()
@@ -141,15 +189,17 @@ def main() -> None:
     built = []
     for name in args.backend or ["mlx"]:
         gpu = mx.default_device() == mx.gpu
-        dtype_name = args.dtype or ("bfloat16" if gpu and name == "mlx" else "float32")
-        if name != "mlx":
+        dtype_name = args.dtype or ("bfloat16" if gpu and name.startswith("mlx") else "float32")
+        if not name.startswith("mlx"):
             import torch
 
             dtype_name = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
         t0 = time.perf_counter()
         q = args.gguf
         make = {"mlx": lambda: _mlx(cfg, dtype_name, inp, q),
+                "mlx-requant": lambda: _mlx(cfg, dtype_name, inp, q, requant=True),
                 "torch": lambda: _torch(cfg, dtype_name, inp, args.threads, qtype=q),
+                "torch-requant": lambda: _torch(cfg, dtype_name, inp, args.threads, qtype=q, requant=True),
                 "torch-compile": lambda: _torch(cfg, dtype_name, inp, args.threads, compile=True, qtype=q),
                 "diffusers": lambda: _diffusers(cfg, dtype_name, inp, args.threads)}[name]
         built.append((name, dtype_name, *make()))
