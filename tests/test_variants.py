@@ -103,7 +103,12 @@ def test_names_as_people_write_them():
                     ("FLUX.2-klein-4B-Q8_0.gguf", "klein-4b"),
                     ("models--black-forest-labs--FLUX.2-klein-base-9B", "klein-base-9b"),
                     ("flux-2-klein-9b.safetensors", "klein-9b"), ("ae.safetensors", None),
-                    ("model.gguf", None)]:
+                    ("model.gguf", None),
+                    # BFL's quantized releases
+                    ("flux-2-klein-4b-fp8.safetensors", "klein-4b"),
+                    ("flux-2-klein-9b-nvfp4.safetensors", "klein-9b"),
+                    ("flux2-dev-nvfp4-mixed.safetensors", "dev"),
+                    ("models--black-forest-labs--FLUX.2-klein-base-4b-fp8", "klein-base-4b")]:
         assert variant_from_name(name) == v, name
 
 
