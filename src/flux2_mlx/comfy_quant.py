@@ -5,8 +5,8 @@ Numpy only.
 A layer is marked by a `<layer>.comfy_quant` uint8 tensor holding JSON (`{"format": "nvfp4"}`), by the
 header's `_quantization_metadata` (`{"layers": {layer: {"format": ...}}}`), or, in ComfyUI's older
 `scaled_fp8` files (a `scaled_fp8` tensor present), by an F8_E4M3 weight with `scale_weight` /
-`scale_input` beside it. Unmarked layers are plain tensors. FP8 layers keep their activation scale
-(`input_scale`) for torch's FP8 matmuls; the others' is read over (MXFP8 and NVFP4 run weight-only).
+`scale_input` beside it. Unmarked layers are plain tensors. FP8 and NVFP4 layers keep their activation
+scale (`input_scale`) for torch's FP8 / FP4 matmuls; MXFP8's is read over (it runs weight-only).
 """
 
 from __future__ import annotations
@@ -89,11 +89,13 @@ def _entry(source, fmt: str, parts: dict[str, str], layer: str, full: bool) -> E
         if "weight_scale_2" not in parts:
             raise WeightsError(f"{where}: layer {layer} is marked nvfp4 but has no weight_scale_2")
         _grid(source, scale, layer, where, (n, k), 16, "F8_E4M3", "NVFP4")
-        s2 = parts["weight_scale_2"]
-        _scalar(source, s2, layer, where)
+        s2, act = parts["weight_scale_2"], next((parts[s] for s in _INPUT_SCALES if s in parts), None)
+        for s in (s2, act) if act else (s2,):
+            _scalar(source, s, layer, where)
         return Entry((n, k), lambda: NVFP4(source.get(w).view(np.uint8), source.get(scale).view(np.uint8),
-                                           _scalar(source, s2, layer, where), full), "NVFP4",
-                     full_precision=full)
+                                           _scalar(source, s2, layer, where), full,
+                                           None if act is None else _scalar(source, act, layer, where)),
+                     "NVFP4", full_precision=full)
     if dtype != "F8_E4M3":
         raise WeightsError(f"{where}: layer {layer} is marked {fmt} but its weight is {dtype}")
     if fmt == "mxfp8":

@@ -62,12 +62,14 @@ def unswizzle(tiles: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class NVFP4:
-    """An NVFP4 weight as stored (see the module doc); `block_scales` are the raw E4M3 bytes, swizzled."""
+    """An NVFP4 weight as stored (see the module doc); `block_scales` are the raw E4M3 bytes, swizzled.
+    input_scale: the file's per-tensor activation scale, for torch's FP4 matmuls (None when it has none)."""
 
     packed: np.ndarray  # uint8 (n, k/2)
     block_scales: np.ndarray  # uint8 scale_grid(n, k)
     scale: np.float32
     full_precision: bool = False
+    input_scale: np.float32 | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -116,12 +118,15 @@ class MXFP8:
 @dataclass(frozen=True, eq=False)
 class FPQuant:
     """A weight in MLX's `nvfp4` or `mxfp8` layout: `weight` uint32 codes packed LSB first along each row,
-    `scales` one uint8 a group (E4M3 for nvfp4, E8M0 for mxfp8), times `scale` on the matmul's output."""
+    `scales` one uint8 a group (E4M3 for nvfp4, E8M0 for mxfp8), times `scale` on the matmul's output.
+    full_precision and input_scale: the stored NVFP4's, for the torch backend's choice of matmul."""
 
     weight: object
     scales: object
     scale: np.float32
     mode: str  # "nvfp4" (16 per group, 4 bits) or "mxfp8" (32 per group, 8 bits)
+    full_precision: bool = False
+    input_scale: object = None
 
 
 # The stored forms, for the callers that decode them (LoRA merges, conversion).
@@ -132,7 +137,8 @@ def nvfp4_lsb_first(t: NVFP4) -> FPQuant:
     """NVFP4 in MLX's `nvfp4` layout with the codes as bytes (element 2j in the low nibble, as MLX and the
     torch backend's unpack read them) and the block scales in row order."""
     p = t.packed.view(np.uint8)
-    return FPQuant(((p << 4) | (p >> 4)).astype(np.uint8), np.ascontiguousarray(t.scales()), t.scale, "nvfp4")
+    return FPQuant(((p << 4) | (p >> 4)).astype(np.uint8), np.ascontiguousarray(t.scales()), t.scale, "nvfp4",
+                   t.full_precision, t.input_scale)
 
 
 def mxfp8_row_order(t: MXFP8) -> FPQuant:

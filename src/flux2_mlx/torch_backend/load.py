@@ -83,9 +83,10 @@ def _host(raw: np.ndarray | GGMLTensor | FP8Blocks | ScaledFP8 | NVFP4 | MXFP8 |
         q = nvfp4_lsb_first(raw) if isinstance(raw, NVFP4) else mxfp8_row_order(raw)
         weight = host_tensor(q.weight, pin)
         weight = weight.view(torch.float8_e4m3fn) if q.mode == "mxfp8" else weight
+        act = None if q.input_scale is None else host_tensor(np.asarray(q.input_scale, np.float32), pin)
         return dataclasses.replace(q, weight=weight,
                                    scales=host_tensor(np.ascontiguousarray(q.scales), pin),
-                                   scale=host_tensor(np.asarray(q.scale, np.float32), pin))
+                                   scale=host_tensor(np.asarray(q.scale, np.float32), pin), input_scale=act)
     if isinstance(raw, GGMLTensor) and GGMLType[raw.ggml_type] in FIELDS:
         q = split_blocks(raw.data, GGMLType[raw.ggml_type], raw.shape)
         return dataclasses.replace(q, fields=tuple(host_tensor(a, pin) for a in q.fields))
@@ -113,9 +114,10 @@ def _place(host: torch.Tensor | AffineQuant | KBlocks | FP8Blocks | LoraQuant, d
         return dataclasses.replace(host, codes=_device_tensor(host.codes, device, None),
                                    scale=_device_tensor(host.scale, device, None), input_scale=act)
     if isinstance(host, FPQuant):
+        act = None if host.input_scale is None else _device_tensor(host.input_scale, device, None)
         return dataclasses.replace(host, weight=_device_tensor(host.weight, device, None),
                                    scales=_device_tensor(host.scales, device, None),
-                                   scale=_device_tensor(host.scale, device, None))
+                                   scale=_device_tensor(host.scale, device, None), input_scale=act)
     if isinstance(host, AffineQuant):
         return dataclasses.replace(host, weight=_device_tensor(host.weight, device, None),
                                    scales=_device_tensor(host.scales, device, dtype),

@@ -46,7 +46,7 @@ def _parts(t) -> tuple[torch.Tensor, ...]:
     if isinstance(t, ScaledFP8):
         return tuple(a for a in (t.codes, t.scale, t.input_scale) if a is not None)
     if isinstance(t, FPQuant):
-        return t.weight, t.scales, t.scale
+        return tuple(a for a in (t.weight, t.scales, t.scale, t.input_scale) if a is not None)
     return (t.weight, t.scales, t.biases) if isinstance(t, AffineQuant) else (t,)
 
 
