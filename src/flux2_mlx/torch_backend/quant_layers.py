@@ -5,8 +5,9 @@ GGUF weights are repacked (quant/affine.py) into the affine layout MLX runs: per
 `group_size` values w = scale · q + bias, the codes q a little-endian bit stream; Q6_K, Q3_K and Q2_K keep
 their blocks' fields as the file stores them (quant/kblocks.py). FP8 checkpoints keep
 their one-byte codes and block scales. Both stay so in device memory; each call decodes one layer's
-weight into the compute dtype, right before its matmul, or (FP8, `--fp8-matmul`) quantizes the activations
-to FP8 too and multiplies codes by codes on FP8 matmul kernels.
+weight into the compute dtype, right before its matmul, or (FP8, `--fp8-matmul`; NVFP4 on GPUs with FP4
+tensor cores) quantizes the activations to FP8 / NVFP4 too and multiplies codes by codes on the GPU's
+scaled matmul kernels.
 """
 
 from __future__ import annotations
@@ -264,6 +265,105 @@ class FP8Linear(nn.Module):
         return y.unflatten(0, x.shape[:-1])
 
 
+E2M1_MAX = 6.0
+
+
+def swizzle_scales(s: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) block scale bytes → cuBLAS's 128 × 4 tiles, shape (roundup(rows, 128), roundup(cols, 4)),
+    zero-padded: quant.scaled.swizzle in torch."""
+    rows, cols = s.shape
+    rb, cb = -(-rows // 128), -(-cols // 4)
+    t = F.pad(s, (0, cb * 4 - cols, 0, rb * 128 - rows)).reshape(rb, 128, cb, 4).transpose(1, 2)
+    return t.reshape(-1, 4, 32, 4).transpose(1, 2).reshape(rb * 128, cb * 4)
+
+
+def unswizzle_scales(tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The inverse of swizzle_scales: quant.scaled.unswizzle in torch."""
+    rb, cb = tiles.shape[0] // 128, tiles.shape[1] // 4
+    t = tiles.reshape(rb, cb, 32, 4, 4).transpose(2, 3).reshape(rb, cb, 128, 4)
+    return t.transpose(1, 2).reshape(rb * 128, cb * 4)[:rows, :cols]
+
+
+def e2m1_codes(a: torch.Tensor) -> torch.Tensor:
+    """float32 in [-6, 6] → E2M1 codes (uint8 0..15), nearest even (ties to the even code) as torchao's
+    _f32_to_floatx_unpacked, which comfy-kitchen quantizes with; -0 keeps its sign bit there too."""
+    m = a.abs()
+    code = ((m > .25).to(torch.uint8) + (m >= .75) + (m > 1.25) + (m >= 1.75) + (m > 2.5) + (m >= 3.5)
+            + (m > 5))
+    return code | (torch.signbit(a).to(torch.uint8) << 3)
+
+
+def quantize_nvfp4(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (m, k), k % 16 == 0, under the float32 per-tensor `scale` → (E2M1 codes as bytes (m, k/2), element
+    2j in the low nibble as torch's float4_e2m1fn_x2 and cuBLAS read it; E4M3 block scale bytes, one per 16
+    values of a row, swizzled), x ≈ E2M1[code] · block · scale. comfy-kitchen's eager quantize_nvfp4 operation
+    for operation in float32 (it packs the high nibble first; either order multiplies alike as long as both
+    operands share it, but the weights here are held low nibble first)."""
+    g = x.float().unflatten(-1, (-1, 16))
+    block = (g.abs().amax(-1) / E2M1_MAX / scale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    total = scale * block.float()
+    zero = total == 0  # an all-zero block: codes 0, not 0 / 0
+    d = torch.where(zero[..., None], 0.0, g / torch.where(zero, 1.0, total)[..., None])
+    c = e2m1_codes(d.clamp(-E2M1_MAX, E2M1_MAX)).flatten(-2)
+    return c[:, 0::2] | (c[:, 1::2] << 4), swizzle_scales(block.view(torch.uint8))
+
+
+def nvfp4_mm(a: torch.Tensor, a_scales: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+             b_scales: torch.Tensor, b_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ bᵀ on torch's FP4 matmul: NVFP4 codes as bytes (m, k/2) and (n, k/2), low nibble first, their
+    swizzled E4M3 block scale bytes and float32 per-tensor scales, the output × a_scale · b_scale."""
+    # cuBLAS's NVFP4 recipe, as comfy-kitchen's scaled_mm_nvfp4 passes it: E4M3 scales per 1 × 16 values in
+    # 128 × 4 swizzled tiles, then one float32 scale per tensor.
+    recipe = [F.ScalingType.BlockWise1x16, F.ScalingType.TensorWise]
+    swizzle = [F.SwizzleType.SWIZZLE_32_4_4, F.SwizzleType.NO_SWIZZLE]
+    return F.scaled_mm(a.view(torch.float4_e2m1fn_x2), b.view(torch.float4_e2m1fn_x2).t(),
+                       [a_scales.view(torch.float8_e4m3fn).flatten(), a_scale.reshape(())], recipe,
+                       [b_scales.view(torch.float8_e4m3fn).flatten(), b_scale.reshape(())], recipe,
+                       swizzle, swizzle, output_dtype=dtype)
+
+
+def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, w_scales: torch.Tensor, w_scale: torch.Tensor,
+                 x_scale: torch.Tensor | None, dtype: torch.dtype, mm=nvfp4_mm) -> torch.Tensor:
+    """x @ Wᵀ with W NVFP4 (bytes (n, k/2) low nibble first, swizzled block scales, `w_scale`) and x quantized
+    to NVFP4 by `x_scale` (the file's input_scale, as BFL's files mean their FP4 layers to run) or, where it
+    has none, by amax / (448 · 6) as comfy-kitchen computes it; `mm` multiplies (nvfp4_mm's arguments)."""
+    x2 = x.flatten(0, -2)
+    m = x2.shape[0]
+    x2 = F.pad(x2, (0, 0, 0, -m % 16))  # whole 16-row tiles, as comfy-kitchen pads its NVFP4 activations
+    sx = x_scale if x_scale is not None else x2.abs().amax().float().clamp(min=1e-12) / (E4M3_MAX * E2M1_MAX)
+    codes, scales = quantize_nvfp4(x2, sx.float())
+    y = mm(codes, scales, sx.float(), weight, w_scales, w_scale, dtype)
+    return y[:m].unflatten(0, x.shape[:-1])
+
+
+@functools.cache
+def nvfp4_matmul_kind(device: torch.device, dtype: torch.dtype) -> str:
+    """"native" where torch multiplies NVFP4 codes by codes on `device` with `dtype` results (nvfp4_mm: CUDA
+    GPUs with FP4 tensor cores, compute capability 10.x / 12.x, and a torch with F.scaled_mm), else "decode"
+    (the weight decoded per layer). One tiny call answers, and its value is checked: a GPU without FP4
+    kernels (Hopper) must not pass by returning something; the CPU's scaled_mm takes no swizzled scales."""
+    if device.type != "cuda":
+        return "decode"
+    try:
+        ones = torch.full((128, 64), 0x22, dtype=torch.uint8, device=device)  # every code 2: the value 1
+        scales = torch.full((128, 8), 0x38, dtype=torch.uint8, device=device)  # E4M3 1.0 (tiles of ones)
+        one = torch.ones((), device=device)
+        y = nvfp4_mm(ones, scales, one, ones, scales, one, dtype)
+        return "native" if bool((y == 128).all()) else "decode"
+    # AttributeError: a torch without F.scaled_mm or float4_e2m1fn_x2; the others: no FP4 kernel here.
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return "decode"
+
+
+def nvfp4_runs(q: FPQuant, dtype: torch.dtype) -> bool:
+    """Whether an NVFP4 layer (an FPQuant of device tensors) multiplies on FP4 kernels: where
+    nvfp4_matmul_kind says "native", the file asks for no full-precision matmul, and the sides are what cuBLAS
+    takes (k a multiple of 32: rows of whole 16-byte runs; n of 16). Elsewhere its weight is decoded."""
+    n, k = q.weight.shape[0], q.weight.shape[1] * 2
+    return (q.mode == "nvfp4" and not q.full_precision and n % 16 == 0 and k % 32 == 0
+            and nvfp4_matmul_kind(q.weight.device, dtype) == "native")
+
+
 class ScaledLinear(nn.Module):
     """A bias-free Linear held as an FP8, MXFP8 or NVFP4 weight (quant/scaled.py), decoded as the numpy
     loader decodes it (float32, the scales multiplied first) into the compute dtype just before its matmul.
@@ -272,16 +372,20 @@ class ScaledLinear(nn.Module):
     `scale` float32.
     fp8_matmul (FP8 only): multiply on torch's FP8 kernel instead (W8A8, as BFL's FP8 files are meant to
     run): the activations quantized to e4m3 by the file's `input_scale`, or by their largest magnitude / 448
-    where it has none, each product scaled by both per-tensor scales."""
+    where it has none, each product scaled by both per-tensor scales.
+    nvfp4_matmul (NVFP4 only): multiply on torch's FP4 kernel instead (nvfp4_linear); the block scales are
+    then held in cuBLAS's swizzled tiles."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                  block_scales: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
-                 fp8_matmul: bool = False):
+                 fp8_matmul: bool = False, nvfp4_matmul: bool = False):
         super().__init__()
         self.dtype, self.fp8_matmul = dtype, fp8_matmul and block_scales is None
+        self.nvfp4_matmul = nvfp4_matmul and weight.dtype == torch.uint8
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
-        self.register_buffer("block_scales", block_scales)
+        self.register_buffer("block_scales",
+                             swizzle_scales(block_scales) if self.nvfp4_matmul else block_scales)
         self.register_buffer("input_scale", input_scale)
         # NVFP4: a byte's two values (low nibble first) in one lookup, no unpacked codes
         lut = torch.tensor(E2M1.tolist(), device=weight.device)
@@ -295,11 +399,15 @@ class ScaledLinear(nn.Module):
             e = self.block_scales.to(torch.int32)
             block = torch.where(e == 0, 0, e << 23).view(torch.float32)
             return (self.weight.float().unflatten(-1, (-1, 32)) * block[..., None]).flatten(-2).to(self.dtype)
-        block = self.block_scales.view(torch.float8_e4m3fn).float() * self.scale
+        (n, half), scales = self.weight.shape, self.block_scales
+        scales = unswizzle_scales(scales, n, half // 8) if self.nvfp4_matmul else scales
+        block = scales.view(torch.float8_e4m3fn).float() * self.scale
         codes = self.pairs[self.weight.int()].flatten(-2).unflatten(-1, (-1, 16))
         return (codes * block[..., None]).flatten(-2).to(self.dtype)
 
     def forward(self, x):
+        if self.nvfp4_matmul:
+            return nvfp4_linear(x, self.weight, self.block_scales, self.scale, self.input_scale, self.dtype)
         if not self.fp8_matmul:
             return F.linear(x, self.dense())
         x2 = x.flatten(0, -2).float()
@@ -327,7 +435,8 @@ def quantized_layer(old: nn.Module, q, dtype: torch.dtype, fp8_matmul: str | Non
     `matmul`), or a ScaledFP8 / FPQuant (NVFP4) of device tensors."""
     if isinstance(q, (ScaledFP8, FPQuant)):
         if isinstance(old, nn.Linear) and old.bias is None and isinstance(q, FPQuant):
-            return ScaledLinear(q.weight, q.scale, dtype, q.scales)
+            return ScaledLinear(q.weight, q.scale, dtype, q.scales, q.input_scale,
+                                nvfp4_matmul=nvfp4_runs(q, dtype))
         if isinstance(old, nn.Linear) and old.bias is None:
             return ScaledLinear(q.codes, q.scale, dtype, input_scale=q.input_scale,
                                 fp8_matmul=_scaled_mm_runs(q, dtype))
