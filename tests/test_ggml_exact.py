@@ -128,8 +128,8 @@ def files(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("backend", BACKENDS)  # MLX first: after torch forwards, MLX ones took 2 s, not 0.15
 def test_forward_equals_dense_model_of_gguf_py_values(files, backend, t):
     path, types = files[t]
     entries = transformer_entries(WeightSource(path))
