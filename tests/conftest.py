@@ -294,7 +294,7 @@ class TinyModel:
     """A tiny random model of one variant, kept as BFL-named arrays plus both on-disk layouts."""
 
     def __init__(self, name: str, root):
-        self.spec = tiny_spec(name)
+        self.name = name
         self.transformer = random_transformer(self.spec.transformer, seed=1)
         self.vae = random_vae(self.spec.vae, seed=2)
         self.bfl_dir = root / "bfl"
@@ -307,6 +307,12 @@ class TinyModel:
         # diffusers writes its own folders (config.json + diffusion_pytorch_model.safetensors).
         self.ref_transformer.save_pretrained(self.diffusers_dir / "transformer")
         self.ref_vae.save_pretrained(self.diffusers_dir / "vae")
+
+    @property
+    def spec(self):
+        """The variant as registered now: a module under `short_prompts` sees its short prompts, and the
+        session's shared model does not keep them for the modules after it."""
+        return tiny_spec(self.name)
 
 
 
