@@ -134,7 +134,6 @@ def test_every_ggml_type_takes_the_branch(files, tmp_path, backend):
     too."""
     from test_lora_dora import _lycoris_file
 
-    from flux2_mlx.lora import held_values
     from flux2_mlx.weights import GGMLTensor
 
     kinds = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -147,7 +146,7 @@ def test_every_ggml_type_takes_the_branch(files, tmp_path, backend):
     entries = transformer_entries(WeightSource(path))
     _, ours = _forward(backend, merged_entries(entries, loras))
     held = {k: e.load() for k, e in entries.items()}
-    held = {k: held_values(t) if isinstance(t, GGMLTensor) else t for k, t in held.items()}
+    held = {k: t.dequantize() if isinstance(t, GGMLTensor) else t for k, t in held.items()}
     _, want = _forward(backend, merged_entries({k: Entry(a.shape, lambda a=a: a) for k, a in held.items()},
                                                loras))
     assert rel_err(ours, want) <= 1e-5

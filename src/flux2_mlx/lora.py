@@ -356,7 +356,9 @@ def _branched(load, name: str, loras: list[tuple[Lora, float]]) -> LoraQuant:
             rows = slice(t.row, t.row + (m if m is not None else t.up).shape[0])
             k = np.ones((rows.stop - rows.start, 1), np.float32)
             if t.dora is not None:
-                w = held_values(base) if w is None else w  # for the norms only (see Dora)
+                # for the norms only (see Dora): the values both backends multiply by, which they decode
+                # bit for bit as dequantize() does
+                w = base.dequantize() if w is None else w
                 update = s * (m if m is not None else t.up @ t.down)
                 k = t.dora.factor(w[rows], update, scale)[:, None]
                 base_scale = np.ones(out, np.float32) if base_scale is None else base_scale
@@ -378,13 +380,6 @@ def _branched(load, name: str, loras: list[tuple[Lora, float]]) -> LoraQuant:
                 dense[rows] += (s * m) * k
     return LoraQuant(base, np.concatenate(downs) if downs else None, np.concatenate(ups, 1) if ups else None,
                      dense, base_scale)
-
-
-def held_values(t: GGMLTensor | ScaledFP8 | NVFP4 | MXFP8) -> np.ndarray:
-    """The float32 values both backends multiply by for a quantized tensor: an FP8 / MXFP8 / NVFP4 layer's
-    exact decoding; GGUF blocks as gguf-py decodes them, which the backends' affine repack and block
-    decoders reproduce bit for bit."""
-    return t.dequantize()
 
 
 def merged_entries(entries: dict[str, Entry], loras: list[tuple[Lora, float]]) -> dict[str, Entry]:

@@ -277,8 +277,9 @@ class GGMLTensor:
     shape: tuple[int, ...]
 
     def dequantize(self) -> np.ndarray:
-        """float32 values, decoded by gguf-py's reference codec. The loaders never call it (they repack
-        the blocks); it is what the tests check them against."""
+        """float32 values, decoded by gguf-py's reference codec: what the backends' repacked and block
+        layers multiply by, bit for bit. The loaders never call it; a DoRA beside the blocks takes its
+        norms from it."""
         from gguf import GGMLQuantizationType, quants
 
         return np.asarray(quants.dequantize(self.data, GGMLQuantizationType[self.ggml_type]),
