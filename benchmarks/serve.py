@@ -30,7 +30,6 @@ import json
 import math
 import multiprocessing
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -119,29 +118,11 @@ def run_job(url: str, body: dict, clients: int, interval: float, cores, tid: int
 
 def serve(app, http_impl: str, loop: str, cores) -> tuple[str, object]:
     """uvicorn serving app on a free loopback port, in a thread (on `cores` if given); (url, stop())."""
-    import uvicorn
+    from conftest import serve_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           http=http_impl, loop=loop))
-
-    def run():
-        if cores:
-            os.sched_setaffinity(0, cores)  # Linux: the calling thread only
-        server.run()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-
-    def stop():
-        server.should_exit = True
-        thread.join()
-
-    return f"http://127.0.0.1:{port}", stop
+    # sched_setaffinity(0, …) on Linux pins the calling thread only: the server's
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+    return serve_app(app, pin, http=http_impl, loop=loop)
 
 
 def answer_cost(args) -> None:

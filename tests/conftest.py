@@ -506,3 +506,34 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def serve_app(app, on_thread=None, **config):
+    """uvicorn serving `app` on a free loopback port, in a thread (running on_thread() there first);
+    `config`: more uvicorn.Config settings. (base url, stop())."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+
+    def run():
+        if on_thread is not None:
+            on_thread()
+        server.run()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+
+    def stop():
+        server.should_exit = True
+        thread.join()
+
+    return f"http://127.0.0.1:{port}", stop

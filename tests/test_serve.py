@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import serve_app
 from PIL import Image
 
 pytest.importorskip("starlette", reason="flux2 serve needs the serve extra")
@@ -31,20 +32,7 @@ SMALL = {"size": "32x32", "steps": 1}
 
 def start_server(srv: ImageServer):
     """uvicorn serving srv.app on a free loopback port, in a thread; (base url, stop())."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(srv.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-
-    def stop():
-        server.should_exit = True
-        thread.join()
-
-    return f"http://127.0.0.1:{port}", stop
+    return serve_app(srv.app)
 
 
 def base_transformer(tiny_repo, folder):
